@@ -1,0 +1,125 @@
+//! How the controller reaches node daemons: the [`NodeAgent`] trait, in domain terms.
+//! `grpc` implements it over ferry's node API; `scripted` is the test double that lets
+//! controller tests run the real reconciler against a real apiserver before (or
+//! without) real daemons.
+use ferry_crds::{Strategy, TransferMode, WorkloadKind};
+
+pub mod grpc;
+pub mod scripted;
+
+/// A node daemon: the node's name in a cluster (None: the controller's own cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeRef {
+    pub cluster: Option<String>,
+    pub node: String,
+}
+
+impl std::fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.cluster.as_deref().unwrap_or("local"), self.node)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub kind: WorkloadKind,
+    pub containers: Vec<String>,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStoreAccess {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// Everything a daemon needs to know about one migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The Migration's UID: daemons deduplicate calls by it.
+    pub migration_id: String,
+    pub source: PodId,
+    pub target: PodId,
+    pub strategy: Strategy,
+    pub allow_post_copy: bool,
+    pub transfer: TransferMode,
+    pub object_store: Option<ObjectStoreAccess>,
+    pub compress: bool,
+    pub bandwidth_limit_bytes_per_sec: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpState {
+    Running,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpStage {
+    Prepared,
+    Checkpointing,
+    Transferring,
+    Restoring,
+    Finalizing,
+    Aborting,
+}
+
+/// A daemon's report on the operation it runs for a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpStatus {
+    pub stage: OpStage,
+    pub state: OpState,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Measured by the side that paused the workload.
+    pub downtime_ms: Option<u64>,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The daemon could not be reached or answered with a transient error: try again.
+    #[error("node daemon on {node} unavailable: {message}")]
+    Unavailable { node: String, message: String },
+    /// The daemon refused the request; repeating it will not help.
+    #[error("node daemon on {node} refused: {message}")]
+    Rejected { node: String, message: String },
+    /// The daemon knows nothing of this migration (for example after it restarted).
+    #[error("node daemon on {node} has no operation for migration {migration_id}")]
+    UnknownMigration { node: String, migration_id: String },
+}
+
+impl AgentError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AgentError::Unavailable { .. })
+    }
+}
+
+/// The node daemon API as the controller uses it. Every call is idempotent per
+/// migration ID; long work is started and then observed with [`NodeAgent::operation`].
+#[async_trait::async_trait]
+pub trait NodeAgent: Send + Sync {
+    async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError>;
+    /// Destination: get ready to receive; returns where the source sends state.
+    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<String, AgentError>;
+    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, endpoint: &str) -> Result<OpStatus, AgentError>;
+    async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError>;
+    /// Source, once the target runs the workload: remove the source copy.
+    async fn finalize(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
+    /// Stop the migration: the source resumes, the destination cleans up.
+    async fn abort(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
+    async fn operation(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
+}

@@ -1,0 +1,192 @@
+//! [`NodeAgent`] over the node daemon's gRPC API. This module is the one place where
+//! proto types turn into domain types and back. A node's daemon announces itself with
+//! the Node annotation `ferry.dev/node-daemon: http://IP:PORT` (the DaemonSet writes it
+//! at start; tests write it for the daemons they run).
+use super::*;
+use crate::clusters::Clusters;
+use ferry_proto::node::v1 as pb;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use pb::node_agent_client::NodeAgentClient;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+pub const DAEMON_ANNOTATION: &str = "ferry.dev/node-daemon";
+
+pub struct GrpcAgent {
+    clusters: Arc<Clusters>,
+    channels: Mutex<HashMap<NodeRef, Channel>>,
+}
+
+impl GrpcAgent {
+    pub fn new(clusters: Arc<Clusters>) -> Self {
+        GrpcAgent { clusters, channels: Mutex::default() }
+    }
+
+    async fn client(&self, node: &NodeRef) -> Result<NodeAgentClient<Channel>, AgentError> {
+        if let Some(ch) = self.channels.lock().await.get(node) {
+            return Ok(NodeAgentClient::new(ch.clone()));
+        }
+        let unavailable = |message: String| AgentError::Unavailable { node: node.to_string(), message };
+        let client = self.clusters.client(node.cluster.as_deref()).await.map_err(|e| unavailable(e.to_string()))?;
+        let n = Api::<Node>::all(client).get(&node.node).await.map_err(|e| unavailable(e.to_string()))?;
+        let endpoint = n
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DAEMON_ANNOTATION))
+            .cloned()
+            .ok_or_else(|| AgentError::Rejected {
+                node: node.to_string(),
+                message: format!("no ferry node daemon on this node (Node annotation {DAEMON_ANNOTATION} is missing)"),
+            })?;
+        let channel = Channel::from_shared(endpoint.clone())
+            .map_err(|e| unavailable(format!("bad endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy();
+        self.channels.lock().await.insert(node.clone(), channel.clone());
+        Ok(NodeAgentClient::new(channel))
+    }
+}
+
+fn status_error(node: &NodeRef, migration_id: &str, s: tonic::Status) -> AgentError {
+    use tonic::Code;
+    let node = node.to_string();
+    match s.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unknown => {
+            AgentError::Unavailable { node, message: s.message().to_string() }
+        }
+        Code::NotFound if !migration_id.is_empty() && s.message().contains(migration_id) => {
+            AgentError::UnknownMigration { node, migration_id: migration_id.into() }
+        }
+        _ => AgentError::Rejected { node, message: format!("{:?}: {}", s.code(), s.message()) },
+    }
+}
+
+fn pod_ref(p: &PodId) -> pb::WorkloadRef {
+    pb::WorkloadRef { namespace: p.namespace.clone(), pod_name: p.name.clone(), pod_uid: p.uid.clone() }
+}
+
+fn strategy(plan: &Plan) -> pb::Strategy {
+    match (plan.strategy, plan.allow_post_copy) {
+        (Strategy::Cold, _) => pb::Strategy::Cold,
+        (Strategy::Live, false) => pb::Strategy::PreCopy,
+        (Strategy::Live, true) => pb::Strategy::PostCopy,
+    }
+}
+
+fn transfer(plan: &Plan) -> pb::TransferSpec {
+    pb::TransferSpec {
+        mode: match plan.transfer {
+            TransferMode::Direct => pb::TransferMode::Direct,
+            TransferMode::ObjectStore => pb::TransferMode::ObjectStore,
+        } as i32,
+        object_store: plan.object_store.as_ref().map(|o| pb::ObjectStore {
+            endpoint: o.endpoint.clone(),
+            bucket: o.bucket.clone(),
+            region: o.region.clone(),
+            prefix: o.prefix.clone(),
+            access_key_id: o.access_key_id.clone(),
+            secret_access_key: o.secret_access_key.clone(),
+        }),
+        bandwidth_limit_bytes_per_sec: plan.bandwidth_limit_bytes_per_sec,
+        compress: plan.compress,
+        ..Default::default()
+    }
+}
+
+fn op_status(op: pb::Operation) -> OpStatus {
+    let stage = match op.stage() {
+        pb::Stage::Checkpointing => OpStage::Checkpointing,
+        pb::Stage::Transferring => OpStage::Transferring,
+        pb::Stage::Restoring => OpStage::Restoring,
+        pb::Stage::Finalizing => OpStage::Finalizing,
+        pb::Stage::Aborting => OpStage::Aborting,
+        pb::Stage::Prepared | pb::Stage::Unspecified => OpStage::Prepared,
+    };
+    let state = match op.state() {
+        pb::OperationState::Succeeded => OpState::Succeeded,
+        pb::OperationState::Failed => OpState::Failed,
+        pb::OperationState::Aborted => OpState::Aborted,
+        pb::OperationState::Running | pb::OperationState::Unspecified => OpState::Running,
+    };
+    OpStatus {
+        stage,
+        state,
+        bytes_done: op.bytes_done,
+        bytes_total: op.bytes_total,
+        downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
+        message: op.message,
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeAgent for GrpcAgent {
+    async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
+        let d = self.client(node).await?.describe_workload(pod_ref(pod)).await.map_err(|s| status_error(node, "", s))?;
+        let d = d.into_inner();
+        let kind = match d.kind() {
+            pb::WorkloadKind::VirtualMachine => WorkloadKind::VirtualMachine,
+            _ => WorkloadKind::Containers,
+        };
+        Ok(WorkloadInfo {
+            kind,
+            containers: d.containers.into_iter().map(|c| c.name).collect(),
+            memory_bytes: d.memory_bytes,
+        })
+    }
+
+    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<String, AgentError> {
+        let req = pb::PrepareReceiverRequest {
+            migration_id: plan.migration_id.clone(),
+            workload: Some(pb::WorkloadDescription { workload: Some(pod_ref(&plan.source)), ..Default::default() }),
+            target: Some(pod_ref(&plan.target)),
+            strategy: strategy(plan) as i32,
+            transfer: Some(transfer(plan)),
+            ..Default::default()
+        };
+        let r = self.client(node).await?.prepare_receiver(req).await.map_err(|s| status_error(node, "", s))?;
+        Ok(r.into_inner().receive_endpoint)
+    }
+
+    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, endpoint: &str) -> Result<OpStatus, AgentError> {
+        let req = pb::StartCheckpointRequest {
+            migration_id: plan.migration_id.clone(),
+            workload: Some(pod_ref(&plan.source)),
+            strategy: strategy(plan) as i32,
+            transfer: Some(transfer(plan)),
+            receive_endpoint: endpoint.to_string(),
+            leave_running: true,
+            ..Default::default()
+        };
+        let r = self.client(node).await?.start_checkpoint(req).await;
+        Ok(op_status(r.map_err(|s| status_error(node, &plan.migration_id, s))?.into_inner()))
+    }
+
+    async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError> {
+        let req = pb::StartRestoreRequest {
+            migration_id: plan.migration_id.clone(),
+            target: Some(pod_ref(&plan.target)),
+            ..Default::default()
+        };
+        let r = self.client(node).await?.start_restore(req).await;
+        Ok(op_status(r.map_err(|s| status_error(node, &plan.migration_id, s))?.into_inner()))
+    }
+
+    async fn finalize(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
+        let r = self.client(node).await?.finalize(pb::MigrationRef { migration_id: id.into() }).await;
+        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+    }
+
+    async fn abort(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
+        let r = self.client(node).await?.abort(pb::MigrationRef { migration_id: id.into() }).await;
+        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+    }
+
+    async fn operation(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
+        let r = self.client(node).await?.get_operation(pb::MigrationRef { migration_id: id.into() }).await;
+        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+    }
+}

@@ -1,0 +1,82 @@
+//! `ferry-controller`: watches Migrations in this cluster and drives them.
+use anyhow::Context as _;
+use clap::Parser;
+use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters, server};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Namespace of the leader Lease and of linked-cluster kubeconfig Secrets.
+    #[arg(long, env = "FERRY_NAMESPACE", default_value = "ferry-system")]
+    namespace: String,
+    /// This cluster's name, as placements and Events show it.
+    #[arg(long, env = "FERRY_CLUSTER_NAME", default_value = "local")]
+    cluster_name: String,
+    /// Identity for leader election (default: POD_NAME or the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    #[arg(long, default_value = "15")]
+    lease_seconds: u64,
+    /// Watch Migrations in this namespace only (default: all namespaces).
+    #[arg(long)]
+    watch_namespace: Option<String>,
+    /// Kubeconfig file (default: in-cluster or KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()))
+        .init();
+    let args = Args::parse();
+    ferry_controller::install_crypto_provider();
+    let client = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?
+        }
+        None => kube::Client::try_default().await.context("no kubeconfig and not in a cluster")?,
+    };
+    check_crds(&client).await?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "ferry-controller".into())
+    });
+    let mut settings = Settings::new(&args.namespace, &args.cluster_name, &identity);
+    settings.lease_duration = Duration::from_secs(args.lease_seconds);
+    settings.watch_namespace = args.watch_namespace.clone();
+    let clusters = Arc::new(Clusters::new(client.clone(), &args.namespace));
+    let agent = Arc::new(GrpcAgent::new(clusters));
+    let ctx = ferry_controller::context(client, agent, &settings);
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    ctx.metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+    let addr = args.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = server::serve(addr, registry).await {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+    tokio::select! {
+        _ = ferry_controller::run_with_leader_election(ctx, &settings) => {
+            anyhow::bail!("lost leadership; exiting so that a restart rejoins as a candidate")
+        }
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Fails early, with the fix, when the CRDs are not installed.
+async fn check_crds(client: &kube::Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    if crds.get_opt("migrations.ferry.dev").await?.is_none() {
+        anyhow::bail!("the Migration CRD is not installed: kubectl apply -f crds/yaml/crds.yaml");
+    }
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The `Migration` resource: move one running Pod (containers or a VM) to another node
+//! or cluster without restarting it.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Moves one running Pod to another node or cluster without restarting it. Containers
+/// are checkpointed with CRIU and restored; a Pod that hosts a VM is live-migrated.
+/// The spec cannot change once the migration has started; delete the Migration to
+/// cancel it (the workload keeps running at the source).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ferry.dev",
+    version = "v1alpha1",
+    kind = "Migration",
+    namespaced,
+    shortname = "mig",
+    category = "ferry",
+    doc = "Migration moves one running Pod to another node or cluster without restarting it.",
+    status = "MigrationStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Workload", type_ = "string", json_path = ".spec.workload.pod"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".status.target.display"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.display"),
+    printcolumn(name = "Downtime", type_ = "string", json_path = ".status.timings.downtime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.failure.reason"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec"
+    ).message("spec cannot change once the migration has started; delete this Migration and create a new one")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSpec {
+    /// The workload to move.
+    pub workload: WorkloadRef,
+    /// Where to move it. Omit `cluster` to move within this cluster; omit `node` to let
+    /// ferry pick a ready node.
+    pub target: TargetRef,
+    /// How to move the state: `Live` keeps the workload running while most state is
+    /// copied (VM pre-copy, container lazy pages); `Cold` stops it for the whole copy.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Allow switching to post-copy when pre-copy does not converge (live strategy).
+    #[serde(default)]
+    pub allow_post_copy: bool,
+    /// How state bytes travel between the node daemons.
+    #[serde(default)]
+    pub transfer: Transfer,
+    /// Time limits; exceeding one fails the migration and rolls it back.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// What to do when a step fails.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+}
+
+/// The Pod to move, in the Migration's namespace. A Pod that hosts a VM (run by
+/// ferry-launcher) is detected and live-migrated.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// Name of the Pod.
+    #[schemars(length(min = 1, max = 253))]
+    pub pod: String,
+}
+
+/// Destination of the workload.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// Target cluster: the cluster ID of a Liqo peer (ForeignCluster) or the name of a
+    /// linked cluster (a kubeconfig Secret labelled `ferry.dev/cluster`). Empty: this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Target node name. Empty: the least loaded ready node other than the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Strategy {
+    /// Stop the workload, copy its state, restore it (downtime grows with memory size).
+    Cold,
+    /// Copy while the workload runs and stop it only for the last part.
+    #[default]
+    Live,
+}
+
+/// How state bytes travel.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'ObjectStore' || has(self.objectStore)").message("transfer.objectStore (bucket and credentials) is required when transfer.mode is ObjectStore"))]
+pub struct Transfer {
+    /// `Direct`: a stream between the two node daemons (mutual TLS).
+    /// `ObjectStore`: through an S3-compatible bucket.
+    #[serde(default)]
+    pub mode: TransferMode,
+    /// Bucket settings; required when mode is ObjectStore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<ObjectStore>,
+    /// Compress state with zstd on the wire.
+    #[serde(default)]
+    pub compress: bool,
+    /// Bandwidth cap in MiB/s; 0 or unset means no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub bandwidth_limit_mi_bps: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum TransferMode {
+    #[default]
+    Direct,
+    ObjectStore,
+}
+
+/// An S3-compatible bucket that both clusters can reach.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStore {
+    /// Bucket name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// S3 endpoint URL, e.g. https://s3.example.com. Empty: AWS for the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region (default us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Key prefix for this migration's objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Secret in the Migration's namespace with keys `accessKeyId` and `secretAccessKey`.
+    pub credentials_secret: String,
+}
+
+/// Time limits in seconds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// The whole migration must finish within this many seconds (default 600).
+    #[serde(default = "default_completion")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub completion_seconds: u32,
+    /// Fail when no byte moves for this many seconds while copying (default 150).
+    #[serde(default = "default_progress")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub progress_seconds: u32,
+}
+
+fn default_completion() -> u32 {
+    600
+}
+fn default_progress() -> u32 {
+    150
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { completion_seconds: default_completion(), progress_seconds: default_progress() }
+    }
+}
+
+/// What happens when a step fails. The source is always resumed first: a failed
+/// migration leaves the workload running exactly once, at the source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePolicy {
+    /// How many times to try again after a rollback before giving up (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_retries: u32,
+}
+
+/// Observed state of a Migration, written by the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Containers or VirtualMachine, as detected at the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<WorkloadKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Placement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Placement>,
+    /// Where the source daemon sends state (direct transfer), from the target daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// Steps whose daemon operation was started, so a restarted controller never starts
+    /// a finished step again (daemons also deduplicate by migration ID).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub started_steps: Vec<String>,
+    /// Rollbacks so far (compared with spec.failurePolicy.maxRetries).
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Preparing,
+    Checkpointing,
+    Transferring,
+    Restoring,
+    Completing,
+    Succeeded,
+    Failed,
+    Cancelled,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::RolledBack)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Preparing => "Preparing",
+            Phase::Checkpointing => "Checkpointing",
+            Phase::Transferring => "Transferring",
+            Phase::Restoring => "Restoring",
+            Phase::Completing => "Completing",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Cancelled => "Cancelled",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Containers,
+    VirtualMachine,
+}
+
+/// Where a copy of the workload runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Cluster name as the Migration names it; empty for this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    pub node: String,
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// `cluster/node`, for `kubectl get`.
+    pub display: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub bytes_transferred: u64,
+    /// 0 while unknown.
+    pub bytes_total: u64,
+    /// e.g. `512Mi/1Gi (50%)`, for `kubectl get`.
+    pub display: String,
+    /// When the byte count last grew (for timeouts.progressSeconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_at: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    /// Time the workload was not running, measured by the node daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Human form of downtimeMs, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// When each phase was entered, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTiming>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub entered_at: Time,
+}
+
+/// Why the migration failed and in which phase.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    /// Machine-readable CamelCase reason, e.g. PodNotFound, CheckpointFailed, Timeout.
+    pub reason: String,
+    pub message: String,
+    pub phase: Phase,
+    /// Whether the source has been resumed (rollback finished).
+    #[serde(default)]
+    pub rolled_back: bool,
+}

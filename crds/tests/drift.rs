@@ -1,0 +1,10 @@
+//! The committed CRD YAML must be exactly what `crdgen` generates from the Rust types.
+#[test]
+fn committed_crd_yaml_matches_the_types() {
+    let committed = include_str!("../yaml/crds.yaml");
+    let generated = ferry_crds::crds_yaml();
+    assert!(
+        committed == generated,
+        "crds/yaml/crds.yaml is stale: run `cargo run -p ferry-crds --bin crdgen > crds/yaml/crds.yaml`"
+    );
+}

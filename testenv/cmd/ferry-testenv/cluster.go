@@ -1,0 +1,238 @@
+package main
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// adminToken is the static bearer token of the cluster's admin user (system:masters).
+const adminToken = "ferry-admin-token"
+
+type cluster struct {
+	name, dir, bin string
+	etcdPort       int
+	apiPort        int
+	procs          []*proc
+}
+
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func (c *cluster) server() string     { return fmt.Sprintf("https://127.0.0.1:%d", c.apiPort) }
+func (c *cluster) kubeconfig() string { return filepath.Join(c.dir, "kubeconfig") }
+
+func (c *cluster) start(timeout time.Duration) error {
+	_ = os.RemoveAll(c.dir)
+	if err := os.MkdirAll(filepath.Join(c.dir, "pki"), 0o755); err != nil {
+		return err
+	}
+	var err error
+	if c.etcdPort, err = freePort(); err != nil {
+		return err
+	}
+	peerPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	if c.apiPort, err = freePort(); err != nil {
+		return err
+	}
+	if err := c.writeCredentials(); err != nil {
+		return err
+	}
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", c.etcdPort)
+	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
+	if err := c.spawn("etcd", "--name", "default", "--data-dir", filepath.Join(c.dir, "etcd"),
+		"--unsafe-no-fsync", "--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
+		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
+		"--initial-cluster", "default="+peerURL, "--log-level", "warn"); err != nil {
+		return err
+	}
+	if err := waitHTTP(etcdURL+"/health", nil, timeout); err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	sa := filepath.Join(c.dir, "sa.key")
+	if err := c.spawn("kube-apiserver", "--etcd-servers="+etcdURL, "--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", c.apiPort),
+		"--cert-dir="+filepath.Join(c.dir, "pki"), "--service-cluster-ip-range=10.96.0.0/16",
+		"--allow-privileged=true", "--endpoint-reconciler-type=none",
+		"--service-account-issuer=https://kubernetes.default.svc",
+		"--service-account-key-file="+sa, "--service-account-signing-key-file="+sa,
+		"--token-auth-file="+filepath.Join(c.dir, "tokens.csv"), "--authorization-mode=RBAC",
+		"--enable-priority-and-fairness=false", "-v=0"); err != nil {
+		return err
+	}
+	ca := filepath.Join(c.dir, "pki", "apiserver.crt")
+	if err := waitFile(ca, timeout); err != nil {
+		return fmt.Errorf("kube-apiserver certificate: %w", err)
+	}
+	if err := c.writeKubeconfig(ca); err != nil {
+		return err
+	}
+	if err := waitHTTP(c.server()+"/readyz", c.tlsConfig(ca), timeout); err != nil {
+		return fmt.Errorf("kube-apiserver: %w", err)
+	}
+	kc := c.kubeconfig()
+	// nodelifecycle is off: nodes have no kubelet heartbeat here, and its taints would
+	// evict test pods. Everything else (GC, namespaces, service accounts) runs.
+	if err := c.spawn("kube-controller-manager", "--kubeconfig="+kc,
+		"--authentication-kubeconfig="+kc, "--authorization-kubeconfig="+kc,
+		"--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
+		"--controllers=*,-nodelifecycle,-cloud-node-lifecycle",
+		"--service-account-private-key-file="+sa, "--root-ca-file="+ca, "--use-service-account-credentials=false"); err != nil {
+		return err
+	}
+	if err := c.spawn("kube-scheduler", "--kubeconfig="+kc, "--authentication-kubeconfig="+kc,
+		"--authorization-kubeconfig="+kc, "--bind-address=127.0.0.1", "--secure-port=0",
+		"--leader-elect=false"); err != nil {
+		return err
+	}
+	log.Printf("cluster %s: apiserver %s, etcd %s", c.name, c.server(), etcdURL)
+	return nil
+}
+
+func (c *cluster) writeCredentials() error {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return err
+	}
+	pemKey := pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)})
+	if err := os.WriteFile(filepath.Join(c.dir, "sa.key"), pemKey, 0o600); err != nil {
+		return err
+	}
+	tokens := adminToken + `,admin,admin,"system:masters"` + "\n"
+	return os.WriteFile(filepath.Join(c.dir, "tokens.csv"), []byte(tokens), 0o600)
+}
+
+func (c *cluster) writeKubeconfig(caPath string) error {
+	caPEM, err := os.ReadFile(caPath)
+	if err != nil {
+		return err
+	}
+	// apiserver.crt from --cert-dir is a self-signed bundle (cert + its CA): it is the CA.
+	kc := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: %[1]s
+  cluster:
+    server: %[2]s
+    certificate-authority-data: %[3]s
+users:
+- name: %[1]s-admin
+  user:
+    token: %[4]s
+contexts:
+- name: %[1]s
+  context:
+    cluster: %[1]s
+    user: %[1]s-admin
+    namespace: default
+current-context: %[1]s
+`, c.name, c.server(), b64(caPEM), adminToken)
+	return os.WriteFile(c.kubeconfig(), []byte(kc), 0o600)
+}
+
+func (c *cluster) tlsConfig(caPath string) *tls.Config {
+	pool := x509.NewCertPool()
+	if pem, err := os.ReadFile(caPath); err == nil {
+		pool.AppendCertsFromPEM(pem)
+	}
+	return &tls.Config{RootCAs: pool}
+}
+
+func (c *cluster) spawn(name string, args ...string) error {
+	logf, err := os.Create(filepath.Join(c.dir, name+".log"))
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(filepath.Join(c.bin, name), args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", name, err)
+	}
+	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); logf.Close(); close(p.done) }()
+	c.procs = append(c.procs, p)
+	return nil
+}
+
+func (c *cluster) watch(died chan<- string) {
+	for _, p := range c.procs {
+		go func(p *proc) {
+			<-p.done
+			died <- fmt.Sprintf("%s/%s (log: %s)", c.name, p.name, filepath.Join(c.dir, p.name+".log"))
+		}(p)
+	}
+}
+
+// stop ends the components in reverse start order: SIGTERM, then SIGKILL after 5 s.
+func (c *cluster) stop() {
+	for i := len(c.procs) - 1; i >= 0; i-- {
+		p := c.procs[i]
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(5 * time.Second):
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+	}
+	c.procs = nil
+}
+
+func waitHTTP(url string, tlsConfig *tls.Config, timeout time.Duration) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConfig}}
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		resp, err := client.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not ready after %v: %s", url, timeout, strings.TrimSpace(last))
+}
+
+func waitFile(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if st, err := os.Stat(path); err == nil && st.Size() > 0 {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not written after %v", path, timeout)
+}

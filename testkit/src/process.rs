@@ -1,0 +1,68 @@
+//! Child processes owned by a test: killed with their whole process group when the
+//! guard drops, so a failing test leaves nothing running.
+use anyhow::{Context, Result};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<ChildGuard> {
+        cmd.process_group(0);
+        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(ChildGuard { name: name.to_string(), child: Some(child) })
+    }
+
+    /// Takes the child's stdout pipe (when spawned with `Stdio::piped()`).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Whether the process has exited (and reaps it if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// SIGTERM to the group, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let pgid = format!("-{}", child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(name = %self.name, "did not stop in {grace:?}; killing");
+        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL to the group at once (a crash, for failure tests).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,101 @@
+//! Real Kubernetes control planes for tests: starts `ferry-testenv up` (built by
+//! `scripts/build-testenv.sh`) and hands out clients; everything stops on drop.
+use crate::process::ChildGuard;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Directory with the control-plane binaries: `$FERRY_TESTENV_BIN`, else the cache.
+pub fn bin_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("FERRY_TESTENV_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/ferry/testenv/bin"));
+    if !dir.join("ferry-testenv").exists() || !dir.join("kube-apiserver").exists() {
+        bail!(
+            "no control-plane binaries in {}: run scripts/build-testenv.sh (or set FERRY_TESTENV_BIN)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+    pub server: String,
+}
+
+/// Running clusters; stopped (all processes) when dropped.
+pub struct TestEnv {
+    pub clusters: Vec<ClusterInfo>,
+    _dir: Option<tempfile::TempDir>,
+    _child: ChildGuard,
+}
+
+#[derive(Deserialize)]
+struct Ready {
+    clusters: Vec<ClusterInfo>,
+}
+
+impl TestEnv {
+    /// Starts one control plane per name in a temporary directory.
+    pub fn start(names: &[&str]) -> Result<TestEnv> {
+        let dir = tempfile::Builder::new().prefix("ferry-testenv-").tempdir()?;
+        let path = dir.path().to_path_buf();
+        let mut env = Self::start_in(&path, names)?;
+        env._dir = Some(dir);
+        Ok(env)
+    }
+
+    /// Starts control planes with state under `dir` (kept after stop, for the demo).
+    pub fn start_in(dir: &Path, names: &[&str]) -> Result<TestEnv> {
+        let bin = bin_dir()?;
+        let mut cmd = Command::new(bin.join("ferry-testenv"));
+        cmd.arg("up").arg("--dir").arg(dir).arg("--bin").arg(&bin).args(names);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = ChildGuard::spawn("ferry-testenv", cmd)?;
+        let stdout = child.take_stdout().context("ferry-testenv stdout")?;
+        // The first stdout line is the ready report; anything else means it failed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(240))
+            .context("control planes not ready within 240 s")?;
+        if line.trim().is_empty() {
+            bail!("ferry-testenv exited before the clusters were ready (see its log above)");
+        }
+        let ready: Ready = serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;
+        Ok(TestEnv { clusters: ready.clusters, _dir: None, _child: child })
+    }
+
+    pub fn cluster(&self, name: &str) -> &ClusterInfo {
+        self.clusters.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
+    /// A client for a cluster, from its kubeconfig.
+    pub async fn client(&self, name: &str) -> Result<kube::Client> {
+        client_for(&self.cluster(name).kubeconfig).await
+    }
+
+    /// `kubectl` (the testenv build) against one cluster.
+    pub fn kubectl(&self, name: &str) -> Command {
+        let mut cmd = Command::new(bin_dir().expect("checked at start").join("kubectl"));
+        cmd.arg("--kubeconfig").arg(&self.cluster(name).kubeconfig);
+        cmd
+    }
+}
+
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    crate::install_crypto_provider();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
