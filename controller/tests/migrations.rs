@@ -79,6 +79,11 @@ async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() ->
     assert!(stderr.contains("spec.timeouts.completionSeconds"), "{stderr}");
     assert!(stderr.contains("transfer.objectStore (bucket and credentials) is required"), "{stderr}");
 
+    // The examples in the docs are valid as written.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let out = env.kubectl("east").args(["apply", "--dry-run=server", "-n", &w.ns, "-f", examples]).output()?;
+    assert!(out.status.success(), "examples rejected: {}", String::from_utf8_lossy(&out.stderr));
+
     // Once started, the spec is frozen.
     let agent = Arc::new(ScriptedAgent::new(2));
     agent.hold(Call::StartCheckpoint);
