@@ -3,6 +3,7 @@
 //! controller tests run the real reconciler against a real apiserver before (or
 //! without) real daemons.
 use ferry_crds::{Strategy, TransferMode, WorkloadKind};
+pub use ferry_crds::Receiver;
 
 pub mod grpc;
 pub mod scripted;
@@ -114,8 +115,10 @@ impl AgentError {
 pub trait NodeAgent: Send + Sync {
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError>;
     /// Destination: get ready to receive; returns where the source sends state.
-    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<String, AgentError>;
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, endpoint: &str) -> Result<OpStatus, AgentError>;
+    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError>;
+    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, receiver: &Receiver) -> Result<OpStatus, AgentError>;
+    /// Destination: restore as soon as the state arrives (may be called while the
+    /// checkpoint still runs, so that restore overlaps the transfer).
     async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError>;
     /// Source, once the target runs the workload: remove the source copy.
     async fn finalize(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;

@@ -297,7 +297,7 @@ impl<'a> Reconciler<'a> {
         self.status.attempts += 1;
         self.status.failure = None;
         self.status.started_steps.clear();
-        self.status.receive_endpoint = None;
+        self.status.receiver = None;
         self.status.progress = None;
     }
 
@@ -483,8 +483,8 @@ impl<'a> Reconciler<'a> {
         }
         let plan = self.plan().await?;
         match self.ctx.agent.prepare_receiver(&self.target_node(), &plan).await {
-            Ok(endpoint) => {
-                self.status.receive_endpoint = Some(endpoint);
+            Ok(receiver) => {
+                self.status.receiver = Some(receiver);
                 self.status.progress = Some(Progress { last_progress_at: Some(now()), ..Default::default() });
                 Ok(Outcome::TargetReady)
             }
@@ -533,14 +533,31 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// Starts the checkpoint at the source and, right after, the restore at the target:
+    /// the target restores as soon as the state arrives, so transfer and restore overlap
+    /// the dump instead of waiting for this controller to notice that it finished.
     async fn start_checkpoint(&mut self) -> Result<Outcome, Error> {
         let plan = self.plan().await?;
-        let endpoint = self.status.receive_endpoint.clone().unwrap_or_default();
-        let op = self.ctx.agent.start_checkpoint(&self.source_node(), &plan, &endpoint).await;
-        if op.is_ok() {
-            self.mark_started(STEP_CHECKPOINT);
+        let receiver = self.status.receiver.clone().unwrap_or_default();
+        let op = self.ctx.agent.start_checkpoint(&self.source_node(), &plan, &receiver).await;
+        if op.is_err() {
+            return self.observe(op, "CheckpointFailed", Outcome::CheckpointDone);
         }
-        self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)
+        self.mark_started(STEP_CHECKPOINT);
+        let outcome = self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)?;
+        if outcome == Outcome::StepFailed {
+            return Ok(outcome);
+        }
+        match self.ctx.agent.start_restore(&self.target_node(), &plan).await {
+            Ok(op) if op.state == OpState::Failed => Ok(self.step_failed("RestoreFailed", op.message)),
+            Ok(_) => {
+                self.mark_started(STEP_RESTORE);
+                Ok(outcome)
+            }
+            // Not started: the Restoring phase starts it again.
+            Err(e) if e.is_transient() => Ok(outcome),
+            Err(e) => Ok(self.step_failed("RestoreFailed", e.to_string())),
+        }
     }
 
     async fn await_checkpoint(&mut self) -> Result<Outcome, Error> {

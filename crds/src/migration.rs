@@ -190,9 +190,9 @@ pub struct MigrationStatus {
     pub source: Option<Placement>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Placement>,
-    /// Where the source daemon sends state (direct transfer), from the target daemon.
+    /// Where the source daemon sends state, as the target daemon announced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub receive_endpoint: Option<String>,
+    pub receiver: Option<Receiver>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,6 +268,24 @@ pub struct Placement {
     pub uid: Option<String>,
     /// `cluster/node`, for `kubectl get`.
     pub display: String,
+}
+
+/// The target daemon's receiving side of one migration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Receiver {
+    /// host:port of the state stream (direct transfer).
+    pub endpoint: String,
+    /// CRIU page servers, one per container (containers only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub page_servers: Vec<PageServer>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PageServer {
+    pub container: String,
+    pub endpoint: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

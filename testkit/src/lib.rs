@@ -6,6 +6,7 @@
 pub mod netns;
 pub mod process;
 pub mod minio;
+pub mod containers;
 pub mod kubelet;
 pub mod testenv;
 

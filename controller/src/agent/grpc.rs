@@ -138,7 +138,7 @@ impl NodeAgent for GrpcAgent {
         })
     }
 
-    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<String, AgentError> {
+    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError> {
         let req = pb::PrepareReceiverRequest {
             migration_id: plan.migration_id.clone(),
             workload: Some(pb::WorkloadDescription { workload: Some(pod_ref(&plan.source)), ..Default::default() }),
@@ -148,17 +148,30 @@ impl NodeAgent for GrpcAgent {
             ..Default::default()
         };
         let r = self.client(node).await?.prepare_receiver(req).await.map_err(|s| status_error(node, "", s))?;
-        Ok(r.into_inner().receive_endpoint)
+        let r = r.into_inner();
+        Ok(Receiver {
+            endpoint: r.receive_endpoint,
+            page_servers: r
+                .page_servers
+                .into_iter()
+                .map(|p| ferry_crds::PageServer { container: p.container, endpoint: p.endpoint })
+                .collect(),
+        })
     }
 
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, endpoint: &str) -> Result<OpStatus, AgentError> {
+    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, receiver: &Receiver) -> Result<OpStatus, AgentError> {
         let req = pb::StartCheckpointRequest {
             migration_id: plan.migration_id.clone(),
             workload: Some(pod_ref(&plan.source)),
             strategy: strategy(plan) as i32,
             transfer: Some(transfer(plan)),
-            receive_endpoint: endpoint.to_string(),
+            receive_endpoint: receiver.endpoint.clone(),
             leave_running: true,
+            page_servers: receiver
+                .page_servers
+                .iter()
+                .map(|p| pb::PageServer { container: p.container.clone(), endpoint: p.endpoint.clone() })
+                .collect(),
             ..Default::default()
         };
         let r = self.client(node).await?.start_checkpoint(req).await;

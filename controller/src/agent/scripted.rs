@@ -105,15 +105,15 @@ impl NodeAgent for ScriptedAgent {
         Ok(WorkloadInfo { kind: self.kind, containers: vec!["main".into()], memory_bytes: 1 << 30 })
     }
 
-    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<String, AgentError> {
+    async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError> {
         self.record(Call::PrepareReceiver, node);
         if let Some(message) = self.inner.lock().unwrap().failing.get(&Call::PrepareReceiver) {
             return Err(AgentError::Rejected { node: node.to_string(), message: message.clone() });
         }
-        Ok(format!("scripted://{node}/{}", plan.migration_id))
+        Ok(Receiver { endpoint: format!("scripted://{node}/{}", plan.migration_id), page_servers: vec![] })
     }
 
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, _endpoint: &str) -> Result<OpStatus, AgentError> {
+    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, _receiver: &Receiver) -> Result<OpStatus, AgentError> {
         Ok(self.start(Call::StartCheckpoint, node, &plan.migration_id, OpStage::Checkpointing))
     }
 

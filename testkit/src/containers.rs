@@ -1,0 +1,198 @@
+//! runc containers and `ferry-node` daemons on simulated nodes, for end-to-end tests and
+//! the demo: busybox bundles annotated the way the CRI annotates them, containers run in
+//! a node's network namespace, daemons serving the node API. Guards tear everything
+//! down, even when a test fails.
+use crate::netns::{Lan, Node};
+use crate::process::ChildGuard;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// CRIU built by scripts/install-criu.sh (Debian 12's own CRIU does not work here).
+pub fn criu() -> Result<PathBuf> {
+    let p = std::env::var_os("FERRY_CRIU").map(PathBuf::from).unwrap_or_else(|| "/usr/local/sbin/criu".into());
+    let ok = Command::new(&p).arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if !matches!(ok, Ok(s) if s.success()) {
+        bail!("CRIU 4.x not usable at {} (`criu check` fails): run scripts/install-criu.sh", p.display());
+    }
+    Ok(p)
+}
+
+/// The pod a container belongs to, as the CRI annotations name it.
+#[derive(Debug, Clone)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// A minimal rootfs made of the static busybox.
+pub fn busybox_rootfs(dir: &Path) -> Result<()> {
+    for d in ["bin", "proc", "dev", "tmp", "data"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying /bin/busybox (install busybox-static)")?;
+    for app in ["sh", "sleep", "usleep", "nc", "echo", "cat", "seq"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(app))?;
+    }
+    Ok(())
+}
+
+/// An OCI bundle at `dir` running `script` under `sh -c`, annotated as container `name`
+/// of `pod` the way the CRI does, in cgroup `cgroup`.
+pub fn write_bundle(dir: &Path, pod: &PodLabels, name: &str, script: &str, cgroup: &str) -> Result<()> {
+    busybox_rootfs(&dir.join("rootfs"))?;
+    let out = Command::new("runc").args(["spec", "--bundle"]).arg(dir).output()?;
+    if !out.status.success() {
+        bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    c["process"]["terminal"] = false.into();
+    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+    c["root"]["readonly"] = false.into();
+    c["linux"]["cgroupsPath"] = cgroup.into();
+    c["annotations"] = serde_json::json!({
+        "io.kubernetes.pod.namespace": pod.namespace,
+        "io.kubernetes.pod.name": pod.name,
+        "io.kubernetes.pod.uid": pod.uid,
+        "io.kubernetes.container.name": name,
+    });
+    // Keep the mounts CRIU handles without extra options (no sysfs/cgroup bind mounts).
+    let keep = ["/proc", "/dev", "/dev/pts", "/dev/shm"];
+    let mounts: Vec<serde_json::Value> = c["mounts"]
+        .as_array()
+        .map(|ms| ms.iter().filter(|m| keep.contains(&m["destination"].as_str().unwrap_or(""))).cloned().collect())
+        .unwrap_or_default();
+    c["mounts"] = mounts.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&c)?)?;
+    Ok(())
+}
+
+/// A command run inside `node`'s network namespace without remounting /sys (unlike
+/// `ip netns exec`), so runc and CRIU still see the host's cgroup mounts.
+pub fn in_node(node: &Node, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", node.name())).arg(prog);
+    c
+}
+
+pub fn runc_list(root: &Path) -> Result<Vec<serde_json::Value>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let out = Command::new("runc").arg("--root").arg(root).args(["list", "--format", "json"]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+/// Every container under a runc root; all force-deleted on drop (including those a
+/// daemon restored there).
+pub struct RuncRoot {
+    pub root: PathBuf,
+}
+
+impl RuncRoot {
+    pub fn run(&self, node: &Node, bundle: &Path, id: &str) -> Result<()> {
+        let out = in_node(node, "runc")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("runc run {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<serde_json::Value>> {
+        runc_list(&self.root)
+    }
+}
+
+impl Drop for RuncRoot {
+    fn drop(&mut self) {
+        for c in runc_list(&self.root).unwrap_or_default() {
+            if let Some(id) = c["id"].as_str() {
+                let _ = Command::new("runc").arg("--root").arg(&self.root).args(["delete", "--force", id]).output();
+            }
+        }
+    }
+}
+
+/// A simulated node running `ferry-node` (the binary at `daemon_bin`) on port 7070.
+pub struct Daemon {
+    pub node: Node,
+    pub runc: RuncRoot,
+    pub state_dir: PathBuf,
+    pub endpoint: String,
+    _child: ChildGuard,
+}
+
+impl Daemon {
+    pub fn start(lan: &Lan, label: &str, base: &Path, daemon_bin: &Path, cgroup_prefix: &str) -> Result<Daemon> {
+        let criu = criu()?;
+        let node = lan.add_node(label)?;
+        let runc_root = base.join(format!("runc-{label}"));
+        let state_dir = base.join(format!("state-{label}"));
+        let mut cmd = in_node(&node, daemon_bin);
+        cmd.arg("--listen")
+            .arg(format!("{}:7070", node.ip()))
+            .arg("--advertise-ip")
+            .arg(node.ip().to_string())
+            .arg("--runc-root")
+            .arg(&runc_root)
+            .arg("--criu")
+            .arg(&criu)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--cgroup-prefix")
+            .arg(cgroup_prefix)
+            .stdout(Stdio::null());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let child = ChildGuard::spawn(&format!("ferry-node-{label}"), cmd)?;
+        let addr = format!("{}:7070", node.ip());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                bail!("ferry-node on {label} not listening on {addr} after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Daemon { node, runc: RuncRoot { root: runc_root }, state_dir, endpoint: format!("http://{addr}"), _child: child })
+    }
+}
+
+/// A unique cgroup parent; removed (in every controller hierarchy) on drop.
+pub struct CgroupGuard(pub String);
+
+impl CgroupGuard {
+    pub fn new(label: &str) -> CgroupGuard {
+        CgroupGuard(format!("ferry-{label}-{}", std::process::id()))
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        fn rmdir_tree(p: &Path) {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        rmdir_tree(&e.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+        rmdir_tree(&Path::new("/sys/fs/cgroup").join(&self.0));
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            rmdir_tree(&ctrl.path().join(&self.0));
+        }
+    }
+}
