@@ -50,6 +50,8 @@ pub struct ObjectStoreAccess {
 pub struct Plan {
     /// The Migration's UID: daemons deduplicate calls by it.
     pub migration_id: String,
+    /// The node that runs the workload now.
+    pub source_node: NodeRef,
     pub source: PodId,
     pub target: PodId,
     pub strategy: Strategy,

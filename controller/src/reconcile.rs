@@ -440,6 +440,7 @@ impl<'a> Reconciler<'a> {
         let object_store = self.object_store_access().await?.ok().flatten();
         Ok(Plan {
             migration_id: self.m.uid().unwrap_or_default(),
+            source_node: self.source_node(),
             source: PodId { namespace: s.namespace.clone(), name: s.pod.clone(), uid: s.uid.clone().unwrap_or_default() },
             target: PodId { namespace: t.namespace.clone(), name: t.pod.clone(), uid: t.uid.clone().unwrap_or_default() },
             strategy: spec.strategy,
@@ -498,9 +499,10 @@ impl<'a> Reconciler<'a> {
         if op.bytes_done > p.bytes_transferred || p.last_progress_at.is_none() {
             p.last_progress_at = Some(now());
         }
-        p.bytes_transferred = op.bytes_done;
-        p.bytes_total = op.bytes_total;
-        p.display = format::progress(op.bytes_done, op.bytes_total);
+        // Source and target report their own counters; the migration moved the larger.
+        p.bytes_transferred = p.bytes_transferred.max(op.bytes_done);
+        p.bytes_total = p.bytes_total.max(op.bytes_total);
+        p.display = format::progress(p.bytes_transferred, p.bytes_total);
         if let Some(ms) = op.downtime_ms {
             let t = self.status.timings.get_or_insert_with(Timings::default);
             let ms = t.downtime_ms.unwrap_or(0).max(ms);

@@ -15,3 +15,16 @@ pub mod testenv;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// A binary of this workspace, next to the running executable's target directory
+/// (`target/debug/deps/x` → `target/debug/NAME`).
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    anyhow::bail!("{name} not found next to {}: build it first (`cargo build --workspace --bins`)", exe.display())
+}

@@ -139,9 +139,19 @@ impl NodeAgent for GrpcAgent {
     }
 
     async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError> {
+        // The receiver sizes itself from the source's current description (containers,
+        // memory), read now rather than stored, so it matches what will be checkpointed.
+        let source = &plan.source_node;
+        let description = self
+            .client(source)
+            .await?
+            .describe_workload(pod_ref(&plan.source))
+            .await
+            .map_err(|s| status_error(source, "", s))?
+            .into_inner();
         let req = pb::PrepareReceiverRequest {
             migration_id: plan.migration_id.clone(),
-            workload: Some(pb::WorkloadDescription { workload: Some(pod_ref(&plan.source)), ..Default::default() }),
+            workload: Some(description),
             target: Some(pod_ref(&plan.target)),
             strategy: strategy(plan) as i32,
             transfer: Some(transfer(plan)),

@@ -1,0 +1,5 @@
+//! End-to-end scenarios (in `tests/`) and the demo (`ferry-demo`): ferry's controller,
+//! real node daemons in network-namespace nodes, real control planes, runc and CRIU.
+#![forbid(unsafe_code)]
+
+pub mod world;
