@@ -2,8 +2,8 @@
 //! `grpc` implements it over ferry's node API; `scripted` is the test double that lets
 //! controller tests run the real reconciler against a real apiserver before (or
 //! without) real daemons.
-use ferry_crds::{Strategy, TransferMode, WorkloadKind};
 pub use ferry_crds::Receiver;
+use ferry_crds::{Strategy, TransferMode, WorkloadKind};
 
 pub mod grpc;
 pub mod scripted;
@@ -17,7 +17,12 @@ pub struct NodeRef {
 
 impl std::fmt::Display for NodeRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.cluster.as_deref().unwrap_or("local"), self.node)
+        write!(
+            f,
+            "{}/{}",
+            self.cluster.as_deref().unwrap_or("local"),
+            self.node
+        )
     }
 }
 
@@ -118,7 +123,12 @@ pub trait NodeAgent: Send + Sync {
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError>;
     /// Destination: get ready to receive; returns where the source sends state.
     async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError>;
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, receiver: &Receiver) -> Result<OpStatus, AgentError>;
+    async fn start_checkpoint(
+        &self,
+        node: &NodeRef,
+        plan: &Plan,
+        receiver: &Receiver,
+    ) -> Result<OpStatus, AgentError>;
     /// Destination: restore as soon as the state arrives (may be called while the
     /// checkpoint still runs, so that restore overlaps the transfer).
     async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError>;

@@ -19,7 +19,11 @@ pub enum ClusterError {
     )]
     NoCredentials(String, String),
     #[error("kubeconfig Secret {secret} for cluster {cluster:?} is unusable: {message}")]
-    BadKubeconfig { cluster: String, secret: String, message: String },
+    BadKubeconfig {
+        cluster: String,
+        secret: String,
+        message: String,
+    },
     #[error("looking up cluster {0:?}: {1}")]
     Api(String, #[source] kube::Error),
 }
@@ -33,12 +37,19 @@ pub struct Clusters {
 }
 
 fn foreign_cluster_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("core.liqo.io", "v1beta1", "ForeignCluster"), "foreignclusters")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("core.liqo.io", "v1beta1", "ForeignCluster"),
+        "foreignclusters",
+    )
 }
 
 impl Clusters {
     pub fn new(local: kube::Client, namespace: impl Into<String>) -> Self {
-        Clusters { local, namespace: namespace.into(), cache: Mutex::default() }
+        Clusters {
+            local,
+            namespace: namespace.into(),
+            cache: Mutex::default(),
+        }
     }
 
     pub fn local(&self) -> &kube::Client {
@@ -56,11 +67,17 @@ impl Clusters {
         let client = match self.linked(name).await? {
             Some(client) => client,
             None if self.is_liqo_peer(name).await? => {
-                return Err(ClusterError::NoCredentials(name.into(), self.namespace.clone()));
+                return Err(ClusterError::NoCredentials(
+                    name.into(),
+                    self.namespace.clone(),
+                ));
             }
             None => return Err(ClusterError::Unknown(name.into(), self.namespace.clone())),
         };
-        self.cache.lock().await.insert(name.to_string(), client.clone());
+        self.cache
+            .lock()
+            .await
+            .insert(name.to_string(), client.clone());
         Ok(client)
     }
 
@@ -70,7 +87,9 @@ impl Clusters {
             .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
             .await
             .map_err(|e| ClusterError::Api(name.into(), e))?;
-        let Some(secret) = list.items.into_iter().next() else { return Ok(None) };
+        let Some(secret) = list.items.into_iter().next() else {
+            return Ok(None);
+        };
         let secret_name = secret.metadata.name.clone().unwrap_or_default();
         let bad = |message: String| ClusterError::BadKubeconfig {
             cluster: name.into(),
@@ -83,16 +102,20 @@ impl Clusters {
             .and_then(|d| d.get("kubeconfig"))
             .ok_or_else(|| bad("no `kubeconfig` key".into()))?;
         let text = std::str::from_utf8(&raw.0).map_err(|e| bad(e.to_string()))?;
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(text).map_err(|e| bad(e.to_string()))?;
+        let kubeconfig =
+            kube::config::Kubeconfig::from_yaml(text).map_err(|e| bad(e.to_string()))?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
             .map_err(|e| bad(e.to_string()))?;
-        kube::Client::try_from(config).map(Some).map_err(|e| bad(e.to_string()))
+        kube::Client::try_from(config)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// Whether a Liqo ForeignCluster with this clusterID exists (false without Liqo).
     async fn is_liqo_peer(&self, name: &str) -> Result<bool, ClusterError> {
-        let api: Api<DynamicObject> = Api::all_with(self.local.clone(), &foreign_cluster_resource());
+        let api: Api<DynamicObject> =
+            Api::all_with(self.local.clone(), &foreign_cluster_resource());
         match api.list(&ListParams::default()).await {
             Ok(list) => Ok(list.items.iter().any(|fc| {
                 fc.data.pointer("/spec/clusterID").and_then(|v| v.as_str()) == Some(name)

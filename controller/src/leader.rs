@@ -15,7 +15,13 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
-    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: &str, lease_duration: Duration) -> Self {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        lease_duration: Duration,
+    ) -> Self {
         LeaderElector {
             api: Api::namespaced(client, namespace),
             name: name.into(),
@@ -34,7 +40,10 @@ impl LeaderElector {
         let secs = self.lease_duration.as_secs().max(1) as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(secs),
@@ -53,7 +62,9 @@ impl LeaderElector {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(renewed), Some(d)) => renewed.0.as_millisecond() + d as i64 * 1000 < now.0.as_millisecond(),
+            (Some(renewed), Some(d)) => {
+                renewed.0.as_millisecond() + d as i64 * 1000 < now.0.as_millisecond()
+            }
             _ => true,
         };
         if holder != self.identity {
@@ -66,7 +77,11 @@ impl LeaderElector {
         }
         spec.renew_time = Some(now);
         spec.lease_duration_seconds = Some(secs);
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             // Someone else wrote the Lease since we read it.
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

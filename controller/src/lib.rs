@@ -56,8 +56,15 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-pub fn context(client: kube::Client, agent: Arc<dyn agent::NodeAgent>, settings: &Settings) -> Arc<Context> {
-    let reporter = Reporter { controller: "ferry-controller".into(), instance: Some(settings.identity.clone()) };
+pub fn context(
+    client: kube::Client,
+    agent: Arc<dyn agent::NodeAgent>,
+    settings: &Settings,
+) -> Arc<Context> {
+    let reporter = Reporter {
+        controller: "ferry-controller".into(),
+        instance: Some(settings.identity.clone()),
+    };
     Arc::new(Context {
         clusters: Arc::new(clusters::Clusters::new(client.clone(), &settings.namespace)),
         recorder: Recorder::new(client.clone(), reporter),
@@ -87,7 +94,10 @@ pub async fn run_controller(ctx: Arc<Context>, watch_namespace: Option<&str>) {
 
 /// Runs the controller only while this replica holds the leader Lease; returns when
 /// leadership is lost (the binary then exits and restarts as a candidate).
-pub async fn run_with_leader_election(ctx: Arc<Context>, settings: &Settings) -> leader::LeadershipLost {
+pub async fn run_with_leader_election(
+    ctx: Arc<Context>,
+    settings: &Settings,
+) -> leader::LeadershipLost {
     let elector = leader::LeaderElector::new(
         ctx.client.clone(),
         &settings.namespace,
@@ -95,5 +105,7 @@ pub async fn run_with_leader_election(ctx: Arc<Context>, settings: &Settings) ->
         &settings.identity,
         settings.lease_duration,
     );
-    elector.run_as_leader(run_controller(ctx, settings.watch_namespace.as_deref())).await
+    elector
+        .run_as_leader(run_controller(ctx, settings.watch_namespace.as_deref()))
+        .await
 }

@@ -32,20 +32,30 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
         .init();
     let args = Args::parse();
     ferry_controller::install_crypto_provider();
     let client = match &args.kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-            kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+            )?
         }
-        None => kube::Client::try_default().await.context("no kubeconfig and not in a cluster")?,
+        None => kube::Client::try_default()
+            .await
+            .context("no kubeconfig and not in a cluster")?,
     };
     check_crds(&client).await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "ferry-controller".into())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "ferry-controller".into())
     });
     let mut settings = Settings::new(&args.namespace, &args.cluster_name, &identity);
     settings.lease_duration = Duration::from_secs(args.lease_seconds);

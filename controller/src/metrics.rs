@@ -43,10 +43,26 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("ferry_controller");
         r.register("reconciles", "Reconciliations run", self.reconciles.clone());
-        r.register("reconcile_errors", "Failed reconciliations by error kind", self.reconcile_errors.clone());
-        r.register("reconcile_duration_seconds", "Time per reconciliation", self.reconcile_duration.clone());
-        r.register("migrations_finished", "Migrations that reached a terminal phase", self.finished.clone());
-        r.register("migration_downtime_seconds", "Measured downtime of succeeded migrations", self.downtime.clone());
+        r.register(
+            "reconcile_errors",
+            "Failed reconciliations by error kind",
+            self.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time per reconciliation",
+            self.reconcile_duration.clone(),
+        );
+        r.register(
+            "migrations_finished",
+            "Migrations that reached a terminal phase",
+            self.finished.clone(),
+        );
+        r.register(
+            "migration_downtime_seconds",
+            "Measured downtime of succeeded migrations",
+            self.downtime.clone(),
+        );
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
@@ -55,6 +71,8 @@ impl Metrics {
     }
 
     pub fn observe_error(&self, kind: &str) {
-        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
     }
 }

@@ -39,7 +39,12 @@ fn check(node: &Node, name: &str) -> Result<(), PlacementError> {
     if labels.get(LIQO_NODE_TYPE_LABEL).map(String::as_str) == Some("virtual-node") {
         return Err(PlacementError::VirtualNode(name.into()));
     }
-    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
+    if node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+    {
         return Err(PlacementError::NodeUnschedulable(name.into()));
     }
     if !ready(node) {
@@ -61,7 +66,10 @@ pub fn choose_node(
         if exclude == Some(wanted) {
             return Err(PlacementError::SameNode(wanted.into()));
         }
-        let node = nodes.iter().find(|n| name_of(n) == wanted).ok_or_else(|| PlacementError::NodeNotFound(wanted.into()))?;
+        let node = nodes
+            .iter()
+            .find(|n| name_of(n) == wanted)
+            .ok_or_else(|| PlacementError::NodeNotFound(wanted.into()))?;
         check(node, wanted)?;
         return Ok(wanted.into());
     }
@@ -77,7 +85,13 @@ pub fn choose_node(
 
 /// The Pod that receives the workload: the source's spec bound to `node`, marked with
 /// the migration so a retry finds it instead of creating another.
-pub fn target_pod(source: &Pod, name: &str, node: &str, migration_uid: &str, source_id: &str) -> Pod {
+pub fn target_pod(
+    source: &Pod,
+    name: &str,
+    node: &str,
+    migration_uid: &str,
+    source_id: &str,
+) -> Pod {
     let mut annotations: BTreeMap<String, String> = source
         .metadata
         .annotations
@@ -109,7 +123,11 @@ pub fn target_pod_name(source_pod: &str, same_cluster: bool, migration_uid: &str
     if !same_cluster {
         return source_pod.into();
     }
-    let suffix: String = migration_uid.chars().filter(|c| c.is_ascii_alphanumeric()).take(5).collect();
+    let suffix: String = migration_uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(5)
+        .collect();
     let base: String = source_pod.chars().take(63 - 1 - suffix.len()).collect();
     format!("{base}-{suffix}")
 }
@@ -141,12 +159,19 @@ mod tests {
             node("b", true, json!({})),
             node("c", false, json!({})),
             node("d", true, json!({"unschedulable": true})),
-            node("v", true, json!({"labels": {"liqo.io/type": "virtual-node"}})),
+            node(
+                "v",
+                true,
+                json!({"labels": {"liqo.io/type": "virtual-node"}}),
+            ),
             node("e", true, json!({})),
         ];
         let load = BTreeMap::from([("b".to_string(), 3), ("e".to_string(), 1)]);
         assert_eq!(choose_node(&nodes, &load, None, Some("a")), Ok("e".into()));
-        assert_eq!(choose_node(&nodes, &BTreeMap::new(), None, Some("a")), Ok("b".into()));
+        assert_eq!(
+            choose_node(&nodes, &BTreeMap::new(), None, Some("a")),
+            Ok("b".into())
+        );
     }
 
     #[test]
@@ -154,14 +179,33 @@ mod tests {
         let nodes = vec![
             node("a", true, json!({})),
             node("c", false, json!({})),
-            node("v", true, json!({"labels": {"liqo.io/type": "virtual-node"}})),
+            node(
+                "v",
+                true,
+                json!({"labels": {"liqo.io/type": "virtual-node"}}),
+            ),
         ];
         let none = BTreeMap::new();
-        assert_eq!(choose_node(&nodes, &none, Some("a"), Some("a")), Err(PlacementError::SameNode("a".into())));
-        assert_eq!(choose_node(&nodes, &none, Some("c"), None), Err(PlacementError::NodeNotReady("c".into())));
-        assert_eq!(choose_node(&nodes, &none, Some("v"), None), Err(PlacementError::VirtualNode("v".into())));
-        assert_eq!(choose_node(&nodes, &none, Some("x"), None), Err(PlacementError::NodeNotFound("x".into())));
-        assert_eq!(choose_node(&nodes, &none, None, Some("a")), Err(PlacementError::NoCandidate));
+        assert_eq!(
+            choose_node(&nodes, &none, Some("a"), Some("a")),
+            Err(PlacementError::SameNode("a".into()))
+        );
+        assert_eq!(
+            choose_node(&nodes, &none, Some("c"), None),
+            Err(PlacementError::NodeNotReady("c".into()))
+        );
+        assert_eq!(
+            choose_node(&nodes, &none, Some("v"), None),
+            Err(PlacementError::VirtualNode("v".into()))
+        );
+        assert_eq!(
+            choose_node(&nodes, &none, Some("x"), None),
+            Err(PlacementError::NodeNotFound("x".into()))
+        );
+        assert_eq!(
+            choose_node(&nodes, &none, None, Some("a")),
+            Err(PlacementError::NoCandidate)
+        );
     }
 
     #[test]
@@ -174,9 +218,15 @@ mod tests {
         .unwrap();
         let pod = target_pod(&source, "web", "b", "uid-1", "east/shop/web");
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("b"));
-        assert_eq!(pod.spec.as_ref().unwrap().containers[0].image.as_deref(), Some("busybox"));
+        assert_eq!(
+            pod.spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some("busybox")
+        );
         let ann = pod.metadata.annotations.unwrap();
-        assert_eq!(ann.get(MIGRATION_ANNOTATION).map(String::as_str), Some("uid-1"));
+        assert_eq!(
+            ann.get(MIGRATION_ANNOTATION).map(String::as_str),
+            Some("uid-1")
+        );
         assert_eq!(ann.get("team").map(String::as_str), Some("x"));
         assert!(!ann.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
         assert_eq!(target_pod_name("web", false, "ab-cd-ef"), "web");

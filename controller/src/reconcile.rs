@@ -1,14 +1,16 @@
 //! The Migration reconciler: reads status, asks the state machine what to do, does it
 //! through the cluster clients and the node agent, and writes status by server-side
 //! apply. Each step is idempotent, so a repeated or resumed reconcile is harmless.
-use crate::agent::{AgentError, NodeAgent, NodeRef, ObjectStoreAccess, OpStage, OpState, OpStatus, Plan, PodId};
+use crate::agent::{
+    AgentError, NodeAgent, NodeRef, ObjectStoreAccess, OpStage, OpState, OpStatus, Plan, PodId,
+};
 use crate::clusters::{ClusterError, Clusters};
 use crate::metrics::{Metrics, PhaseLabels};
 use crate::state::{self, Outcome, STEP_CHECKPOINT, STEP_FINALIZE, STEP_RESTORE, Step, View};
 use crate::{format, placement};
 use ferry_crds::{
-    FINALIZER, Failure, MIGRATION_ANNOTATION, Migration, MigrationStatus, Phase, PhaseTiming, Placement, Progress,
-    Timings, TransferMode,
+    FINALIZER, Failure, MIGRATION_ANNOTATION, Migration, MigrationStatus, Phase, PhaseTiming,
+    Placement, Progress, Timings, TransferMode,
 };
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -133,7 +135,11 @@ impl<'a> Reconciler<'a> {
             failed: s.failure.is_some(),
             rolled_back: s.failure.as_ref().is_some_and(|f| f.rolled_back),
             deleting: self.deleting,
-            elapsed: s.timings.as_ref().and_then(|t| t.started_at.as_ref()).map(|t| Duration::from_millis(ms_since(t))),
+            elapsed: s
+                .timings
+                .as_ref()
+                .and_then(|t| t.started_at.as_ref())
+                .map(|t| Duration::from_millis(ms_since(t))),
             since_progress: s
                 .progress
                 .as_ref()
@@ -149,8 +155,14 @@ impl<'a> Reconciler<'a> {
         let view = self.view();
         if let Some(which) = state::timed_out(&view).filter(|_| !self.deleting) {
             let message = match which {
-                "completion" => format!("not finished within {}s (spec.timeouts.completionSeconds)", view.completion_timeout.as_secs()),
-                _ => format!("no progress for {}s (spec.timeouts.progressSeconds)", view.progress_timeout.as_secs()),
+                "completion" => format!(
+                    "not finished within {}s (spec.timeouts.completionSeconds)",
+                    view.completion_timeout.as_secs()
+                ),
+                _ => format!(
+                    "no progress for {}s (spec.timeouts.progressSeconds)",
+                    view.progress_timeout.as_secs()
+                ),
             };
             self.fail("Timeout", message);
             return self.commit(before).await;
@@ -177,7 +189,8 @@ impl<'a> Reconciler<'a> {
             }
             self.status.phase = Some(next);
         }
-        let deleting_unfinished = self.deleting && self.status.phase.is_some_and(|p| !p.is_terminal());
+        let deleting_unfinished =
+            self.deleting && self.status.phase.is_some_and(|p| !p.is_terminal());
         let action = self.commit(before).await?;
         if deleting_unfinished {
             return Err(Error::StillCompleting);
@@ -188,10 +201,8 @@ impl<'a> Reconciler<'a> {
     /// Records what changed: phase timing, condition, Event, metrics; writes status.
     async fn commit(mut self, before: Option<Phase>) -> Result<Action, Error> {
         let phase = self.status.phase;
-        if phase != before {
-            if let Some(p) = phase {
-                self.entered(p, before).await;
-            }
+        if let Some(p) = phase.filter(|_| phase != before) {
+            self.entered(p, before).await;
         }
         self.status.observed_generation = self.m.metadata.generation;
         self.set_condition();
@@ -203,8 +214,12 @@ impl<'a> Reconciler<'a> {
                 "kind": "Migration",
                 "status": self.status,
             });
-            api.patch_status(&self.m.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-                .await?;
+            api.patch_status(
+                &self.m.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
         }
         Ok(match phase {
             Some(p) if p.is_terminal() => Action::await_change(),
@@ -215,49 +230,92 @@ impl<'a> Reconciler<'a> {
 
     async fn entered(&mut self, phase: Phase, from: Option<Phase>) {
         let timings = self.status.timings.get_or_insert_with(Timings::default);
-        timings.phases.push(PhaseTiming { phase, entered_at: now() });
+        timings.phases.push(PhaseTiming {
+            phase,
+            entered_at: now(),
+        });
         if phase.is_terminal() {
             timings.completed_at = Some(now());
             timings.total_ms = timings.started_at.as_ref().map(ms_since);
-            self.ctx.metrics.finished.get_or_create(&PhaseLabels { phase: phase.to_string() }).inc();
+            self.ctx
+                .metrics
+                .finished
+                .get_or_create(&PhaseLabels {
+                    phase: phase.to_string(),
+                })
+                .inc();
         }
-        if phase == Phase::Succeeded {
-            if let Some(ms) = timings.downtime_ms {
-                self.ctx.metrics.downtime.observe(ms as f64 / 1000.0);
-            }
+        if phase == Phase::Succeeded
+            && let Some(ms) = timings.downtime_ms
+        {
+            self.ctx.metrics.downtime.observe(ms as f64 / 1000.0);
         }
         let (type_, note) = match (phase, &self.status.failure) {
-            (Phase::Failed | Phase::RolledBack, Some(f)) => (EventType::Warning, format!("{}: {}", f.reason, f.message)),
+            (Phase::Failed | Phase::RolledBack, Some(f)) => {
+                (EventType::Warning, format!("{}: {}", f.reason, f.message))
+            }
             (Phase::Succeeded, _) => (
                 EventType::Normal,
                 format!(
                     "workload runs at {}; downtime {}",
-                    self.status.target.as_ref().map(|t| t.display.as_str()).unwrap_or("?"),
+                    self.status
+                        .target
+                        .as_ref()
+                        .map(|t| t.display.as_str())
+                        .unwrap_or("?"),
                     timings_downtime(&self.status)
                 ),
             ),
-            (Phase::Preparing, _) if from.is_some_and(|f| f != Phase::Pending) => {
-                (EventType::Warning, format!("retrying (attempt {})", self.status.attempts + 1))
-            }
-            _ => (EventType::Normal, format!("{} -> {phase}", from.map(|f| f.as_str()).unwrap_or("New"))),
+            (Phase::Preparing, _) if from.is_some_and(|f| f != Phase::Pending) => (
+                EventType::Warning,
+                format!("retrying (attempt {})", self.status.attempts + 1),
+            ),
+            _ => (
+                EventType::Normal,
+                format!("{} -> {phase}", from.map(|f| f.as_str()).unwrap_or("New")),
+            ),
         };
         info!(%phase, "phase changed");
-        let event = KubeEvent { type_, reason: phase.to_string(), note: Some(note), action: "Migrate".into(), secondary: None };
-        if let Err(e) = self.ctx.recorder.publish(&event, &self.m.object_ref(&())).await {
+        let event = KubeEvent {
+            type_,
+            reason: phase.to_string(),
+            note: Some(note),
+            action: "Migrate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.m.object_ref(&()))
+            .await
+        {
             warn!("publishing event: {e}");
         }
     }
 
     fn set_condition(&mut self) {
-        let Some(phase) = self.status.phase else { return };
+        let Some(phase) = self.status.phase else {
+            return;
+        };
         let (status, reason, message) = match (phase, &self.status.failure) {
-            (Phase::Succeeded, _) => ("True", "Succeeded".to_string(), "the workload runs at the target".to_string()),
+            (Phase::Succeeded, _) => (
+                "True",
+                "Succeeded".to_string(),
+                "the workload runs at the target".to_string(),
+            ),
             (_, Some(f)) => ("False", f.reason.clone(), f.message.clone()),
-            (Phase::Cancelled, None) => ("False", "Cancelled".into(), "deleted before it finished; the workload runs at the source".into()),
+            (Phase::Cancelled, None) => (
+                "False",
+                "Cancelled".into(),
+                "deleted before it finished; the workload runs at the source".into(),
+            ),
             (p, None) => ("Unknown", p.to_string(), format!("migration is {p}")),
         };
         let conditions = &mut self.status.conditions;
-        let changed = conditions.iter().find(|c| c.type_ == "Succeeded").map(|c| c.status != status || c.reason != reason);
+        let changed = conditions
+            .iter()
+            .find(|c| c.type_ == "Succeeded")
+            .map(|c| c.status != status || c.reason != reason);
         if changed == Some(false) {
             return;
         }
@@ -302,7 +360,10 @@ impl<'a> Reconciler<'a> {
     }
 
     fn initialize(&mut self) -> Outcome {
-        self.status.timings = Some(Timings { started_at: Some(now()), ..Default::default() });
+        self.status.timings = Some(Timings {
+            started_at: Some(now()),
+            ..Default::default()
+        });
         Outcome::Initialized
     }
 
@@ -313,56 +374,96 @@ impl<'a> Reconciler<'a> {
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let pod_name = &spec.workload.pod;
         let Some(pod) = pods.get_opt(pod_name).await? else {
-            return Ok(self.invalid("PodNotFound", format!("pod {}/{pod_name} not found", self.ns)));
+            return Ok(self.invalid(
+                "PodNotFound",
+                format!("pod {}/{pod_name} not found", self.ns),
+            ));
         };
         if pod.metadata.deletion_timestamp.is_some() {
-            return Ok(self.invalid("PodTerminating", format!("pod {}/{pod_name} is being deleted", self.ns)));
+            return Ok(self.invalid(
+                "PodTerminating",
+                format!("pod {}/{pod_name} is being deleted", self.ns),
+            ));
         }
         let Some(source_node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-            return Ok(self.invalid("PodNotScheduled", format!("pod {}/{pod_name} is not on a node yet", self.ns)));
+            return Ok(self.invalid(
+                "PodNotScheduled",
+                format!("pod {}/{pod_name} is not on a node yet", self.ns),
+            ));
         };
-        let pod_phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let pod_phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         if pod_phase != "Running" {
-            return Ok(self.invalid("PodNotRunning", format!("pod {}/{pod_name} is {pod_phase}, not Running", self.ns)));
+            return Ok(self.invalid(
+                "PodNotRunning",
+                format!("pod {}/{pod_name} is {pod_phase}, not Running", self.ns),
+            ));
         }
         if let Some(other) = self.competing_migration().await? {
-            return Ok(self.invalid("AlreadyMigrating", format!("Migration {other} is already moving pod {pod_name}")));
+            return Ok(self.invalid(
+                "AlreadyMigrating",
+                format!("Migration {other} is already moving pod {pod_name}"),
+            ));
         }
         let target_cluster = spec.target.cluster.clone().filter(|c| !c.is_empty());
         let target_client = match self.ctx.clusters.client(target_cluster.as_deref()).await {
             Ok(c) => c,
             Err(e @ ClusterError::Api(..)) => return Err(e.into()),
             Err(e) => {
-                let reason = if matches!(e, ClusterError::NoCredentials(..)) { "NoClusterCredentials" } else { "UnknownCluster" };
+                let reason = if matches!(e, ClusterError::NoCredentials(..)) {
+                    "NoClusterCredentials"
+                } else {
+                    "UnknownCluster"
+                };
                 return Ok(self.invalid(reason, e.to_string()));
             }
         };
         let same_cluster = target_cluster.is_none();
-        let nodes = Api::<Node>::all(target_client.clone()).list(&ListParams::default()).await?.items;
+        let nodes = Api::<Node>::all(target_client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
         let mut load = BTreeMap::new();
-        for p in Api::<Pod>::all(target_client.clone()).list(&ListParams::default()).await?.items {
+        for p in Api::<Pod>::all(target_client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+        {
             if let Some(n) = p.spec.and_then(|s| s.node_name) {
                 *load.entry(n).or_insert(0usize) += 1;
             }
         }
         let exclude = same_cluster.then_some(source_node.as_str());
-        let target_node = match placement::choose_node(&nodes, &load, spec.target.node.as_deref(), exclude) {
-            Ok(n) => n,
-            Err(e) => return Ok(self.invalid(placement_reason(&e), e.to_string())),
-        };
-        if spec.transfer.mode == TransferMode::ObjectStore {
-            if let Err(message) = self.object_store_access().await? {
-                return Ok(self.invalid("ObjectStoreCredentials", message));
-            }
+        let target_node =
+            match placement::choose_node(&nodes, &load, spec.target.node.as_deref(), exclude) {
+                Ok(n) => n,
+                Err(e) => return Ok(self.invalid(placement_reason(&e), e.to_string())),
+            };
+        if spec.transfer.mode == TransferMode::ObjectStore
+            && let Err(message) = self.object_store_access().await?
+        {
+            return Ok(self.invalid("ObjectStoreCredentials", message));
         }
-        let source_ref = NodeRef { cluster: None, node: source_node.clone() };
-        let pod_id = PodId { namespace: self.ns.clone(), name: pod_name.clone(), uid: pod.uid().unwrap_or_default() };
+        let source_ref = NodeRef {
+            cluster: None,
+            node: source_node.clone(),
+        };
+        let pod_id = PodId {
+            namespace: self.ns.clone(),
+            name: pod_name.clone(),
+            uid: pod.uid().unwrap_or_default(),
+        };
         let info = match self.ctx.agent.describe(&source_ref, &pod_id).await {
             Ok(info) => info,
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return Ok(self.invalid("NotMigratable", e.to_string())),
         };
-        let target_display = target_cluster.clone().unwrap_or_else(|| self.ctx.cluster_name.clone());
+        let target_display = target_cluster
+            .clone()
+            .unwrap_or_else(|| self.ctx.cluster_name.clone());
         self.status.workload_kind = Some(info.kind);
         self.status.source = Some(Placement {
             cluster: None,
@@ -376,7 +477,11 @@ impl<'a> Reconciler<'a> {
             cluster: target_cluster,
             node: target_node.clone(),
             namespace: self.ns.clone(),
-            pod: placement::target_pod_name(pod_name, same_cluster, &self.m.uid().unwrap_or_default()),
+            pod: placement::target_pod_name(
+                pod_name,
+                same_cluster,
+                &self.m.uid().unwrap_or_default(),
+            ),
             uid: None,
             display: format!("{target_display}/{target_node}"),
         });
@@ -387,23 +492,46 @@ impl<'a> Reconciler<'a> {
     async fn competing_migration(&self) -> Result<Option<String>, Error> {
         let api: Api<Migration> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let me = self.m.uid();
-        Ok(api.list(&ListParams::default()).await?.items.into_iter().find_map(|other| {
-            let active = other.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p != Phase::Pending && !p.is_terminal());
-            (other.uid() != me && active && other.spec.workload.pod == self.m.spec.workload.pod).then(|| other.name_any())
-        }))
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find_map(|other| {
+                let active = other
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p != Phase::Pending && !p.is_terminal());
+                (other.uid() != me && active && other.spec.workload.pod == self.m.spec.workload.pod)
+                    .then(|| other.name_any())
+            }))
     }
 
     /// The bucket credentials from the Secret the spec names (Err: what is wrong).
-    async fn object_store_access(&self) -> Result<Result<Option<ObjectStoreAccess>, String>, Error> {
-        let Some(os) = &self.m.spec.transfer.object_store else { return Ok(Ok(None)) };
+    async fn object_store_access(
+        &self,
+    ) -> Result<Result<Option<ObjectStoreAccess>, String>, Error> {
+        let Some(os) = &self.m.spec.transfer.object_store else {
+            return Ok(Ok(None));
+        };
         let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let Some(secret) = secrets.get_opt(&os.credentials_secret).await? else {
-            return Ok(Err(format!("Secret {}/{} (transfer.objectStore.credentialsSecret) not found", self.ns, os.credentials_secret)));
+            return Ok(Err(format!(
+                "Secret {}/{} (transfer.objectStore.credentialsSecret) not found",
+                self.ns, os.credentials_secret
+            )));
         };
         let data = secret.data.unwrap_or_default();
-        let key = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).into_owned());
+        let key = |k: &str| {
+            data.get(k)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        };
         let (Some(id), Some(secret_key)) = (key("accessKeyId"), key("secretAccessKey")) else {
-            return Ok(Err(format!("Secret {}/{} needs keys accessKeyId and secretAccessKey", self.ns, os.credentials_secret)));
+            return Ok(Err(format!(
+                "Secret {}/{} needs keys accessKeyId and secretAccessKey",
+                self.ns, os.credentials_secret
+            )));
         };
         Ok(Ok(Some(ObjectStoreAccess {
             endpoint: os.endpoint.clone().unwrap_or_default(),
@@ -418,13 +546,27 @@ impl<'a> Reconciler<'a> {
     // ---- the daemon steps ----------------------------------------------------------
 
     fn source_node(&self) -> NodeRef {
-        let s = self.status.source.as_ref().expect("source recorded when validated");
-        NodeRef { cluster: None, node: s.node.clone() }
+        let s = self
+            .status
+            .source
+            .as_ref()
+            .expect("source recorded when validated");
+        NodeRef {
+            cluster: None,
+            node: s.node.clone(),
+        }
     }
 
     fn target_node(&self) -> NodeRef {
-        let t = self.status.target.as_ref().expect("target recorded when validated");
-        NodeRef { cluster: t.cluster.clone(), node: t.node.clone() }
+        let t = self
+            .status
+            .target
+            .as_ref()
+            .expect("target recorded when validated");
+        NodeRef {
+            cluster: t.cluster.clone(),
+            node: t.node.clone(),
+        }
     }
 
     async fn target_pods(&self) -> Result<Api<Pod>, Error> {
@@ -441,14 +583,23 @@ impl<'a> Reconciler<'a> {
         Ok(Plan {
             migration_id: self.m.uid().unwrap_or_default(),
             source_node: self.source_node(),
-            source: PodId { namespace: s.namespace.clone(), name: s.pod.clone(), uid: s.uid.clone().unwrap_or_default() },
-            target: PodId { namespace: t.namespace.clone(), name: t.pod.clone(), uid: t.uid.clone().unwrap_or_default() },
+            source: PodId {
+                namespace: s.namespace.clone(),
+                name: s.pod.clone(),
+                uid: s.uid.clone().unwrap_or_default(),
+            },
+            target: PodId {
+                namespace: t.namespace.clone(),
+                name: t.pod.clone(),
+                uid: t.uid.clone().unwrap_or_default(),
+            },
             strategy: spec.strategy,
             allow_post_copy: spec.allow_post_copy,
             transfer: spec.transfer.mode,
             object_store,
             compress: spec.transfer.compress,
-            bandwidth_limit_bytes_per_sec: spec.transfer.bandwidth_limit_mi_bps.unwrap_or(0) as u64 * (1 << 20),
+            bandwidth_limit_bytes_per_sec: spec.transfer.bandwidth_limit_mi_bps.unwrap_or(0) as u64
+                * (1 << 20),
         })
     }
 
@@ -461,19 +612,34 @@ impl<'a> Reconciler<'a> {
         let target = match existing {
             Some(p) if p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid) => p,
             Some(_) => {
-                return Ok(self.step_failed("TargetPodExists", format!("pod {}/{} already exists in the target cluster and is not ours", self.ns, t.pod)));
+                return Ok(self.step_failed(
+                    "TargetPodExists",
+                    format!(
+                        "pod {}/{} already exists in the target cluster and is not ours",
+                        self.ns, t.pod
+                    ),
+                ));
             }
             None => {
                 let source: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
                 let Some(source_pod) = source.get_opt(&self.m.spec.workload.pod).await? else {
                     return Ok(self.step_failed("PodNotFound", "the source pod disappeared"));
                 };
-                let source_id = format!("{}/{}/{}", self.ctx.cluster_name, self.ns, self.m.spec.workload.pod);
+                let source_id = format!(
+                    "{}/{}/{}",
+                    self.ctx.cluster_name, self.ns, self.m.spec.workload.pod
+                );
                 let pod = placement::target_pod(&source_pod, &t.pod, &t.node, &uid, &source_id);
                 match pods.create(&PostParams::default(), &pod).await {
                     Ok(p) => p,
                     Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 || e.code == 422 => {
-                        return Ok(self.step_failed("TargetPodRejected", format!("creating pod {}/{} in the target cluster: {}", self.ns, t.pod, e.message)));
+                        return Ok(self.step_failed(
+                            "TargetPodRejected",
+                            format!(
+                                "creating pod {}/{} in the target cluster: {}",
+                                self.ns, t.pod, e.message
+                            ),
+                        ));
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -483,10 +649,18 @@ impl<'a> Reconciler<'a> {
             tp.uid = target.uid();
         }
         let plan = self.plan().await?;
-        match self.ctx.agent.prepare_receiver(&self.target_node(), &plan).await {
+        match self
+            .ctx
+            .agent
+            .prepare_receiver(&self.target_node(), &plan)
+            .await
+        {
             Ok(receiver) => {
                 self.status.receiver = Some(receiver);
-                self.status.progress = Some(Progress { last_progress_at: Some(now()), ..Default::default() });
+                self.status.progress = Some(Progress {
+                    last_progress_at: Some(now()),
+                    ..Default::default()
+                });
                 Ok(Outcome::TargetReady)
             }
             Err(e) if e.is_transient() => Err(e.into()),
@@ -512,7 +686,12 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Turns a daemon's answer about a running step into an outcome.
-    fn observe(&mut self, op: Result<OpStatus, AgentError>, reason: &str, done: Outcome) -> Result<Outcome, Error> {
+    fn observe(
+        &mut self,
+        op: Result<OpStatus, AgentError>,
+        reason: &str,
+        done: Outcome,
+    ) -> Result<Outcome, Error> {
         let op = match op {
             Ok(op) => op,
             Err(e) if e.is_transient() => return Err(e.into()),
@@ -520,10 +699,16 @@ impl<'a> Reconciler<'a> {
         };
         self.record_progress(&op);
         Ok(match op.state {
-            OpState::Running => Outcome::InProgress { transferring: op.stage == OpStage::Transferring },
+            OpState::Running => Outcome::InProgress {
+                transferring: op.stage == OpStage::Transferring,
+            },
             OpState::Succeeded => done,
             OpState::Failed | OpState::Aborted => {
-                let msg = if op.message.is_empty() { format!("{:?} {:?}", op.stage, op.state) } else { op.message };
+                let msg = if op.message.is_empty() {
+                    format!("{:?} {:?}", op.stage, op.state)
+                } else {
+                    op.message
+                };
                 self.step_failed(reason, msg)
             }
         })
@@ -541,7 +726,11 @@ impl<'a> Reconciler<'a> {
     async fn start_checkpoint(&mut self) -> Result<Outcome, Error> {
         let plan = self.plan().await?;
         let receiver = self.status.receiver.clone().unwrap_or_default();
-        let op = self.ctx.agent.start_checkpoint(&self.source_node(), &plan, &receiver).await;
+        let op = self
+            .ctx
+            .agent
+            .start_checkpoint(&self.source_node(), &plan, &receiver)
+            .await;
         if op.is_err() {
             return self.observe(op, "CheckpointFailed", Outcome::CheckpointDone);
         }
@@ -550,8 +739,15 @@ impl<'a> Reconciler<'a> {
         if outcome == Outcome::StepFailed {
             return Ok(outcome);
         }
-        match self.ctx.agent.start_restore(&self.target_node(), &plan).await {
-            Ok(op) if op.state == OpState::Failed => Ok(self.step_failed("RestoreFailed", op.message)),
+        match self
+            .ctx
+            .agent
+            .start_restore(&self.target_node(), &plan)
+            .await
+        {
+            Ok(op) if op.state == OpState::Failed => {
+                Ok(self.step_failed("RestoreFailed", op.message))
+            }
             Ok(_) => {
                 self.mark_started(STEP_RESTORE);
                 Ok(outcome)
@@ -563,13 +759,21 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn await_checkpoint(&mut self) -> Result<Outcome, Error> {
-        let op = self.ctx.agent.operation(&self.source_node(), &self.m.uid().unwrap_or_default()).await;
+        let op = self
+            .ctx
+            .agent
+            .operation(&self.source_node(), &self.m.uid().unwrap_or_default())
+            .await;
         self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)
     }
 
     async fn start_restore(&mut self) -> Result<Outcome, Error> {
         let plan = self.plan().await?;
-        let op = self.ctx.agent.start_restore(&self.target_node(), &plan).await;
+        let op = self
+            .ctx
+            .agent
+            .start_restore(&self.target_node(), &plan)
+            .await;
         if op.is_ok() {
             self.mark_started(STEP_RESTORE);
         }
@@ -577,7 +781,11 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn await_restore(&mut self) -> Result<Outcome, Error> {
-        let op = self.ctx.agent.operation(&self.target_node(), &self.m.uid().unwrap_or_default()).await;
+        let op = self
+            .ctx
+            .agent
+            .operation(&self.target_node(), &self.m.uid().unwrap_or_default())
+            .await;
         self.observe(op, "RestoreFailed", Outcome::RestoreDone)
     }
 
@@ -594,15 +802,29 @@ impl<'a> Reconciler<'a> {
             op
         };
         match op.state {
-            OpState::Running => return Ok(Outcome::InProgress { transferring: false }),
+            OpState::Running => {
+                return Ok(Outcome::InProgress {
+                    transferring: false,
+                });
+            }
             OpState::Succeeded => {}
             OpState::Failed | OpState::Aborted => {
-                return Err(AgentError::Rejected { node: source.to_string(), message: format!("finalize: {}", op.message) }.into());
+                return Err(AgentError::Rejected {
+                    node: source.to_string(),
+                    message: format!("finalize: {}", op.message),
+                }
+                .into());
             }
         }
         // The daemon stopped the source processes; the Pod object goes without a grace period.
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        match pods.delete(&self.m.spec.workload.pod, &DeleteParams::default().grace_period(0)).await {
+        match pods
+            .delete(
+                &self.m.spec.workload.pod,
+                &DeleteParams::default().grace_period(0),
+            )
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -619,7 +841,9 @@ impl<'a> Reconciler<'a> {
         if self.status.target.is_some() {
             match self.ctx.agent.abort(&self.target_node(), &id).await {
                 Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
-                Err(e) => warn!("aborting at the target: {e}; deleting the target pod and resuming the source anyway"),
+                Err(e) => warn!(
+                    "aborting at the target: {e}; deleting the target pod and resuming the source anyway"
+                ),
             }
             self.delete_target_pod().await?;
         }
@@ -633,16 +857,21 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn delete_target_pod(&self) -> Result<(), Error> {
-        let Some(t) = &self.status.target else { return Ok(()) };
+        let Some(t) = &self.status.target else {
+            return Ok(());
+        };
         let pods = self.target_pods().await?;
         let uid = self.m.uid().unwrap_or_default();
-        if let Some(p) = pods.get_opt(&t.pod).await? {
-            if p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid) {
-                match pods.delete(&t.pod, &DeleteParams::default().grace_period(0)).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+        if let Some(p) = pods.get_opt(&t.pod).await?
+            && p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid)
+        {
+            match pods
+                .delete(&t.pod, &DeleteParams::default().grace_period(0))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())
@@ -651,10 +880,8 @@ impl<'a> Reconciler<'a> {
     async fn roll_back(&mut self) -> Result<Outcome, Error> {
         self.undo().await?;
         let retry = self.status.attempts < self.m.spec.failure_policy.max_retries;
-        if !retry {
-            if let Some(f) = self.status.failure.as_mut() {
-                f.rolled_back = true;
-            }
+        if !retry && let Some(f) = self.status.failure.as_mut() {
+            f.rolled_back = true;
         }
         Ok(Outcome::RolledBack { retry })
     }
@@ -668,7 +895,10 @@ impl<'a> Reconciler<'a> {
 }
 
 fn timings_downtime(s: &MigrationStatus) -> String {
-    s.timings.as_ref().and_then(|t| t.downtime.clone()).unwrap_or_else(|| "unknown".into())
+    s.timings
+        .as_ref()
+        .and_then(|t| t.downtime.clone())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn placement_reason(e: &placement::PlacementError) -> &'static str {

@@ -15,7 +15,13 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         body = format!("# encoding failed: {e}\n");
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 pub async fn serve(addr: std::net::SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {

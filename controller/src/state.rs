@@ -76,7 +76,11 @@ pub fn timed_out(v: &View) -> Option<&'static str> {
 
 pub fn decide(v: &View) -> Step {
     let Some(phase) = v.phase else {
-        return if v.deleting { Step::Cancel } else { Step::Initialize };
+        return if v.deleting {
+            Step::Cancel
+        } else {
+            Step::Initialize
+        };
     };
     if phase.is_terminal() {
         return Step::Done;
@@ -93,7 +97,9 @@ pub fn decide(v: &View) -> Step {
     match phase {
         Phase::Pending => Step::Validate,
         Phase::Preparing => Step::PrepareTarget,
-        Phase::Checkpointing | Phase::Transferring if !v.started(STEP_CHECKPOINT) => Step::StartCheckpoint,
+        Phase::Checkpointing | Phase::Transferring if !v.started(STEP_CHECKPOINT) => {
+            Step::StartCheckpoint
+        }
         Phase::Checkpointing | Phase::Transferring => Step::AwaitCheckpoint,
         Phase::Restoring if !v.started(STEP_RESTORE) => Step::StartRestore,
         Phase::Restoring => Step::AwaitRestore,
@@ -112,14 +118,18 @@ pub enum Outcome {
     Validated,
     TargetReady,
     /// The daemon operation runs; `transferring` once bytes flow to the target.
-    InProgress { transferring: bool },
+    InProgress {
+        transferring: bool,
+    },
     CheckpointDone,
     RestoreDone,
     Completed,
     /// A step failed after something was touched: roll back.
     StepFailed,
     /// Rollback finished; `retry` when the failure policy allows another attempt.
-    RolledBack { retry: bool },
+    RolledBack {
+        retry: bool,
+    },
     Cancelled,
 }
 
@@ -135,28 +145,52 @@ pub fn next(from: Option<Phase>, outcome: &Outcome) -> Result<Phase, IllegalTran
     use Outcome as O;
     use Phase as P;
     let to = match (from, outcome) {
-        (_, O::Cancelled) if !from.is_some_and(|p| p.is_terminal() || p == P::Completing) => P::Cancelled,
+        (_, O::Cancelled) if !from.is_some_and(|p| p.is_terminal() || p == P::Completing) => {
+            P::Cancelled
+        }
         (None, O::Initialized) => P::Pending,
         (Some(P::Pending), O::Invalid) => P::Failed,
         (Some(P::Pending), O::Validated) => P::Preparing,
         (Some(P::Preparing), O::TargetReady) => P::Checkpointing,
-        (Some(P::Checkpointing), O::InProgress { transferring: false }) => P::Checkpointing,
-        (Some(P::Checkpointing | P::Transferring), O::InProgress { transferring: true }) => P::Transferring,
-        (Some(P::Transferring), O::InProgress { transferring: false }) => P::Transferring,
+        (
+            Some(P::Checkpointing),
+            O::InProgress {
+                transferring: false,
+            },
+        ) => P::Checkpointing,
+        (Some(P::Checkpointing | P::Transferring), O::InProgress { transferring: true }) => {
+            P::Transferring
+        }
+        (
+            Some(P::Transferring),
+            O::InProgress {
+                transferring: false,
+            },
+        ) => P::Transferring,
         (Some(P::Checkpointing | P::Transferring), O::CheckpointDone) => P::Restoring,
         (Some(P::Restoring), O::InProgress { .. }) => P::Restoring,
         (Some(P::Restoring), O::RestoreDone) => P::Completing,
         (Some(P::Completing), O::InProgress { .. }) => P::Completing,
         (Some(P::Completing), O::Completed) => P::Succeeded,
         // A failure keeps the phase it happened in until the rollback finished.
-        (Some(p @ (P::Preparing | P::Checkpointing | P::Transferring | P::Restoring)), O::StepFailed) => p,
-        (Some(P::Preparing | P::Checkpointing | P::Transferring | P::Restoring), O::RolledBack { retry: true }) => {
-            P::Preparing
+        (
+            Some(p @ (P::Preparing | P::Checkpointing | P::Transferring | P::Restoring)),
+            O::StepFailed,
+        ) => p,
+        (
+            Some(P::Preparing | P::Checkpointing | P::Transferring | P::Restoring),
+            O::RolledBack { retry: true },
+        ) => P::Preparing,
+        (
+            Some(P::Preparing | P::Checkpointing | P::Transferring | P::Restoring),
+            O::RolledBack { retry: false },
+        ) => P::RolledBack,
+        _ => {
+            return Err(IllegalTransition {
+                from,
+                outcome: outcome.clone(),
+            });
         }
-        (Some(P::Preparing | P::Checkpointing | P::Transferring | P::Restoring), O::RolledBack { retry: false }) => {
-            P::RolledBack
-        }
-        _ => return Err(IllegalTransition { from, outcome: outcome.clone() }),
     };
     Ok(to)
 }
@@ -179,11 +213,31 @@ mod tests {
         let steps = [
             (None, Outcome::Initialized, Phase::Pending),
             (Some(Phase::Pending), Outcome::Validated, Phase::Preparing),
-            (Some(Phase::Preparing), Outcome::TargetReady, Phase::Checkpointing),
-            (Some(Phase::Checkpointing), Outcome::InProgress { transferring: true }, Phase::Transferring),
-            (Some(Phase::Transferring), Outcome::CheckpointDone, Phase::Restoring),
-            (Some(Phase::Restoring), Outcome::RestoreDone, Phase::Completing),
-            (Some(Phase::Completing), Outcome::Completed, Phase::Succeeded),
+            (
+                Some(Phase::Preparing),
+                Outcome::TargetReady,
+                Phase::Checkpointing,
+            ),
+            (
+                Some(Phase::Checkpointing),
+                Outcome::InProgress { transferring: true },
+                Phase::Transferring,
+            ),
+            (
+                Some(Phase::Transferring),
+                Outcome::CheckpointDone,
+                Phase::Restoring,
+            ),
+            (
+                Some(Phase::Restoring),
+                Outcome::RestoreDone,
+                Phase::Completing,
+            ),
+            (
+                Some(Phase::Completing),
+                Outcome::Completed,
+                Phase::Succeeded,
+            ),
         ];
         for (from, outcome, to) in steps {
             assert_eq!(next(from, &outcome), Ok(to), "{from:?} on {outcome:?}");
@@ -204,7 +258,13 @@ mod tests {
 
     #[test]
     fn deleting_cancels_unless_the_target_already_runs() {
-        for phase in [Phase::Pending, Phase::Preparing, Phase::Checkpointing, Phase::Transferring, Phase::Restoring] {
+        for phase in [
+            Phase::Pending,
+            Phase::Preparing,
+            Phase::Checkpointing,
+            Phase::Transferring,
+            Phase::Restoring,
+        ] {
             let mut v = view(Some(phase));
             v.deleting = true;
             assert_eq!(decide(&v), Step::Cancel, "{phase:?}");
@@ -222,16 +282,36 @@ mod tests {
         let mut v = view(Some(Phase::Restoring));
         v.failed = true;
         assert_eq!(decide(&v), Step::RollBack);
-        assert_eq!(next(Some(Phase::Restoring), &Outcome::StepFailed), Ok(Phase::Restoring));
-        assert_eq!(next(Some(Phase::Restoring), &Outcome::RolledBack { retry: true }), Ok(Phase::Preparing));
-        assert_eq!(next(Some(Phase::Restoring), &Outcome::RolledBack { retry: false }), Ok(Phase::RolledBack));
+        assert_eq!(
+            next(Some(Phase::Restoring), &Outcome::StepFailed),
+            Ok(Phase::Restoring)
+        );
+        assert_eq!(
+            next(Some(Phase::Restoring), &Outcome::RolledBack { retry: true }),
+            Ok(Phase::Preparing)
+        );
+        assert_eq!(
+            next(
+                Some(Phase::Restoring),
+                &Outcome::RolledBack { retry: false }
+            ),
+            Ok(Phase::RolledBack)
+        );
         // Invalid input fails at once: nothing to roll back.
-        assert_eq!(next(Some(Phase::Pending), &Outcome::Invalid), Ok(Phase::Failed));
+        assert_eq!(
+            next(Some(Phase::Pending), &Outcome::Invalid),
+            Ok(Phase::Failed)
+        );
     }
 
     #[test]
     fn terminal_phases_do_nothing_and_accept_no_outcome() {
-        for phase in [Phase::Succeeded, Phase::Failed, Phase::Cancelled, Phase::RolledBack] {
+        for phase in [
+            Phase::Succeeded,
+            Phase::Failed,
+            Phase::Cancelled,
+            Phase::RolledBack,
+        ] {
             assert_eq!(decide(&view(Some(phase))), Step::Done);
             assert!(next(Some(phase), &Outcome::Validated).is_err());
             assert!(next(Some(phase), &Outcome::StepFailed).is_err());

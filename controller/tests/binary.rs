@@ -18,7 +18,11 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -28,10 +32,27 @@ async fn the_binary_serves_health_and_metrics_and_explains_missing_daemons() -> 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-controller"));
     cmd.arg("--kubeconfig")
         .arg(&env().cluster("east").kubeconfig)
-        .args(["--namespace", &w.ns, "--watch-namespace", &w.ns, "--cluster-name", "east"])
-        .args(["--metrics-addr", &addr, "--lease-seconds", "3", "--identity", "bin-1"]);
+        .args([
+            "--namespace",
+            &w.ns,
+            "--watch-namespace",
+            &w.ns,
+            "--cluster-name",
+            "east",
+        ])
+        .args([
+            "--metrics-addr",
+            &addr,
+            "--lease-seconds",
+            "3",
+            "--identity",
+            "bin-1",
+        ]);
     let _controller = ChildGuard::spawn("ferry-controller", cmd)?;
-    wait_for(Duration::from_secs(30), "/healthz", || async { Ok(http_get(&addr, "/healthz")?.ends_with("ok")) }).await?;
+    wait_for(Duration::from_secs(30), "/healthz", || async {
+        Ok(http_get(&addr, "/healthz")?.ends_with("ok"))
+    })
+    .await?;
 
     w.pod("web").await?;
     w.migration(
@@ -41,10 +62,20 @@ async fn the_binary_serves_health_and_metrics_and_explains_missing_daemons() -> 
     let m = w.wait_phase("nodaemon", Phase::Failed).await?;
     let failure = m.status.unwrap().failure.unwrap();
     assert_eq!(failure.reason, "NotMigratable");
-    assert!(failure.message.contains("ferry.dev/node-daemon is missing"), "{}", failure.message);
+    assert!(
+        failure.message.contains("ferry.dev/node-daemon is missing"),
+        "{}",
+        failure.message
+    );
 
     let metrics = http_get(&addr, "/metrics")?;
-    assert!(metrics.contains("ferry_controller_reconciles_total"), "{metrics}");
-    assert!(metrics.contains(r#"ferry_controller_migrations_finished_total{phase="Failed"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains("ferry_controller_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ferry_controller_migrations_finished_total{phase="Failed"} 1"#),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -12,13 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn migration_yaml(name: &str, pod: &str, target: &str) -> String {
-    format!("apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec:\n  workload: {{pod: {pod}}}\n  target: {target}\n")
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec:\n  workload: {{pod: {pod}}}\n  target: {target}\n"
+    )
 }
 
 async fn events_for(world: &World, name: &str) -> Vec<Event> {
     let api: Api<Event> = Api::namespaced(world.east.clone(), &world.ns);
     let list = api.list(&ListParams::default()).await.unwrap();
-    list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(name)).collect()
+    list.items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .collect()
 }
 
 #[tokio::test]
@@ -27,45 +32,111 @@ async fn migration_walks_every_phase_and_reports_status_and_events() -> anyhow::
     let agent = Arc::new(ScriptedAgent::new(2));
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&migration_yaml("m1", "web", &format!("{{node: {}}}", w.node("east", 2)))).await?;
+    w.migration(&migration_yaml(
+        "m1",
+        "web",
+        &format!("{{node: {}}}", w.node("east", 2)),
+    ))
+    .await?;
     let m = w.wait_phase("m1", Phase::Succeeded).await?;
     let status = m.status.unwrap();
 
-    let phases: Vec<Phase> = status.timings.as_ref().unwrap().phases.iter().map(|p| p.phase).collect();
+    let phases: Vec<Phase> = status
+        .timings
+        .as_ref()
+        .unwrap()
+        .phases
+        .iter()
+        .map(|p| p.phase)
+        .collect();
     use Phase::*;
-    assert_eq!(phases, vec![Pending, Preparing, Checkpointing, Transferring, Restoring, Completing, Succeeded]);
+    assert_eq!(
+        phases,
+        vec![
+            Pending,
+            Preparing,
+            Checkpointing,
+            Transferring,
+            Restoring,
+            Completing,
+            Succeeded
+        ]
+    );
     let target = status.target.clone().unwrap();
     assert_eq!(target.display, format!("east/{}", w.node("east", 2)));
-    assert_eq!(status.timings.as_ref().unwrap().downtime.as_deref(), Some("42ms"), "downtime from the daemon");
+    assert_eq!(
+        status.timings.as_ref().unwrap().downtime.as_deref(),
+        Some("42ms"),
+        "downtime from the daemon"
+    );
     assert_eq!(status.progress.as_ref().unwrap().display, "1Gi/1Gi (100%)");
     assert_eq!(status.observed_generation, m.metadata.generation);
-    let cond = status.conditions.iter().find(|c| c.type_ == "Succeeded").unwrap();
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .unwrap();
     assert_eq!(cond.status, "True");
 
     // The workload moved: the source Pod is gone, the target Pod runs on the target node.
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), &w.ns);
     assert!(pods.get_opt("web").await?.is_none(), "source pod removed");
     let moved = pods.get(&target.pod).await?;
-    assert_eq!(moved.spec.as_ref().unwrap().node_name.as_deref(), Some(w.node("east", 2).as_str()));
-    assert_eq!(moved.annotations().get(MIGRATION_ANNOTATION), m.metadata.uid.as_ref());
+    assert_eq!(
+        moved.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(w.node("east", 2).as_str())
+    );
+    assert_eq!(
+        moved.annotations().get(MIGRATION_ANNOTATION),
+        m.metadata.uid.as_ref()
+    );
 
     // Each daemon step ran once, on the right node.
-    for call in [Call::PrepareReceiver, Call::StartCheckpoint, Call::StartRestore, Call::Finalize] {
+    for call in [
+        Call::PrepareReceiver,
+        Call::StartCheckpoint,
+        Call::StartRestore,
+        Call::Finalize,
+    ] {
         assert_eq!(agent.count(call), 1, "{call:?}");
     }
-    let on = |call| agent.calls().into_iter().find(|(c, _)| *c == call).unwrap().1.node;
+    let on = |call| {
+        agent
+            .calls()
+            .into_iter()
+            .find(|(c, _)| *c == call)
+            .unwrap()
+            .1
+            .node
+    };
     assert_eq!(on(Call::StartCheckpoint), w.node("east", 1));
     assert_eq!(on(Call::StartRestore), w.node("east", 2));
 
-    let reasons: Vec<String> = events_for(&w, "m1").await.into_iter().filter_map(|e| e.reason).collect();
-    for phase in ["Pending", "Preparing", "Checkpointing", "Transferring", "Restoring", "Completing", "Succeeded"] {
-        assert!(reasons.iter().any(|r| r == phase), "no {phase} event in {reasons:?}");
+    let reasons: Vec<String> = events_for(&w, "m1")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for phase in [
+        "Pending",
+        "Preparing",
+        "Checkpointing",
+        "Transferring",
+        "Restoring",
+        "Completing",
+        "Succeeded",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == phase),
+            "no {phase} event in {reasons:?}"
+        );
     }
     Ok(())
 }
 
 #[tokio::test]
-async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() -> anyhow::Result<()> {
+async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() -> anyhow::Result<()>
+{
     let w = World::new("cli").await?;
     let env = env();
     let bad = format!(
@@ -73,38 +144,92 @@ async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() ->
         w.ns
     );
     let file = tempfile_with(&bad)?;
-    let out = env.kubectl("east").args(["apply", "-f"]).arg(file.path()).output()?;
+    let out = env
+        .kubectl("east")
+        .args(["apply", "-f"])
+        .arg(file.path())
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "invalid Migration accepted");
-    assert!(stderr.contains("spec.timeouts.completionSeconds"), "{stderr}");
-    assert!(stderr.contains("transfer.objectStore (bucket and credentials) is required"), "{stderr}");
+    assert!(
+        stderr.contains("spec.timeouts.completionSeconds"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("transfer.objectStore (bucket and credentials) is required"),
+        "{stderr}"
+    );
 
     // The examples in the docs are valid as written.
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
-    let out = env.kubectl("east").args(["apply", "--dry-run=server", "-n", &w.ns, "-f", examples]).output()?;
-    assert!(out.status.success(), "examples rejected: {}", String::from_utf8_lossy(&out.stderr));
+    let out = env
+        .kubectl("east")
+        .args(["apply", "--dry-run=server", "-n", &w.ns, "-f", examples])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "examples rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Once started, the spec is frozen.
     let agent = Arc::new(ScriptedAgent::new(2));
     agent.hold(Call::StartCheckpoint);
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&migration_yaml("m1", "web", &format!("{{node: {}}}", w.node("east", 2)))).await?;
+    w.migration(&migration_yaml(
+        "m1",
+        "web",
+        &format!("{{node: {}}}", w.node("east", 2)),
+    ))
+    .await?;
     w.wait_phase("m1", Phase::Transferring).await?;
     let out = env
         .kubectl("east")
-        .args(["-n", &w.ns, "patch", "mig", "m1", "--type=merge", "-p", r#"{"spec":{"strategy":"Cold"}}"#])
+        .args([
+            "-n",
+            &w.ns,
+            "patch",
+            "mig",
+            "m1",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"strategy":"Cold"}}"#,
+        ])
         .output()?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("spec cannot change once the migration has started"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("spec cannot change once the migration has started")
+    );
 
-    let out = env.kubectl("east").args(["-n", &w.ns, "get", "mig"]).output()?;
+    let out = env
+        .kubectl("east")
+        .args(["-n", &w.ns, "get", "mig"])
+        .output()?;
     let table = String::from_utf8_lossy(&out.stdout);
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PHASE", "WORKLOAD", "TARGET", "PROGRESS", "DOWNTIME", "AGE"], "{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "PHASE", "WORKLOAD", "TARGET", "PROGRESS", "DOWNTIME", "AGE"
+        ],
+        "{table}"
+    );
     let row = table.lines().nth(1).unwrap_or_default();
-    assert!(row.starts_with("m1") && row.contains("Transferring") && row.contains("web"), "{table}");
-    assert!(row.contains(&format!("east/{}", w.node("east", 2))), "{table}");
+    assert!(
+        row.starts_with("m1") && row.contains("Transferring") && row.contains("web"),
+        "{table}"
+    );
+    assert!(
+        row.contains(&format!("east/{}", w.node("east", 2))),
+        "{table}"
+    );
     Ok(())
 }
 
@@ -123,16 +248,33 @@ async fn moves_a_pod_to_a_linked_cluster() -> anyhow::Result<()> {
     let _c = w.controller("a", agent.clone());
     w.pod("db").await?;
     // Nodes are cluster-scoped and other tests add theirs: name ours.
-    w.migration(&migration_yaml("m1", "db", &format!("{{cluster: west, node: {}}}", w.node("west", 2)))).await?;
+    w.migration(&migration_yaml(
+        "m1",
+        "db",
+        &format!("{{cluster: west, node: {}}}", w.node("west", 2)),
+    ))
+    .await?;
     let m = w.wait_phase("m1", Phase::Succeeded).await?;
     let target = m.status.unwrap().target.unwrap();
     assert_eq!(target.cluster.as_deref(), Some("west"));
     // The Pod now exists in the other apiserver, on one of its nodes, under the same name.
-    let west_pod = Api::<Pod>::namespaced(w.west.clone(), &w.ns).get("db").await?;
+    let west_pod = Api::<Pod>::namespaced(w.west.clone(), &w.ns)
+        .get("db")
+        .await?;
     let node = west_pod.spec.unwrap().node_name.unwrap();
     assert_eq!(node, w.node("west", 2));
-    assert!(Api::<Pod>::namespaced(w.east.clone(), &w.ns).get_opt("db").await?.is_none());
-    let restore_on = agent.calls().into_iter().find(|(c, _)| *c == Call::StartRestore).unwrap().1;
+    assert!(
+        Api::<Pod>::namespaced(w.east.clone(), &w.ns)
+            .get_opt("db")
+            .await?
+            .is_none()
+    );
+    let restore_on = agent
+        .calls()
+        .into_iter()
+        .find(|(c, _)| *c == Call::StartRestore)
+        .unwrap()
+        .1;
     assert_eq!(restore_on.cluster.as_deref(), Some("west"));
     Ok(())
 }
@@ -145,10 +287,34 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
     w.pod("web").await?;
     let same_node = format!("{{node: {}}}", w.node("east", 1));
     let cases = [
-        ("missing", "nope", "{}", "PodNotFound", "pod invalid/nope not found"),
-        ("unknown", "web", "{cluster: mars}", "UnknownCluster", "unknown cluster \"mars\""),
-        ("samenode", "web", same_node.as_str(), "SameNode", "already runs on node"),
-        ("nonode", "web", "{node: ghost}", "NodeNotFound", "node \"ghost\" not found"),
+        (
+            "missing",
+            "nope",
+            "{}",
+            "PodNotFound",
+            "pod invalid/nope not found",
+        ),
+        (
+            "unknown",
+            "web",
+            "{cluster: mars}",
+            "UnknownCluster",
+            "unknown cluster \"mars\"",
+        ),
+        (
+            "samenode",
+            "web",
+            same_node.as_str(),
+            "SameNode",
+            "already runs on node",
+        ),
+        (
+            "nonode",
+            "web",
+            "{node: ghost}",
+            "NodeNotFound",
+            "node \"ghost\" not found",
+        ),
     ];
     for (name, pod, target, _, _) in &cases {
         w.migration(&migration_yaml(name, pod, target)).await?;
@@ -157,11 +323,20 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
         let m = w.wait_phase(name, Phase::Failed).await?;
         let failure = m.status.unwrap().failure.unwrap();
         assert_eq!(failure.reason, reason, "{name}");
-        assert!(failure.message.contains(message), "{name}: {}", failure.message);
+        assert!(
+            failure.message.contains(message),
+            "{name}: {}",
+            failure.message
+        );
     }
     // Nothing was started at any daemon and the workload is where it was.
-    assert_eq!(agent.count(Call::PrepareReceiver) + agent.count(Call::StartCheckpoint), 0);
-    let pods = Api::<Pod>::namespaced(w.east.clone(), &w.ns).list(&ListParams::default()).await?;
+    assert_eq!(
+        agent.count(Call::PrepareReceiver) + agent.count(Call::StartCheckpoint),
+        0
+    );
+    let pods = Api::<Pod>::namespaced(w.east.clone(), &w.ns)
+        .list(&ListParams::default())
+        .await?;
     assert_eq!(pods.items.len(), 1);
     Ok(())
 }
@@ -170,25 +345,58 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
 async fn a_liqo_peer_without_ferry_credentials_is_refused_with_the_fix() -> anyhow::Result<()> {
     let w = World::new("liqo").await?;
     let env = env();
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/liqo-foreigncluster-crd.yaml");
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/liqo-foreigncluster-crd.yaml"
+    );
     let out = env.kubectl("east").args(["apply", "-f", crd]).output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.kubectl("east")
-        .args(["wait", "--for=condition=Established", "crd/foreignclusters.core.liqo.io", "--timeout=60s"])
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd/foreignclusters.core.liqo.io",
+            "--timeout=60s",
+        ])
         .status()?;
     let fc = tempfile_with(
         "apiVersion: core.liqo.io/v1beta1\nkind: ForeignCluster\nmetadata: {name: west-peer}\nspec: {clusterID: west-peer}\n",
     )?;
-    let out = env.kubectl("east").args(["apply", "-f"]).arg(fc.path()).output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env
+        .kubectl("east")
+        .args(["apply", "-f"])
+        .arg(fc.path())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let agent = Arc::new(ScriptedAgent::new(2));
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&migration_yaml("m1", "web", "{cluster: west-peer}")).await?;
-    let failure = w.wait_phase("m1", Phase::Failed).await?.status.unwrap().failure.unwrap();
+    w.migration(&migration_yaml("m1", "web", "{cluster: west-peer}"))
+        .await?;
+    let failure = w
+        .wait_phase("m1", Phase::Failed)
+        .await?
+        .status
+        .unwrap()
+        .failure
+        .unwrap();
     assert_eq!(failure.reason, "NoClusterCredentials");
-    assert!(failure.message.contains("labelled ferry.dev/cluster=west-peer"), "{}", failure.message);
+    assert!(
+        failure
+            .message
+            .contains("labelled ferry.dev/cluster=west-peer"),
+        "{}",
+        failure.message
+    );
     Ok(())
 }
 
@@ -203,22 +411,45 @@ async fn deleting_mid_flight_cancels_and_keeps_the_source() -> anyhow::Result<()
     let m = w.wait_phase("m1", Phase::Transferring).await?;
     let target_pod = m.status.unwrap().target.unwrap().pod;
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), &w.ns);
-    assert!(pods.get_opt(&target_pod).await?.is_some(), "target pod exists mid-flight");
+    assert!(
+        pods.get_opt(&target_pod).await?.is_some(),
+        "target pod exists mid-flight"
+    );
 
-    w.migrations().delete("m1", &DeleteParams::default()).await?;
-    wait_for(Duration::from_secs(30), "Migration gone (finalizer removed)", || async {
-        Ok(w.migrations().get_opt("m1").await?.is_none())
-    })
+    w.migrations()
+        .delete("m1", &DeleteParams::default())
+        .await?;
+    wait_for(
+        Duration::from_secs(30),
+        "Migration gone (finalizer removed)",
+        || async { Ok(w.migrations().get_opt("m1").await?.is_none()) },
+    )
     .await?;
-    let reasons: Vec<String> = events_for(&w, "m1").await.into_iter().filter_map(|e| e.reason).collect();
+    let reasons: Vec<String> = events_for(&w, "m1")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     assert!(reasons.iter().any(|r| r == "Cancelled"), "{reasons:?}");
     let cancelled: Vec<Event> = events_for(&w, "m1").await;
-    assert!(cancelled.iter().all(|e| e.involved_object.uid == created.metadata.uid));
+    assert!(
+        cancelled
+            .iter()
+            .all(|e| e.involved_object.uid == created.metadata.uid)
+    );
     // The source keeps running; the target copy is gone; both daemons were told.
     assert!(pods.get_opt("web").await?.is_some());
     assert!(pods.get_opt(&target_pod).await?.is_none());
-    let aborts: Vec<String> = agent.calls().into_iter().filter(|(c, _)| *c == Call::Abort).map(|(_, n)| n.node).collect();
-    assert!(aborts.contains(&w.node("east", 1)) && aborts.contains(&w.node("east", 2)), "{aborts:?}");
+    let aborts: Vec<String> = agent
+        .calls()
+        .into_iter()
+        .filter(|(c, _)| *c == Call::Abort)
+        .map(|(_, n)| n.node)
+        .collect();
+    assert!(
+        aborts.contains(&w.node("east", 1)) && aborts.contains(&w.node("east", 2)),
+        "{aborts:?}"
+    );
     Ok(())
 }
 
@@ -236,8 +467,17 @@ async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> an
     let _second = w.controller("a", agent.clone());
     agent.release(Call::StartRestore);
     w.wait_phase("m1", Phase::Succeeded).await?;
-    for call in [Call::PrepareReceiver, Call::StartCheckpoint, Call::StartRestore, Call::Finalize] {
-        assert_eq!(agent.count(call), 1, "{call:?} started again after the restart");
+    for call in [
+        Call::PrepareReceiver,
+        Call::StartCheckpoint,
+        Call::StartRestore,
+        Call::Finalize,
+    ] {
+        assert_eq!(
+            agent.count(call),
+            1,
+            "{call:?} started again after the restart"
+        );
     }
     Ok(())
 }
@@ -246,10 +486,14 @@ async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> an
 async fn a_failed_restore_rolls_back_then_retries_by_policy() -> anyhow::Result<()> {
     let w = World::new("rollback").await?;
     let agent = Arc::new(ScriptedAgent::new(2));
-    agent.fail(Call::StartRestore, "corrupted bundle: checksum mismatch at byte 4096");
+    agent.fail(
+        Call::StartRestore,
+        "corrupted bundle: checksum mismatch at byte 4096",
+    );
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&(migration_yaml("m1", "web", "{}") + "  failurePolicy: {maxRetries: 1}\n")).await?;
+    w.migration(&(migration_yaml("m1", "web", "{}") + "  failurePolicy: {maxRetries: 1}\n"))
+        .await?;
     let m = w.wait_phase("m1", Phase::RolledBack).await?;
     let status = m.status.unwrap();
     let failure = status.failure.unwrap();
@@ -258,8 +502,14 @@ async fn a_failed_restore_rolls_back_then_retries_by_policy() -> anyhow::Result<
     assert!(failure.rolled_back);
     assert_eq!(status.attempts, 1, "one retry, then give up");
     assert_eq!(agent.count(Call::StartRestore), 2);
-    assert_eq!(agent.count(Call::Finalize), 0, "the source was never removed");
-    let pods = Api::<Pod>::namespaced(w.east.clone(), &w.ns).list(&ListParams::default()).await?;
+    assert_eq!(
+        agent.count(Call::Finalize),
+        0,
+        "the source was never removed"
+    );
+    let pods = Api::<Pod>::namespaced(w.east.clone(), &w.ns)
+        .list(&ListParams::default())
+        .await?;
     let names: Vec<String> = pods.items.iter().map(|p| p.name_any()).collect();
     assert_eq!(names, ["web"], "only the source pod remains");
     Ok(())
@@ -278,14 +528,28 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     w.wait_phase("m1", Phase::Succeeded).await?;
     assert!(a.reconciles() > 0, "the first replica leads");
     assert_eq!(b.reconciles(), 0, "the standby replica must not act");
-    let instances: Vec<Option<String>> = events_for(&w, "m1").await.into_iter().map(|e| e.reporting_instance).collect();
-    assert!(instances.iter().all(|i| i.as_deref() == Some("replica-a")), "{instances:?}");
+    let instances: Vec<Option<String>> = events_for(&w, "m1")
+        .await
+        .into_iter()
+        .map(|e| e.reporting_instance)
+        .collect();
+    assert!(
+        instances.iter().all(|i| i.as_deref() == Some("replica-a")),
+        "{instances:?}"
+    );
 
     drop(a); // the leader dies; its Lease expires and the standby takes over
     w.migration(&migration_yaml("m2", "api", "{}")).await?;
     w.wait_phase("m2", Phase::Succeeded).await?;
     assert!(b.reconciles() > 0);
-    let instances: Vec<Option<String>> = events_for(&w, "m2").await.into_iter().map(|e| e.reporting_instance).collect();
-    assert!(instances.iter().all(|i| i.as_deref() == Some("replica-b")), "{instances:?}");
+    let instances: Vec<Option<String>> = events_for(&w, "m2")
+        .await
+        .into_iter()
+        .map(|e| e.reporting_instance)
+        .collect();
+    assert!(
+        instances.iter().all(|i| i.as_deref() == Some("replica-b")),
+        "{instances:?}"
+    );
     Ok(())
 }

@@ -158,7 +158,10 @@ fn default_progress() -> u32 {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { completion_seconds: default_completion(), progress_seconds: default_progress() }
+        Timeouts {
+            completion_seconds: default_completion(),
+            progress_seconds: default_progress(),
+        }
     }
 }
 
@@ -224,7 +227,10 @@ pub enum Phase {
 
 impl Phase {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::RolledBack)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::RolledBack
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {

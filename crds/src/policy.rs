@@ -17,10 +17,18 @@ use crate::Strategy;
     shortname = "migpol",
     doc = "MigrationPolicy sets defaults and the drain behaviour for the Migrations of the Pods it selects.",
     category = "ferry",
-    printcolumn(name = "Eviction", type_ = "string", json_path = ".spec.evictionStrategy"),
+    printcolumn(
+        name = "Eviction",
+        type_ = "string",
+        json_path = ".spec.evictionStrategy"
+    ),
     printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.strategy"),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationPolicySpec {

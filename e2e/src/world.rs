@@ -55,14 +55,25 @@ async fn apply_crds(env: &TestEnv, cluster: &str) -> Result<()> {
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/crds.yaml");
     let out = env.kubectl(cluster).args(["apply", "-f", crds]).output()?;
     if !out.status.success() {
-        bail!("installing CRDs in {cluster}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "installing CRDs in {cluster}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = env
         .kubectl(cluster)
-        .args(["wait", "--for=condition=Established", "crd/migrations.ferry.dev", "--timeout=60s"])
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "crd/migrations.ferry.dev",
+            "--timeout=60s",
+        ])
         .output()?;
     if !out.status.success() {
-        bail!("CRD not established in {cluster}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "CRD not established in {cluster}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -78,7 +89,9 @@ impl World {
             apply_crds(&env, name).await?;
             for ns in [NAMESPACE, CONTROLLER_NAMESPACE] {
                 let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-                Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &obj).await?;
+                Api::<Namespace>::all(client.clone())
+                    .create(&PostParams::default(), &obj)
+                    .await?;
             }
         }
         let kubeconfig = std::fs::read_to_string(&env.cluster("west").kubeconfig)?;
@@ -86,7 +99,9 @@ impl World {
             "metadata": {"name": "cluster-west", "labels": {"ferry.dev/cluster": "west"}},
             "stringData": {"kubeconfig": kubeconfig}
         }))?;
-        Api::<Secret>::namespaced(east.clone(), CONTROLLER_NAMESPACE).create(&PostParams::default(), &secret).await?;
+        Api::<Secret>::namespaced(east.clone(), CONTROLLER_NAMESPACE)
+            .create(&PostParams::default(), &secret)
+            .await?;
 
         let lan = Lan::create()?;
         let daemon_bin = ferry_testkit::workspace_bin("ferry-node")?;
@@ -95,22 +110,47 @@ impl World {
         std::fs::create_dir_all(&base)?;
         let mut nodes = vec![];
         for (cluster, name) in [("east", "east-1"), ("east", "east-2"), ("west", "west-1")] {
-            let daemon = Daemon::start(&lan, name, &base, &daemon_bin, &format!("/{}/{name}", cgroup.0))?;
+            let daemon = Daemon::start(
+                &lan,
+                name,
+                &base,
+                &daemon_bin,
+                &format!("/{}/{name}", cgroup.0),
+            )?;
             let client = if cluster == "east" { &east } else { &west };
             kubelet::register_node(client, name, &[]).await?;
             let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: daemon.endpoint}}});
-            Api::<Node>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            nodes.push(SimNode { cluster: cluster.into(), name: name.into(), daemon });
+            Api::<Node>::all(client.clone())
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            nodes.push(SimNode {
+                cluster: cluster.into(),
+                name: name.into(),
+                daemon,
+            });
         }
         let kubelets = vec![
             kubelet::spawn(east.clone(), vec!["east-1".into(), "east-2".into()]),
             kubelet::spawn(west.clone(), vec!["west-1".into()]),
         ];
-        Ok(World { env, east, west, nodes, base, cgroup, kubelets, controller: None, _lan: lan })
+        Ok(World {
+            env,
+            east,
+            west,
+            nodes,
+            base,
+            cgroup,
+            kubelets,
+            controller: None,
+            _lan: lan,
+        })
     }
 
     pub fn node(&self, name: &str) -> &SimNode {
-        self.nodes.iter().find(|n| n.name == name).expect("known node")
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("known node")
     }
 
     /// Runs the controller for east in this process, with the gRPC agent.
@@ -118,7 +158,11 @@ impl World {
         let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "demo-controller");
         settings.poll_interval = Duration::from_millis(100);
         let clusters = Arc::new(Clusters::new(self.east.clone(), CONTROLLER_NAMESPACE));
-        let ctx = ferry_controller::context(self.east.clone(), Arc::new(GrpcAgent::new(clusters)), &settings);
+        let ctx = ferry_controller::context(
+            self.east.clone(),
+            Arc::new(GrpcAgent::new(clusters)),
+            &settings,
+        );
         self.controller = Some(tokio::spawn(async move {
             ferry_controller::run_with_leader_election(ctx, &settings).await;
         }));
@@ -132,9 +176,19 @@ impl World {
         }))?;
         let pods: Api<Pod> = Api::namespaced(self.east.clone(), NAMESPACE);
         let pod = pods.create(&PostParams::default(), &pod).await?;
-        let labels = PodLabels { namespace: NAMESPACE.into(), name: name.into(), uid: pod.uid().unwrap_or_default() };
+        let labels = PodLabels {
+            namespace: NAMESPACE.into(),
+            name: name.into(),
+            uid: pod.uid().unwrap_or_default(),
+        };
         let bundle = self.base.join(format!("bundle-{name}"));
-        write_bundle(&bundle, &labels, "app", script, &format!("/{}/east-1-src/{name}", self.cgroup.0))?;
+        write_bundle(
+            &bundle,
+            &labels,
+            "app",
+            script,
+            &format!("/{}/east-1-src/{name}", self.cgroup.0),
+        )?;
         let node = &self.node("east-1").daemon;
         node.runc.run(&node.node, &bundle, &format!("{name}-app"))?;
         for _ in 0..100 {
@@ -160,7 +214,12 @@ impl World {
     }
 
     /// Follows a Migration until it is terminal, calling `on_change` at each new phase.
-    pub async fn follow(&self, name: &str, timeout: Duration, mut on_change: impl FnMut(&Migration)) -> Result<Migration> {
+    pub async fn follow(
+        &self,
+        name: &str,
+        timeout: Duration,
+        mut on_change: impl FnMut(&Migration),
+    ) -> Result<Migration> {
         let api: Api<Migration> = Api::namespaced(self.east.clone(), NAMESPACE);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = None;
@@ -175,7 +234,10 @@ impl World {
                 return Ok(m);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("migration {name} not finished after {timeout:?}: {:?}", m.status);
+                bail!(
+                    "migration {name} not finished after {timeout:?}: {:?}",
+                    m.status
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -12,7 +12,11 @@ const COUNTER: &str = "exec >/dev/null 2>/dev/null </dev/null; nc -l -p 8080 & e
      i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
 
 fn counts(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -29,26 +33,69 @@ async fn a_container_moves_to_another_cluster_and_keeps_counting() -> anyhow::Re
         )
         .await?;
     let mut seen = vec![];
-    let done = w.follow("counter", Duration::from_secs(120), |m| seen.push(m.status.as_ref().and_then(|s| s.phase))).await?;
+    let done = w
+        .follow("counter", Duration::from_secs(120), |m| {
+            seen.push(m.status.as_ref().and_then(|s| s.phase))
+        })
+        .await?;
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, Some(Phase::Succeeded), "{:?}", status.failure);
     assert!(seen.contains(&Some(Phase::Restoring)), "{seen:?}");
 
     // Where the source stopped writing is where the destination continues.
-    let at_cut = *counts(&w.bundle_dir("counter").join("rootfs/data/count.log")).last().unwrap();
+    let at_cut = *counts(&w.bundle_dir("counter").join("rootfs/data/count.log"))
+        .last()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     let uid = m.metadata.uid.unwrap();
-    let dst_log = w.node("west-1").daemon.state_dir.join(&uid).join("app/rootfs/data/count.log");
+    let dst_log = w
+        .node("west-1")
+        .daemon
+        .state_dir
+        .join(&uid)
+        .join("app/rootfs/data/count.log");
     let after = counts(&dst_log);
-    assert!(after.len() > 3, "destination log {} has {:?}", dst_log.display(), after);
-    assert!(after.windows(2).all(|p| p[1] == p[0] + 1), "counter lines contiguous: offset kept");
-    assert!(*after.last().unwrap() > at_cut + 3, "counter continues past {at_cut}: {:?}", after.last());
+    assert!(
+        after.len() > 3,
+        "destination log {} has {:?}",
+        dst_log.display(),
+        after
+    );
+    assert!(
+        after.windows(2).all(|p| p[1] == p[0] + 1),
+        "counter lines contiguous: offset kept"
+    );
+    assert!(
+        *after.last().unwrap() > at_cut + 3,
+        "counter continues past {at_cut}: {:?}",
+        after.last()
+    );
 
     // Exactly one copy: gone from east (object and container), running in west.
-    assert!(Api::<Pod>::namespaced(w.east.clone(), NAMESPACE).get_opt("counter").await?.is_none());
-    assert!(Api::<Pod>::namespaced(w.west.clone(), NAMESPACE).get_opt("counter").await?.is_some());
-    assert!(w.node("east-1").daemon.runc.list()?.is_empty(), "source container removed");
-    let running: Vec<_> = w.node("west-1").daemon.runc.list()?.into_iter().filter(|c| c["status"] == "running").collect();
+    assert!(
+        Api::<Pod>::namespaced(w.east.clone(), NAMESPACE)
+            .get_opt("counter")
+            .await?
+            .is_none()
+    );
+    assert!(
+        Api::<Pod>::namespaced(w.west.clone(), NAMESPACE)
+            .get_opt("counter")
+            .await?
+            .is_some()
+    );
+    assert!(
+        w.node("east-1").daemon.runc.list()?.is_empty(),
+        "source container removed"
+    );
+    let running: Vec<_> = w
+        .node("west-1")
+        .daemon
+        .runc
+        .list()?
+        .into_iter()
+        .filter(|c| c["status"] == "running")
+        .collect();
     assert_eq!(running.len(), 1, "one container runs at the target");
 
     let timings = status.timings.unwrap();

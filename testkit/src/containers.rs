@@ -11,10 +11,19 @@ use std::time::{Duration, Instant};
 
 /// CRIU built by scripts/install-criu.sh (Debian 12's own CRIU does not work here).
 pub fn criu() -> Result<PathBuf> {
-    let p = std::env::var_os("FERRY_CRIU").map(PathBuf::from).unwrap_or_else(|| "/usr/local/sbin/criu".into());
-    let ok = Command::new(&p).arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let p = std::env::var_os("FERRY_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/sbin/criu".into());
+    let ok = Command::new(&p)
+        .arg("check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     if !matches!(ok, Ok(s) if s.success()) {
-        bail!("CRIU 4.x not usable at {} (`criu check` fails): run scripts/install-criu.sh", p.display());
+        bail!(
+            "CRIU 4.x not usable at {} (`criu check` fails): run scripts/install-criu.sh",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -32,7 +41,8 @@ pub fn busybox_rootfs(dir: &Path) -> Result<()> {
     for d in ["bin", "proc", "dev", "tmp", "data"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying /bin/busybox (install busybox-static)")?;
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("copying /bin/busybox (install busybox-static)")?;
     for app in ["sh", "sleep", "usleep", "nc", "echo", "cat", "seq"] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(app))?;
     }
@@ -41,9 +51,18 @@ pub fn busybox_rootfs(dir: &Path) -> Result<()> {
 
 /// An OCI bundle at `dir` running `script` under `sh -c`, annotated as container `name`
 /// of `pod` the way the CRI does, in cgroup `cgroup`.
-pub fn write_bundle(dir: &Path, pod: &PodLabels, name: &str, script: &str, cgroup: &str) -> Result<()> {
+pub fn write_bundle(
+    dir: &Path,
+    pod: &PodLabels,
+    name: &str,
+    script: &str,
+    cgroup: &str,
+) -> Result<()> {
     busybox_rootfs(&dir.join("rootfs"))?;
-    let out = Command::new("runc").args(["spec", "--bundle"]).arg(dir).output()?;
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(dir)
+        .output()?;
     if !out.status.success() {
         bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -63,7 +82,12 @@ pub fn write_bundle(dir: &Path, pod: &PodLabels, name: &str, script: &str, cgrou
     let keep = ["/proc", "/dev", "/dev/pts", "/dev/shm"];
     let mounts: Vec<serde_json::Value> = c["mounts"]
         .as_array()
-        .map(|ms| ms.iter().filter(|m| keep.contains(&m["destination"].as_str().unwrap_or(""))).cloned().collect())
+        .map(|ms| {
+            ms.iter()
+                .filter(|m| keep.contains(&m["destination"].as_str().unwrap_or("")))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     c["mounts"] = mounts.into();
     std::fs::write(&path, serde_json::to_vec_pretty(&c)?)?;
@@ -82,8 +106,13 @@ pub fn runc_list(root: &Path) -> Result<Vec<serde_json::Value>> {
     if !root.exists() {
         return Ok(Vec::new());
     }
-    let out = Command::new("runc").arg("--root").arg(root).args(["list", "--format", "json"]).output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "--format", "json"])
+        .output()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
@@ -118,7 +147,11 @@ impl Drop for RuncRoot {
     fn drop(&mut self) {
         for c in runc_list(&self.root).unwrap_or_default() {
             if let Some(id) = c["id"].as_str() {
-                let _ = Command::new("runc").arg("--root").arg(&self.root).args(["delete", "--force", id]).output();
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.root)
+                    .args(["delete", "--force", id])
+                    .output();
             }
         }
     }
@@ -134,7 +167,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(lan: &Lan, label: &str, base: &Path, daemon_bin: &Path, cgroup_prefix: &str) -> Result<Daemon> {
+    pub fn start(
+        lan: &Lan,
+        label: &str,
+        base: &Path,
+        daemon_bin: &Path,
+        cgroup_prefix: &str,
+    ) -> Result<Daemon> {
         let criu = criu()?;
         let node = lan.add_node(label)?;
         let runc_root = base.join(format!("runc-{label}"));
@@ -159,13 +198,21 @@ impl Daemon {
         let child = ChildGuard::spawn(&format!("ferry-node-{label}"), cmd)?;
         let addr = format!("{}:7070", node.ip());
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err() {
+        while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200))
+            .is_err()
+        {
             if Instant::now() > deadline {
                 bail!("ferry-node on {label} not listening on {addr} after 20 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Daemon { node, runc: RuncRoot { root: runc_root }, state_dir, endpoint: format!("http://{addr}"), _child: child })
+        Ok(Daemon {
+            node,
+            runc: RuncRoot { root: runc_root },
+            state_dir,
+            endpoint: format!("http://{addr}"),
+            _child: child,
+        })
     }
 }
 
@@ -191,7 +238,11 @@ impl Drop for CgroupGuard {
             }
         }
         rmdir_tree(&Path::new("/sys/fs/cgroup").join(&self.0));
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             rmdir_tree(&ctrl.path().join(&self.0));
         }
     }

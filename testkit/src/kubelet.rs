@@ -12,10 +12,16 @@ use serde_json::json;
 use std::collections::BTreeMap;
 
 /// Creates a Ready, schedulable Node with the given labels.
-pub async fn register_node(client: &kube::Client, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+pub async fn register_node(
+    client: &kube::Client,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut all: BTreeMap<String, String> =
-        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut all: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     all.insert("kubernetes.io/hostname".into(), name.into());
     let node: Node = serde_json::from_value(json!({
         "metadata": { "name": name, "labels": all },
@@ -29,7 +35,9 @@ pub async fn register_node(client: &kube::Client, name: &str, labels: &[(&str, &
         "capacity": { "cpu": "2", "memory": "8Gi", "pods": "110" },
         "allocatable": { "cpu": "2", "memory": "8Gi", "pods": "110" },
     }});
-    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
     Ok(())
 }
 
@@ -46,8 +54,10 @@ pub async fn set_pod_running(client: &kube::Client, pod: &Pod) -> Result<()> {
         .unwrap_or_default();
     let statuses: Vec<_> = containers
         .iter()
-        .map(|c| json!({ "name": c, "ready": true, "restartCount": 0, "image": "test", "imageID": "",
-                          "state": { "running": { "startedAt": now } } }))
+        .map(|c| {
+            json!({ "name": c, "ready": true, "restartCount": 0, "image": "test", "imageID": "",
+                          "state": { "running": { "startedAt": now } } })
+        })
         .collect();
     let status = json!({ "status": {
         "phase": "Running",
@@ -55,7 +65,8 @@ pub async fn set_pod_running(client: &kube::Client, pod: &Pod) -> Result<()> {
         "containerStatuses": statuses,
         "startTime": now,
     }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
     Ok(())
 }
 
@@ -70,7 +81,11 @@ pub fn spawn(client: kube::Client, nodes: Vec<String>) -> tokio::task::JoinHandl
                 let client = client.clone();
                 let nodes = nodes.clone();
                 async move {
-                    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                    let node = pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default();
                     if !nodes.contains(&node) {
                         return Ok(());
                     }
@@ -78,11 +93,14 @@ pub fn spawn(client: kube::Client, nodes: Vec<String>) -> tokio::task::JoinHandl
                     let name = pod.metadata.name.clone().unwrap_or_default();
                     if pod.metadata.deletion_timestamp.is_some() {
                         let api: Api<Pod> = Api::namespaced(client, &ns);
-                        let _ = api.delete(&name, &DeleteParams::default().grace_period(0)).await;
-                    } else if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
-                        if let Err(e) = set_pod_running(&client, &pod).await {
-                            tracing::warn!(pod = %name, "test kubelet: {e:#}");
-                        }
+                        let _ = api
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await;
+                    } else if pod.status.as_ref().and_then(|s| s.phase.as_deref())
+                        != Some("Running")
+                        && let Err(e) = set_pod_running(&client, &pod).await
+                    {
+                        tracing::warn!(pod = %name, "test kubelet: {e:#}");
                     }
                     Ok(())
                 }

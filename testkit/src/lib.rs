@@ -3,11 +3,11 @@
 //! outlive the test.
 #![forbid(unsafe_code)]
 
-pub mod netns;
-pub mod process;
-pub mod minio;
 pub mod containers;
 pub mod kubelet;
+pub mod minio;
+pub mod netns;
+pub mod process;
 pub mod testenv;
 
 /// Selects rustls' ring provider for the process. Some dependencies enable both ring and
@@ -26,5 +26,8 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
             return Ok(candidate);
         }
     }
-    anyhow::bail!("{name} not found next to {}: build it first (`cargo build --workspace --bins`)", exe.display())
+    anyhow::bail!(
+        "{name} not found next to {}: build it first (`cargo build --workspace --bins`)",
+        exe.display()
+    )
 }

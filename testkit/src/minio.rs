@@ -29,16 +29,23 @@ impl MinioServer {
             return Ok(PathBuf::from(p));
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-minio.sh");
-        let text = std::fs::read_to_string(&script).with_context(|| format!("reading {}", script.display()))?;
+        let text = std::fs::read_to_string(&script)
+            .with_context(|| format!("reading {}", script.display()))?;
         let version = text
             .lines()
             .find_map(|l| l.trim().strip_prefix("MINIO_VERSION=\"${MINIO_VERSION:-"))
             .and_then(|rest| rest.strip_suffix("}\""))
             .context("no MINIO_VERSION pin found in scripts/build-minio.sh")?;
         let cache = std::env::var("FERRY_CACHE").unwrap_or_else(|_| "/var/cache/ferry".into());
-        let bin = PathBuf::from(cache).join("minio").join(version).join("minio");
+        let bin = PathBuf::from(cache)
+            .join("minio")
+            .join(version)
+            .join("minio");
         if !bin.is_file() {
-            bail!("MinIO binary {} is missing: run scripts/build-minio.sh (or set FERRY_MINIO)", bin.display());
+            bail!(
+                "MinIO binary {} is missing: run scripts/build-minio.sh (or set FERRY_MINIO)",
+                bin.display()
+            );
         }
         Ok(bin)
     }
@@ -48,7 +55,12 @@ impl MinioServer {
         let bin = Self::binary()?;
         let dir = tempfile::Builder::new().prefix("ferry-minio-").tempdir()?;
         let addr = free_port()?;
-        let mut m = MinioServer { bin, dir, addr, guard: None };
+        let mut m = MinioServer {
+            bin,
+            dir,
+            addr,
+            guard: None,
+        };
         m.spawn()?;
         Ok(m)
     }
@@ -56,7 +68,10 @@ impl MinioServer {
     fn spawn(&mut self) -> Result<()> {
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let console = free_port()?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("server")
@@ -103,7 +118,10 @@ impl MinioServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("MinIO not live after {timeout:?}; log:\n{}", self.log_tail())
+        bail!(
+            "MinIO not live after {timeout:?}; log:\n{}",
+            self.log_tail()
+        )
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -137,15 +155,23 @@ impl MinioServer {
 
     /// A rust-s3 handle on `bucket` (path style, the test credentials).
     pub fn bucket(&self, bucket: &str) -> Result<Box<s3::Bucket>> {
-        let creds = s3::creds::Credentials::new(Some(ACCESS_KEY), Some(SECRET_KEY), None, None, None)?;
-        let region = s3::Region::Custom { region: "us-east-1".into(), endpoint: self.endpoint() };
+        let creds =
+            s3::creds::Credentials::new(Some(ACCESS_KEY), Some(SECRET_KEY), None, None, None)?;
+        let region = s3::Region::Custom {
+            region: "us-east-1".into(),
+            endpoint: self.endpoint(),
+        };
         Ok(s3::Bucket::new(bucket, region, creds)?.with_path_style())
     }
 
     /// Creates `bucket` (no error if it exists).
     pub async fn create_bucket(&self, bucket: &str) -> Result<()> {
-        let creds = s3::creds::Credentials::new(Some(ACCESS_KEY), Some(SECRET_KEY), None, None, None)?;
-        let region = s3::Region::Custom { region: "us-east-1".into(), endpoint: self.endpoint() };
+        let creds =
+            s3::creds::Credentials::new(Some(ACCESS_KEY), Some(SECRET_KEY), None, None, None)?;
+        let region = s3::Region::Custom {
+            region: "us-east-1".into(),
+            endpoint: self.endpoint(),
+        };
         let mut attempts = 0;
         let r = loop {
             let r = s3::Bucket::create_with_path_style(
@@ -165,7 +191,11 @@ impl MinioServer {
         };
         // 409: already owned by us.
         if !r.success() && r.response_code != 409 {
-            bail!("creating bucket {bucket}: HTTP {} {}", r.response_code, r.response_text);
+            bail!(
+                "creating bucket {bucket}: HTTP {} {}",
+                r.response_code,
+                r.response_text
+            );
         }
         Ok(())
     }
@@ -184,5 +214,8 @@ fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
     let mut head = [0u8; 32];
     let n = s.read(&mut head)?;
     let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad HTTP response")
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad HTTP response")
 }

@@ -15,9 +15,16 @@ use std::process::Command;
 use std::sync::Mutex;
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -37,9 +44,19 @@ impl Lan {
         for subnet in 1..=250u8 {
             let bridge = format!("fbr{subnet}");
             if ip(&["link", "add", &bridge, "type", "bridge"]).is_ok() {
-                ip(&["addr", "add", &format!("10.213.{subnet}.1/24"), "dev", &bridge])?;
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("10.213.{subnet}.1/24"),
+                    "dev",
+                    &bridge,
+                ])?;
                 ip(&["link", "set", &bridge, "up"])?;
-                return Ok(Lan { subnet, bridge, nodes: Mutex::new(Vec::new()) });
+                return Ok(Lan {
+                    subnet,
+                    bridge,
+                    nodes: Mutex::new(Vec::new()),
+                });
             }
         }
         bail!("no free test subnet (bridges fbr1..fbr250 all exist)")
@@ -59,10 +76,20 @@ impl Lan {
         ip(&["netns", "add", &ns])?;
         nodes.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
         ip(&["link", "set", &outer, "master", &self.bridge, "up"])?;
         let addr = Ipv4Addr::new(10, 213, self.subnet, host);
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         Ok(Node { ns, outer, addr })
     }

@@ -14,8 +14,13 @@ impl ChildGuard {
     /// Spawns `cmd` as the leader of a new process group.
     pub fn spawn(name: &str, mut cmd: Command) -> Result<ChildGuard> {
         cmd.process_group(0);
-        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(ChildGuard { name: name.to_string(), child: Some(child) })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+        })
     }
 
     /// Takes the child's stdout pipe (when spawned with `Stdio::piped()`).
@@ -37,7 +42,9 @@ impl ChildGuard {
 
     /// SIGTERM to the group, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let pgid = format!("-{}", child.id());
         let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
         let deadline = Instant::now() + grace;
@@ -55,7 +62,9 @@ impl ChildGuard {
     /// SIGKILL to the group at once (a crash, for failure tests).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.wait();
         }
     }

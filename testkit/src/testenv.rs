@@ -44,7 +44,9 @@ struct Ready {
 impl TestEnv {
     /// Starts one control plane per name in a temporary directory.
     pub fn start(names: &[&str]) -> Result<TestEnv> {
-        let dir = tempfile::Builder::new().prefix("ferry-testenv-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-testenv-")
+            .tempdir()?;
         let path = dir.path().to_path_buf();
         let mut env = Self::start_in(&path, names)?;
         env._dir = Some(dir);
@@ -55,7 +57,12 @@ impl TestEnv {
     pub fn start_in(dir: &Path, names: &[&str]) -> Result<TestEnv> {
         let bin = bin_dir()?;
         let mut cmd = Command::new(bin.join("ferry-testenv"));
-        cmd.arg("up").arg("--dir").arg(dir).arg("--bin").arg(&bin).args(names);
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--bin")
+            .arg(&bin)
+            .args(names);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = ChildGuard::spawn("ferry-testenv", cmd)?;
         let stdout = child.take_stdout().context("ferry-testenv stdout")?;
@@ -72,12 +79,20 @@ impl TestEnv {
         if line.trim().is_empty() {
             bail!("ferry-testenv exited before the clusters were ready (see its log above)");
         }
-        let ready: Ready = serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;
-        Ok(TestEnv { clusters: ready.clusters, _dir: None, _child: child })
+        let ready: Ready =
+            serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;
+        Ok(TestEnv {
+            clusters: ready.clusters,
+            _dir: None,
+            _child: child,
+        })
     }
 
     pub fn cluster(&self, name: &str) -> &ClusterInfo {
-        self.clusters.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no cluster {name}"))
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
     }
 
     /// A client for a cluster, from its kubeconfig.

@@ -22,16 +22,29 @@ pub struct GrpcAgent {
 
 impl GrpcAgent {
     pub fn new(clusters: Arc<Clusters>) -> Self {
-        GrpcAgent { clusters, channels: Mutex::default() }
+        GrpcAgent {
+            clusters,
+            channels: Mutex::default(),
+        }
     }
 
     async fn client(&self, node: &NodeRef) -> Result<NodeAgentClient<Channel>, AgentError> {
         if let Some(ch) = self.channels.lock().await.get(node) {
             return Ok(NodeAgentClient::new(ch.clone()));
         }
-        let unavailable = |message: String| AgentError::Unavailable { node: node.to_string(), message };
-        let client = self.clusters.client(node.cluster.as_deref()).await.map_err(|e| unavailable(e.to_string()))?;
-        let n = Api::<Node>::all(client).get(&node.node).await.map_err(|e| unavailable(e.to_string()))?;
+        let unavailable = |message: String| AgentError::Unavailable {
+            node: node.to_string(),
+            message,
+        };
+        let client = self
+            .clusters
+            .client(node.cluster.as_deref())
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let n = Api::<Node>::all(client)
+            .get(&node.node)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
         let endpoint = n
             .metadata
             .annotations
@@ -46,7 +59,10 @@ impl GrpcAgent {
             .map_err(|e| unavailable(format!("bad endpoint {endpoint:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect_lazy();
-        self.channels.lock().await.insert(node.clone(), channel.clone());
+        self.channels
+            .lock()
+            .await
+            .insert(node.clone(), channel.clone());
         Ok(NodeAgentClient::new(channel))
     }
 }
@@ -55,18 +71,33 @@ fn status_error(node: &NodeRef, migration_id: &str, s: tonic::Status) -> AgentEr
     use tonic::Code;
     let node = node.to_string();
     match s.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unknown => {
-            AgentError::Unavailable { node, message: s.message().to_string() }
-        }
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Unknown => AgentError::Unavailable {
+            node,
+            message: s.message().to_string(),
+        },
         Code::NotFound if !migration_id.is_empty() && s.message().contains(migration_id) => {
-            AgentError::UnknownMigration { node, migration_id: migration_id.into() }
+            AgentError::UnknownMigration {
+                node,
+                migration_id: migration_id.into(),
+            }
         }
-        _ => AgentError::Rejected { node, message: format!("{:?}: {}", s.code(), s.message()) },
+        _ => AgentError::Rejected {
+            node,
+            message: format!("{:?}: {}", s.code(), s.message()),
+        },
     }
 }
 
 fn pod_ref(p: &PodId) -> pb::WorkloadRef {
-    pb::WorkloadRef { namespace: p.namespace.clone(), pod_name: p.name.clone(), pod_uid: p.uid.clone() }
+    pb::WorkloadRef {
+        namespace: p.namespace.clone(),
+        pod_name: p.name.clone(),
+        pod_uid: p.uid.clone(),
+    }
 }
 
 fn strategy(plan: &Plan) -> pb::Strategy {
@@ -93,7 +124,6 @@ fn transfer(plan: &Plan) -> pb::TransferSpec {
         }),
         bandwidth_limit_bytes_per_sec: plan.bandwidth_limit_bytes_per_sec,
         compress: plan.compress,
-        ..Default::default()
     }
 }
 
@@ -125,7 +155,12 @@ fn op_status(op: pb::Operation) -> OpStatus {
 #[async_trait::async_trait]
 impl NodeAgent for GrpcAgent {
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
-        let d = self.client(node).await?.describe_workload(pod_ref(pod)).await.map_err(|s| status_error(node, "", s))?;
+        let d = self
+            .client(node)
+            .await?
+            .describe_workload(pod_ref(pod))
+            .await
+            .map_err(|s| status_error(node, "", s))?;
         let d = d.into_inner();
         let kind = match d.kind() {
             pb::WorkloadKind::VirtualMachine => WorkloadKind::VirtualMachine,
@@ -155,21 +190,33 @@ impl NodeAgent for GrpcAgent {
             target: Some(pod_ref(&plan.target)),
             strategy: strategy(plan) as i32,
             transfer: Some(transfer(plan)),
-            ..Default::default()
         };
-        let r = self.client(node).await?.prepare_receiver(req).await.map_err(|s| status_error(node, "", s))?;
+        let r = self
+            .client(node)
+            .await?
+            .prepare_receiver(req)
+            .await
+            .map_err(|s| status_error(node, "", s))?;
         let r = r.into_inner();
         Ok(Receiver {
             endpoint: r.receive_endpoint,
             page_servers: r
                 .page_servers
                 .into_iter()
-                .map(|p| ferry_crds::PageServer { container: p.container, endpoint: p.endpoint })
+                .map(|p| ferry_crds::PageServer {
+                    container: p.container,
+                    endpoint: p.endpoint,
+                })
                 .collect(),
         })
     }
 
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, receiver: &Receiver) -> Result<OpStatus, AgentError> {
+    async fn start_checkpoint(
+        &self,
+        node: &NodeRef,
+        plan: &Plan,
+        receiver: &Receiver,
+    ) -> Result<OpStatus, AgentError> {
         let req = pb::StartCheckpointRequest {
             migration_id: plan.migration_id.clone(),
             workload: Some(pod_ref(&plan.source)),
@@ -180,36 +227,67 @@ impl NodeAgent for GrpcAgent {
             page_servers: receiver
                 .page_servers
                 .iter()
-                .map(|p| pb::PageServer { container: p.container.clone(), endpoint: p.endpoint.clone() })
+                .map(|p| pb::PageServer {
+                    container: p.container.clone(),
+                    endpoint: p.endpoint.clone(),
+                })
                 .collect(),
-            ..Default::default()
         };
         let r = self.client(node).await?.start_checkpoint(req).await;
-        Ok(op_status(r.map_err(|s| status_error(node, &plan.migration_id, s))?.into_inner()))
+        Ok(op_status(
+            r.map_err(|s| status_error(node, &plan.migration_id, s))?
+                .into_inner(),
+        ))
     }
 
     async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError> {
         let req = pb::StartRestoreRequest {
             migration_id: plan.migration_id.clone(),
             target: Some(pod_ref(&plan.target)),
-            ..Default::default()
         };
         let r = self.client(node).await?.start_restore(req).await;
-        Ok(op_status(r.map_err(|s| status_error(node, &plan.migration_id, s))?.into_inner()))
+        Ok(op_status(
+            r.map_err(|s| status_error(node, &plan.migration_id, s))?
+                .into_inner(),
+        ))
     }
 
     async fn finalize(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
-        let r = self.client(node).await?.finalize(pb::MigrationRef { migration_id: id.into() }).await;
-        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+        let r = self
+            .client(node)
+            .await?
+            .finalize(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await;
+        Ok(op_status(
+            r.map_err(|s| status_error(node, id, s))?.into_inner(),
+        ))
     }
 
     async fn abort(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
-        let r = self.client(node).await?.abort(pb::MigrationRef { migration_id: id.into() }).await;
-        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+        let r = self
+            .client(node)
+            .await?
+            .abort(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await;
+        Ok(op_status(
+            r.map_err(|s| status_error(node, id, s))?.into_inner(),
+        ))
     }
 
     async fn operation(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
-        let r = self.client(node).await?.get_operation(pb::MigrationRef { migration_id: id.into() }).await;
-        Ok(op_status(r.map_err(|s| status_error(node, id, s))?.into_inner()))
+        let r = self
+            .client(node)
+            .await?
+            .get_operation(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await;
+        Ok(op_status(
+            r.map_err(|s| status_error(node, id, s))?.into_inner(),
+        ))
     }
 }

@@ -34,7 +34,11 @@ pub struct ScriptedAgent {
 
 impl ScriptedAgent {
     pub fn new(polls_per_op: u32) -> Self {
-        ScriptedAgent { inner: Mutex::default(), polls_per_op, kind: WorkloadKind::Containers }
+        ScriptedAgent {
+            inner: Mutex::default(),
+            polls_per_op,
+            kind: WorkloadKind::Containers,
+        }
     }
 
     /// Operations started by `call` stay Running until [`ScriptedAgent::release`].
@@ -48,11 +52,21 @@ impl ScriptedAgent {
 
     /// Operations started by `call` fail with `message`.
     pub fn fail(&self, call: Call, message: &str) {
-        self.inner.lock().unwrap().failing.insert(call, message.to_string());
+        self.inner
+            .lock()
+            .unwrap()
+            .failing
+            .insert(call, message.to_string());
     }
 
     pub fn count(&self, call: Call) -> usize {
-        self.inner.lock().unwrap().calls.iter().filter(|(c, _)| *c == call).count()
+        self.inner
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(c, _)| *c == call)
+            .count()
     }
 
     pub fn calls(&self) -> Vec<(Call, NodeRef)> {
@@ -68,15 +82,17 @@ impl ScriptedAgent {
         inner.calls.push((call, node.clone()));
         let key = (node.clone(), id.to_string());
         // Idempotent, as the real daemon: a repeated start returns the running operation.
-        if let Some((op, _)) = inner.ops.get(&key) {
-            if op.stage == stage {
-                return op.clone();
-            }
+        if let Some((op, _)) = inner.ops.get(&key).filter(|(op, _)| op.stage == stage) {
+            return op.clone();
         }
         let failing = inner.failing.get(&call).cloned();
         let op = OpStatus {
             stage,
-            state: if failing.is_some() { OpState::Failed } else { OpState::Running },
+            state: if failing.is_some() {
+                OpState::Failed
+            } else {
+                OpState::Running
+            },
             bytes_done: 0,
             bytes_total: 1 << 30,
             downtime_ms: None,
@@ -102,23 +118,54 @@ impl NodeAgent for ScriptedAgent {
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
         self.record(Call::Describe, node);
         let _ = pod;
-        Ok(WorkloadInfo { kind: self.kind, containers: vec!["main".into()], memory_bytes: 1 << 30 })
+        Ok(WorkloadInfo {
+            kind: self.kind,
+            containers: vec!["main".into()],
+            memory_bytes: 1 << 30,
+        })
     }
 
     async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError> {
         self.record(Call::PrepareReceiver, node);
-        if let Some(message) = self.inner.lock().unwrap().failing.get(&Call::PrepareReceiver) {
-            return Err(AgentError::Rejected { node: node.to_string(), message: message.clone() });
+        if let Some(message) = self
+            .inner
+            .lock()
+            .unwrap()
+            .failing
+            .get(&Call::PrepareReceiver)
+        {
+            return Err(AgentError::Rejected {
+                node: node.to_string(),
+                message: message.clone(),
+            });
         }
-        Ok(Receiver { endpoint: format!("scripted://{node}/{}", plan.migration_id), page_servers: vec![] })
+        Ok(Receiver {
+            endpoint: format!("scripted://{node}/{}", plan.migration_id),
+            page_servers: vec![],
+        })
     }
 
-    async fn start_checkpoint(&self, node: &NodeRef, plan: &Plan, _receiver: &Receiver) -> Result<OpStatus, AgentError> {
-        Ok(self.start(Call::StartCheckpoint, node, &plan.migration_id, OpStage::Checkpointing))
+    async fn start_checkpoint(
+        &self,
+        node: &NodeRef,
+        plan: &Plan,
+        _receiver: &Receiver,
+    ) -> Result<OpStatus, AgentError> {
+        Ok(self.start(
+            Call::StartCheckpoint,
+            node,
+            &plan.migration_id,
+            OpStage::Checkpointing,
+        ))
     }
 
     async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError> {
-        Ok(self.start(Call::StartRestore, node, &plan.migration_id, OpStage::Restoring))
+        Ok(self.start(
+            Call::StartRestore,
+            node,
+            &plan.migration_id,
+            OpStage::Restoring,
+        ))
     }
 
     async fn finalize(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
@@ -129,7 +176,9 @@ impl NodeAgent for ScriptedAgent {
         let mut op = self.start(Call::Abort, node, id, OpStage::Aborting);
         op.state = OpState::Aborted;
         let mut inner = self.inner.lock().unwrap();
-        inner.ops.insert((node.clone(), id.to_string()), (op.clone(), 0));
+        inner
+            .ops
+            .insert((node.clone(), id.to_string()), (op.clone(), 0));
         Ok(op)
     }
 
@@ -138,7 +187,10 @@ impl NodeAgent for ScriptedAgent {
         inner.calls.push((Call::Operation, node.clone()));
         let held = inner.held.clone();
         let Some((op, polls_left)) = inner.ops.get_mut(&(node.clone(), id.to_string())) else {
-            return Err(AgentError::UnknownMigration { node: node.to_string(), migration_id: id.into() });
+            return Err(AgentError::UnknownMigration {
+                node: node.to_string(),
+                migration_id: id.into(),
+            });
         };
         if op.state == OpState::Running {
             if op.stage == OpStage::Checkpointing {

@@ -23,14 +23,31 @@ pub fn env() -> &'static TestEnv {
         let env = TestEnv::start(&["east", "west"]).expect("start control planes");
         let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/crds.yaml");
         for cluster in ["east", "west"] {
-            let out = env.kubectl(cluster).args(["apply", "-f", crds]).output().expect("kubectl");
-            assert!(out.status.success(), "installing CRDs: {}", String::from_utf8_lossy(&out.stderr));
             let out = env
                 .kubectl(cluster)
-                .args(["wait", "--for=condition=Established", "crd/migrations.ferry.dev", "--timeout=60s"])
+                .args(["apply", "-f", crds])
                 .output()
                 .expect("kubectl");
-            assert!(out.status.success(), "CRD not established: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "installing CRDs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = env
+                .kubectl(cluster)
+                .args([
+                    "wait",
+                    "--for=condition=Established",
+                    "crd/migrations.ferry.dev",
+                    "--timeout=60s",
+                ])
+                .output()
+                .expect("kubectl");
+            assert!(
+                out.status.success(),
+                "CRD not established: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         env
     })
@@ -60,7 +77,9 @@ impl World {
         let west = env.client("west").await?;
         for client in [&east, &west] {
             let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-            Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await?;
         }
         let mut east_nodes = vec![];
         let mut west_nodes = vec![];
@@ -72,8 +91,16 @@ impl World {
             kubelet::register_node(&west, &n, &[("ferry.dev/test", name)]).await?;
             west_nodes.push(n);
         }
-        let kubelets = vec![kubelet::spawn(east.clone(), east_nodes), kubelet::spawn(west.clone(), west_nodes)];
-        Ok(World { ns: name.into(), east, west, kubelets })
+        let kubelets = vec![
+            kubelet::spawn(east.clone(), east_nodes),
+            kubelet::spawn(west.clone(), west_nodes),
+        ];
+        Ok(World {
+            ns: name.into(),
+            east,
+            west,
+            kubelets,
+        })
     }
 
     pub fn node(&self, cluster: &str, i: u32) -> String {
@@ -110,7 +137,9 @@ impl World {
             "metadata": {"name": "cluster-west", "labels": {"ferry.dev/cluster": "west"}},
             "stringData": {"kubeconfig": kubeconfig}
         }))?;
-        Api::<Secret>::namespaced(self.east.clone(), &self.ns).create(&PostParams::default(), &secret).await?;
+        Api::<Secret>::namespaced(self.east.clone(), &self.ns)
+            .create(&PostParams::default(), &secret)
+            .await?;
         Ok(())
     }
 
@@ -153,7 +182,10 @@ impl World {
                 return Ok(m);
             }
             if let Some(p) = current.filter(|p| p.is_terminal()) {
-                bail!("migration {name} ended {p}, expected {phase}: {:?}", m.status);
+                bail!(
+                    "migration {name} ended {p}, expected {phase}: {:?}",
+                    m.status
+                );
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("migration {name} not {phase} within 60 s: {:?}", m.status);

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(about = "Run ferry's local demo: two clusters, one container migration and one VM migration")]
+#[command(
+    about = "Run ferry's local demo: two clusters, one container migration and one VM migration"
+)]
 struct Args {
     /// Where cluster state, kubeconfigs and node state go.
     #[arg(long, default_value = "/tmp/ferry-demo")]
@@ -26,7 +28,12 @@ fn say(msg: impl AsRef<str>) {
 }
 
 fn last_count(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).last().unwrap_or(0)
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
 }
 
 fn print_phase(started: Instant) -> impl FnMut(&Migration) {
@@ -34,21 +41,36 @@ fn print_phase(started: Instant) -> impl FnMut(&Migration) {
         let s = m.status.clone().unwrap_or_default();
         let phase = s.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let progress = s.progress.map(|p| p.display).unwrap_or_default();
-        println!("  {:>6.2}s  {phase:<14} {progress}", started.elapsed().as_secs_f64());
+        println!(
+            "  {:>6.2}s  {phase:<14} {progress}",
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
 
-    say("starting two Kubernetes control planes: east and west (etcd, kube-apiserver, controller-manager, scheduler)");
-    let mut world = World::start(&args.dir).await.context("setting up the clusters")?;
+    say(
+        "starting two Kubernetes control planes: east and west (etcd, kube-apiserver, controller-manager, scheduler)",
+    );
+    let mut world = World::start(&args.dir)
+        .await
+        .context("setting up the clusters")?;
     for n in &world.nodes {
-        say(format!("node {}/{} at {} runs ferry-node ({})", n.cluster, n.name, n.daemon.node.ip(), n.daemon.endpoint));
+        say(format!(
+            "node {}/{} at {} runs ferry-node ({})",
+            n.cluster,
+            n.name,
+            n.daemon.node.ip(),
+            n.daemon.endpoint
+        ));
     }
     say("cluster west is linked to east by a kubeconfig Secret (ferry.dev/cluster=west)");
     world.start_controller();
@@ -62,29 +84,68 @@ async fn main() -> Result<()> {
     say("applying Migration counter: pod counter → cluster west, node west-1 (CRIU, cold)");
     println!("{}", indent(yaml));
     let m = world.apply_migration(yaml).await?;
-    let done = world.follow("counter", Duration::from_secs(120), print_phase(Instant::now())).await?;
+    let done = world
+        .follow(
+            "counter",
+            Duration::from_secs(120),
+            print_phase(Instant::now()),
+        )
+        .await?;
     let status = done.status.clone().unwrap_or_default();
     if let Some(f) = &status.failure {
-        say(format!("migration ended {:?}: {}: {}", status.phase, f.reason, f.message));
+        say(format!(
+            "migration ended {:?}: {}: {}",
+            status.phase, f.reason, f.message
+        ));
     }
     let at_cut = last_count(&world.bundle_dir("counter").join("rootfs/data/count.log"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let uid = m.metadata.uid.clone().unwrap_or_default();
-    let now = last_count(&world.node("west-1").daemon.state_dir.join(&uid).join("app/rootfs/data/count.log"));
-    say(format!("counter stopped at {at_cut} on east-1 and counts on at west-1: now {now}"));
+    let now = last_count(
+        &world
+            .node("west-1")
+            .daemon
+            .state_dir
+            .join(&uid)
+            .join("app/rootfs/data/count.log"),
+    );
+    say(format!(
+        "counter stopped at {at_cut} on east-1 and counts on at west-1: now {now}"
+    ));
 
-    println!("\n$ kubectl --kubeconfig {} -n {NAMESPACE} get migrations -o wide", world.env.cluster("east").kubeconfig.display());
-    let out = world.env.kubectl("east").args(["-n", NAMESPACE, "get", "migrations", "-o", "wide"]).output()?;
+    println!(
+        "\n$ kubectl --kubeconfig {} -n {NAMESPACE} get migrations -o wide",
+        world.env.cluster("east").kubeconfig.display()
+    );
+    let out = world
+        .env
+        .kubectl("east")
+        .args(["-n", NAMESPACE, "get", "migrations", "-o", "wide"])
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     println!();
     let downtime = |m: &Migration| {
-        m.status.as_ref().and_then(|s| s.timings.as_ref()).and_then(|t| t.downtime_ms).map(|d| format!("{d} ms")).unwrap_or("n/a".into())
+        m.status
+            .as_ref()
+            .and_then(|s| s.timings.as_ref())
+            .and_then(|t| t.downtime_ms)
+            .map(|d| format!("{d} ms"))
+            .unwrap_or("n/a".into())
     };
     let total = |m: &Migration| {
-        m.status.as_ref().and_then(|s| s.timings.as_ref()).and_then(|t| t.total_ms).map(|d| format!("{d} ms")).unwrap_or("n/a".into())
+        m.status
+            .as_ref()
+            .and_then(|s| s.timings.as_ref())
+            .and_then(|t| t.total_ms)
+            .map(|d| format!("{d} ms"))
+            .unwrap_or("n/a".into())
     };
     say("measured by the node daemons:");
-    println!("  container (runc + CRIU, cold) east-1 → west-1: downtime {}, total {}", downtime(&done), total(&done));
+    println!(
+        "  container (runc + CRIU, cold) east-1 → west-1: downtime {}, total {}",
+        downtime(&done),
+        total(&done)
+    );
     say("VM migration: not part of this demo yet (see docs/vm.md and the qemu tests)");
 
     if args.keep {
@@ -103,5 +164,8 @@ async fn main() -> Result<()> {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
