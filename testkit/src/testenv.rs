@@ -32,7 +32,6 @@ pub struct ClusterInfo {
 /// Running clusters; stopped (all processes) when dropped.
 pub struct TestEnv {
     pub clusters: Vec<ClusterInfo>,
-    _dir: Option<tempfile::TempDir>,
     _child: ChildGuard,
 }
 
@@ -44,25 +43,25 @@ struct Ready {
 impl TestEnv {
     /// Starts one control plane per name in a temporary directory.
     pub fn start(names: &[&str]) -> Result<TestEnv> {
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-testenv-")
-            .tempdir()?;
-        let path = dir.path().to_path_buf();
-        let mut env = Self::start_in(&path, names)?;
-        env._dir = Some(dir);
-        Ok(env)
+        // ferry-testenv deletes the directory when it stops, which also covers a test
+        // binary that never drops its shared TestEnv.
+        let dir = tempfile::Builder::new().prefix("ferry-testenv-").tempdir()?.keep();
+        Self::spawn(&dir, names, true)
     }
 
     /// Starts control planes with state under `dir` (kept after stop, for the demo).
     pub fn start_in(dir: &Path, names: &[&str]) -> Result<TestEnv> {
+        Self::spawn(dir, names, false)
+    }
+
+    fn spawn(dir: &Path, names: &[&str], remove_dir: bool) -> Result<TestEnv> {
         let bin = bin_dir()?;
         let mut cmd = Command::new(bin.join("ferry-testenv"));
-        cmd.arg("up")
-            .arg("--dir")
-            .arg(dir)
-            .arg("--bin")
-            .arg(&bin)
-            .args(names);
+        cmd.arg("up").arg("--dir").arg(dir).arg("--bin").arg(&bin);
+        if remove_dir {
+            cmd.arg("--remove-dir");
+        }
+        cmd.args(names);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = ChildGuard::spawn("ferry-testenv", cmd)?;
         let stdout = child.take_stdout().context("ferry-testenv stdout")?;
@@ -81,11 +80,7 @@ impl TestEnv {
         }
         let ready: Ready =
             serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;
-        Ok(TestEnv {
-            clusters: ready.clusters,
-            _dir: None,
-            _child: child,
-        })
+        Ok(TestEnv { clusters: ready.clusters, _child: child })
     }
 
     pub fn cluster(&self, name: &str) -> &ClusterInfo {

@@ -41,6 +41,7 @@ func main() {
 	dir := fs.String("dir", "", "state directory (created; one subdirectory per cluster)")
 	bin := fs.String("bin", "", "directory with etcd, kube-apiserver, kube-controller-manager, kube-scheduler (default: next to this binary)")
 	timeout := fs.Duration("timeout", 120*time.Second, "how long a cluster may take to become ready")
+	removeDir := fs.Bool("remove-dir", false, "delete --dir after stopping (for throwaway test clusters)")
 	_ = fs.Parse(os.Args[2:])
 	names := fs.Args()
 	if *dir == "" || len(names) == 0 {
@@ -61,6 +62,9 @@ func main() {
 	stopAll := func() {
 		for i := len(clusters) - 1; i >= 0; i-- {
 			clusters[i].stop()
+		}
+		if *removeDir {
+			_ = os.RemoveAll(*dir)
 		}
 	}
 	infos := []clusterInfo{}
