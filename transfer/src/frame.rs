@@ -1,0 +1,447 @@
+//! Wire framing of the direct protocol. Public so the fuzz test can drive the decoder
+//! with arbitrary bytes; the decoder must never panic, never allocate more than
+//! [`MAX_FRAME`] for one frame, and reject anything malformed with a [`FrameError`].
+//!
+//! Every frame is `type: u8, len: u32 BE, body: [u8; len]`; integers are big endian.
+//!
+//! | type | frame     | body |
+//! |------|-----------|------|
+//! | 1    | Hello     | version u8, mode u8, flags u8, id_len u16, id (UTF-8) |
+//! | 2    | HelloAck  | resume_offset u64 |
+//! | 3    | Data      | offset u64, raw_len u32, crc32c u32, codec u8, payload |
+//! | 4    | Ack       | offset u64 (every byte below it is delivered) |
+//! | 5    | End       | total u64, sha256 [32] |
+//! | 6    | Done      | total u64 (digest verified) |
+//! | 7    | Error     | retryable u8, offset u64, message (UTF-8) |
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest chunk payload a sender may put in one Data frame.
+pub const MAX_CHUNK: usize = 8 << 20;
+/// Largest frame body the decoder accepts (a chunk plus its header).
+pub const MAX_FRAME: usize = MAX_CHUNK + 64;
+/// Longest stream id.
+pub const MAX_ID: usize = 512;
+const HEADER: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Chunked, acknowledged, verified stream.
+    Stream,
+    /// Raw bidirectional byte pipe after the handshake.
+    Pipe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        mode: Mode,
+        id: String,
+    },
+    HelloAck {
+        resume_offset: u64,
+    },
+    Data {
+        offset: u64,
+        raw_len: u32,
+        crc32c: u32,
+        codec: Codec,
+        payload: Bytes,
+    },
+    Ack {
+        offset: u64,
+    },
+    End {
+        total: u64,
+        sha256: [u8; 32],
+    },
+    Done {
+        total: u64,
+    },
+    Error {
+        retryable: bool,
+        offset: u64,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("{frame} frame body is malformed: {why}")]
+    Malformed {
+        frame: &'static str,
+        why: &'static str,
+    },
+    #[error("protocol version {0} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+}
+
+fn malformed(frame: &'static str, why: &'static str) -> FrameError {
+    FrameError::Malformed { frame, why }
+}
+
+impl Frame {
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u8(0);
+        out.put_u32(0);
+        let ty = match self {
+            Frame::Hello { mode, id } => {
+                out.put_u8(PROTOCOL_VERSION);
+                out.put_u8(match mode {
+                    Mode::Stream => 0,
+                    Mode::Pipe => 1,
+                });
+                out.put_u8(0);
+                out.put_u16(id.len() as u16);
+                out.put_slice(id.as_bytes());
+                1
+            }
+            Frame::HelloAck { resume_offset } => {
+                out.put_u64(*resume_offset);
+                2
+            }
+            Frame::Data {
+                offset,
+                raw_len,
+                crc32c,
+                codec,
+                payload,
+            } => {
+                out.put_u64(*offset);
+                out.put_u32(*raw_len);
+                out.put_u32(*crc32c);
+                out.put_u8(match codec {
+                    Codec::None => 0,
+                    Codec::Zstd => 1,
+                });
+                out.put_slice(payload);
+                3
+            }
+            Frame::Ack { offset } => {
+                out.put_u64(*offset);
+                4
+            }
+            Frame::End { total, sha256 } => {
+                out.put_u64(*total);
+                out.put_slice(sha256);
+                5
+            }
+            Frame::Done { total } => {
+                out.put_u64(*total);
+                6
+            }
+            Frame::Error {
+                retryable,
+                offset,
+                message,
+            } => {
+                out.put_u8(*retryable as u8);
+                out.put_u64(*offset);
+                // Messages are diagnostics: cut rather than fail on huge ones.
+                let m = &message.as_bytes()[..message.len().min(4096)];
+                out.put_slice(m);
+                7
+            }
+        };
+        let len = (out.len() - start - HEADER) as u32;
+        out[start] = ty;
+        out[start + 1..start + HEADER].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)` means more
+    /// bytes are needed; the header is checked first so a huge declared length fails
+    /// before anything is buffered.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < HEADER {
+            return Ok(None);
+        }
+        let ty = buf[0];
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if !(1..=7).contains(&ty) {
+            return Err(FrameError::UnknownType(ty));
+        }
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if buf.len() < HEADER + len {
+            buf.reserve(HEADER + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER);
+        let mut body = buf.split_to(len).freeze();
+        let frame = match ty {
+            1 => {
+                need(&body, 5, "Hello")?;
+                let version = body.get_u8();
+                if version != PROTOCOL_VERSION {
+                    return Err(FrameError::Version(version));
+                }
+                let mode = match body.get_u8() {
+                    0 => Mode::Stream,
+                    1 => Mode::Pipe,
+                    _ => return Err(malformed("Hello", "unknown mode")),
+                };
+                let _flags = body.get_u8();
+                let id_len = body.get_u16() as usize;
+                if id_len != body.len() {
+                    return Err(malformed("Hello", "id length does not match the body"));
+                }
+                let id = String::from_utf8(body.to_vec())
+                    .map_err(|_| malformed("Hello", "id is not UTF-8"))?;
+                check_id(&id).map_err(|why| malformed("Hello", why))?;
+                Frame::Hello { mode, id }
+            }
+            2 => {
+                exact(&body, 8, "HelloAck")?;
+                Frame::HelloAck {
+                    resume_offset: body.get_u64(),
+                }
+            }
+            3 => {
+                need(&body, 17, "Data")?;
+                let offset = body.get_u64();
+                let raw_len = body.get_u32();
+                let crc32c = body.get_u32();
+                let codec = match body.get_u8() {
+                    0 => Codec::None,
+                    1 => Codec::Zstd,
+                    _ => return Err(malformed("Data", "unknown codec")),
+                };
+                if raw_len as usize > MAX_CHUNK {
+                    return Err(malformed("Data", "raw length exceeds the chunk limit"));
+                }
+                if codec == Codec::None && raw_len as usize != body.len() {
+                    return Err(malformed("Data", "raw length does not match the payload"));
+                }
+                if offset.checked_add(raw_len as u64).is_none() {
+                    return Err(malformed("Data", "offset overflows"));
+                }
+                Frame::Data {
+                    offset,
+                    raw_len,
+                    crc32c,
+                    codec,
+                    payload: body,
+                }
+            }
+            4 => {
+                exact(&body, 8, "Ack")?;
+                Frame::Ack {
+                    offset: body.get_u64(),
+                }
+            }
+            5 => {
+                exact(&body, 40, "End")?;
+                let total = body.get_u64();
+                let mut sha256 = [0u8; 32];
+                body.copy_to_slice(&mut sha256);
+                Frame::End { total, sha256 }
+            }
+            6 => {
+                exact(&body, 8, "Done")?;
+                Frame::Done {
+                    total: body.get_u64(),
+                }
+            }
+            7 => {
+                need(&body, 9, "Error")?;
+                let retryable = body.get_u8() != 0;
+                let offset = body.get_u64();
+                let message = String::from_utf8_lossy(&body).into_owned();
+                Frame::Error {
+                    retryable,
+                    offset,
+                    message,
+                }
+            }
+            _ => unreachable!("type checked above"),
+        };
+        Ok(Some(frame))
+    }
+}
+
+fn need(body: &Bytes, n: usize, frame: &'static str) -> Result<(), FrameError> {
+    if body.len() < n {
+        Err(malformed(frame, "body too short"))
+    } else {
+        Ok(())
+    }
+}
+
+fn exact(body: &Bytes, n: usize, frame: &'static str) -> Result<(), FrameError> {
+    if body.len() != n {
+        Err(malformed(frame, "wrong body length"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Stream ids are `<migration-id>/<name>`-like: printable, bounded, no control bytes.
+pub fn check_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("empty id");
+    }
+    if id.len() > MAX_ID {
+        return Err("id too long");
+    }
+    if id.chars().any(|c| c.is_control()) {
+        return Err("id contains control characters");
+    }
+    Ok(())
+}
+
+/// `tokio_util` codec over [`Frame::encode`] / [`Frame::decode`].
+#[derive(Debug, Default)]
+pub struct FrameCodec;
+
+impl tokio_util::codec::Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        Frame::decode(src).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+impl tokio_util::codec::Encoder<Frame> for FrameCodec {
+    type Error = std::io::Error;
+    fn encode(&mut self, item: Frame, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        item.encode(dst);
+        Ok(())
+    }
+}
+
+/// Fuzzing entry point shared by the cargo-fuzz target (`transfer/fuzz`) and the
+/// stable time-boxed test (`tests/fuzz_frames.rs`): feeds `data` to the decoder in
+/// pieces whose sizes come from the first byte, as a socket would, and panics if an
+/// invariant breaks (a decoded frame must re-encode to the bytes it came from, a
+/// rejected header must not have been buffered, memory stays bounded).
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((&step, data)) = data.split_first() else {
+        return;
+    };
+    let step = (step as usize % 64) + 1;
+    let mut buf = BytesMut::new();
+    let mut consumed = 0usize;
+    for piece in data.chunks(step) {
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.clone();
+            match Frame::decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    let used = before.len() - buf.len();
+                    let mut again = BytesMut::new();
+                    frame.encode(&mut again);
+                    // Hello flags and Error message cuts are the only non-canonical parts.
+                    let canonical = !matches!(frame, Frame::Hello { .. } | Frame::Error { .. });
+                    if canonical {
+                        assert_eq!(
+                            &again[..],
+                            &before[..used],
+                            "re-encoding differs for {frame:?}"
+                        );
+                    }
+                    assert_eq!(Frame::decode(&mut again).unwrap(), Some(frame));
+                    consumed += used;
+                }
+                Ok(None) => {
+                    assert_eq!(buf, before, "need-more must not consume");
+                    assert!(
+                        buf.capacity() <= 2 * (MAX_FRAME + HEADER) + buf.len(),
+                        "unbounded buffer"
+                    );
+                    break;
+                }
+                Err(_) => return, // a real connection is closed here
+            }
+        }
+    }
+    assert!(consumed <= data.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(f: Frame) {
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        // Byte by byte: a partial frame is "need more", never an error.
+        let mut partial = BytesMut::new();
+        for (i, byte) in b.iter().enumerate() {
+            if i + 1 < b.len() {
+                partial.put_u8(*byte);
+                assert_eq!(Frame::decode(&mut partial).unwrap(), None);
+            }
+        }
+        assert_eq!(Frame::decode(&mut b).unwrap(), Some(f));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        roundtrip(Frame::Hello {
+            mode: Mode::Pipe,
+            id: "m-1/qemu".into(),
+        });
+        roundtrip(Frame::HelloAck {
+            resume_offset: 1 << 40,
+        });
+        roundtrip(Frame::Data {
+            offset: 7,
+            raw_len: 3,
+            crc32c: crc32c::crc32c(b"abc"),
+            codec: Codec::None,
+            payload: Bytes::from_static(b"abc"),
+        });
+        roundtrip(Frame::Ack { offset: 99 });
+        roundtrip(Frame::End {
+            total: 5,
+            sha256: [7; 32],
+        });
+        roundtrip(Frame::Done { total: 5 });
+        roundtrip(Frame::Error {
+            retryable: true,
+            offset: 3,
+            message: "crc".into(),
+        });
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_buffering() {
+        let mut b = BytesMut::from(&[3u8, 0xff, 0xff, 0xff, 0xff][..]);
+        assert_eq!(
+            Frame::decode(&mut b),
+            Err(FrameError::TooLarge(u32::MAX as usize))
+        );
+    }
+
+    #[test]
+    fn data_with_wrong_raw_len_is_rejected() {
+        let mut b = BytesMut::new();
+        Frame::Data {
+            offset: 0,
+            raw_len: 4,
+            crc32c: 0,
+            codec: Codec::None,
+            payload: Bytes::from_static(b"abc"),
+        }
+        .encode(&mut b);
+        assert!(matches!(
+            Frame::decode(&mut b),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+}

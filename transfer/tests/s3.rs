@@ -1,0 +1,246 @@
+//! S3 backend against a real MinIO (built by scripts/build-minio.sh).
+mod common;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use common::{RandomReader, drain, random_digest};
+use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
+use ferry_transfer::{
+    ReceiveOptions, RetryPolicy, S3Config, S3Credentials, S3SendOptions, S3Store, Side,
+    TransferError,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::sync::oneshot;
+
+const BUCKET: &str = "ferry-test";
+
+async fn minio() -> (MinioServer, S3Store) {
+    let m = MinioServer::start().expect("MinIO (run scripts/build-minio.sh)");
+    m.create_bucket(BUCKET).await.unwrap();
+    let store = S3Store::new(&S3Config {
+        endpoint: m.endpoint(),
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        prefix: "ferry".into(),
+        credentials: S3Credentials {
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+            session_token: None,
+        },
+        path_style: true,
+        request_timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    (m, store)
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 3,
+        min_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(400),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_random_stream_round_trips_through_minio_and_is_deleted() {
+    const LEN: u64 = 1 << 30;
+    let (m, store) = minio().await;
+    let started = Instant::now();
+    let report = store
+        .send_stream(
+            "mig-1/memory",
+            RandomReader::new(11, LEN),
+            &S3SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    let up = started.elapsed();
+    assert_eq!(report.bytes, LEN);
+    assert_eq!(report.bytes_uploaded, LEN);
+    assert_eq!(report.parts, 64);
+    let started = Instant::now();
+    let incoming = store
+        .receive_stream("mig-1/memory", &ReceiveOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(incoming.size(), LEN);
+    let (n, digest) = drain(incoming).await.unwrap();
+    eprintln!(
+        "1 GiB via MinIO (debug build): upload {up:?}, download {:?}",
+        started.elapsed()
+    );
+    assert_eq!((n, digest), (LEN, random_digest(11, LEN)));
+
+    // Cleanup after a successful migration removes every object of the migration.
+    let deleted = store.delete_prefix("mig-1/", &quick_retry()).await.unwrap();
+    assert_eq!(deleted, 2);
+    let listed = m
+        .bucket(BUCKET)
+        .unwrap()
+        .list("ferry/".into(), None)
+        .await
+        .unwrap();
+    assert!(
+        listed.iter().all(|p| p.contents.is_empty()),
+        "objects left after cleanup"
+    );
+    let gone = store
+        .receive_stream(
+            "mig-1/memory",
+            &ReceiveOptions {
+                retry: quick_retry(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(gone.is_err());
+}
+
+/// Fires `tx` once `at` bytes have been read through it.
+struct Tripwire<R> {
+    inner: R,
+    read: u64,
+    at: u64,
+    tx: Option<oneshot::Sender<()>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Tripwire<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        if self.read >= self.at
+            && let Some(tx) = self.tx.take()
+        {
+            let _ = tx.send(());
+        }
+        r
+    }
+}
+
+/// MinIO dies mid-upload: the upload retries, then fails with a clear error and a
+/// checkpoint; nothing counts as uploaded. After MinIO is back the upload resumes from
+/// the checkpoint without re-uploading completed parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
+    const LEN: u64 = 128 << 20;
+    const PART: usize = 8 << 20;
+    let (mut m, store) = minio().await;
+    let opts = S3SendOptions {
+        part_size: PART,
+        parallel: 4,
+        retry: quick_retry(),
+    };
+    let (tx, rx) = oneshot::channel();
+    let reader = Tripwire {
+        inner: RandomReader::new(12, LEN),
+        read: 0,
+        at: 96 << 20,
+        tx: Some(tx),
+    };
+    let upload = store.send_stream("mig-2/rootfs", reader, &opts);
+    let killer = async {
+        rx.await.unwrap();
+        m.kill();
+    };
+    let (result, ()) = tokio::join!(upload, killer);
+    let err = result.unwrap_err();
+    eprintln!("upload error: {err}");
+    let TransferError::S3 {
+        side, ref reason, ..
+    } = err
+    else {
+        panic!("not an S3 error: {err}")
+    };
+    assert_eq!(side, Side::Receiver);
+    assert!(reason.contains("uploading part"), "{reason}");
+    let cp = err.checkpoint().expect("a resumable checkpoint").clone();
+    // With 4 parts in flight, reading byte 96 MiB means parts up to 64 MiB completed.
+    assert!(cp.offset >= 64 << 20 && cp.offset < LEN, "{cp:?}");
+    assert_eq!(cp.offset, cp.parts.len() as u64 * PART as u64);
+
+    m.restart().unwrap();
+    // Not complete: a reader must not find a stream.
+    let early = store
+        .receive_stream(
+            "mig-2/rootfs",
+            &ReceiveOptions {
+                retry: quick_retry(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(early.is_err(), "an interrupted upload was readable");
+
+    let mut reader = RandomReader::new(12, LEN);
+    tokio::io::copy(&mut (&mut reader).take(cp.offset), &mut tokio::io::sink())
+        .await
+        .unwrap();
+    let report = store
+        .resume_stream(cp.clone(), reader, &opts)
+        .await
+        .unwrap();
+    assert_eq!(report.bytes, LEN);
+    assert_eq!(report.bytes_uploaded, LEN - cp.offset);
+    let (n, digest) = drain(
+        store
+            .receive_stream("mig-2/rootfs", &ReceiveOptions::default())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((n, digest), (LEN, random_digest(12, LEN)));
+}
+
+/// Bytes changed in the bucket after upload are caught on download: the reader gets an
+/// error naming the part, never a clean end-of-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_object_fails_download() {
+    const LEN: u64 = 12 << 20;
+    let (m, store) = minio().await;
+    let opts = S3SendOptions {
+        part_size: 5 << 20,
+        ..Default::default()
+    };
+    store
+        .send_stream("mig-3/x", RandomReader::new(13, LEN), &opts)
+        .await
+        .unwrap();
+    // Overwrite the data object with same-length bytes that differ in one place.
+    let bucket = m.bucket(BUCKET).unwrap();
+    let mut data = bucket
+        .get_object("ferry/mig-3/x/data")
+        .await
+        .unwrap()
+        .to_vec();
+    assert_eq!(data.len() as u64, LEN);
+    data[7 << 20] ^= 1;
+    bucket
+        .put_object("ferry/mig-3/x/data", &data)
+        .await
+        .unwrap();
+
+    let incoming = store
+        .receive_stream(
+            "mig-3/x",
+            &ReceiveOptions {
+                retry: quick_retry(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = drain(incoming).await.unwrap_err();
+    eprintln!("download error: {err}");
+    let msg = err.to_string();
+    assert!(msg.contains("part 2 sha256"), "{msg}");
+    assert!(msg.contains("at byte 5242880"), "{msg}");
+}
