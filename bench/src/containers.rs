@@ -1,0 +1,374 @@
+//! Container migration downtime, each case beside raw CRIU in the same run:
+//! * ferry cold: the runc backend of `ferry-node` (pause, `runc checkpoint` with pages
+//!   streamed to the destination's CRIU page server, bundle streamed over TCP, restore
+//!   as soon as it arrives), source and destination as two backend instances with their
+//!   own runc roots on loopback; downtime = freeze to restored-and-running.
+//! * baseline: raw `runc checkpoint` (CRIU dump to disk) + `cp` of the images and
+//!   bundle + `runc restore`; downtime = the sum (the process is stopped throughout).
+//!
+//! The workload is a static C program holding N MiB of touched heap (built here with
+//! gcc; CRIU comes from `scripts/install-criu.sh`). Post-copy (lazy pages) is not
+//! implemented in ferry-node yet, so there is no lazy-pages case (see docs/containers.md).
+use crate::Measurement;
+use anyhow::{Context, Result, bail};
+use ferry_node::criu::Criu;
+use ferry_node::runc::Runc;
+use ferry_node::runc_backend::{RuncConfig, RuncRuntime};
+use ferry_node::runtime::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEMHOG_C: &str = r#"
+#include <stdlib.h>
+#include <unistd.h>
+#include <fcntl.h>
+int main(int argc, char **argv) {
+    /* Drop the host stdio runc handed over: CRIU cannot dump files outside the container. */
+    int fd = open("/dev/null", O_RDWR);
+    dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
+    size_t n = (size_t)atol(argv[1]) << 20;
+    char *p = malloc(n);
+    for (size_t i = 0; i < n; i += 4096) p[i] = (char)((i >> 12) | 1);
+    volatile unsigned long k = 0;
+    for (;;) { k++; usleep(10000); }
+}
+"#;
+
+pub fn run(quick: bool) -> Result<Vec<Measurement>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(quick))
+}
+
+struct Bench {
+    dir: PathBuf,
+    memhog: PathBuf,
+    cgroup: String,
+    src: RuncRuntime,
+    dst: RuncRuntime,
+    runc_a: Runc,
+    runc_b: Runc,
+}
+
+async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
+    let criu = which_criu()?;
+    // (No tempfile dependency in this crate: a pid-named dir, removed at the end.)
+    let dir = std::env::temp_dir().join(format!("ferry-bench-containers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let memhog = dir.join("memhog");
+    std::fs::write(dir.join("memhog.c"), MEMHOG_C)?;
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&memhog)
+        .arg(dir.join("memhog.c"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "gcc -static memhog.c: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let cgroup = format!("ferry-bench-{}", std::process::id());
+    let runc_a = Runc::new("runc", dir.join("runc-a"));
+    let runc_b = Runc::new("runc", dir.join("runc-b"));
+    let mk = |name: &str, runc: &Runc| RuncConfig {
+        runc: runc.clone(),
+        criu: Criu {
+            binary: criu.clone(),
+        },
+        state_dir: dir.join(format!("state-{name}")),
+        advertise_ip: "127.0.0.1".into(),
+        cgroup_prefix: format!("/{cgroup}/{name}"),
+    };
+    let b = Bench {
+        src: RuncRuntime::new(mk("a", &runc_a)).await,
+        dst: RuncRuntime::new(mk("b", &runc_b)).await,
+        dir,
+        memhog,
+        cgroup,
+        runc_a,
+        runc_b,
+    };
+    let sizes: &[u64] = if quick { &[64] } else { &[64, 256, 1024] };
+    let mut out = Vec::new();
+    let result = async {
+        // Alternate baseline and ferry, keep the best of each: the machine is shared.
+        let runs = if quick { 1 } else { 2 };
+        for &mib in sizes {
+            let (mut base_ms, mut ferry_ms, mut bytes) = (f64::MAX, f64::MAX, 0);
+            for _ in 0..runs {
+                base_ms = base_ms.min(b.baseline(mib).await?);
+                let (f, n) = b.ferry_cold(mib).await?;
+                ferry_ms = ferry_ms.min(f);
+                bytes = n;
+            }
+            let mut details = serde_json::Map::new();
+            details.insert("rss_mib".into(), mib.into());
+            details.insert("bundle_bytes_excluding_pages".into(), bytes.into());
+            details.insert("strategy".into(), "cold".into());
+            out.push(Measurement {
+                case: format!("containers/cold-{mib}MiB"),
+                metric: "downtime_ms".into(),
+                ferry: ferry_ms,
+                baseline: base_ms,
+                baseline_name: "raw runc checkpoint (CRIU dump to disk) + cp + runc restore".into(),
+                details,
+            });
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    b.cleanup().await;
+    let _ = std::fs::remove_dir_all(&b.dir);
+    result?;
+    Ok(out)
+}
+
+fn which_criu() -> Result<PathBuf> {
+    let p = std::env::var_os("FERRY_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/sbin/criu".into());
+    let ok = Command::new(&p)
+        .arg("check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(ok, Ok(s) if s.success()) {
+        bail!(
+            "CRIU 4.x not usable at {}: run scripts/install-criu.sh",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Bench {
+    /// A bundle whose process holds `mib` MiB, started under runc root A.
+    async fn start(&self, id: &str, mib: u64, pod: &WorkloadRef) -> Result<PathBuf> {
+        let bundle = self.dir.join(format!("bundle-{id}"));
+        let _ = std::fs::remove_dir_all(&bundle); // from a previous run
+        let rootfs = bundle.join("rootfs");
+        for d in ["proc", "dev", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d))?;
+        }
+        std::fs::copy(&self.memhog, rootfs.join("memhog"))?;
+        let out = Command::new("runc")
+            .args(["spec", "--bundle"])
+            .arg(&bundle)
+            .output()?;
+        if !out.status.success() {
+            bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let path = bundle.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        c["process"]["terminal"] = false.into();
+        c["process"]["args"] = serde_json::json!(["/memhog", mib.to_string()]);
+        c["linux"]["cgroupsPath"] = format!("/{}/src/{id}", self.cgroup).into();
+        c["annotations"] = serde_json::json!({
+            "io.kubernetes.pod.namespace": pod.namespace, "io.kubernetes.pod.name": pod.pod_name,
+            "io.kubernetes.pod.uid": pod.pod_uid, "io.kubernetes.container.name": "hog",
+        });
+        let keep = ["/proc", "/dev", "/dev/pts", "/dev/shm"];
+        let mounts: Vec<serde_json::Value> = c["mounts"]
+            .as_array()
+            .context("runc spec has mounts")?
+            .iter()
+            .filter(|m| keep.contains(&m["destination"].as_str().unwrap_or("")))
+            .cloned()
+            .collect();
+        c["mounts"] = mounts.into();
+        std::fs::write(&path, serde_json::to_vec_pretty(&c)?)?;
+        let err_path = self.dir.join(format!("{id}.stderr"));
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_a.root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(id)
+            // The container inherits runc's stdio: a pipe here would never reach EOF.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_path)?)
+            .status()?;
+        if !out.success() {
+            bail!(
+                "runc run {id}: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        // Wait until the heap is resident.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = self.runc_a.list().await?;
+            let pid = list.iter().find(|c| c.id == id).map(|c| c.pid).unwrap_or(0);
+            if pid != 0 && ferry_node::runc::rss_bytes(pid) >= (mib << 20) * 95 / 100 {
+                return Ok(bundle);
+            }
+            if Instant::now() > deadline {
+                bail!("{id} never reached {mib} MiB RSS");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ferry_cold(&self, mib: u64) -> Result<(f64, u64)> {
+        let pod = WorkloadRef {
+            namespace: "bench".into(),
+            pod_name: format!("ferry-{mib}"),
+            pod_uid: String::new(),
+        };
+        let id = format!("ferry-{mib}");
+        self.start(&id, mib, &pod).await?;
+        let desc = self.src.describe(&pod).await?.context("pod not found")?;
+        let (psink, _prx) = ProgressSink::new(&id, Stage::Prepared);
+        let info = self
+            .dst
+            .prepare_receiver(
+                ReceiverPlan {
+                    migration_id: id.clone(),
+                    workload: desc,
+                    target: pod.clone(),
+                    strategy: Strategy::Cold,
+                },
+                psink,
+            )
+            .await?;
+        let plan = CheckpointPlan {
+            migration_id: id.clone(),
+            workload: pod.clone(),
+            strategy: Strategy::Cold,
+            receive_endpoint: info.receive_endpoint,
+            page_servers: info.page_servers,
+            leave_running: true,
+        };
+        let (csink, _crx) = ProgressSink::new(&id, Stage::Checkpointing);
+        let (rsink, _rrx) = ProgressSink::new(&id, Stage::Restoring);
+        let (c, r) = tokio::join!(
+            self.src.checkpoint_out(plan, csink.clone()),
+            self.dst.restore_in(&id, &pod, rsink.clone())
+        );
+        c?;
+        r?;
+        let downtime = rsink.latest().downtime_ms as f64;
+        self.src.finalize(&id).await?;
+        self.dst.finalize(&id).await?;
+        let _ = self.runc_b.delete_force(&id).await;
+        let _ = std::fs::remove_dir_all(self.dir.join("state-b").join(&id));
+        Ok((downtime, csink.latest().bytes_done))
+    }
+
+    async fn baseline(&self, mib: u64) -> Result<f64> {
+        let pod = WorkloadRef {
+            namespace: "bench".into(),
+            pod_name: format!("raw-{mib}"),
+            pod_uid: String::new(),
+        };
+        let id = format!("raw-{mib}");
+        let bundle = self.start(&id, mib, &pod).await?;
+        let (img, work) = (
+            self.dir.join(format!("raw-img-{mib}")),
+            self.dir.join(format!("raw-work-{mib}")),
+        );
+        let (img2, bundle2) = (
+            self.dir.join(format!("raw-img2-{mib}")),
+            self.dir.join(format!("raw-bundle2-{mib}")),
+        );
+        std::fs::create_dir_all(&img)?;
+        std::fs::create_dir_all(&work)?;
+        let t0 = Instant::now();
+        let args = self.runc_a.checkpoint_args(
+            &id,
+            &ferry_node::runc::CheckpointOpts {
+                image_path: img.clone(),
+                work_path: work.clone(),
+                ..Default::default()
+            },
+        );
+        self.runc_a.run(args, Some(&work.join("dump.log"))).await?;
+        cp(&img, &img2)?;
+        cp(&bundle, &bundle2)?;
+        let t_copy = t0.elapsed();
+        // The copy must not share the source cgroup (the source is gone, but keep it clean).
+        let path = bundle2.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        c["linux"]["cgroupsPath"] = format!("/{}/raw-dst/{id}", self.cgroup).into();
+        std::fs::write(&path, serde_json::to_vec(&c)?)?;
+        let args = self.runc_b.restore_args(
+            &id,
+            &ferry_node::runc::RestoreOpts {
+                image_path: img2.clone(),
+                work_path: work.clone(),
+                bundle: bundle2.clone(),
+                ..Default::default()
+            },
+        );
+        self.runc_b
+            .run(args, Some(&work.join("restore.log")))
+            .await?;
+        let downtime = t0.elapsed();
+        tracing::info!(mib, ?t_copy, ?downtime, "raw baseline");
+        let _ = self.runc_b.delete_force(&id).await;
+        let _ = self.runc_a.delete_force(&id).await;
+        for d in [&img, &img2, &work, &bundle2] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        Ok(downtime.as_secs_f64() * 1000.0)
+    }
+
+    async fn cleanup(&self) {
+        for r in [&self.runc_a, &self.runc_b] {
+            for c in r.list().await.unwrap_or_default() {
+                let _ = r.delete_force(&c.id).await;
+            }
+        }
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            rmdir_tree(&ctrl.path().join(&self.cgroup));
+        }
+    }
+}
+
+fn cp(from: &Path, to: &Path) -> Result<()> {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if !st.success() {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn rmdir_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                rmdir_tree(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Runs the quick suite (needs root, runc, CRIU from scripts/install-criu.sh, gcc).
+    #[test]
+    #[ignore = "benchmark: run with --ignored"]
+    fn containers_bench() {
+        let quick = std::env::var("FERRY_BENCH_FULL").is_err();
+        for m in super::run(quick).unwrap() {
+            println!(
+                "{} {}: ferry {:.0} baseline {:.0} ratio {:.2} {:?}",
+                m.case,
+                m.metric,
+                m.ferry,
+                m.baseline,
+                m.ratio(),
+                m.details
+            );
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Benchmarks for ferry. Every case is measured beside its raw baseline in the same run
+//! (raw TCP copy, raw CRIU, raw QEMU migration) and reported as a ratio, because the
+//! machine is shared and noisy: absolute numbers from different runs do not compare.
+#![forbid(unsafe_code)]
+
+pub mod containers;
+pub mod transfer;
+pub mod vm;
+
+use serde::Serialize;
+
+/// One measured case next to its same-run baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// Suite and case, e.g. "transfer/direct-1GiB".
+    pub case: String,
+    /// What is measured: "throughput_mib_s", "downtime_ms", "total_ms", ...
+    pub metric: String,
+    pub ferry: f64,
+    pub baseline: f64,
+    /// What the baseline is, e.g. "raw TCP copy".
+    pub baseline_name: String,
+    /// Extra facts: bytes moved, sizes, strategy.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Measurement {
+    /// ferry / baseline: above 1 means ferry took more (time) or moved more (rate).
+    pub fn ratio(&self) -> f64 {
+        if self.baseline == 0.0 { f64::NAN } else { self.ferry / self.baseline }
+    }
+}

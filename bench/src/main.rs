@@ -1,0 +1,70 @@
+//! `ferry-bench`: runs benchmark suites, each case beside its same-run baseline, and
+//! prints a table (and JSON with `--json FILE`). Build with `--release` for numbers.
+use clap::{Parser, ValueEnum};
+use ferry_bench::Measurement;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Suite {
+    /// Direct streams vs raw TCP, S3 vs plain MinIO PUT/GET.
+    Transfer,
+    /// Container migration downtime vs raw `criu dump` + copy + `criu restore`.
+    Containers,
+    /// VM migration through ferry vs raw QEMU-to-QEMU migration.
+    Vm,
+}
+
+#[derive(Parser)]
+#[command(about = "ferry benchmarks: downtime, total time and throughput against same-run baselines")]
+struct Args {
+    /// Suites to run (default: all).
+    #[arg(value_enum)]
+    suites: Vec<Suite>,
+    /// Small sizes and one repetition: checks that every case runs.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the measurements as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    let args = Args::parse();
+    let suites = if args.suites.is_empty() { vec![Suite::Transfer, Suite::Containers, Suite::Vm] } else { args.suites };
+    let mut all: Vec<Measurement> = vec![];
+    let mut failed = vec![];
+    for suite in suites {
+        eprintln!("== {suite:?}");
+        let result = match suite {
+            Suite::Transfer => ferry_bench::transfer::run(args.quick),
+            Suite::Containers => ferry_bench::containers::run(args.quick),
+            Suite::Vm => ferry_bench::vm::run(args.quick),
+        };
+        match result {
+            Ok(ms) => all.extend(ms),
+            Err(e) => {
+                eprintln!("{suite:?} failed: {e:#}");
+                failed.push(suite);
+            }
+        }
+    }
+    println!("{:<40} {:<22} {:>12} {:>12} {:>7}  baseline", "case", "metric", "ferry", "baseline", "ratio");
+    for m in &all {
+        println!(
+            "{:<40} {:<22} {:>12.1} {:>12.1} {:>7.2}  {}",
+            m.case,
+            m.metric,
+            m.ferry,
+            m.baseline,
+            m.ratio(),
+            m.baseline_name
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("suites failed: {failed:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! ferry node daemon: node-local checkpoint, restore and live migration.
+//! The controller decides; this crate does the work on one node.
+#![forbid(unsafe_code)]
+
+// The workload-generic runtime trait, its errors and the gRPC layer around it.
+pub mod convert;
+pub mod error;
+pub mod runtime;
+pub mod server;
+// Container runtime: runc containers checkpointed and restored with CRIU.
+pub mod criu;
+pub mod runc;
+pub mod runc_backend;
+pub mod wire;
+// Virtual machines: ferry-launcher runs one QEMU guest; the qemu backend migrates it over QMP.
+pub mod launcher;
+pub mod qemu;

@@ -1,0 +1,293 @@
+//! runc, driven through typed invocations, and pod discovery under a runc root.
+//!
+//! A pod's containers are found by the annotations the CRI (containerd, CRI-O) puts in
+//! each container's OCI config, so the same code works against containerd's `k8s.io`
+//! runc root on a real node and against a test root.
+use crate::criu;
+use crate::error::RuntimeError;
+use crate::runtime::WorkloadRef;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokio::process::Command;
+
+pub const ANN_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const ANN_POD_NAME: &str = "io.kubernetes.pod.name";
+pub const ANN_POD_UID: &str = "io.kubernetes.pod.uid";
+pub const ANN_CONTAINER_NAME: &str = "io.kubernetes.container.name";
+
+/// One entry of `runc list --format json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuncContainer {
+    pub id: String,
+    pub pid: u32,
+    pub status: String,
+    pub bundle: PathBuf,
+    #[serde(default)]
+    pub annotations: Option<HashMap<String, String>>,
+}
+
+impl RuncContainer {
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    pub fn belongs_to(&self, pod: &WorkloadRef) -> bool {
+        self.annotation(ANN_NAMESPACE) == Some(pod.namespace.as_str())
+            && self.annotation(ANN_POD_NAME) == Some(pod.pod_name.as_str())
+            && (pod.pod_uid.is_empty()
+                || self.annotation(ANN_POD_UID) == Some(pod.pod_uid.as_str()))
+    }
+
+    /// The CRI container name, or the runc id when the annotation is missing.
+    pub fn name(&self) -> &str {
+        self.annotation(ANN_CONTAINER_NAME).unwrap_or(&self.id)
+    }
+}
+
+/// Options of `runc checkpoint` we use.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOpts {
+    pub image_path: PathBuf,
+    pub work_path: PathBuf,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    /// host:port of a CRIU page server that receives the memory pages as they are dumped.
+    pub page_server: Option<String>,
+    pub lazy_pages: bool,
+    /// fd (in runc's process) where CRIU writes a byte once lazy dump is ready.
+    pub status_fd: Option<i32>,
+}
+
+/// Options of `runc restore` we use.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOpts {
+    pub image_path: PathBuf,
+    pub work_path: PathBuf,
+    pub bundle: PathBuf,
+    pub tcp_established: bool,
+    pub lazy_pages: bool,
+}
+
+/// A runc binary plus the root (state directory) it manages.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    pub root: PathBuf,
+}
+
+impl Runc {
+    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Runc {
+        Runc {
+            binary: binary.into(),
+            root: root.into(),
+        }
+    }
+
+    fn base(&self) -> Vec<String> {
+        vec!["--root".into(), self.root.display().to_string()]
+    }
+
+    pub fn list_args(&self) -> Vec<String> {
+        let mut a = self.base();
+        a.extend(["list".into(), "--format".into(), "json".into()]);
+        a
+    }
+
+    pub fn checkpoint_args(&self, id: &str, o: &CheckpointOpts) -> Vec<String> {
+        let mut a = self.base();
+        a.push("checkpoint".into());
+        a.extend(["--image-path".into(), o.image_path.display().to_string()]);
+        a.extend(["--work-path".into(), o.work_path.display().to_string()]);
+        if o.leave_running {
+            a.push("--leave-running".into());
+        }
+        if o.tcp_established {
+            a.push("--tcp-established".into());
+        }
+        if let Some(ps) = &o.page_server {
+            a.extend(["--page-server".into(), ps.clone()]);
+        }
+        if o.lazy_pages {
+            a.push("--lazy-pages".into());
+        }
+        if let Some(fd) = o.status_fd {
+            a.extend(["--status-fd".into(), fd.to_string()]);
+        }
+        a.push(id.into());
+        a
+    }
+
+    pub fn restore_args(&self, id: &str, o: &RestoreOpts) -> Vec<String> {
+        let mut a = self.base();
+        a.extend(["restore".into(), "--detach".into()]);
+        a.extend(["--image-path".into(), o.image_path.display().to_string()]);
+        a.extend(["--work-path".into(), o.work_path.display().to_string()]);
+        a.extend(["--bundle".into(), o.bundle.display().to_string()]);
+        if o.tcp_established {
+            a.push("--tcp-established".into());
+        }
+        if o.lazy_pages {
+            a.push("--lazy-pages".into());
+        }
+        a.push(id.into());
+        a
+    }
+
+    pub fn simple_args(&self, verb: &str, id: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = self.base();
+        a.push(verb.into());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(id.into());
+        a
+    }
+
+    /// Runs runc with `args`; on failure the error carries stderr and, when `criu_log`
+    /// names a CRIU log, an excerpt of it.
+    pub async fn run(
+        &self,
+        args: Vec<String>,
+        criu_log: Option<&Path>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        tracing::debug!(runc = %self.binary.display(), ?args, "runc");
+        let out = Command::new(&self.binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| {
+                RuntimeError::command(
+                    &self.binary.display().to_string(),
+                    &args,
+                    None,
+                    e.to_string().as_bytes(),
+                    String::new(),
+                )
+            })?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let log = criu_log.map(criu::log_excerpt).unwrap_or_default();
+        Err(RuntimeError::command(
+            "runc",
+            &args,
+            Some(out.status),
+            &out.stderr,
+            log,
+        ))
+    }
+
+    pub async fn list(&self) -> Result<Vec<RuncContainer>, RuntimeError> {
+        if !self.root.exists() {
+            return Ok(Vec::new());
+        }
+        let out = self.run(self.list_args(), None).await?;
+        let text = String::from_utf8_lossy(&out);
+        // runc prints `null` for an empty root.
+        if text.trim() == "null" || text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            RuntimeError::FailedPrecondition(format!("cannot parse `runc list` output: {e}"))
+        })
+    }
+
+    /// The containers of `pod`, sorted by name; NotFound when there are none.
+    pub async fn pod_containers(
+        &self,
+        pod: &WorkloadRef,
+    ) -> Result<Vec<RuncContainer>, RuntimeError> {
+        let mut found: Vec<RuncContainer> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|c| c.belongs_to(pod))
+            .collect();
+        if found.is_empty() {
+            return Err(RuntimeError::NotFound(format!(
+                "no runc container under {} carries the annotations of pod {pod}",
+                self.root.display()
+            )));
+        }
+        found.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(found)
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run(self.simple_args("pause", id, &[]), None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run(self.simple_args("resume", id, &[]), None)
+            .await
+            .map(drop)
+    }
+
+    /// `runc delete --force`: kills what is left and removes the state.
+    pub async fn delete_force(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run(self.simple_args("delete", id, &["--force"]), None)
+            .await
+            .map(drop)
+    }
+}
+
+/// Resident memory of a process, from /proc (0 when it cannot be read).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_args_carry_every_option() {
+        let r = Runc::new("runc", "/run/r");
+        let a = r.checkpoint_args(
+            "c1",
+            &CheckpointOpts {
+                image_path: "/i".into(),
+                work_path: "/w".into(),
+                leave_running: true,
+                tcp_established: true,
+                page_server: Some("10.0.0.2:5000".into()),
+                lazy_pages: false,
+                status_fd: None,
+            },
+        );
+        assert_eq!(
+            a.join(" "),
+            "--root /run/r checkpoint --image-path /i --work-path /w --leave-running \
+             --tcp-established --page-server 10.0.0.2:5000 c1"
+        );
+    }
+
+    #[test]
+    fn pod_match_uses_cri_annotations() {
+        let c: RuncContainer = serde_json::from_str(
+            r#"{"id":"x","pid":1,"status":"running","bundle":"/b","annotations":{
+            "io.kubernetes.pod.namespace":"ns","io.kubernetes.pod.name":"p",
+            "io.kubernetes.pod.uid":"u1","io.kubernetes.container.name":"app"}}"#,
+        )
+        .unwrap();
+        let pod = |uid: &str| WorkloadRef {
+            namespace: "ns".into(),
+            pod_name: "p".into(),
+            pod_uid: uid.into(),
+        };
+        assert!(c.belongs_to(&pod("")));
+        assert!(c.belongs_to(&pod("u1")));
+        assert!(!c.belongs_to(&pod("u2")));
+        assert_eq!(c.name(), "app");
+    }
+}

@@ -1,0 +1,263 @@
+//! The workload-generic runtime trait the node daemon drives, and its domain types.
+//!
+//! One trait for every kind of workload (runc containers through CRIU now, QEMU guests
+//! later): the gRPC layer only converts to and from these types (see `convert.rs`) and
+//! never knows which backend does the work. Long calls report through a
+//! [`ProgressSink`]; the server turns that into `Operation` messages.
+use crate::error::RuntimeError;
+use futures::future::BoxFuture;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// A pod, as Kubernetes names it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub pod_name: String,
+    /// Empty matches any uid.
+    pub pod_uid: String,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.pod_name)?;
+        if !self.pod_uid.is_empty() {
+            write!(f, " (uid {})", self.pod_uid)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Containers,
+    VirtualMachine,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// The CRI container name (`io.kubernetes.container.name`).
+    pub name: String,
+    /// The runtime's container id.
+    pub id: String,
+    pub pid: u32,
+    pub rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadDescription {
+    pub workload: WorkloadRef,
+    pub kind: WorkloadKind,
+    pub containers: Vec<ContainerInfo>,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Stop, copy, restore (the copy streams while CRIU dumps).
+    Cold,
+    /// Iterative copy while running, then a short stop.
+    PreCopy,
+    /// Restore first, fault memory in from the source (CRIU lazy pages).
+    PostCopy,
+}
+
+/// Whether a strategy can run on this node, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrategySupport {
+    pub strategy: Strategy,
+    pub available: bool,
+    pub reason: String,
+}
+
+/// Destination side: what the source will send.
+#[derive(Debug, Clone)]
+pub struct ReceiverPlan {
+    pub migration_id: String,
+    pub workload: WorkloadDescription,
+    pub target: WorkloadRef,
+    pub strategy: Strategy,
+}
+
+/// Where the source sends state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiverInfo {
+    pub receive_endpoint: String,
+    /// (container name, host:port) of a CRIU page server per container.
+    pub page_servers: Vec<(String, String)>,
+}
+
+/// Source side.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    pub migration_id: String,
+    pub workload: WorkloadRef,
+    pub strategy: Strategy,
+    pub receive_endpoint: String,
+    pub page_servers: Vec<(String, String)>,
+    /// Keep the source resumable (frozen, not killed) until finalize or abort.
+    pub leave_running: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stage {
+    #[default]
+    Unspecified,
+    Prepared,
+    Checkpointing,
+    Transferring,
+    Restoring,
+    Finalizing,
+    Aborting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OpState {
+    #[default]
+    Running,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+/// A snapshot of one long operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub migration_id: String,
+    pub stage: Stage,
+    pub state: OpState,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub downtime_ms: u64,
+    pub elapsed_ms: u64,
+    pub message: String,
+}
+
+/// Where a backend reports progress; cheap to clone, readers watch the latest value.
+#[derive(Clone)]
+pub struct ProgressSink {
+    tx: watch::Sender<Progress>,
+    started: std::time::Instant,
+}
+
+impl ProgressSink {
+    pub fn new(migration_id: &str, stage: Stage) -> (ProgressSink, watch::Receiver<Progress>) {
+        let (tx, rx) = watch::channel(Progress {
+            migration_id: migration_id.to_string(),
+            stage,
+            ..Default::default()
+        });
+        (
+            ProgressSink {
+                tx,
+                started: std::time::Instant::now(),
+            },
+            rx,
+        )
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.tx.send_modify(|p| {
+            f(p);
+            p.elapsed_ms = elapsed;
+        });
+    }
+
+    pub fn stage(&self, stage: Stage, message: impl Into<String>) {
+        let message = message.into();
+        self.update(|p| {
+            p.stage = stage;
+            p.message = message;
+        });
+    }
+
+    pub fn add_bytes(&self, n: u64) {
+        self.update(|p| p.bytes_done += n);
+    }
+
+    pub fn downtime_ms(&self, ms: u64) {
+        self.update(|p| p.downtime_ms = ms);
+    }
+
+    pub fn finish(&self, result: &Result<(), RuntimeError>) {
+        self.update(|p| match result {
+            Ok(()) => {
+                p.state = OpState::Succeeded;
+            }
+            Err(RuntimeError::Aborted(why)) => {
+                p.state = OpState::Aborted;
+                p.message = why.clone();
+            }
+            Err(e) => {
+                p.state = OpState::Failed;
+                p.message = e.to_string();
+            }
+        });
+    }
+
+    pub fn latest(&self) -> Progress {
+        self.tx.borrow().clone()
+    }
+}
+
+/// Milliseconds since the Unix epoch, for timestamps that cross processes (the source's
+/// freeze time travels with the bundle so the destination can measure downtime).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A backend that can move one kind of workload. Methods are idempotent per
+/// `migration_id` where the server may repeat them.
+pub trait Runtime: Send + Sync + 'static {
+    /// Short name reported by `Version` ("runc", "qemu").
+    fn name(&self) -> &'static str;
+
+    /// Which strategies this node can run, probed from its kernel and tools.
+    fn strategies(&self) -> Vec<StrategySupport>;
+
+    /// `Ok(None)` when this backend has nothing for the pod (another backend may).
+    fn describe<'a>(
+        &'a self,
+        workload: &'a WorkloadRef,
+    ) -> BoxFuture<'a, Result<Option<WorkloadDescription>, RuntimeError>>;
+
+    /// Destination: get ready to receive; returns at once with where to send.
+    fn prepare_receiver(
+        &self,
+        plan: ReceiverPlan,
+        progress: ProgressSink,
+    ) -> BoxFuture<'_, Result<ReceiverInfo, RuntimeError>>;
+
+    /// Source: refuse a checkpoint that cannot work (workload stopped, request
+    /// incomplete) before anything is frozen, so bad input is an RPC error.
+    fn check_checkpoint<'a>(
+        &'a self,
+        plan: &'a CheckpointPlan,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Source: checkpoint and send to the receiver. Runs until the state is sent.
+    fn checkpoint_out(
+        &self,
+        plan: CheckpointPlan,
+        progress: ProgressSink,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>>;
+
+    /// Destination: restore from what was (or is being) received. Runs until the workload
+    /// runs here.
+    fn restore_in<'a>(
+        &'a self,
+        migration_id: &'a str,
+        target: &'a WorkloadRef,
+        progress: ProgressSink,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Source, after success: remove the source copy. Destination: forget the staging.
+    fn finalize<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Source: resume the workload. Destination: remove whatever was received or restored.
+    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+}

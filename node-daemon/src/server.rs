@@ -1,0 +1,382 @@
+//! The gRPC service: thin handlers that convert (`convert.rs`), pick the runtime and
+//! track long operations per migration_id. One `tracing` span per RPC.
+use crate::convert::{self as cv};
+use crate::error::RuntimeError;
+use crate::runtime::{
+    CheckpointPlan, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage,
+    WorkloadKind,
+};
+use ferry_proto::node::v1 as pb;
+use ferry_proto::node::v1::node_agent_server::NodeAgent;
+use futures::Stream;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Prepare,
+    Checkpoint,
+    Restore,
+}
+
+struct Op {
+    kind: OpKind,
+    runtime: Arc<dyn Runtime>,
+    progress: watch::Receiver<Progress>,
+    receiver: Option<ReceiverInfo>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct NodeService {
+    runtimes: Vec<Arc<dyn Runtime>>,
+    ops: Mutex<HashMap<String, Op>>,
+}
+
+impl NodeService {
+    pub fn new(runtimes: Vec<Arc<dyn Runtime>>) -> NodeService {
+        NodeService {
+            runtimes,
+            ops: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn runtime_for_kind(&self, kind: WorkloadKind) -> Result<Arc<dyn Runtime>, RuntimeError> {
+        let name = match kind {
+            WorkloadKind::Containers => "runc",
+            WorkloadKind::VirtualMachine => "qemu",
+        };
+        self.runtimes
+            .iter()
+            .find(|r| r.name() == name)
+            .cloned()
+            .ok_or_else(|| RuntimeError::Unavailable(format!("this node has no {name} runtime")))
+    }
+
+    async fn owner_of(
+        &self,
+        w: &crate::runtime::WorkloadRef,
+    ) -> Result<(Arc<dyn Runtime>, crate::runtime::WorkloadDescription), RuntimeError> {
+        for r in &self.runtimes {
+            if let Some(d) = r.describe(w).await? {
+                return Ok((r.clone(), d));
+            }
+        }
+        Err(RuntimeError::NotFound(format!(
+            "pod {w} runs nothing this node's runtimes ({}) manage",
+            self.runtimes
+                .iter()
+                .map(|r| r.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// The current op of `kind` for the migration, if any (a repeated Start* call).
+    fn existing(&self, id: &str, kind: OpKind) -> Option<pb::Operation> {
+        let ops = self.ops.lock().unwrap();
+        ops.get(id)
+            .filter(|o| o.kind == kind)
+            .map(|o| cv::operation_pb(&o.progress.borrow()))
+    }
+
+    /// Runs `work` in the background as the migration's current operation.
+    fn spawn_op<F>(
+        &self,
+        id: &str,
+        kind: OpKind,
+        runtime: Arc<dyn Runtime>,
+        stage: Stage,
+        work: F,
+    ) -> pb::Operation
+    where
+        F: FnOnce(ProgressSink) -> futures::future::BoxFuture<'static, Result<(), RuntimeError>>,
+    {
+        let (sink, rx) = ProgressSink::new(id, stage);
+        let fut = work(sink.clone());
+        let span = tracing::info_span!("operation", migration_id = %id, ?kind);
+        let task = tokio::spawn(
+            async move {
+                let r = fut.await;
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "operation failed");
+                }
+                sink.finish(&r);
+            }
+            .instrument(span),
+        );
+        let op = cv::operation_pb(&rx.borrow());
+        self.ops.lock().unwrap().insert(
+            id.to_string(),
+            Op {
+                kind,
+                runtime,
+                progress: rx,
+                receiver: None,
+                task: Some(task),
+            },
+        );
+        op
+    }
+
+    fn runtime_of(&self, id: &str) -> Option<Arc<dyn Runtime>> {
+        self.ops.lock().unwrap().get(id).map(|o| o.runtime.clone())
+    }
+
+    fn done(id: &str, stage: Stage, r: &Result<(), RuntimeError>) -> pb::Operation {
+        let (sink, _rx) = ProgressSink::new(id, stage);
+        sink.finish(r);
+        cv::operation_pb(&sink.latest())
+    }
+}
+
+type OpStream = Pin<Box<dyn Stream<Item = Result<pb::Operation, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeAgent for NodeService {
+    #[tracing::instrument(skip_all)]
+    async fn version(
+        &self,
+        _: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let support: Vec<_> = self.runtimes.iter().flat_map(|r| r.strategies()).collect();
+        let mut strategies: Vec<i32> = support
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| cv::strategy_pb(s.strategy) as i32)
+            .collect();
+        strategies.dedup();
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            runtimes: self.runtimes.iter().map(|r| r.name().to_string()).collect(),
+            strategies,
+            strategy_support: support.iter().map(cv::support_pb).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(pod))]
+    async fn describe_workload(
+        &self,
+        req: Request<pb::WorkloadRef>,
+    ) -> Result<Response<pb::WorkloadDescription>, Status> {
+        let w = cv::workload_ref(Some(req.into_inner()), "workload")?;
+        tracing::Span::current().record("pod", tracing::field::display(&w));
+        let (_, d) = self.owner_of(&w).await?;
+        Ok(Response::new(cv::description_pb(&d)))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn prepare_receiver(
+        &self,
+        req: Request<pb::PrepareReceiverRequest>,
+    ) -> Result<Response<pb::PrepareReceiverResponse>, Status> {
+        let r = req.into_inner();
+        let id = cv::migration_id(&r.migration_id)?;
+        if let Some(info) = self
+            .ops
+            .lock()
+            .unwrap()
+            .get(&id)
+            .and_then(|o| o.receiver.clone())
+        {
+            return Ok(Response::new(pb::PrepareReceiverResponse {
+                receive_endpoint: info.receive_endpoint.clone(),
+                page_servers: cv::page_servers_pb(&info.page_servers),
+            }));
+        }
+        let workload = cv::description(r.workload)?;
+        let target = match r.target {
+            Some(t) => cv::workload_ref(Some(t), "target")?,
+            None => workload.workload.clone(),
+        };
+        let runtime = self.runtime_for_kind(workload.kind)?;
+        let plan = ReceiverPlan {
+            migration_id: id.clone(),
+            workload,
+            target,
+            strategy: cv::strategy(r.strategy)?,
+        };
+        let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
+        let info = runtime.prepare_receiver(plan, sink).await?;
+        self.ops.lock().unwrap().insert(
+            id,
+            Op {
+                kind: OpKind::Prepare,
+                runtime,
+                progress: rx,
+                receiver: Some(info.clone()),
+                task: None,
+            },
+        );
+        Ok(Response::new(pb::PrepareReceiverResponse {
+            receive_endpoint: info.receive_endpoint,
+            page_servers: cv::page_servers_pb(&info.page_servers),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn start_checkpoint(
+        &self,
+        req: Request<pb::StartCheckpointRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.into_inner();
+        let id = cv::migration_id(&r.migration_id)?;
+        if let Some(op) = self.existing(&id, OpKind::Checkpoint) {
+            return Ok(Response::new(op));
+        }
+        let workload = cv::workload_ref(r.workload, "workload")?;
+        // Validate synchronously so bad input is an RPC error, not a failed operation.
+        let (runtime, _) = self.owner_of(&workload).await?;
+        let strategy = cv::strategy(r.strategy)?;
+        if let Some(s) = runtime
+            .strategies()
+            .into_iter()
+            .find(|s| s.strategy == strategy && !s.available)
+        {
+            return Err(
+                RuntimeError::Unavailable(format!("strategy {strategy:?}: {}", s.reason)).into(),
+            );
+        }
+        if r.receive_endpoint.is_empty() {
+            return Err(RuntimeError::InvalidArgument("receive_endpoint is empty".into()).into());
+        }
+        let plan = CheckpointPlan {
+            migration_id: id.clone(),
+            workload,
+            strategy,
+            receive_endpoint: r.receive_endpoint,
+            page_servers: cv::page_servers(r.page_servers),
+            leave_running: r.leave_running,
+        };
+        runtime.check_checkpoint(&plan).await?;
+        let rt = runtime.clone();
+        let op = self.spawn_op(
+            &id,
+            OpKind::Checkpoint,
+            runtime,
+            Stage::Checkpointing,
+            move |sink| Box::pin(async move { rt.checkpoint_out(plan, sink).await }),
+        );
+        Ok(Response::new(op))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn start_restore(
+        &self,
+        req: Request<pb::StartRestoreRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.into_inner();
+        let id = cv::migration_id(&r.migration_id)?;
+        if let Some(op) = self.existing(&id, OpKind::Restore) {
+            return Ok(Response::new(op));
+        }
+        let target = match r.target {
+            Some(t) => cv::workload_ref(Some(t), "target")?,
+            None => Default::default(),
+        };
+        let runtime = self.runtime_of(&id).ok_or_else(|| {
+            RuntimeError::NotFound(format!(
+                "migration {id} has no receiver here; call PrepareReceiver first"
+            ))
+        })?;
+        let rt = runtime.clone();
+        let mid = id.clone();
+        let op = self.spawn_op(
+            &id,
+            OpKind::Restore,
+            runtime,
+            Stage::Restoring,
+            move |sink| Box::pin(async move { rt.restore_in(&mid, &target, sink).await }),
+        );
+        Ok(Response::new(op))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn finalize(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let id = cv::migration_id(&req.get_ref().migration_id)?;
+        let Some(runtime) = self.runtime_of(&id) else {
+            // Nothing known: already finalized (idempotent).
+            return Ok(Response::new(Self::done(&id, Stage::Finalizing, &Ok(()))));
+        };
+        let r = runtime.finalize(&id).await;
+        if r.is_ok() {
+            self.ops.lock().unwrap().remove(&id);
+        }
+        Ok(Response::new(Self::done(&id, Stage::Finalizing, &r)))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn abort(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let id = cv::migration_id(&req.get_ref().migration_id)?;
+        let op = self.ops.lock().unwrap().remove(&id);
+        let Some(mut op) = op else {
+            return Ok(Response::new(Self::done(
+                &id,
+                Stage::Aborting,
+                &Err(RuntimeError::Aborted("nothing to abort".into())),
+            )));
+        };
+        // Stop work in flight first, then undo what it did.
+        if let Some(t) = op.task.take() {
+            t.abort();
+        }
+        let r = op.runtime.abort(&id).await;
+        let r = r.and(Err(RuntimeError::Aborted(
+            "aborted; source resumed / destination cleaned".into(),
+        )));
+        Ok(Response::new(Self::done(&id, Stage::Aborting, &r)))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn get_operation(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let id = &req.get_ref().migration_id;
+        let ops = self.ops.lock().unwrap();
+        let op = ops
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound(format!("no operation for migration {id}")))?;
+        Ok(Response::new(cv::operation_pb(&op.progress.borrow())))
+    }
+
+    type WatchProgressStream = OpStream;
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn watch_progress(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<OpStream>, Status> {
+        let id = req.get_ref().migration_id.clone();
+        let rx = {
+            let ops = self.ops.lock().unwrap();
+            ops.get(&id)
+                .map(|o| o.progress.clone())
+                .ok_or_else(|| RuntimeError::NotFound(format!("no operation for migration {id}")))?
+        };
+        // The current state, then every change, ending with the first terminal state.
+        let stream =
+            futures::stream::unfold((rx, false, true), |(mut rx, finished, first)| async move {
+                if finished {
+                    return None;
+                }
+                let mut finished = false;
+                if !first && rx.changed().await.is_err() {
+                    finished = true; // the operation's task is gone: send its last state
+                }
+                let p = rx.borrow_and_update().clone();
+                finished |= p.state != OpState::Running;
+                Some((Ok(cv::operation_pb(&p)), (rx, finished, false)))
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,314 @@
+//! Real runc + CRIU migrations between two `ferry-node` daemons, each in its own network
+//! namespace ("node") with its own runc root, driven over gRPC like the controller does.
+mod containers_support;
+
+use containers_support::*;
+use ferry_proto::node::v1 as pb;
+use ferry_testkit::netns::Lan;
+use std::time::Duration;
+
+/// Lines must be exactly 1..=n: a restarted counter would write "1" again, a lost file
+/// offset would overwrite the beginning.
+fn assert_contiguous(counts: &[u64], what: &str) {
+    for (i, v) in counts.iter().enumerate() {
+        assert_eq!(*v, i as u64 + 1, "{what}: line {i} is {v}; log: {counts:?}");
+    }
+}
+
+/// TCP sockets of `pid`'s netns on `port_hex` in state `st` (0A listen, 01 established).
+fn tcp_count(pid: u64, port_hex: &str, st: &str) -> usize {
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default()
+        + &std::fs::read_to_string(format!("/proc/{pid}/net/tcp6")).unwrap_or_default();
+    tcp.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && (f[1].ends_with(port_hex) || f[2].ends_with(port_hex)) && f[3] == st
+        })
+        .count()
+}
+
+fn listening_on_8080(pid: u64) -> bool {
+    // local_address *:1F90, state 0A = LISTEN (busybox nc may bind v4 or v6)
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default()
+        + &std::fs::read_to_string(format!("/proc/{pid}/net/tcp6")).unwrap_or_default();
+    tcp.lines()
+        .any(|l| l.contains(":1F90") && l.split_whitespace().nth(3) == Some("0A"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn counter_container_moves_to_another_node() -> anyhow::Result<()> {
+    let criu = require_criu();
+    let base = tempfile::tempdir()?;
+    let cg = CgroupGuard::new();
+    let lan = Lan::create()?;
+    let mut a = Daemon::start(
+        &lan,
+        "a",
+        base.path(),
+        &criu,
+        &format!("/{}/a-restored", cg.0),
+    )
+    .await?;
+    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+
+    let p = pod("counter");
+    let bundle = base.path().join("bundle-app");
+    write_bundle(
+        &bundle,
+        &p,
+        "app",
+        COUNTER_SCRIPT,
+        &format!("/{}/a/app", cg.0),
+    )?;
+    a.containers.run(&a.node, &bundle, "counter-app")?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let desc = a.client.describe_workload(p.clone()).await?.into_inner();
+    assert_eq!(desc.containers.len(), 1);
+    assert_eq!(desc.containers[0].name, "app");
+    let src_pid = desc.containers[0].pid as u64;
+    assert!(
+        listening_on_8080(src_pid),
+        "source container should listen on 8080"
+    );
+    let est = tcp_count(src_pid, ":1F91", "01");
+    assert_eq!(
+        est, 2,
+        "both ends of the loopback connection on 8081 are established"
+    );
+
+    let (cp, rs) = migrate(&mut a.client, &mut b.client, "mig-counter", &p, &p).await?;
+    assert!(succeeded(&cp), "checkpoint: {cp:?}");
+    assert!(succeeded(&rs), "restore: {rs:?}");
+    assert!(cp.bytes_done > 0);
+    // The frozen source wrote nothing since the cut; its last value is where B continues.
+    let at_cut = *read_counts(&bundle.join("rootfs/data/count.log"))
+        .last()
+        .unwrap();
+    assert!(
+        at_cut > 3,
+        "counter should have run before the cut ({at_cut})"
+    );
+    assert_eq!(
+        runc_status(&a.runc_root, "counter-app").as_deref(),
+        Some("paused")
+    );
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let moved = b.client.describe_workload(p.clone()).await?.into_inner();
+    assert_eq!(
+        moved.containers.len(),
+        1,
+        "pod found on B by its annotations"
+    );
+    let dst_pid = moved.containers[0].pid as u64;
+    let dst_log = b.state_dir.join("mig-counter/app/rootfs/data/count.log");
+    let counts = read_counts(&dst_log);
+    assert_contiguous(&counts, "destination log");
+    assert!(
+        *counts.last().unwrap() > at_cut + 3,
+        "counter continues past {at_cut} on B: {:?}",
+        &counts[counts.len().saturating_sub(5)..]
+    );
+    assert!(listening_on_8080(dst_pid), "listening socket restored on B");
+    assert_eq!(
+        tcp_count(dst_pid, ":1F91", "01"),
+        2,
+        "established connection survives (--tcp-established)"
+    );
+    eprintln!(
+        "cold migration: downtime {} ms, bundle {} bytes, counter {at_cut} -> {}",
+        rs.downtime_ms,
+        cp.bytes_done,
+        counts.last().unwrap()
+    );
+
+    // Finalize removes the frozen source copy.
+    let fin = a
+        .client
+        .finalize(pb::MigrationRef {
+            migration_id: "mig-counter".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(succeeded(&fin), "{fin:?}");
+    b.client
+        .finalize(pb::MigrationRef {
+            migration_id: "mig-counter".into(),
+        })
+        .await?;
+    assert_eq!(runc_status(&a.runc_root, "counter-app"), None);
+    assert_eq!(
+        runc_status(&b.runc_root, "counter-app").as_deref(),
+        Some("running")
+    );
+    drop((a, b));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
+    let criu = require_criu();
+    let base = tempfile::tempdir()?;
+    let cg = CgroupGuard::new();
+    let lan = Lan::create()?;
+    let mut a = Daemon::start(
+        &lan,
+        "a",
+        base.path(),
+        &criu,
+        &format!("/{}/a-restored", cg.0),
+    )
+    .await?;
+    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let p = pod("trio");
+    let names = ["one", "three", "two"];
+    for n in names {
+        let bundle = base.path().join(format!("bundle-{n}"));
+        write_bundle(&bundle, &p, n, COUNTER_SCRIPT, &format!("/{}/a/{n}", cg.0))?;
+        a.containers.run(&a.node, &bundle, &format!("trio-{n}"))?;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let desc = a.client.describe_workload(p.clone()).await?.into_inner();
+    let got: Vec<&str> = desc.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(got, names);
+
+    let (cp, rs) = migrate(&mut a.client, &mut b.client, "mig-trio", &p, &p).await?;
+    assert!(succeeded(&cp), "checkpoint: {cp:?}");
+    assert!(succeeded(&rs), "restore: {rs:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for n in names {
+        let at_cut = *read_counts(
+            &base
+                .path()
+                .join(format!("bundle-{n}/rootfs/data/count.log")),
+        )
+        .last()
+        .unwrap();
+        let counts = read_counts(
+            &b.state_dir
+                .join(format!("mig-trio/{n}/rootfs/data/count.log")),
+        );
+        assert_contiguous(&counts, n);
+        assert!(
+            *counts.last().unwrap() > at_cut + 3,
+            "{n} continues past {at_cut}"
+        );
+        assert_eq!(
+            runc_status(&b.runc_root, &format!("trio-{n}")).as_deref(),
+            Some("running")
+        );
+    }
+    eprintln!("3-container pod: downtime {} ms", rs.downtime_ms);
+    a.client
+        .finalize(pb::MigrationRef {
+            migration_id: "mig-trio".into(),
+        })
+        .await?;
+    assert!(runc_list(&a.runc_root)?.is_empty(), "source copies removed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
+    let criu = require_criu();
+    let base = tempfile::tempdir()?;
+    let cg = CgroupGuard::new();
+    let lan = Lan::create()?;
+    let mut a = Daemon::start(
+        &lan,
+        "a",
+        base.path(),
+        &criu,
+        &format!("/{}/a-restored", cg.0),
+    )
+    .await?;
+    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let p = pod("fragile");
+    let bundle = base.path().join("bundle-app");
+    write_bundle(
+        &bundle,
+        &p,
+        "app",
+        COUNTER_SCRIPT,
+        &format!("/{}/a/app", cg.0),
+    )?;
+    a.containers.run(&a.node, &bundle, "fragile-app")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let id = "mig-fragile";
+    let desc = a.client.describe_workload(p.clone()).await?.into_inner();
+    let prep = b
+        .client
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: id.into(),
+            workload: Some(desc),
+            target: Some(p.clone()),
+            strategy: pb::Strategy::Cold as i32,
+            transfer: None,
+        })
+        .await?
+        .into_inner();
+    a.client
+        .start_checkpoint(pb::StartCheckpointRequest {
+            migration_id: id.into(),
+            workload: Some(p.clone()),
+            strategy: pb::Strategy::Cold as i32,
+            transfer: None,
+            receive_endpoint: prep.receive_endpoint,
+            leave_running: true,
+            page_servers: prep.page_servers,
+        })
+        .await?;
+    let cp = wait_op(&mut a.client, id, Duration::from_secs(60)).await?;
+    assert!(succeeded(&cp), "{cp:?}");
+    // Corrupt the received bundle before the destination restores it.
+    let images = b.state_dir.join(id).join("app/images");
+    std::fs::write(images.join("pstree.img"), b"not a criu image at all")?;
+    b.client
+        .start_restore(pb::StartRestoreRequest {
+            migration_id: id.into(),
+            target: Some(p.clone()),
+        })
+        .await?;
+    let rs = wait_op(&mut b.client, id, Duration::from_secs(60)).await?;
+    assert_eq!(rs.state, pb::OperationState::Failed as i32, "{rs:?}");
+    assert!(
+        rs.message.contains("criu"),
+        "error names CRIU and keeps its log: {}",
+        rs.message
+    );
+    assert!(
+        runc_list(&b.runc_root)?.is_empty(),
+        "nothing half-restored on B"
+    );
+
+    // The controller rolls back: the source resumes where it was frozen.
+    let log = bundle.join("rootfs/data/count.log");
+    let at_cut = *read_counts(&log).last().unwrap();
+    let ab = a
+        .client
+        .abort(pb::MigrationRef {
+            migration_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ab.state, pb::OperationState::Aborted as i32, "{ab:?}");
+    b.client
+        .abort(pb::MigrationRef {
+            migration_id: id.into(),
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        runc_status(&a.runc_root, "fragile-app").as_deref(),
+        Some("running")
+    );
+    let counts = read_counts(&log);
+    assert_contiguous(&counts, "source log");
+    assert!(
+        *counts.last().unwrap() > at_cut + 3,
+        "source continues after rollback"
+    );
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! Shared fixtures for the container tests: busybox bundles, runc containers, and
+//! `ferry-node` daemons inside testkit network namespaces. Everything is torn down by
+//! guards, even when a test fails.
+#![allow(dead_code)]
+use anyhow::{Context, Result, bail};
+use ferry_proto::node::v1 as pb;
+use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
+use ferry_testkit::netns::{Lan, Node};
+use ferry_testkit::process::ChildGuard;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub type Client = NodeAgentClient<Channel>;
+
+/// CRIU built by scripts/install-criu.sh (Debian 12's own CRIU does not work here).
+pub fn require_criu() -> PathBuf {
+    let p = std::env::var_os("FERRY_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/sbin/criu".into());
+    let ok = Command::new(&p)
+        .arg("check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        matches!(ok, Ok(s) if s.success()),
+        "CRIU 4.x not usable at {} (`criu check` fails): run scripts/install-criu.sh",
+        p.display()
+    );
+    p
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique cgroup parent for one test; removed (all controllers) on drop.
+pub struct CgroupGuard(pub String);
+
+impl CgroupGuard {
+    pub fn new() -> CgroupGuard {
+        CgroupGuard(format!(
+            "ferry-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            rmdir_tree(&ctrl.path().join(&self.0));
+        }
+    }
+}
+
+fn rmdir_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                rmdir_tree(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(p);
+    }
+}
+
+/// A minimal rootfs made of the static busybox.
+pub fn busybox_rootfs(dir: &Path) -> Result<()> {
+    for d in ["bin", "proc", "dev", "tmp", "data"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("copying /bin/busybox (install busybox-static)")?;
+    for app in ["sh", "sleep", "usleep", "nc", "echo", "cat", "seq"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(app))?;
+    }
+    Ok(())
+}
+
+/// An OCI bundle at `dir` running `script` under `sh -c`, annotated as container `name`
+/// of pod ns/pod the way the CRI does.
+pub fn write_bundle(
+    dir: &Path,
+    pod: &pb::WorkloadRef,
+    name: &str,
+    script: &str,
+    cgroup: &str,
+) -> Result<()> {
+    busybox_rootfs(&dir.join("rootfs"))?;
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    c["process"]["terminal"] = false.into();
+    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+    c["root"]["readonly"] = false.into();
+    c["linux"]["cgroupsPath"] = cgroup.into();
+    c["annotations"] = serde_json::json!({
+        "io.kubernetes.pod.namespace": pod.namespace,
+        "io.kubernetes.pod.name": pod.pod_name,
+        "io.kubernetes.pod.uid": pod.pod_uid,
+        "io.kubernetes.container.name": name,
+    });
+    // Keep the mounts CRIU handles without extra options (no sysfs/cgroup bind mounts).
+    let keep = ["/proc", "/dev", "/dev/pts", "/dev/shm"];
+    let mounts: Vec<serde_json::Value> = c["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| keep.contains(&m["destination"].as_str().unwrap_or("")))
+        .cloned()
+        .collect();
+    c["mounts"] = mounts.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&c)?)?;
+    Ok(())
+}
+
+/// A command run inside `node`'s network namespace without remounting /sys (unlike
+/// `ip netns exec`), so runc and CRIU still see the host's cgroup mounts.
+pub fn in_node(node: &Node, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", node.name())).arg(prog);
+    c
+}
+
+/// runc containers started by the test; `runc delete --force` on drop.
+pub struct Containers {
+    pub root: PathBuf,
+    pub ids: Vec<String>,
+}
+
+impl Containers {
+    pub fn new(root: &Path) -> Containers {
+        Containers {
+            root: root.to_path_buf(),
+            ids: Vec::new(),
+        }
+    }
+
+    pub fn run(&mut self, node: &Node, bundle: &Path, id: &str) -> Result<()> {
+        let out = in_node(node, "runc")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("runc run {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.ids.push(id.to_string());
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<serde_json::Value>> {
+        runc_list(&self.root)
+    }
+}
+
+pub fn runc_list(root: &Path) -> Result<Vec<serde_json::Value>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "--format", "json"])
+        .output()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+pub fn runc_status(root: &Path, id: &str) -> Option<String> {
+    runc_list(root)
+        .ok()?
+        .iter()
+        .find(|c| c["id"] == id)
+        .map(|c| c["status"].as_str().unwrap_or("").to_string())
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        // Whatever is under the root, including containers a daemon restored there.
+        for c in runc_list(&self.root).unwrap_or_default() {
+            if let Some(id) = c["id"].as_str() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.root)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
+    }
+}
+
+/// One simulated node running `ferry-node`.
+pub struct Daemon {
+    pub node: Node,
+    pub runc_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub containers: Containers,
+    _child: ChildGuard,
+    pub client: Client,
+}
+
+impl Daemon {
+    pub async fn start(
+        lan: &Lan,
+        label: &str,
+        base: &Path,
+        criu: &Path,
+        cgroup_prefix: &str,
+    ) -> Result<Daemon> {
+        let node = lan.add_node(label)?;
+        let runc_root = base.join(format!("runc-{label}"));
+        let state_dir = base.join(format!("state-{label}"));
+        let mut cmd = in_node(&node, env!("CARGO_BIN_EXE_ferry-node"));
+        cmd.arg("--listen")
+            .arg(format!("{}:7070", node.ip()))
+            .arg("--advertise-ip")
+            .arg(node.ip().to_string())
+            .arg("--runc-root")
+            .arg(&runc_root)
+            .arg("--criu")
+            .arg(criu)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--cgroup-prefix")
+            .arg(cgroup_prefix)
+            .env("RUST_LOG", "info,ferry_node=debug");
+        let child = ChildGuard::spawn(&format!("ferry-node-{label}"), cmd)?;
+        let url = format!("http://{}:7070", node.ip());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            match NodeAgentClient::connect(url.clone()).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    bail!("ferry-node {label} did not come up: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let containers = Containers::new(&runc_root);
+        Ok(Daemon {
+            node,
+            runc_root,
+            state_dir,
+            containers,
+            _child: child,
+            client,
+        })
+    }
+}
+
+/// Polls GetOperation until the operation leaves RUNNING.
+pub async fn wait_op(c: &mut Client, id: &str, timeout: Duration) -> Result<pb::Operation> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let op = c
+            .get_operation(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await?
+            .into_inner();
+        if op.state != pb::OperationState::Running as i32 {
+            return Ok(op);
+        }
+        if Instant::now() > deadline {
+            bail!("operation {id} still running after {timeout:?}: {op:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn succeeded(op: &pb::Operation) -> bool {
+    op.state == pb::OperationState::Succeeded as i32
+}
+
+/// The controller's part of a cold migration, minus finalize: describe on the source,
+/// prepare the destination, checkpoint, restore (started at once, it waits for bundles).
+pub async fn migrate(
+    src: &mut Client,
+    dst: &mut Client,
+    id: &str,
+    pod: &pb::WorkloadRef,
+    target: &pb::WorkloadRef,
+) -> Result<(pb::Operation, pb::Operation)> {
+    let desc = src.describe_workload(pod.clone()).await?.into_inner();
+    let prep = dst
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: id.into(),
+            workload: Some(desc),
+            target: Some(target.clone()),
+            strategy: pb::Strategy::Cold as i32,
+            transfer: None,
+        })
+        .await?
+        .into_inner();
+    src.start_checkpoint(pb::StartCheckpointRequest {
+        migration_id: id.into(),
+        workload: Some(pod.clone()),
+        strategy: pb::Strategy::Cold as i32,
+        transfer: None,
+        receive_endpoint: prep.receive_endpoint,
+        leave_running: true,
+        page_servers: prep.page_servers,
+    })
+    .await?;
+    dst.start_restore(pb::StartRestoreRequest {
+        migration_id: id.into(),
+        target: Some(target.clone()),
+    })
+    .await?;
+    let cp = wait_op(src, id, Duration::from_secs(60)).await?;
+    if !succeeded(&cp) {
+        // The destination would wait for bundles forever: the controller aborts it.
+        let ab = dst
+            .abort(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await?
+            .into_inner();
+        return Ok((cp, ab));
+    }
+    let rs = wait_op(dst, id, Duration::from_secs(60)).await?;
+    Ok((cp, rs))
+}
+
+pub fn pod(name: &str) -> pb::WorkloadRef {
+    pb::WorkloadRef {
+        namespace: "default".into(),
+        pod_name: name.into(),
+        pod_uid: format!("uid-{name}"),
+    }
+}
+
+/// The numbers a counter container wrote to its log, one per line.
+pub fn read_counts(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+/// The shell of a counter container: in-memory counter `i`, an open file (fd 3, not in
+/// append mode, so a lost offset would overwrite earlier lines), a listening socket on
+/// 8080, and an established loopback connection on 8081 inside the pod's netns.
+pub const COUNTER_SCRIPT: &str = "exec >/dev/null 2>/dev/null </dev/null; nc -l -p 8080 & \
+     sleep 100000 | nc -l -p 8081 & usleep 200000; sleep 100000 | nc 127.0.0.1 8081 & exec 3>/data/count.log; \
+     i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
