@@ -127,21 +127,7 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
 }
 
 fn which_criu() -> Result<PathBuf> {
-    let p = std::env::var_os("FERRY_CRIU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/usr/local/sbin/criu".into());
-    let ok = Command::new(&p)
-        .arg("check")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !matches!(ok, Ok(s) if s.success()) {
-        bail!(
-            "CRIU 4.x not usable at {}: run scripts/install-criu.sh",
-            p.display()
-        );
-    }
-    Ok(p)
+    ferry_testkit::containers::criu()
 }
 
 impl Bench {

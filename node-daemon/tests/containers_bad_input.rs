@@ -27,7 +27,7 @@ fn checkpoint_req(id: &str, pod: &pb::WorkloadRef) -> pb::StartCheckpointRequest
 async fn bad_input_is_a_clear_error_and_kills_nothing() -> anyhow::Result<()> {
     let criu = require_criu();
     let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new();
+    let cg = CgroupGuard::new("test");
     let lan = Lan::create()?;
     let mut a = Daemon::start(&lan, "a", base.path(), &criu, &format!("/{}/r", cg.0)).await?;
 

@@ -39,7 +39,7 @@ fn listening_on_8080(pid: u64) -> bool {
 async fn counter_container_moves_to_another_node() -> anyhow::Result<()> {
     let criu = require_criu();
     let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new();
+    let cg = CgroupGuard::new("test");
     let lan = Lan::create()?;
     let mut a = Daemon::start(
         &lan,
@@ -150,7 +150,7 @@ async fn counter_container_moves_to_another_node() -> anyhow::Result<()> {
 async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
     let criu = require_criu();
     let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new();
+    let cg = CgroupGuard::new("test");
     let lan = Lan::create()?;
     let mut a = Daemon::start(
         &lan,
@@ -213,7 +213,7 @@ async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
 async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
     let criu = require_criu();
     let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new();
+    let cg = CgroupGuard::new("test");
     let lan = Lan::create()?;
     let mut a = Daemon::start(
         &lan,

@@ -219,9 +219,13 @@ impl Daemon {
 /// A unique cgroup parent; removed (in every controller hierarchy) on drop.
 pub struct CgroupGuard(pub String);
 
+static CGROUP_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl CgroupGuard {
+    /// A name no other guard in any process uses: label, pid, sequence number.
     pub fn new(label: &str) -> CgroupGuard {
-        CgroupGuard(format!("ferry-{label}-{}", std::process::id()))
+        let seq = CGROUP_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CgroupGuard(format!("ferry-{label}-{}-{seq}", std::process::id()))
     }
 }
 

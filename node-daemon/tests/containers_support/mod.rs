@@ -2,14 +2,14 @@
 //! `ferry-node` daemons inside testkit network namespaces. Everything is torn down by
 //! guards, even when a test fails.
 #![allow(dead_code)]
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
+use ferry_testkit::containers::PodLabels;
 use ferry_testkit::netns::{Lan, Node};
 use ferry_testkit::process::ChildGuard;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -17,122 +17,16 @@ pub type Client = NodeAgentClient<Channel>;
 
 /// CRIU built by scripts/install-criu.sh (Debian 12's own CRIU does not work here).
 pub fn require_criu() -> PathBuf {
-    let p = std::env::var_os("FERRY_CRIU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/usr/local/sbin/criu".into());
-    let ok = Command::new(&p)
-        .arg("check")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    assert!(
-        matches!(ok, Ok(s) if s.success()),
-        "CRIU 4.x not usable at {} (`criu check` fails): run scripts/install-criu.sh",
-        p.display()
-    );
-    p
+    ferry_testkit::containers::criu().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A unique cgroup parent for one test; removed (all controllers) on drop.
-pub struct CgroupGuard(pub String);
-
-impl CgroupGuard {
-    pub fn new() -> CgroupGuard {
-        CgroupGuard(format!(
-            "ferry-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ))
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            rmdir_tree(&ctrl.path().join(&self.0));
-        }
-    }
-}
-
-fn rmdir_tree(p: &Path) {
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                rmdir_tree(&e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(p);
-    }
-}
-
-/// A minimal rootfs made of the static busybox.
-pub fn busybox_rootfs(dir: &Path) -> Result<()> {
-    for d in ["bin", "proc", "dev", "tmp", "data"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
-        .context("copying /bin/busybox (install busybox-static)")?;
-    for app in ["sh", "sleep", "usleep", "nc", "echo", "cat", "seq"] {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(app))?;
-    }
-    Ok(())
-}
+pub use ferry_testkit::containers::{CgroupGuard, in_node, runc_list};
 
 /// An OCI bundle at `dir` running `script` under `sh -c`, annotated as container `name`
-/// of pod ns/pod the way the CRI does.
-pub fn write_bundle(
-    dir: &Path,
-    pod: &pb::WorkloadRef,
-    name: &str,
-    script: &str,
-    cgroup: &str,
-) -> Result<()> {
-    busybox_rootfs(&dir.join("rootfs"))?;
-    let out = Command::new("runc")
-        .args(["spec", "--bundle"])
-        .arg(dir)
-        .output()?;
-    if !out.status.success() {
-        bail!("runc spec: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let path = dir.join("config.json");
-    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    c["process"]["terminal"] = false.into();
-    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
-    c["root"]["readonly"] = false.into();
-    c["linux"]["cgroupsPath"] = cgroup.into();
-    c["annotations"] = serde_json::json!({
-        "io.kubernetes.pod.namespace": pod.namespace,
-        "io.kubernetes.pod.name": pod.pod_name,
-        "io.kubernetes.pod.uid": pod.pod_uid,
-        "io.kubernetes.container.name": name,
-    });
-    // Keep the mounts CRIU handles without extra options (no sysfs/cgroup bind mounts).
-    let keep = ["/proc", "/dev", "/dev/pts", "/dev/shm"];
-    let mounts: Vec<serde_json::Value> = c["mounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| keep.contains(&m["destination"].as_str().unwrap_or("")))
-        .cloned()
-        .collect();
-    c["mounts"] = mounts.into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&c)?)?;
-    Ok(())
-}
-
-/// A command run inside `node`'s network namespace without remounting /sys (unlike
-/// `ip netns exec`), so runc and CRIU still see the host's cgroup mounts.
-pub fn in_node(node: &Node, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{}", node.name())).arg(prog);
-    c
+/// of `pod` the way the CRI does.
+pub fn write_bundle(dir: &Path, pod: &pb::WorkloadRef, name: &str, script: &str, cgroup: &str) -> Result<()> {
+    let labels = PodLabels { namespace: pod.namespace.clone(), name: pod.pod_name.clone(), uid: pod.pod_uid.clone() };
+    ferry_testkit::containers::write_bundle(dir, &labels, name, script, cgroup)
 }
 
 /// runc containers started by the test; `runc delete --force` on drop.
@@ -170,19 +64,6 @@ impl Containers {
     }
 }
 
-pub fn runc_list(root: &Path) -> Result<Vec<serde_json::Value>> {
-    if !root.exists() {
-        return Ok(Vec::new());
-    }
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["list", "--format", "json"])
-        .output()?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
 
 pub fn runc_status(root: &Path, id: &str) -> Option<String> {
     runc_list(root)
