@@ -7,6 +7,8 @@
 . "$FERRY_CACHE/env.sh"
 cd "$FERRY_ROOT"
 start=$(date +%s)
+# End-to-end tests start the workspace's binaries (ferry-node, ferry-launcher, ...).
+cargo build --workspace --bins --locked
 # Tests share 2 cores with real control planes and VMs: keep parallelism modest.
 cargo test --workspace --locked -- --test-threads="${FERRY_TEST_THREADS:-4}"
 if [ -x scripts/fuzz-transfer.sh ]; then
