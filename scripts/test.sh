@@ -10,8 +10,10 @@ start=$(date +%s)
 # End-to-end tests start the workspace's binaries (ferry-node, ferry-launcher, ...).
 cargo build --workspace --bins --locked
 # Tests share 2 cores with real control planes and VMs: keep parallelism modest.
-cargo test --workspace --locked -- --test-threads="${FERRY_TEST_THREADS:-4}"
-if [ -x scripts/fuzz-transfer.sh ]; then
-  scripts/fuzz-transfer.sh
-fi
+results="$FERRY_CACHE/last-test-run.log"
+cargo test --workspace --locked -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results"
+scripts/fuzz-transfer.sh
 log "test suite finished in $(( $(date +%s) - start ))s"
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$results"
