@@ -2,21 +2,28 @@
 # Installs and builds everything ferry's tests, benchmarks and demo need, on a fresh
 # Debian 12 machine with Go and Rust: Debian packages, the test control plane, CRIU,
 # MinIO and the test guest. Every step is cached under $FERRY_CACHE, so a second run
-# takes seconds. Writes the paths it produced to $FERRY_CACHE/env.sh (sourced by the
-# other scripts).
+# takes seconds. Writes what it produced to $FERRY_CACHE/env.sh (sourced by the other
+# scripts).
 . "$(dirname "$0")/lib.sh"
 
 apt_install protobuf-compiler libprotobuf-dev iproute2 iptables runc busybox-static \
   qemu-system-x86 qemu-utils cpio zstd jq openssl curl ca-certificates pkg-config
 
-env_file="$FERRY_CACHE/env.sh"
+# Each build script prints what it produced on its last stdout line. (Assignments, not
+# `echo "$(...)"`, so that a failing build stops this script.)
+testenv_bin=$("$FERRY_ROOT/scripts/build-testenv.sh" | tail -n 1)
+criu=$("$FERRY_ROOT/scripts/install-criu.sh" | tail -n 1)
+minio=$("$FERRY_ROOT/scripts/build-minio.sh" | tail -n 1)
+guest=""
+if [ -x "$FERRY_ROOT/scripts/build-test-guest.sh" ]; then
+  guest=$("$FERRY_ROOT/scripts/build-test-guest.sh" | tail -n 1)
+fi
 {
-  echo "export FERRY_TESTENV_BIN=$("$FERRY_ROOT/scripts/build-testenv.sh")"
-  for extra in install-criu.sh build-minio.sh build-test-guest.sh; do
-    [ -x "$FERRY_ROOT/scripts/$extra" ] || continue
-    "$FERRY_ROOT/scripts/$extra" >"$FERRY_CACHE/.$extra.out"
-  done
-} >"$env_file.tmp"
-[ -f "$FERRY_CACHE/.build-minio.sh.out" ] && echo "export FERRY_MINIO=$(tail -1 "$FERRY_CACHE/.build-minio.sh.out")" >>"$env_file.tmp"
-mv "$env_file.tmp" "$env_file"
-log "dependencies ready ($env_file)"
+  echo "export FERRY_TESTENV_BIN=$testenv_bin"
+  echo "export FERRY_CRIU=$criu"
+  echo "export FERRY_MINIO=$minio"
+  [ -z "$guest" ] || echo "export FERRY_GUEST_DIR=$guest"
+} >"$FERRY_CACHE/env.sh.tmp"
+mv "$FERRY_CACHE/env.sh.tmp" "$FERRY_CACHE/env.sh"
+log "dependencies ready:"
+sed 's/^export /  /' "$FERRY_CACHE/env.sh" >&2

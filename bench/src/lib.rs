@@ -28,6 +28,10 @@ pub struct Measurement {
 impl Measurement {
     /// ferry / baseline: above 1 means ferry took more (time) or moved more (rate).
     pub fn ratio(&self) -> f64 {
-        if self.baseline == 0.0 { f64::NAN } else { self.ferry / self.baseline }
+        if self.baseline == 0.0 {
+            f64::NAN
+        } else {
+            self.ferry / self.baseline
+        }
     }
 }

@@ -14,7 +14,9 @@ enum Suite {
 }
 
 #[derive(Parser)]
-#[command(about = "ferry benchmarks: downtime, total time and throughput against same-run baselines")]
+#[command(
+    about = "ferry benchmarks: downtime, total time and throughput against same-run baselines"
+)]
 struct Args {
     /// Suites to run (default: all).
     #[arg(value_enum)]
@@ -28,9 +30,15 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
     let args = Args::parse();
-    let suites = if args.suites.is_empty() { vec![Suite::Transfer, Suite::Containers, Suite::Vm] } else { args.suites };
+    let suites = if args.suites.is_empty() {
+        vec![Suite::Transfer, Suite::Containers, Suite::Vm]
+    } else {
+        args.suites
+    };
     let mut all: Vec<Measurement> = vec![];
     let mut failed = vec![];
     for suite in suites {
@@ -48,7 +56,10 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("{:<40} {:<22} {:>12} {:>12} {:>7}  baseline", "case", "metric", "ferry", "baseline", "ratio");
+    println!(
+        "{:<40} {:<22} {:>12} {:>12} {:>7}  baseline",
+        "case", "metric", "ferry", "baseline", "ratio"
+    );
     for m in &all {
         println!(
             "{:<40} {:<22} {:>12.1} {:>12.1} {:>7.2}  {}",

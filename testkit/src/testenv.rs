@@ -45,7 +45,10 @@ impl TestEnv {
     pub fn start(names: &[&str]) -> Result<TestEnv> {
         // ferry-testenv deletes the directory when it stops, which also covers a test
         // binary that never drops its shared TestEnv.
-        let dir = tempfile::Builder::new().prefix("ferry-testenv-").tempdir()?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-testenv-")
+            .tempdir()?
+            .keep();
         Self::spawn(&dir, names, true)
     }
 
@@ -80,7 +83,10 @@ impl TestEnv {
         }
         let ready: Ready =
             serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;
-        Ok(TestEnv { clusters: ready.clusters, _child: child })
+        Ok(TestEnv {
+            clusters: ready.clusters,
+            _child: child,
+        })
     }
 
     pub fn cluster(&self, name: &str) -> &ClusterInfo {

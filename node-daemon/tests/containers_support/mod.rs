@@ -24,8 +24,18 @@ pub use ferry_testkit::containers::{CgroupGuard, in_node, runc_list};
 
 /// An OCI bundle at `dir` running `script` under `sh -c`, annotated as container `name`
 /// of `pod` the way the CRI does.
-pub fn write_bundle(dir: &Path, pod: &pb::WorkloadRef, name: &str, script: &str, cgroup: &str) -> Result<()> {
-    let labels = PodLabels { namespace: pod.namespace.clone(), name: pod.pod_name.clone(), uid: pod.pod_uid.clone() };
+pub fn write_bundle(
+    dir: &Path,
+    pod: &pb::WorkloadRef,
+    name: &str,
+    script: &str,
+    cgroup: &str,
+) -> Result<()> {
+    let labels = PodLabels {
+        namespace: pod.namespace.clone(),
+        name: pod.pod_name.clone(),
+        uid: pod.pod_uid.clone(),
+    };
     ferry_testkit::containers::write_bundle(dir, &labels, name, script, cgroup)
 }
 
@@ -63,7 +73,6 @@ impl Containers {
         runc_list(&self.root)
     }
 }
-
 
 pub fn runc_status(root: &Path, id: &str) -> Option<String> {
     runc_list(root)

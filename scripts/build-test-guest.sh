@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds ferry's VM test guest: Debian 12's cloud kernel + a busybox-static initramfs whose
+# /init runs a workload with checkable state (a counter printed once a second on ttyS0) and
+# (with `ferry.dirty=1` on the cmdline) a loop that keeps dirtying guest memory.
+# Output: $FERRY_CACHE/guest/<key>/{vmlinuz,initramfs.gz,cmdline}; prints that directory.
+. "$(dirname "$0")/lib.sh"
+
+apt_install qemu-system-x86 busybox-static cpio
+
+# The cloud flavour is small and has the 8250 serial console and virtio built in.
+KPKG="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-6/ {print $2; exit}')"
+KVER="$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')"
+[ -n "$KPKG" ] && [ -n "$KVER" ] || { log "cannot resolve the Debian cloud kernel package"; exit 1; }
+
+INIT_SCRIPT="$(cat <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/shm && mount -t tmpfs -o size=200m shm /dev/shm
+echo "ferry-guest: up"
+# Memory dirtier (opt-in with `ferry.dirty=1` on the kernel cmdline): rewrites 64 MiB of
+# tmpfs pages continuously.
+if grep -q 'ferry.dirty=1' /proc/cmdline; then
+  ( while true; do dd if=/dev/urandom of=/dev/shm/x bs=1M count=64 2>/dev/null; done ) &
+fi
+# The checkable state: a counter that must keep increasing across a migration.
+n=0
+while true; do
+  n=$((n+1))
+  echo "count $n" > /dev/ttyS0
+  sleep 1
+done
+INIT
+)"
+
+KEY="$( { echo "$KPKG $KVER"; echo "$INIT_SCRIPT"; sha256sum /bin/busybox; } | sha256sum | cut -c1-16)"
+OUT="$FERRY_CACHE/guest/$KEY"
+if [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.gz" ]; then
+  echo "$OUT"; exit 0
+fi
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+log "downloading $KPKG $KVER"
+(cd "$WORK" && apt-get download -qq "$KPKG=$KVER" >/dev/null)
+dpkg-deb -x "$WORK"/"$KPKG"_*.deb "$WORK/kernel"
+
+ROOT="$WORK/initramfs"
+mkdir -p "$ROOT"/{bin,proc,sys,dev,tmp}
+cp /bin/busybox "$ROOT/bin/busybox"
+printf '%s\n' "$INIT_SCRIPT" > "$ROOT/init"
+chmod +x "$ROOT/init"
+(cd "$ROOT" && find . | cpio -o -H newc --quiet | gzip -9) > "$WORK/initramfs.gz"
+
+mkdir -p "$OUT.tmp"
+cp "$WORK"/kernel/boot/vmlinuz-* "$OUT.tmp/vmlinuz"
+cp "$WORK/initramfs.gz" "$OUT.tmp/initramfs.gz"
+echo "console=ttyS0 quiet panic=-1" > "$OUT.tmp/cmdline"
+rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
+log "test guest in $OUT"
+echo "$OUT"
