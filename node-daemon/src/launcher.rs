@@ -4,10 +4,12 @@
 //! it turns a small spec into QEMU arguments, exposes QMP on a unix socket for the node
 //! daemon, and in destination mode starts QEMU with `-incoming defer` so the daemon picks
 //! the migration address later with `migrate-incoming`.
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Which accelerator runs the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
     Tcg,
@@ -33,8 +35,9 @@ impl Accel {
     }
 }
 
-/// Everything needed to start one guest.
-#[derive(Debug, Clone)]
+/// Everything needed to start one guest. Serialized into the VM registry and sent to
+/// the destination daemon, which starts the same guest in incoming mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestSpec {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,

@@ -15,3 +15,7 @@ pub mod wire;
 // Virtual machines: ferry-launcher runs one QEMU guest; the qemu backend migrates it over QMP.
 pub mod launcher;
 pub mod qemu;
+pub mod vm_backend;
+pub mod vm_registry;
+// Moving bytes to and from peer daemons (ferry-transfer with the node's TLS identity).
+pub mod transport;

@@ -230,3 +230,19 @@ impl QemuBackend {
         Ok(())
     }
 }
+
+// Run control used by the node daemon's VM runtime (cold strategy and rollback).
+impl QemuBackend {
+    /// Pauses the guest's vCPUs.
+    pub async fn stop(&self) -> Result<(), QemuError> {
+        self.exec(qmp::stop {}).await?;
+        Ok(())
+    }
+
+    /// Resumes the guest, also from "postmigrate" after a completed outgoing migration
+    /// (how a source rolls back when the destination fails after the copy).
+    pub async fn cont(&self) -> Result<(), QemuError> {
+        self.exec(qmp::cont {}).await?;
+        Ok(())
+    }
+}

@@ -176,6 +176,14 @@ impl ProgressSink {
         self.update(|p| p.bytes_done += n);
     }
 
+    /// Absolute counters, for backends that learn totals from elsewhere (QEMU).
+    pub fn set_bytes(&self, done: u64, total: u64) {
+        self.update(|p| {
+            p.bytes_done = done;
+            p.bytes_total = total;
+        });
+    }
+
     pub fn downtime_ms(&self, ms: u64) {
         self.update(|p| p.downtime_ms = ms);
     }

@@ -162,6 +162,8 @@ pub struct Daemon {
     pub node: Node,
     pub runc: RuncRoot,
     pub state_dir: PathBuf,
+    /// Where launchers on this node register their VMs (`ferry-node --vm-root`).
+    pub vm_root: PathBuf,
     pub endpoint: String,
     _child: ChildGuard,
 }
@@ -174,10 +176,27 @@ impl Daemon {
         daemon_bin: &Path,
         cgroup_prefix: &str,
     ) -> Result<Daemon> {
+        Self::start_with(lan, label, base, daemon_bin, cgroup_prefix, &[])
+    }
+
+    /// [`Daemon::start`] with extra `ferry-node` flags.
+    pub fn start_with(
+        lan: &Lan,
+        label: &str,
+        base: &Path,
+        daemon_bin: &Path,
+        cgroup_prefix: &str,
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
         let criu = criu()?;
         let node = lan.add_node(label)?;
         let runc_root = base.join(format!("runc-{label}"));
         let state_dir = base.join(format!("state-{label}"));
+        let tls_dir = crate::pki::node_tls_dir(
+            &base.join(format!("tls-{label}")),
+            label,
+            &node.ip().to_string(),
+        )?;
         let mut cmd = in_node(&node, daemon_bin);
         cmd.arg("--listen")
             .arg(format!("{}:7070", node.ip()))
@@ -191,6 +210,11 @@ impl Daemon {
             .arg(&state_dir)
             .arg("--cgroup-prefix")
             .arg(cgroup_prefix)
+            .arg("--tls-dir")
+            .arg(tls_dir)
+            .arg("--vm-root")
+            .arg(base.join(format!("vms-{label}")))
+            .args(extra_args)
             .stdout(Stdio::null());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
@@ -210,6 +234,7 @@ impl Daemon {
             node,
             runc: RuncRoot { root: runc_root },
             state_dir,
+            vm_root: base.join(format!("vms-{label}")),
             endpoint: format!("http://{addr}"),
             _child: child,
         })

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod containers;
+pub mod guest;
 pub mod kubelet;
 pub mod minio;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod testenv;
 

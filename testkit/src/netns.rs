@@ -76,9 +76,16 @@ impl Lan {
         ip(&["netns", "add", &ns])?;
         nodes.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
+        let veth = [
             "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
+        ];
+        if ip(&veth).is_err() {
+            // We own this subnet (its bridge was our atomic claim), so an existing
+            // `fv<subnet>h<host>` is left from an earlier owner whose namespace the
+            // kernel has not finished tearing down. Remove it and try once more.
+            let _ = ip(&["link", "del", &outer]);
+            ip(&veth)?;
+        }
         ip(&["link", "set", &outer, "master", &self.bridge, "up"])?;
         let addr = Ipv4Addr::new(10, 213, self.subnet, host);
         ip(&[

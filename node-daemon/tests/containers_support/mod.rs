@@ -118,6 +118,11 @@ impl Daemon {
         let node = lan.add_node(label)?;
         let runc_root = base.join(format!("runc-{label}"));
         let state_dir = base.join(format!("state-{label}"));
+        let tls_dir = ferry_testkit::pki::node_tls_dir(
+            &base.join(format!("tls-{label}")),
+            label,
+            &node.ip().to_string(),
+        )?;
         let mut cmd = in_node(&node, env!("CARGO_BIN_EXE_ferry-node"));
         cmd.arg("--listen")
             .arg(format!("{}:7070", node.ip()))
@@ -131,6 +136,10 @@ impl Daemon {
             .arg(&state_dir)
             .arg("--cgroup-prefix")
             .arg(cgroup_prefix)
+            .arg("--tls-dir")
+            .arg(tls_dir)
+            .arg("--vm-root")
+            .arg(base.join(format!("vms-{label}")))
             .env("RUST_LOG", "info,ferry_node=debug");
         let child = ChildGuard::spawn(&format!("ferry-node-{label}"), cmd)?;
         let url = format!("http://{}:7070", node.ip());

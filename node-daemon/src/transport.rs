@@ -1,0 +1,98 @@
+//! The daemon's end of ferry-transfer: one mutual-TLS listener per node for everything
+//! peers send here (container bundles as verified streams, QEMU migration streams as raw
+//! pipes) and a sender for what this node sends.
+//!
+//! Certificates come from a directory laid out like a Kubernetes TLS Secret mounted into
+//! the daemon's pod (`tls.crt`, `tls.key`, `ca.crt`). A node's certificate must name its
+//! advertised IP: peers verify it against the IP in the endpoint they were given.
+use crate::error::RuntimeError;
+use ferry_transfer::{Endpoint, Receiver, Sender, TlsIdentity};
+use std::path::Path;
+
+pub struct Transport {
+    pub receiver: Receiver,
+    pub sender: Sender,
+    advertise_ip: String,
+}
+
+impl Transport {
+    /// Loads the identity from `tls_dir` and listens on `advertise_ip:port` (0: any).
+    pub async fn start(
+        tls_dir: &Path,
+        advertise_ip: &str,
+        port: u16,
+    ) -> Result<Transport, RuntimeError> {
+        let identity = TlsIdentity::from_pem_files(
+            &tls_dir.join("tls.crt"),
+            &tls_dir.join("tls.key"),
+            &tls_dir.join("ca.crt"),
+        )
+        .map_err(|e| {
+            RuntimeError::InvalidArgument(format!(
+                "loading the transfer TLS identity from {} (tls.crt, tls.key, ca.crt): {e}",
+                tls_dir.display()
+            ))
+        })?;
+        Self::with_identity(identity, advertise_ip, port).await
+    }
+
+    pub async fn with_identity(
+        identity: TlsIdentity,
+        advertise_ip: &str,
+        port: u16,
+    ) -> Result<Transport, RuntimeError> {
+        let sender = Sender::new(identity.clone())
+            .map_err(|e| RuntimeError::InvalidArgument(format!("transfer TLS client: {e}")))?;
+        let receiver = Receiver::bind((advertise_ip, port), identity)
+            .await
+            .map_err(|e| {
+                RuntimeError::Transfer(format!("listening on {advertise_ip}:{port}: {e}"))
+            })?;
+        Ok(Transport {
+            receiver,
+            sender,
+            advertise_ip: advertise_ip.to_string(),
+        })
+    }
+
+    /// What peers put in `receive_endpoint` to reach this node: `IP:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!(
+            "{}:{}",
+            self.advertise_ip,
+            self.receiver.local_addr().port()
+        )
+    }
+}
+
+/// A `receive_endpoint` (`host:port`) as a TLS endpoint: the peer's certificate must
+/// carry the host part.
+pub fn peer(receive_endpoint: &str) -> Result<Endpoint, RuntimeError> {
+    let (host, port) = receive_endpoint.rsplit_once(':').ok_or_else(|| {
+        RuntimeError::InvalidArgument(format!(
+            "receive endpoint {receive_endpoint:?} is not host:port"
+        ))
+    })?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "receive endpoint {receive_endpoint:?} is not host:port"
+        )));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(Endpoint::new(receive_endpoint, host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_names_the_host() {
+        let ep = peer("10.213.0.2:7443").unwrap();
+        assert_eq!(ep.addr, "10.213.0.2:7443");
+        assert_eq!(ep.server_name, "10.213.0.2");
+        assert!(peer("10.213.0.2").is_err());
+        assert!(peer(":7443").is_err());
+        assert!(peer("h:notaport").is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! VM migration through the node daemons' gRPC API, the way the controller drives it:
+//! two `ferry-node` daemons in network-namespace nodes, a real QEMU (TCG) guest started
+//! by ferry-launcher and registered as a pod on node A, its memory stream forwarded
+//! daemon-to-daemon over ferry-transfer's mutual-TLS pipe into an incoming QEMU that the
+//! destination daemon starts.
+use anyhow::{Context, Result, ensure};
+use ferry_proto::node::v1 as pb;
+use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
+use ferry_testkit::containers::{CgroupGuard, Daemon};
+use ferry_testkit::guest::{Guest, last_count, wait_count_above};
+use ferry_testkit::netns::Lan;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+type Client = NodeAgentClient<Channel>;
+
+/// TCG guests saturate this 2-core machine; one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Setup {
+    _lan: Lan,
+    _cg: CgroupGuard,
+    _a: Daemon,
+    b: Daemon,
+    ca: Client,
+    cb: Client,
+    guest: Guest,
+    tmp: tempfile::TempDir,
+}
+
+async fn setup(labels: (&str, &str), extra: &[&str]) -> Result<Setup> {
+    let tmp = tempfile::tempdir()?;
+    let lan = Lan::create()?;
+    let cg = CgroupGuard::new("vmd");
+    let bin = Path::new(env!("CARGO_BIN_EXE_ferry-node"));
+    let a = Daemon::start_with(
+        &lan,
+        labels.0,
+        tmp.path(),
+        bin,
+        &format!("{}-a", cg.0),
+        extra,
+    )?;
+    let b = Daemon::start_with(
+        &lan,
+        labels.1,
+        tmp.path(),
+        bin,
+        &format!("{}-b", cg.0),
+        extra,
+    )?;
+    let ca = NodeAgentClient::connect(a.endpoint.clone()).await?;
+    let cb = NodeAgentClient::connect(b.endpoint.clone()).await?;
+    let launcher = Path::new(env!("CARGO_BIN_EXE_ferry-launcher"));
+    let guest = Guest::launch(&a.node, launcher, &a.vm_root, "default", "vm-src", 256)?;
+    wait_count_above(&guest.serial(), 2, Duration::from_secs(90)).await?;
+    Ok(Setup {
+        _lan: lan,
+        _cg: cg,
+        _a: a,
+        b,
+        ca,
+        cb,
+        guest,
+        tmp,
+    })
+}
+
+fn pod(name: &str) -> pb::WorkloadRef {
+    pb::WorkloadRef {
+        namespace: "default".into(),
+        pod_name: name.into(),
+        pod_uid: String::new(),
+    }
+}
+
+fn mig(id: &str) -> pb::MigrationRef {
+    pb::MigrationRef {
+        migration_id: id.into(),
+    }
+}
+
+async fn op(c: &mut Client, id: &str) -> Result<pb::Operation> {
+    Ok(c.get_operation(mig(id)).await?.into_inner())
+}
+
+async fn wait_op(c: &mut Client, id: &str, timeout: Duration) -> Result<pb::Operation> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let o = op(c, id).await?;
+        if o.state != pb::OperationState::Running as i32 {
+            return Ok(o);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "operation {id} still running: {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Describe, prepare, checkpoint and restore, as the controller does.
+async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy) -> Result<()> {
+    let desc = s.ca.describe_workload(pod("vm-src")).await?.into_inner();
+    ensure!(
+        desc.kind == pb::WorkloadKind::VirtualMachine as i32,
+        "a launcher's pod must be described as a VM: {desc:?}"
+    );
+    ensure!(desc.memory_bytes == 256 << 20, "memory: {desc:?}");
+    let prep =
+        s.cb.prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: id.into(),
+            workload: Some(desc),
+            target: Some(pod("vm-dst")),
+            strategy: strategy as i32,
+            transfer: None,
+        })
+        .await?
+        .into_inner();
+    s.ca.start_checkpoint(pb::StartCheckpointRequest {
+        migration_id: id.into(),
+        workload: Some(pod("vm-src")),
+        strategy: strategy as i32,
+        transfer: None,
+        receive_endpoint: prep.receive_endpoint,
+        leave_running: true,
+        page_servers: prep.page_servers,
+    })
+    .await?;
+    s.cb.start_restore(pb::StartRestoreRequest {
+        migration_id: id.into(),
+        target: Some(pod("vm-dst")),
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vda", "vdb"), &[]).await?;
+    let id = "vm-live-1";
+    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    let cp = wait_op(&mut s.ca, id, Duration::from_secs(120)).await?;
+    ensure!(
+        cp.state == pb::OperationState::Succeeded as i32,
+        "checkpoint: {cp:?}"
+    );
+    let rs = wait_op(&mut s.cb, id, Duration::from_secs(60)).await?;
+    ensure!(
+        rs.state == pb::OperationState::Succeeded as i32,
+        "restore: {rs:?}"
+    );
+    ensure!(cp.bytes_done > 16 << 20, "guest memory moved: {cp:?}");
+    // Until finalize the source is paused, not gone: rollback stays possible.
+    let before = last_count(&s.guest.serial()).context("source count")?;
+    s.ca.finalize(mig(id)).await?;
+    s.cb.finalize(mig(id)).await?;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.guest.guard.exited() {
+        ensure!(
+            Instant::now() < deadline,
+            "source QEMU still running after finalize"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
+    // The destination's serial log starts after migration: the guest's counter goes on
+    // from where it was, it does not boot again from 1.
+    let after = wait_count_above(&dst_serial, before, Duration::from_secs(60)).await?;
+    let first = std::fs::read_to_string(&dst_serial)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("count ")?.parse::<u64>().ok())
+        .context("destination count")?;
+    ensure!(
+        first >= before,
+        "counter restarted: first {first} < source's {before}"
+    );
+    let moved = s.cb.describe_workload(pod("vm-dst")).await?.into_inner();
+    ensure!(moved.kind == pb::WorkloadKind::VirtualMachine as i32);
+    let gone = s.ca.describe_workload(pod("vm-src")).await;
+    ensure!(
+        gone.as_ref().err().map(|e| e.code()) == Some(tonic::Code::NotFound),
+        "the source VM must be gone: {gone:?}"
+    );
+    println!(
+        "VM through daemons: downtime {} ms, {} MiB, {} ms; count {before} -> {after}",
+        cp.downtime_ms,
+        cp.bytes_done >> 20,
+        cp.elapsed_ms
+    );
+    drop(s.tmp);
+    Ok(())
+}
+
+/// The destination's QEMU dies mid-copy (memory stream throttled to 4 MB/s so the copy
+/// is surely in flight): the source's checkpoint fails, abort leaves the source guest
+/// running and counting, and the destination is cleaned up.
+#[tokio::test]
+async fn destination_dying_mid_migration_leaves_the_source_running() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vdc", "vdd"), &["--vm-max-bandwidth", "4000000"]).await?;
+    let id = "vm-kill-1";
+    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    let dst_dir = s.b.vm_root.join("default_vm-dst");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        let o = op(&mut s.ca, id).await?;
+        if o.bytes_done > 1 << 20
+            && let Ok(rec) = std::fs::read(dst_dir.join("vm.json"))
+        {
+            let rec: serde_json::Value = serde_json::from_slice(&rec)?;
+            break rec["pid"].as_u64().context("pid")? as i32;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "migration never got going: {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+
+    let cp = wait_op(&mut s.ca, id, Duration::from_secs(60)).await?;
+    ensure!(
+        cp.state == pb::OperationState::Failed as i32,
+        "checkpoint must fail: {cp:?}"
+    );
+    let rs = wait_op(&mut s.cb, id, Duration::from_secs(30)).await?;
+    ensure!(
+        rs.state == pb::OperationState::Failed as i32,
+        "restore must fail: {rs:?}"
+    );
+    // What the controller does on failure: abort both ends.
+    s.cb.abort(mig(id)).await?;
+    s.ca.abort(mig(id)).await?;
+    let n = last_count(&s.guest.serial()).unwrap_or(0);
+    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
+    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    ensure!(!dst_dir.exists(), "destination registry left behind");
+    s.ca.describe_workload(pod("vm-src")).await?;
+    Ok(())
+}
+
+/// Abort while the copy runs (a deleted Migration): the source resumes, the destination's
+/// incoming QEMU is removed.
+#[tokio::test]
+async fn abort_mid_migration_resumes_the_source() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vde", "vdf"), &["--vm-max-bandwidth", "4000000"]).await?;
+    let id = "vm-abort-1";
+    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
+        ensure!(Instant::now() < deadline, "migration never got going");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ab = s.ca.abort(mig(id)).await?.into_inner();
+    ensure!(
+        ab.state == pb::OperationState::Aborted as i32,
+        "source abort: {ab:?}"
+    );
+    s.cb.abort(mig(id)).await?;
+    let n = last_count(&s.guest.serial()).unwrap_or(0);
+    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
+    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    ensure!(
+        !s.b.vm_root.join("default_vm-dst").exists(),
+        "destination registry left behind"
+    );
+    Ok(())
+}
