@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters};
 use ferry_crds::{Migration, Phase};
 use ferry_testkit::containers::{CgroupGuard, Daemon, PodLabels, write_bundle};
+use ferry_testkit::guest::{Guest, wait_count_above};
 use ferry_testkit::netns::Lan;
 use ferry_testkit::{kubelet, testenv::TestEnv};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
@@ -199,6 +200,39 @@ impl World {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("pod {name} not Running")
+    }
+
+    /// A Pod on east-1 hosting a VM: ferry-launcher runs the test guest (`memory_mib`)
+    /// and registers it under east-1's daemon, as the launcher container of a VM pod
+    /// would. Returns once the guest counts.
+    pub async fn vm_pod(&self, name: &str, memory_mib: u32) -> Result<(Pod, Guest)> {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeName": "east-1", "containers": [{"name": "compute", "image": "ferry-launcher"}]}
+        }))?;
+        let pods: Api<Pod> = Api::namespaced(self.east.clone(), NAMESPACE);
+        let pod = pods.create(&PostParams::default(), &pod).await?;
+        let node = &self.node("east-1").daemon;
+        let launcher = ferry_testkit::workspace_bin("ferry-launcher")?;
+        let guest = Guest::launch(
+            &node.node,
+            &launcher,
+            &node.vm_root,
+            NAMESPACE,
+            name,
+            memory_mib,
+        )?;
+        wait_count_above(&guest.serial(), 1, Duration::from_secs(90)).await?;
+        Ok((pod, guest))
+    }
+
+    /// The serial log of VM pod `name` on `node` (the guest prints `count N` lines).
+    pub fn vm_serial(&self, node: &str, name: &str) -> PathBuf {
+        self.node(node)
+            .daemon
+            .vm_root
+            .join(format!("{NAMESPACE}_{name}"))
+            .join("serial.log")
     }
 
     pub fn bundle_dir(&self, name: &str) -> PathBuf {

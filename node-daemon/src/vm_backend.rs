@@ -207,7 +207,8 @@ impl VmRuntime {
         match result {
             Ok(p) => {
                 progress.downtime_ms(p.downtime_ms.unwrap_or(0));
-                progress.set_bytes(p.transferred_bytes, p.total_bytes.max(p.transferred_bytes));
+                // Zero pages are never sent, so what was sent is the whole.
+                progress.set_bytes(p.transferred_bytes, p.transferred_bytes);
                 tracing::info!(
                     downtime_ms = p.downtime_ms,
                     total_ms = p.total_time_ms,

@@ -113,6 +113,41 @@ async fn main() -> Result<()> {
         "counter stopped at {at_cut} on east-1 and counts on at west-1: now {now}"
     ));
 
+    // 2. A VM: QEMU run by ferry-launcher, live-migrated over QMP.
+    let (_, guest) = world.vm_pod("guest", 256).await?;
+    let vm_before = ferry_testkit::guest::last_count(&guest.serial()).unwrap_or(0);
+    say(format!(
+        "pod demo/guest runs a 256 MiB QEMU guest (TCG) on east-1 via ferry-launcher; its counter is at {vm_before}"
+    ));
+    let vm_yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: guest}\nspec:\n  workload: {pod: guest}\n  target: {cluster: west, node: west-1}\n  strategy: Live\n";
+    say(
+        "applying Migration guest: pod guest → cluster west, node west-1 (QEMU live migration over the daemons' mTLS pipe)",
+    );
+    println!("{}", indent(vm_yaml));
+    world.apply_migration(vm_yaml).await?;
+    let vm_done = world
+        .follow(
+            "guest",
+            Duration::from_secs(180),
+            print_phase(Instant::now()),
+        )
+        .await?;
+    let vm_status = vm_done.status.clone().unwrap_or_default();
+    if let Some(f) = &vm_status.failure {
+        say(format!(
+            "migration ended {:?}: {}: {}",
+            vm_status.phase, f.reason, f.message
+        ));
+    }
+    let vm_serial = world.vm_serial("west-1", "guest");
+    let vm_now =
+        ferry_testkit::guest::wait_count_above(&vm_serial, vm_before, Duration::from_secs(30))
+            .await
+            .unwrap_or(0);
+    say(format!(
+        "the guest counted {vm_before} on east-1 and counts on at west-1 without rebooting: now {vm_now}"
+    ));
+
     println!(
         "\n$ kubectl --kubeconfig {} -n {NAMESPACE} get migrations -o wide",
         world.env.cluster("east").kubeconfig.display()
@@ -146,7 +181,11 @@ async fn main() -> Result<()> {
         downtime(&done),
         total(&done)
     );
-    say("VM migration: not part of this demo yet (see docs/vm.md and the qemu tests)");
+    println!(
+        "  VM (QEMU live migration, 256 MiB guest) east-1 → west-1: downtime {}, total {}",
+        downtime(&vm_done),
+        total(&vm_done)
+    );
 
     if args.keep {
         say(format!(
@@ -155,7 +194,10 @@ async fn main() -> Result<()> {
         ));
         tokio::signal::ctrl_c().await?;
     }
-    let ok = status.phase == Some(ferry_crds::Phase::Succeeded) && now > at_cut;
+    let ok = status.phase == Some(ferry_crds::Phase::Succeeded)
+        && now > at_cut
+        && vm_status.phase == Some(ferry_crds::Phase::Succeeded)
+        && vm_now > vm_before;
     drop(world);
     if !ok {
         anyhow::bail!("the demo migration did not succeed");
