@@ -81,6 +81,15 @@ if dpkg -s criu >/dev/null 2>&1; then
   log "note: Debian's criu package is installed; /usr/local/sbin/criu takes precedence"
 fi
 
+# Post-copy: CRIU's lazy page server (source side) grows a pipe to 4 MiB and ignores the
+# failure; without CAP_SYS_RESOURCE (as in this sandbox) that needs fs.pipe-max-size
+# >= 4 MiB, else every page request fails with `page-pipe: splice: -1: Bad file
+# descriptor`. ferry-node's strategy probe reports post-copy unavailable in that case.
+lazy_pipe=4194304
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$lazy_pipe" ]; then
+  echo "$lazy_pipe" >/proc/sys/fs/pipe-max-size || log "warning: cannot raise fs.pipe-max-size; post-copy stays unavailable"
+fi
+
 if ! /usr/local/sbin/criu check >"$FERRY_CACHE/criu/check.log" 2>&1; then
   cat "$FERRY_CACHE/criu/check.log" >&2
   log "criu check failed"

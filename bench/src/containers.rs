@@ -5,10 +5,17 @@
 //!   own runc roots on loopback; downtime = freeze to restored-and-running.
 //! * baseline: raw `runc checkpoint` (CRIU dump to disk) + `cp` of the images and
 //!   bundle + `runc restore`; downtime = the sum (the process is stopped throughout).
+//! * ferry post-copy: the same backends with `Strategy::PostCopy` (CRIU lazy pages):
+//!   downtime = freeze to restored-and-running, before the memory has moved; the time
+//!   until the last page arrived is in the details.
+//! * lazy baseline: raw `runc checkpoint --lazy-pages` + `cp` of the images and bundle +
+//!   `criu lazy-pages` + `runc restore --lazy-pages`; downtime = checkpoint start to
+//!   restore done.
 //!
 //! The workload is a static C program holding N MiB of touched heap (built here with
-//! gcc; CRIU comes from `scripts/install-criu.sh`). Post-copy (lazy pages) is not
-//! implemented in ferry-node yet, so there is no lazy-pages case (see docs/containers.md).
+//! gcc; CRIU comes from `scripts/install-criu.sh`). There is no pre-copy case: CRIU's
+//! pre-dump needs soft-dirty memory tracking, which this kernel lacks (see
+//! docs/containers.md).
 use crate::Measurement;
 use anyhow::{Context, Result, bail};
 use ferry_node::criu::Criu;
@@ -92,6 +99,13 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
         runc_b,
     };
     let sizes: &[u64] = if quick { &[64] } else { &[64, 256, 1024] };
+    let lazy_ok = b
+        .src
+        .strategies()
+        .iter()
+        .find(|s| s.strategy == Strategy::PostCopy)
+        .map(|s| (s.available, s.reason.clone()))
+        .unwrap_or_default();
     let mut out = Vec::new();
     let result = async {
         // Alternate baseline and ferry, keep the best of each: the machine is shared.
@@ -114,6 +128,37 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
                 ferry: ferry_ms,
                 baseline: base_ms,
                 baseline_name: "raw runc checkpoint (CRIU dump to disk) + cp + runc restore".into(),
+                details,
+            });
+            if !lazy_ok.0 {
+                tracing::warn!(reason = %lazy_ok.1, "post-copy unavailable: no lazy-pages case");
+                continue;
+            }
+            let (mut base_ms, mut base_total) = (f64::MAX, 0.0);
+            let (mut lazy_ms, mut lazy_total, mut bytes) = (f64::MAX, 0.0, 0);
+            for _ in 0..runs {
+                let (d, t) = b.baseline_lazy(mib).await?;
+                if d < base_ms {
+                    (base_ms, base_total) = (d, t);
+                }
+                let (d, t, n) = b.ferry_lazy(mib).await?;
+                if d < lazy_ms {
+                    (lazy_ms, lazy_total, bytes) = (d, t, n);
+                }
+            }
+            let mut details = serde_json::Map::new();
+            details.insert("rss_mib".into(), mib.into());
+            details.insert("bundle_bytes_excluding_pages".into(), bytes.into());
+            details.insert("strategy".into(), "post-copy".into());
+            details.insert("ferry_until_all_pages_ms".into(), lazy_total.into());
+            details.insert("baseline_until_all_pages_ms".into(), base_total.into());
+            details.insert("ferry_cold_downtime_ms".into(), ferry_ms.into());
+            out.push(Measurement {
+                case: format!("containers/lazy-{mib}MiB"),
+                metric: "downtime_ms".into(),
+                ferry: lazy_ms,
+                baseline: base_ms,
+                baseline_name: "raw runc checkpoint --lazy-pages + cp + criu lazy-pages + runc restore --lazy-pages".into(),
                 details,
             });
         }
@@ -200,12 +245,28 @@ impl Bench {
     }
 
     async fn ferry_cold(&self, mib: u64) -> Result<(f64, u64)> {
+        let (downtime, _, bytes) = self.ferry(mib, Strategy::Cold).await?;
+        Ok((downtime, bytes))
+    }
+
+    /// (downtime, until every page arrived, bundle bytes) of a post-copy migration.
+    async fn ferry_lazy(&self, mib: u64) -> Result<(f64, f64, u64)> {
+        self.ferry(mib, Strategy::PostCopy).await
+    }
+
+    /// One migration through the backends; (downtime ms, checkpoint-to-done ms, bytes).
+    async fn ferry(&self, mib: u64, strategy: Strategy) -> Result<(f64, f64, u64)> {
+        let tag = if strategy == Strategy::PostCopy {
+            "lazy"
+        } else {
+            "ferry"
+        };
         let pod = WorkloadRef {
             namespace: "bench".into(),
-            pod_name: format!("ferry-{mib}"),
+            pod_name: format!("{tag}-{mib}"),
             pod_uid: String::new(),
         };
-        let id = format!("ferry-{mib}");
+        let id = format!("{tag}-{mib}");
         self.start(&id, mib, &pod).await?;
         let desc = self.src.describe(&pod).await?.context("pod not found")?;
         let (psink, _prx) = ProgressSink::new(&id, Stage::Prepared);
@@ -216,7 +277,7 @@ impl Bench {
                     migration_id: id.clone(),
                     workload: desc,
                     target: pod.clone(),
-                    strategy: Strategy::Cold,
+                    strategy,
                 },
                 psink,
             )
@@ -224,17 +285,20 @@ impl Bench {
         let plan = CheckpointPlan {
             migration_id: id.clone(),
             workload: pod.clone(),
-            strategy: Strategy::Cold,
+            strategy,
             receive_endpoint: info.receive_endpoint,
             page_servers: info.page_servers,
             leave_running: true,
         };
         let (csink, _crx) = ProgressSink::new(&id, Stage::Checkpointing);
         let (rsink, _rrx) = ProgressSink::new(&id, Stage::Restoring);
+        let t0 = Instant::now();
         let (c, r) = tokio::join!(
             self.src.checkpoint_out(plan, csink.clone()),
             self.dst.restore_in(&id, &pod, rsink.clone())
         );
+        // Post-copy: the checkpoint ends when the last page has been fetched.
+        let total = t0.elapsed().as_secs_f64() * 1000.0;
         c?;
         r?;
         let downtime = rsink.latest().downtime_ms as f64;
@@ -242,7 +306,95 @@ impl Bench {
         self.dst.finalize(&id).await?;
         let _ = self.runc_b.delete_force(&id).await;
         let _ = std::fs::remove_dir_all(self.dir.join("state-b").join(&id));
-        Ok((downtime, csink.latest().bytes_done))
+        Ok((downtime, total, csink.latest().bytes_done))
+    }
+
+    /// Raw lazy migration with the tools alone: returns (downtime ms, until all pages
+    /// fetched ms).
+    async fn baseline_lazy(&self, mib: u64) -> Result<(f64, f64)> {
+        let pod = WorkloadRef {
+            namespace: "bench".into(),
+            pod_name: format!("rawlazy-{mib}"),
+            pod_uid: String::new(),
+        };
+        let id = format!("rawlazy-{mib}");
+        let bundle = self.start(&id, mib, &pod).await?;
+        let d = |s: &str| self.dir.join(format!("rawlazy-{s}-{mib}"));
+        let (img, work, img2, work2, bundle2) =
+            (d("img"), d("work"), d("img2"), d("work2"), d("bundle2"));
+        for p in [&img, &work, &work2] {
+            std::fs::create_dir_all(p)?;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let t0 = Instant::now();
+        let args = self.runc_a.checkpoint_args(
+            &id,
+            &ferry_node::runc::CheckpointOpts {
+                image_path: img.clone(),
+                work_path: work.clone(),
+                page_server: Some(format!("127.0.0.1:{port}")),
+                lazy_pages: true,
+                status_fd: Some(1),
+                ..Default::default()
+            },
+        );
+        let mut dump = self.runc_a.spawn(&args)?;
+        let mut stdout = dump.stdout.take().context("runc stdout")?;
+        let mut byte = [0u8; 1];
+        if tokio::io::AsyncReadExt::read(&mut stdout, &mut byte).await? != 1 {
+            self.runc_a
+                .finish(dump, &args, Some(&work.join("dump.log")))
+                .await?;
+            bail!("raw lazy dump ended before its page server started");
+        }
+        cp(&img, &img2)?;
+        cp(&bundle, &bundle2)?;
+        let path = bundle2.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        c["linux"]["cgroupsPath"] = format!("/{}/rawlazy-dst/{id}", self.cgroup).into();
+        std::fs::write(&path, serde_json::to_vec(&c)?)?;
+        let criu = Criu {
+            binary: which_criu()?,
+        };
+        criu.start_lazy_pages(&ferry_node::criu::LazyPagesOpts {
+            images_dir: img2.clone(),
+            work_dir: work2.clone(),
+            source_address: "127.0.0.1".into(),
+            source_port: port,
+            pidfile: work2.join("lazy.pid"),
+            log_file: work2.join("lazy.log"),
+        })
+        .await?;
+        let args2 = self.runc_b.restore_args(
+            &id,
+            &ferry_node::runc::RestoreOpts {
+                image_path: img2.clone(),
+                work_path: work2.clone(),
+                bundle: bundle2.clone(),
+                lazy_pages: true,
+                ..Default::default()
+            },
+        );
+        self.runc_b
+            .run(args2, Some(&work2.join("restore.log")))
+            .await?;
+        let downtime = t0.elapsed();
+        self.runc_a
+            .finish(dump, &args, Some(&work.join("dump.log")))
+            .await?;
+        let total = t0.elapsed();
+        tracing::info!(mib, ?downtime, ?total, "raw lazy baseline");
+        let _ = self.runc_b.delete_force(&id).await;
+        let _ = self.runc_a.delete_force(&id).await;
+        for p in [&img, &img2, &work, &work2, &bundle2] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        Ok((
+            downtime.as_secs_f64() * 1000.0,
+            total.as_secs_f64() * 1000.0,
+        ))
     }
 
     async fn baseline(&self, mib: u64) -> Result<f64> {

@@ -104,6 +104,7 @@ pub fn description_pb(w: &d::WorkloadDescription) -> pb::WorkloadDescription {
             })
             .collect(),
         memory_bytes: w.memory_bytes,
+        runtime_spec: w.runtime_spec.clone(),
     }
 }
 
@@ -135,6 +136,7 @@ pub fn description(
             })
             .collect(),
         memory_bytes: w.memory_bytes,
+        runtime_spec: w.runtime_spec,
     })
 }
 

@@ -1,5 +1,5 @@
-//! CRIU, driven through typed invocations: the page server the destination runs, feature
-//! probes, and log excerpts for errors. (runc drives `criu dump`/`restore` itself; the
+//! CRIU, driven through typed invocations: the page server and the lazy-pages daemon the
+//! destination runs, feature probes, and log excerpts for errors. (runc drives `criu dump`/`restore` itself; the
 //! benchmark's raw baseline uses [`DumpOpts`]/[`RestoreOpts`] directly.)
 use crate::error::RuntimeError;
 use crate::runtime::{Strategy, StrategySupport};
@@ -52,6 +52,22 @@ pub struct PageServerOpts {
     pub lazy_pages: bool,
 }
 
+/// `criu lazy-pages`: the destination's userfaultfd daemon. A restore started with
+/// `--lazy-pages` hands it the restored tasks' userfaultfds (through
+/// `lazy-pages.socket` in `work_dir`, which must be the restore's work dir); it fetches
+/// every missing page from the source's lazy page server, first the ones faulted on,
+/// then the rest in the background, and exits when all are in.
+#[derive(Debug, Clone)]
+pub struct LazyPagesOpts {
+    pub images_dir: PathBuf,
+    pub work_dir: PathBuf,
+    /// The source's lazy page server (`runc checkpoint --lazy-pages`).
+    pub source_address: String,
+    pub source_port: u16,
+    pub pidfile: PathBuf,
+    pub log_file: PathBuf,
+}
+
 /// `criu dump` of a process tree (the baseline; runc builds its own for containers).
 #[derive(Debug, Clone, Default)]
 pub struct DumpOpts {
@@ -97,6 +113,27 @@ impl Criu {
             a.push("--lazy-pages".into());
         }
         a
+    }
+
+    pub fn lazy_pages_args(o: &LazyPagesOpts) -> Vec<String> {
+        vec![
+            "lazy-pages".into(),
+            "--daemon".into(),
+            "--page-server".into(),
+            "--address".into(),
+            o.source_address.clone(),
+            "--port".into(),
+            o.source_port.to_string(),
+            "--images-dir".into(),
+            o.images_dir.display().to_string(),
+            "--work-dir".into(),
+            o.work_dir.display().to_string(),
+            "--pidfile".into(),
+            o.pidfile.display().to_string(),
+            "-o".into(),
+            o.log_file.display().to_string(),
+            "-v4".into(),
+        ]
     }
 
     pub fn dump_args(o: &DumpOpts) -> Vec<String> {
@@ -197,6 +234,18 @@ impl Criu {
         })
     }
 
+    /// Starts the lazy-pages daemon; returns its pid once its socket is ready (`--daemon`
+    /// forks after that), so a `runc restore --lazy-pages` may start right away.
+    pub async fn start_lazy_pages(&self, o: &LazyPagesOpts) -> Result<u32, RuntimeError> {
+        self.run(Self::lazy_pages_args(o), Some(&o.log_file))
+            .await?;
+        let pid = std::fs::read_to_string(&o.pidfile)
+            .map_err(RuntimeError::io("reading lazy-pages pidfile"))?;
+        pid.trim().parse().map_err(|_| {
+            RuntimeError::FailedPrecondition(format!("bad lazy-pages pidfile {:?}", pid))
+        })
+    }
+
     async fn feature(&self, name: &str) -> Result<(), String> {
         let args = vec!["check".to_string(), "--feature".into(), name.into()];
         match Command::new(&self.binary).args(&args).output().await {
@@ -241,12 +290,28 @@ impl Criu {
             Ok(()) => self.feature("mem_dirty_track").await,
             Err(e) => Err(e.clone()),
         };
-        let post = uffd.and(Err(
-            "post-copy (lazy pages) is not implemented in ferry-node yet".to_string(),
-        ));
-        let pre = dirty.and(Err(
-            "pre-copy (iterative pre-dump) is not implemented in ferry-node yet".to_string(),
-        ));
+        let post = uffd.and_then(|()| {
+            lazy_pipe_check(
+                read_pipe_max_size(),
+                has_cap_sys_resource(
+                    &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+                ),
+            )
+        });
+        let pre = match dirty {
+            Err(e) if e.contains("mem_dirty_track") => Err(
+                "the kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY is off; \
+                 `criu check --feature mem_dirty_track`: \"Dirty tracking is OFF\"): CRIU \
+                 pre-dump needs it (runc checkpoint --pre-dump: \"CRIU is missing features\")"
+                    .to_string(),
+            ),
+            Err(e) => Err(e),
+            Ok(()) => Err(
+                "pre-copy (iterative pre-dump) is not implemented in ferry-node: it could not \
+                 be tested on a kernel without soft-dirty tracking"
+                    .to_string(),
+            ),
+        };
         vec![
             support(Strategy::Cold, base),
             support(Strategy::PreCopy, pre),
@@ -255,9 +320,78 @@ impl Criu {
     }
 }
 
+/// The pipe size CRIU's lazy page server asks for (`pipe_read_dest_init`: PIPE_MAX_SIZE
+/// pages = 819 pages of 4 KiB, which the kernel rounds up to 1024 pages).
+pub const LAZY_PIPE_BYTES: u64 = 4 << 20;
+
+fn read_pipe_max_size() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CAP_SYS_RESOURCE (bit 24) in the `CapEff:` line of /proc/self/status.
+fn has_cap_sys_resource(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// CRIU's lazy page server (the source side of post-copy) grows a pipe to
+/// [`LAZY_PIPE_BYTES`] and ignores a failure, so without CAP_SYS_RESOURCE and with
+/// `fs.pipe-max-size` below that its sink fd stays -1 and the first page request fails
+/// with `page-pipe: splice: -1: Bad file descriptor` ("Lazy pages transfer FAILED").
+fn lazy_pipe_check(pipe_max: Option<u64>, cap_sys_resource: bool) -> Result<(), String> {
+    match pipe_max {
+        _ if cap_sys_resource => Ok(()),
+        Some(n) if n >= LAZY_PIPE_BYTES => Ok(()),
+        n => Err(format!(
+            "CRIU's lazy page server needs {LAZY_PIPE_BYTES}-byte pipes: this daemon lacks \
+             CAP_SYS_RESOURCE and fs.pipe-max-size is {}; without it the source fails with \
+             `page-pipe: splice: -1: Bad file descriptor` (run `sysctl -w \
+             fs.pipe-max-size={LAZY_PIPE_BYTES}`, as scripts/install-criu.sh does)",
+            n.map_or("unreadable".to_string(), |n| n.to_string())
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lazy_pipe_needs_cap_or_sysctl() {
+        assert!(lazy_pipe_check(Some(1 << 20), true).is_ok());
+        assert!(lazy_pipe_check(Some(4 << 20), false).is_ok());
+        let e = lazy_pipe_check(Some(1 << 20), false).unwrap_err();
+        assert!(
+            e.contains("fs.pipe-max-size is 1048576") && e.contains("splice"),
+            "{e}"
+        );
+        assert!(has_cap_sys_resource("CapEff:\t000001ffffffffff\n"));
+        assert!(!has_cap_sys_resource("CapEff:\t000001fffeffffff\n"));
+    }
+
+    #[test]
+    fn lazy_pages_args() {
+        let a = Criu::lazy_pages_args(&LazyPagesOpts {
+            images_dir: "/i".into(),
+            work_dir: "/w".into(),
+            source_address: "10.0.0.1".into(),
+            source_port: 5000,
+            pidfile: "/p".into(),
+            log_file: "/l".into(),
+        });
+        assert_eq!(
+            a.join(" "),
+            "lazy-pages --daemon --page-server --address 10.0.0.1 --port 5000 --images-dir /i \
+             --work-dir /w --pidfile /p -o /l -v4"
+        );
+    }
 
     #[test]
     fn page_server_args() {

@@ -177,6 +177,53 @@ impl Runc {
         ))
     }
 
+    /// Starts runc without waiting (a lazy-pages checkpoint keeps serving pages after the
+    /// dump): stdout and stderr piped, in its own process group so [`kill_group`] also
+    /// stops the CRIU it started.
+    pub fn spawn(&self, args: &[String]) -> Result<tokio::process::Child, RuntimeError> {
+        tracing::debug!(runc = %self.binary.display(), ?args, "runc (spawned)");
+        Command::new(&self.binary)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                RuntimeError::command(
+                    &self.binary.display().to_string(),
+                    args,
+                    None,
+                    e.to_string().as_bytes(),
+                    String::new(),
+                )
+            })
+    }
+
+    /// Waits for a [`Runc::spawn`]ed runc; a failure carries stderr and the CRIU log.
+    pub async fn finish(
+        &self,
+        child: tokio::process::Child,
+        args: &[String],
+        criu_log: Option<&Path>,
+    ) -> Result<(), RuntimeError> {
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(RuntimeError::io("waiting for runc"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let log = criu_log.map(criu::log_excerpt).unwrap_or_default();
+        Err(RuntimeError::command(
+            "runc",
+            args,
+            Some(out.status),
+            &out.stderr,
+            log,
+        ))
+    }
+
     pub async fn list(&self) -> Result<Vec<RuncContainer>, RuntimeError> {
         if !self.root.exists() {
             return Ok(Vec::new());
@@ -233,6 +280,14 @@ impl Runc {
     }
 }
 
+/// SIGKILL to the process group `pgid` (a [`Runc::spawn`]ed runc and its CRIU).
+pub fn kill_group(pgid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 /// Resident memory of a process, from /proc (0 when it cannot be read).
 pub fn rss_bytes(pid: u32) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -269,6 +324,43 @@ mod tests {
             a.join(" "),
             "--root /run/r checkpoint --image-path /i --work-path /w --leave-running \
              --tcp-established --page-server 10.0.0.2:5000 c1"
+        );
+    }
+
+    #[test]
+    fn lazy_checkpoint_and_restore_args() {
+        let r = Runc::new("runc", "/run/r");
+        let a = r.checkpoint_args(
+            "c1",
+            &CheckpointOpts {
+                image_path: "/i".into(),
+                work_path: "/w".into(),
+                leave_running: true,
+                tcp_established: false,
+                page_server: Some("10.0.0.1:5000".into()),
+                lazy_pages: true,
+                status_fd: Some(1),
+            },
+        );
+        assert_eq!(
+            a.join(" "),
+            "--root /run/r checkpoint --image-path /i --work-path /w --leave-running \
+             --page-server 10.0.0.1:5000 --lazy-pages --status-fd 1 c1"
+        );
+        let a = r.restore_args(
+            "c1",
+            &RestoreOpts {
+                image_path: "/i".into(),
+                work_path: "/w".into(),
+                bundle: "/b".into(),
+                tcp_established: true,
+                lazy_pages: true,
+            },
+        );
+        assert_eq!(
+            a.join(" "),
+            "--root /run/r restore --detach --image-path /i --work-path /w --bundle /b \
+             --tcp-established --lazy-pages c1"
         );
     }
 

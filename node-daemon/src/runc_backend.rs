@@ -15,15 +15,25 @@
 //! The source is paused and checkpointed with `--leave-running`: CRIU restores the
 //! freezer state it found, so the source stays frozen (never two running copies) yet
 //! resumable until finalize.
-use crate::criu::{Criu, PageServerOpts};
+//!
+//! Post-copy (`Strategy::PostCopy`, CRIU lazy pages) reverses the page flow: the source's
+//! `runc checkpoint --lazy-pages` dumps everything but the anonymous memory, then serves
+//! that memory from a lazy page server on the source; the bundle carries the server's
+//! address (file [`LAZY_SOURCE_FILE`] among the images); the destination starts
+//! `criu lazy-pages` and `runc restore --lazy-pages`, so the pod runs at once and its
+//! pages arrive on fault and in the background. The source's checkpoint ends when the
+//! last page has been fetched.
+use crate::criu::{Criu, LazyPagesOpts, PageServerOpts};
 use crate::error::RuntimeError;
-use crate::runc::{CheckpointOpts, RestoreOpts, Runc, RuncContainer, rss_bytes};
+use crate::runc::{CheckpointOpts, RestoreOpts, Runc, RuncContainer, kill_group, rss_bytes};
 use crate::runtime::*;
 use crate::wire::{self, BundleHeader, BundleListener};
 use futures::future::{BoxFuture, FutureExt, try_join_all};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -40,15 +50,24 @@ pub struct RuncConfig {
     pub cgroup_prefix: String,
 }
 
+/// Written into a post-copy bundle's `images/`: `host:port` of the source's lazy page
+/// server (CRIU ignores files it does not know in an images dir).
+pub const LAZY_SOURCE_FILE: &str = "ferry-lazy-source";
+
 enum Migration {
     Source {
         ids: Vec<String>,
         resumable: bool,
+        /// Process groups of post-copy `runc checkpoint`s still serving pages.
+        serving: Arc<Mutex<Vec<u32>>>,
     },
     Dest {
         info: ReceiverInfo,
         dir: PathBuf,
+        strategy: Strategy,
         page_server_pids: Vec<u32>,
+        /// Post-copy: the `criu lazy-pages` daemons (they exit once all pages are in).
+        lazy_pids: Arc<Mutex<Vec<u32>>>,
         arrivals: Option<mpsc::Receiver<Result<BundleHeader, RuntimeError>>>,
         expected: usize,
         restored: Arc<Mutex<Vec<String>>>,
@@ -117,6 +136,7 @@ impl RuncRuntime {
             kind: WorkloadKind::Containers,
             memory_bytes: containers.iter().map(|c| c.rss_bytes).sum(),
             containers,
+            runtime_spec: Vec::new(),
         }))
     }
 
@@ -147,6 +167,9 @@ impl RuncRuntime {
                 .map_err(RuntimeError::io("creating staging dir"))?;
             std::fs::create_dir_all(dir.join("work").join(&c.name))
                 .map_err(RuntimeError::io("creating work dir"))?;
+            if plan.strategy == Strategy::PostCopy {
+                continue; // the source serves the pages
+            }
             let port = free_port(&self.cfg.advertise_ip)?;
             let opts = PageServerOpts {
                 images_dir: cdir.join("images"),
@@ -176,7 +199,9 @@ impl RuncRuntime {
             Migration::Dest {
                 info: info.clone(),
                 dir,
+                strategy: plan.strategy,
                 page_server_pids: pids,
+                lazy_pids: Arc::new(Mutex::new(Vec::new())),
                 arrivals: Some(rx),
                 expected: plan.workload.containers.len(),
                 restored: Arc::new(Mutex::new(Vec::new())),
@@ -198,7 +223,8 @@ impl RuncRuntime {
                     c.status
                 )));
             }
-            if !plan.page_servers.iter().any(|(n, _)| n == c.name()) {
+            let needs_page_server = plan.strategy != Strategy::PostCopy;
+            if needs_page_server && !plan.page_servers.iter().any(|(n, _)| n == c.name()) {
                 return Err(RuntimeError::InvalidArgument(format!(
                     "no page server given for container {}; pass PrepareReceiverResponse.page_servers",
                     c.name()
@@ -217,11 +243,13 @@ impl RuncRuntime {
         let dir = self.mig_dir(&plan.migration_id)?;
         let containers = self.validate(&plan).await?;
         let ids: Vec<String> = containers.iter().map(|c| c.id.clone()).collect();
+        let serving = Arc::new(Mutex::new(Vec::new()));
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             Migration::Source {
                 ids: ids.clone(),
                 resumable: true,
+                serving: serving.clone(),
             },
         );
 
@@ -241,13 +269,24 @@ impl RuncRuntime {
             paused.push(id.clone());
         }
         let frozen_at_ms = unix_ms();
+        // Post-copy: once a bundle is out the destination may already run the pod, so a
+        // later failure must not resume the source (two diverging copies).
+        let sent_any = AtomicBool::new(false);
+        let cp = Checkpoint {
+            plan: &plan,
+            dir: &dir,
+            frozen_at_ms,
+            progress: &progress,
+            serving: &serving,
+            sent_any: &sent_any,
+        };
         let result = try_join_all(containers.iter().map(|c| {
             let ps = plan
                 .page_servers
                 .iter()
                 .find(|(n, _)| n == c.name())
                 .map(|(_, e)| e.clone());
-            self.checkpoint_one(&plan, &dir, c, ps, frozen_at_ms, &progress)
+            self.checkpoint_one(&cp, c, ps)
         }))
         .await;
         match result {
@@ -267,6 +306,13 @@ impl RuncRuntime {
                 Ok(())
             }
             Err(e) => {
+                for pgid in serving.lock().unwrap().drain(..) {
+                    kill_group(pgid);
+                }
+                if plan.strategy == Strategy::PostCopy && sent_any.load(Ordering::SeqCst) {
+                    tracing::error!(error = %e, "post-copy failed after a bundle was sent; source left frozen");
+                    return Err(e);
+                }
                 // Rollback: the source continues as if nothing happened.
                 if plan.leave_running {
                     for id in &ids {
@@ -280,34 +326,51 @@ impl RuncRuntime {
 
     async fn checkpoint_one(
         &self,
-        plan: &CheckpointPlan,
-        dir: &Path,
+        cp: &Checkpoint<'_>,
         c: &RuncContainer,
         page_server: Option<String>,
-        frozen_at_ms: u64,
-        progress: &ProgressSink,
     ) -> Result<(), RuntimeError> {
+        let plan = cp.plan;
         let name = c.name().to_string();
-        let images = dir.join(&name).join("images");
-        let work = dir.join(&name).join("work");
+        let images = cp.dir.join(&name).join("images");
+        let work = cp.dir.join(&name).join("work");
         for d in [&images, &work] {
             let _ = std::fs::remove_dir_all(d);
             std::fs::create_dir_all(d).map_err(RuntimeError::io("creating checkpoint dir"))?;
         }
+        let lazy = plan.strategy == Strategy::PostCopy;
+        let lazy_server = if lazy {
+            let port = free_port(&self.cfg.advertise_ip)?;
+            Some(format!("{}:{port}", self.cfg.advertise_ip))
+        } else {
+            None
+        };
         let opts = CheckpointOpts {
             image_path: images.clone(),
             work_path: work.clone(),
             leave_running: plan.leave_running,
             tcp_established: true,
-            page_server,
-            lazy_pages: false,
-            status_fd: None,
+            // Lazy: where this node serves the pages (CRIU binds the port on every
+            // address); otherwise the destination's page server that receives them.
+            page_server: lazy_server.clone().or(page_server),
+            lazy_pages: lazy,
+            // runc writes one byte to its stdout when the lazy page server is up.
+            status_fd: lazy.then_some(1),
         };
         let args = self.cfg.runc.checkpoint_args(&c.id, &opts);
-        self.cfg
-            .runc
-            .run(args, Some(&work.join("dump.log")))
-            .await?;
+        let dump_log = work.join("dump.log");
+        let serving = match &lazy_server {
+            None => {
+                self.cfg.runc.run(args.clone(), Some(&dump_log)).await?;
+                None
+            }
+            Some(server) => {
+                let child = self.lazy_dump(&args, &dump_log, cp.serving).await?;
+                std::fs::write(images.join(LAZY_SOURCE_FILE), server)
+                    .map_err(RuntimeError::io("writing lazy source address"))?;
+                Some(child)
+            }
+        };
 
         // The rest of the bundle: CRIU's non-page images, config.json and the rootfs.
         let config = c.bundle.join("config.json");
@@ -322,8 +385,9 @@ impl RuncRuntime {
             migration_id: plan.migration_id.clone(),
             container: name.clone(),
             container_id: c.id.clone(),
-            frozen_at_ms,
+            frozen_at_ms: cp.frozen_at_ms,
         };
+        cp.sent_any.store(true, Ordering::SeqCst);
         let sent = wire::send(&plan.receive_endpoint, &header, &mut out).await;
         let status = child
             .wait_with_output()
@@ -339,9 +403,53 @@ impl RuncRuntime {
                 String::new(),
             ));
         }
-        progress.add_bytes(sent);
+        cp.progress.add_bytes(sent);
         tracing::info!(container = %name, bytes = sent, "bundle sent");
+        if let Some(child) = serving {
+            cp.progress.stage(
+                Stage::Transferring,
+                format!("post-copy: {name} bundle sent; serving its memory to the destination"),
+            );
+            // Post-copy: done once the destination has fetched every page.
+            let pgid = child.id();
+            let r = self.cfg.runc.finish(child, &args, Some(&dump_log)).await;
+            if let Some(pgid) = pgid {
+                cp.serving.lock().unwrap().retain(|p| *p != pgid);
+            }
+            r?;
+            tracing::info!(container = %name, "lazy pages all fetched by the destination");
+        }
         Ok(())
+    }
+
+    /// Starts a `runc checkpoint --lazy-pages --status-fd 1` and returns once CRIU has
+    /// dumped everything but the lazy memory and its page server listens (runc writes a
+    /// byte to its stdout then), with the still-running runc.
+    async fn lazy_dump(
+        &self,
+        args: &[String],
+        dump_log: &Path,
+        serving: &Mutex<Vec<u32>>,
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        let mut child = self.cfg.runc.spawn(args)?;
+        if let Some(pgid) = child.id() {
+            serving.lock().unwrap().push(pgid);
+        }
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut byte = [0u8; 1];
+        // EOF (or an error) means runc exited before the server came up.
+        let ready = matches!(stdout.read(&mut byte).await, Ok(1));
+        if !ready {
+            if let Some(pgid) = child.id() {
+                serving.lock().unwrap().retain(|p| *p != pgid);
+            }
+            self.cfg.runc.finish(child, args, Some(dump_log)).await?;
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "runc checkpoint --lazy-pages exited without starting its page server: {}",
+                crate::criu::log_excerpt(dump_log)
+            )));
+        }
+        Ok(child)
     }
 
     async fn restore(
@@ -350,7 +458,7 @@ impl RuncRuntime {
         target: &WorkloadRef,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
-        let (mut arrivals, dir, expected, restored) = {
+        let (mut arrivals, dir, expected, restored, lazy) = {
             let mut m = self.migrations.lock().unwrap();
             match m.get_mut(migration_id) {
                 Some(Migration::Dest {
@@ -358,6 +466,8 @@ impl RuncRuntime {
                     dir,
                     expected,
                     restored,
+                    strategy,
+                    lazy_pids,
                     ..
                 }) => (
                     arrivals.take().ok_or_else(|| {
@@ -368,6 +478,7 @@ impl RuncRuntime {
                     dir.clone(),
                     *expected,
                     restored.clone(),
+                    (*strategy == Strategy::PostCopy).then(|| lazy_pids.clone()),
                 ),
                 _ => {
                     return Err(RuntimeError::NotFound(format!(
@@ -386,7 +497,7 @@ impl RuncRuntime {
                 .await
                 .ok_or_else(|| RuntimeError::Transfer("bundle receiver stopped early".into()))??;
             frozen_at = header.frozen_at_ms;
-            tasks.push(self.restore_one(&dir, header, target, restored.clone()));
+            tasks.push(self.restore_one(&dir, header, target, restored.clone(), lazy.clone()));
         }
         let result = try_join_all(tasks).await;
         if let Err(e) = result {
@@ -394,6 +505,9 @@ impl RuncRuntime {
             let ids: Vec<String> = restored.lock().unwrap().drain(..).collect();
             for id in ids {
                 let _ = self.cfg.runc.delete_force(&id).await;
+            }
+            if let Some(l) = &lazy {
+                kill_all(&l.lock().unwrap().drain(..).collect::<Vec<_>>());
             }
             return Err(e);
         }
@@ -410,6 +524,7 @@ impl RuncRuntime {
         header: BundleHeader,
         target: &WorkloadRef,
         restored: Arc<Mutex<Vec<String>>>,
+        lazy_pids: Option<Arc<Mutex<Vec<u32>>>>,
     ) -> Result<(), RuntimeError> {
         let bundle = dir.join(&header.container);
         let cgroup = format!(
@@ -422,12 +537,20 @@ impl RuncRuntime {
         std::fs::create_dir_all(&work).map_err(RuntimeError::io("creating work dir"))?;
         let criu_conf = write_criu_restore_conf(&work)?;
         rewrite_config(&bundle.join("config.json"), target, &cgroup, &criu_conf)?;
+        let mut lazy_pid = None;
+        if let Some(pids) = &lazy_pids {
+            // The userfaultfd daemon must listen in the restore's work dir first.
+            let opts = lazy_pages_opts(&bundle.join("images"), &work)?;
+            let pid = self.cfg.criu.start_lazy_pages(&opts).await?;
+            pids.lock().unwrap().push(pid);
+            lazy_pid = Some(pid);
+        }
         let opts = RestoreOpts {
             image_path: bundle.join("images"),
             work_path: work.clone(),
             bundle: bundle.clone(),
             tcp_established: true,
-            lazy_pages: false,
+            lazy_pages: lazy_pids.is_some(),
         };
         let args = self.cfg.runc.restore_args(&header.container_id, &opts);
         let r = self
@@ -438,6 +561,9 @@ impl RuncRuntime {
         if r.is_err() {
             // runc may leave a half-created container behind.
             let _ = self.cfg.runc.delete_force(&header.container_id).await;
+            if let Some(pid) = lazy_pid {
+                kill_all(&[pid]);
+            }
         } else {
             restored.lock().unwrap().push(header.container_id.clone());
         }
@@ -448,7 +574,12 @@ impl RuncRuntime {
         let entry = self.migrations.lock().unwrap().remove(migration_id);
         let dir = self.mig_dir(migration_id)?;
         match entry {
-            Some(Migration::Source { ids, .. }) => {
+            Some(Migration::Source { ids, serving, .. }) => {
+                // Post-copy: the checkpoint ended when the last page was fetched, so
+                // nothing should still serve; stop anything left over.
+                for pgid in serving.lock().unwrap().drain(..) {
+                    kill_group(pgid);
+                }
                 for id in ids {
                     // The frozen source copy goes away; a container already gone is fine.
                     if let Err(e) = self.cfg.runc.delete_force(&id).await {
@@ -461,9 +592,15 @@ impl RuncRuntime {
             Some(Migration::Dest {
                 dir,
                 page_server_pids,
+                lazy_pids,
                 ..
             }) => {
                 kill_all(&page_server_pids);
+                // Lazy-pages daemons exit by themselves once every page is in (the
+                // source's checkpoint succeeded only then); give stragglers a moment.
+                let lazy: Vec<u32> = lazy_pids.lock().unwrap().drain(..).collect();
+                wait_gone(&lazy, std::time::Duration::from_secs(10)).await;
+                kill_all(&lazy);
                 // The rootfs of the restored containers lives in the bundle: keep it, drop
                 // only the CRIU images.
                 for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -478,7 +615,14 @@ impl RuncRuntime {
     async fn abort_mig(&self, migration_id: &str) -> Result<(), RuntimeError> {
         let entry = self.migrations.lock().unwrap().remove(migration_id);
         match entry {
-            Some(Migration::Source { ids, resumable }) => {
+            Some(Migration::Source {
+                ids,
+                resumable,
+                serving,
+            }) => {
+                for pgid in serving.lock().unwrap().drain(..) {
+                    kill_group(pgid);
+                }
                 if !resumable {
                     return Err(RuntimeError::FailedPrecondition(format!(
                         "migration {migration_id} was checkpointed without leave_running; the source cannot resume"
@@ -505,9 +649,11 @@ impl RuncRuntime {
                 dir,
                 page_server_pids,
                 restored,
+                lazy_pids,
                 ..
             }) => {
                 kill_all(&page_server_pids);
+                kill_all(&lazy_pids.lock().unwrap().drain(..).collect::<Vec<_>>());
                 let ids: Vec<String> = restored.lock().unwrap().drain(..).collect();
                 for id in ids {
                     let _ = self.cfg.runc.delete_force(&id).await;
@@ -746,6 +892,71 @@ fn write_criu_restore_conf(work: &Path) -> Result<PathBuf, RuntimeError> {
     Ok(conf)
 }
 
+/// One pod checkpoint's shared state, handed to each container's dump.
+struct Checkpoint<'a> {
+    plan: &'a CheckpointPlan,
+    dir: &'a Path,
+    frozen_at_ms: u64,
+    progress: &'a ProgressSink,
+    serving: &'a Mutex<Vec<u32>>,
+    sent_any: &'a AtomicBool,
+}
+
+/// The lazy-pages daemon of a received post-copy bundle: it fetches from the source
+/// address the bundle names, and listens in `work` (the restore's work dir).
+fn lazy_pages_opts(images: &Path, work: &Path) -> Result<LazyPagesOpts, RuntimeError> {
+    let file = images.join(LAZY_SOURCE_FILE);
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        RuntimeError::FailedPrecondition(format!(
+            "post-copy bundle lacks the source's lazy page server ({}): {e}",
+            file.display()
+        ))
+    })?;
+    let (address, port) = parse_host_port(text.trim()).ok_or_else(|| {
+        RuntimeError::FailedPrecondition(format!(
+            "bad lazy page server address {:?} in {}",
+            text.trim(),
+            file.display()
+        ))
+    })?;
+    Ok(LazyPagesOpts {
+        images_dir: images.to_path_buf(),
+        work_dir: work.to_path_buf(),
+        source_address: address,
+        source_port: port,
+        pidfile: work.join("lazy-pages.pid"),
+        log_file: work.join("lazy-pages.log"),
+    })
+}
+
+/// `host:port` (IPv4 or a name; `[v6]:port`) into its parts.
+fn parse_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
+}
+
+/// Waits until none of `pids` runs any more (daemons are not our children: poll /proc).
+async fn wait_gone(pids: &[u32], timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while pids.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `pid` exists and is not a zombie (a daemon reparented to a ferry-node running
+/// as PID 1 stays a zombie until reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 fn free_port(ip: &str) -> Result<u16, RuntimeError> {
     // Small race between closing and CRIU binding; acceptable on a node we own.
     let l = std::net::TcpListener::bind((ip, 0))
@@ -767,6 +978,24 @@ fn kill_all(pids: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alive_sees_running_not_missing() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX));
+    }
+
+    #[test]
+    fn lazy_source_address_parses() {
+        assert_eq!(
+            parse_host_port("10.213.0.2:4000"),
+            Some(("10.213.0.2".into(), 4000))
+        );
+        assert_eq!(parse_host_port("[::1]:80"), Some(("::1".into(), 80)));
+        assert_eq!(parse_host_port("10.0.0.1"), None);
+        assert_eq!(parse_host_port(":80"), None);
+        assert_eq!(parse_host_port("h:0"), None);
+    }
 
     #[test]
     fn tar_args_put_rootfs_under_rootfs() {

@@ -50,6 +50,9 @@ pub struct WorkloadDescription {
     pub kind: WorkloadKind,
     pub containers: Vec<ContainerInfo>,
     pub memory_bytes: u64,
+    /// Runtime-specific, carried unchanged from source to destination (a VM's guest
+    /// spec as JSON); empty for containers.
+    pub runtime_spec: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -7,15 +7,17 @@
 //!             <-------- return path (post-copy page requests) ---------
 //! ```
 //!
-//! 1. source (`checkpoint_out`): send the guest spec as a verified stream
-//!    `<id>.spec`, point QEMU's `migrate` at a unix socket this daemon listens on, and
-//!    splice that connection into a ferry-transfer pipe `<id>.ram` to the destination;
-//!    follow `query-migrate` into the progress stream until QEMU reports completed.
-//!    The guest is then paused ("postmigrate") but still resumable until `finalize`.
-//! 2. destination (`prepare_receiver` → background task): read the spec, start the same
-//!    guest with ferry-launcher in incoming mode (registered under the target pod), call
-//!    `migrate-incoming` on a unix socket and splice the accepted pipe into it;
-//!    `restore_in` waits until the guest runs here.
+//! 1. destination (`prepare_receiver` → background task): start the guest described by
+//!    the source (its spec travels in `WorkloadDescription.runtime_spec`) with
+//!    ferry-launcher in incoming mode, registered under the target pod; call
+//!    `migrate-incoming` on a unix socket, report [`INCOMING_READY`], and splice the
+//!    pipe from the source into it once it arrives; `restore_in` waits until the guest
+//!    runs here.
+//! 2. source (`checkpoint_out`): point QEMU's `migrate` at a unix socket this daemon
+//!    listens on and splice that connection into a ferry-transfer pipe `<id>.ram` to the
+//!    destination; follow `query-migrate` into the progress stream until QEMU reports
+//!    completed. The guest is then paused ("postmigrate") but still resumable until
+//!    `finalize`.
 //! 3. `finalize`: the source quits its QEMU; the destination lets its guest run on.
 //!    `abort`: the source cancels the migration (or resumes a paused guest), the
 //!    destination kills its incoming QEMU. Once post-copy has started the source no
@@ -34,12 +36,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 const QMP_WAIT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(50);
+/// `query-migrate` polling: each poll is one small QMP round trip, and the interval
+/// adds directly to the measured total time.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The destination's progress message once its incoming QEMU listens.
+pub const INCOMING_READY: &str = "incoming guest ready";
 
 pub struct VmConfig {
     /// Where launchers register their guests (see `vm_registry`).
@@ -141,20 +147,7 @@ impl VmRuntime {
         let ep = transport::peer(&plan.receive_endpoint)?;
         let work = self.work_dir(&plan.migration_id)?;
 
-        // 1. The destination needs the guest's shape before it can start QEMU.
-        let spec = serde_json::to_vec(&rec.spec).expect("spec serializes");
-        self.transport
-            .sender
-            .send_stream(
-                &ep,
-                &format!("{}.spec", plan.migration_id),
-                &spec[..],
-                &Default::default(),
-            )
-            .await
-            .map_err(|e| RuntimeError::Transfer(format!("sending the guest spec: {e}")))?;
-
-        // 2. QEMU migrates into a local socket that this daemon forwards.
+        // QEMU migrates into a local socket that this daemon forwards.
         let q = QemuBackend::connect(&rec.spec.qmp_socket, QMP_WAIT)
             .await
             .map_err(qemu_err)?;
@@ -201,7 +194,7 @@ impl VmRuntime {
             }
         };
 
-        // 3. Follow QEMU until it is done; it resumes the guest by itself on failure.
+        // Follow QEMU until it is done; it resumes the guest by itself on failure.
         let result = follow(&q, &progress).await;
         splice_task.abort();
         match result {
@@ -302,7 +295,17 @@ impl VmRuntime {
 
     // ---- destination ----
 
-    fn prepare(&self, plan: ReceiverPlan) -> Result<ReceiverInfo, RuntimeError> {
+    fn prepare(
+        &self,
+        plan: ReceiverPlan,
+        progress: ProgressSink,
+    ) -> Result<ReceiverInfo, RuntimeError> {
+        let spec: GuestSpec = serde_json::from_slice(&plan.workload.runtime_spec).map_err(|e| {
+            RuntimeError::InvalidArgument(format!(
+                "the VM's description carries no usable guest spec (runtime_spec: {e}); \
+                 describe the source with a ferry-node of the same version"
+            ))
+        })?;
         let work = self.work_dir(&plan.migration_id)?;
         let (tx, rx) = watch::channel(DestPhase::Starting);
         let ctx = IncomingCtx {
@@ -313,6 +316,8 @@ impl VmRuntime {
             migration_id: plan.migration_id.clone(),
             target: plan.target.clone(),
             work: work.clone(),
+            spec,
+            progress,
         };
         let task = tokio::spawn(async move {
             let phase = match ctx.run().await {
@@ -457,29 +462,18 @@ struct IncomingCtx {
     migration_id: String,
     target: WorkloadRef,
     work: PathBuf,
+    spec: GuestSpec,
+    progress: ProgressSink,
 }
 
 impl IncomingCtx {
     async fn run(self) -> Result<QemuBackend, RuntimeError> {
-        let mut spec_stream = self
-            .transport
-            .receiver
-            .accept_stream(&format!("{}.spec", self.migration_id))
-            .await;
-        let mut bytes = Vec::new();
-        spec_stream
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| RuntimeError::Transfer(format!("receiving the guest spec: {e}")))?;
-        let spec: GuestSpec = serde_json::from_slice(&bytes).map_err(|e| {
-            RuntimeError::InvalidArgument(format!("bad guest spec from the source: {e}"))
-        })?;
-
+        let spec = &self.spec;
         let dir =
             vm_registry::dir_for(&self.vm_root, &self.target.namespace, &self.target.pod_name);
         let _ = std::fs::remove_dir_all(&dir);
         let mut cmd = tokio::process::Command::new(&self.launcher);
-        cmd.args(launcher_args(&spec, &self.vm_root, &self.target));
+        cmd.args(launcher_args(spec, &self.vm_root, &self.target));
         let log = std::fs::File::create(self.work.join("qemu.log"))
             .map_err(RuntimeError::io("creating qemu.log"))?;
         cmd.stdout(log.try_clone().map_err(RuntimeError::io("qemu.log"))?)
@@ -508,6 +502,7 @@ impl IncomingCtx {
         q.migrate_incoming(&format!("unix:{}", sock.display()))
             .await
             .map_err(qemu_err)?;
+        self.progress.stage(Stage::Prepared, INCOMING_READY);
         let pipe = self
             .transport
             .receiver
@@ -597,6 +592,7 @@ impl Runtime for VmRuntime {
                 kind: WorkloadKind::VirtualMachine,
                 containers: Vec::new(),
                 memory_bytes: u64::from(rec.spec.memory_mib) << 20,
+                runtime_spec: serde_json::to_vec(&rec.spec).expect("spec serializes"),
             }))
         }
         .boxed()
@@ -608,12 +604,8 @@ impl Runtime for VmRuntime {
         progress: ProgressSink,
     ) -> BoxFuture<'_, Result<ReceiverInfo, RuntimeError>> {
         async move {
-            let info = self.prepare(plan)?;
-            progress.stage(
-                Stage::Prepared,
-                "waiting for the guest spec and memory stream",
-            );
-            Ok(info)
+            progress.stage(Stage::Prepared, "starting the incoming guest");
+            self.prepare(plan, progress)
         }
         .boxed()
     }
@@ -687,9 +679,6 @@ impl Runtime for VmRuntime {
                 }
                 Some(VmMigration::Dest { task, work, .. }) => {
                     task.abort();
-                    self.transport
-                        .receiver
-                        .forget(&format!("{migration_id}.spec"));
                     let _ = std::fs::remove_dir_all(work);
                 }
                 None => {}
@@ -726,9 +715,6 @@ impl Runtime for VmRuntime {
                     task, target, work, ..
                 }) => {
                     task.abort();
-                    self.transport
-                        .receiver
-                        .forget(&format!("{migration_id}.spec"));
                     self.abort_dest(&target, &work).await;
                     Ok(())
                 }

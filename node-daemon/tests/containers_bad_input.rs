@@ -133,18 +133,19 @@ async fn bad_input_is_a_clear_error_and_kills_nothing() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    // Post-copy is reported, with its reason, not silently run as something else.
+    // Pre-copy (no soft-dirty tracking in this kernel) is reported with its reason, not
+    // silently run as something else.
     let v = a.client.version(pb::VersionRequest {}).await?.into_inner();
-    let post = v
+    let pre = v
         .strategy_support
         .iter()
-        .find(|s| s.strategy == pb::Strategy::PostCopy as i32)
+        .find(|s| s.strategy == pb::Strategy::PreCopy as i32)
         .unwrap();
-    assert!(!post.available && !post.reason.is_empty(), "{post:?}");
+    assert!(!pre.available && !pre.reason.is_empty(), "{pre:?}");
     let e = a
         .client
         .start_checkpoint(pb::StartCheckpointRequest {
-            strategy: pb::Strategy::PostCopy as i32,
+            strategy: pb::Strategy::PreCopy as i32,
             ..checkpoint_req("m5", &live)
         })
         .await

@@ -148,6 +148,17 @@ async fn counter_container_moves_to_another_node() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
+    three_container_pod(pb::Strategy::Cold).await
+}
+
+/// Post-copy of a pod: one lazy page server per container on the source, one
+/// lazy-pages daemon per container on the destination.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_container_pod_post_copy() -> anyhow::Result<()> {
+    three_container_pod(pb::Strategy::PostCopy).await
+}
+
+async fn three_container_pod(strategy: pb::Strategy) -> anyhow::Result<()> {
     let criu = require_criu();
     let base = tempfile::tempdir()?;
     let cg = CgroupGuard::new("test");
@@ -173,7 +184,7 @@ async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
     let got: Vec<&str> = desc.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(got, names);
 
-    let (cp, rs) = migrate(&mut a.client, &mut b.client, "mig-trio", &p, &p).await?;
+    let (cp, rs) = migrate_with(&mut a.client, &mut b.client, "mig-trio", &p, &p, strategy).await?;
     assert!(succeeded(&cp), "checkpoint: {cp:?}");
     assert!(succeeded(&rs), "restore: {rs:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -199,7 +210,10 @@ async fn three_container_pod_moves_in_one_cut() -> anyhow::Result<()> {
             Some("running")
         );
     }
-    eprintln!("3-container pod: downtime {} ms", rs.downtime_ms);
+    eprintln!(
+        "3-container pod, {strategy:?}: downtime {} ms",
+        rs.downtime_ms
+    );
     a.client
         .finalize(pb::MigrationRef {
             migration_id: "mig-trio".into(),
@@ -309,6 +323,266 @@ async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
     assert!(
         *counts.last().unwrap() > at_cut + 3,
         "source continues after rollback"
+    );
+    Ok(())
+}
+
+/// Post-copy (CRIU lazy pages): a 256 MiB container runs on B right after the small
+/// images arrive; its memory follows from A's lazy page server. The bundle carries no
+/// memory, the counter continues, and every page reaches B intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn post_copy_runs_before_the_memory_arrives() -> anyhow::Result<()> {
+    let criu = require_criu();
+    let base = tempfile::tempdir()?;
+    let cg = CgroupGuard::new("test");
+    let lan = Lan::create()?;
+    let mut a = Daemon::start(
+        &lan,
+        "a",
+        base.path(),
+        &criu,
+        &format!("/{}/a-restored", cg.0),
+    )
+    .await?;
+    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let v = b.client.version(pb::VersionRequest {}).await?.into_inner();
+    let post = v
+        .strategy_support
+        .iter()
+        .find(|s| s.strategy == pb::Strategy::PostCopy as i32)
+        .expect("post-copy reported");
+    assert!(
+        post.available,
+        "post-copy unavailable here: {}",
+        post.reason
+    );
+
+    const MIB: u64 = 256;
+    let p = pod("lazy");
+    let bundle = base.path().join("bundle-app");
+    write_bundle(
+        &bundle,
+        &p,
+        "app",
+        "exec /memcounter 256",
+        &format!("/{}/a/app", cg.0),
+    )?;
+    build_memcounter(&bundle.join("rootfs/memcounter"))?;
+    a.containers.run(&a.node, &bundle, "lazy-app")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let src_pid = loop {
+        let d = a.client.describe_workload(p.clone()).await?.into_inner();
+        let c = &d.containers[0];
+        if c.rss_bytes >= (MIB << 20) * 95 / 100 {
+            break c.pid as u64;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never reached {MIB} MiB: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rss_of(src_pid) >= (MIB << 20) * 95 / 100);
+
+    let id = "mig-lazy";
+    let (cp, rs) = migrate_with(
+        &mut a.client,
+        &mut b.client,
+        id,
+        &p,
+        &p,
+        pb::Strategy::PostCopy,
+    )
+    .await?;
+    assert!(succeeded(&cp), "checkpoint: {cp:?}");
+    assert!(succeeded(&rs), "restore: {rs:?}");
+    assert!(rs.downtime_ms > 0, "downtime reported: {rs:?}");
+    // Memory went through the lazy page server, not the bundle.
+    assert!(
+        cp.bytes_done > 0 && cp.bytes_done < 16 << 20,
+        "bundle without the memory: {} bytes",
+        cp.bytes_done
+    );
+    let lazy_log = std::fs::read_to_string(b.state_dir.join(id).join("work/app/lazy-pages.log"))?;
+    let fetched = lazy_log
+        .lines()
+        .find(|l| l.contains("UFFD transferred pages"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !fetched.is_empty(),
+        "lazy-pages daemon reports its transfer: {}",
+        &lazy_log[lazy_log.len().saturating_sub(2000)..]
+    );
+    let at_cut = *read_counts(&bundle.join("rootfs/data/count.log"))
+        .last()
+        .unwrap();
+    assert!(at_cut > 3, "counter ran before the cut ({at_cut})");
+    assert_eq!(
+        runc_status(&a.runc_root, "lazy-app").as_deref(),
+        Some("paused"),
+        "leave_running keeps the source frozen after post-copy"
+    );
+
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let moved = b.client.describe_workload(p.clone()).await?.into_inner();
+    let dst_pid = moved.containers[0].pid as u64;
+    assert!(
+        rss_of(dst_pid) >= (MIB << 20) * 95 / 100,
+        "all memory resident on B: {} bytes",
+        rss_of(dst_pid)
+    );
+    let dst_root = b.state_dir.join(id).join("app/rootfs/data");
+    let counts = read_counts(&dst_root.join("count.log"));
+    assert_contiguous(&counts, "destination log");
+    assert!(
+        *counts.last().unwrap() > at_cut + 20,
+        "counter continues past {at_cut} on B: {:?}",
+        &counts[counts.len().saturating_sub(5)..]
+    );
+    // The program re-read every page at least once since the restore.
+    let errors = std::fs::read_to_string(dst_root.join("errors.log")).unwrap_or_default();
+    assert!(errors.is_empty(), "pages lost their content: {errors}");
+    eprintln!(
+        "post-copy {MIB} MiB: downtime {} ms, bundle {} bytes, {fetched}, counter {at_cut} -> {}",
+        rs.downtime_ms,
+        cp.bytes_done,
+        counts.last().unwrap()
+    );
+
+    for c in [&mut a.client, &mut b.client] {
+        let fin = c
+            .finalize(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await?
+            .into_inner();
+        assert!(succeeded(&fin), "{fin:?}");
+    }
+    assert_eq!(runc_status(&a.runc_root, "lazy-app"), None);
+    assert_eq!(
+        runc_status(&b.runc_root, "lazy-app").as_deref(),
+        Some("running")
+    );
+    Ok(())
+}
+
+/// Post-copy whose restore fails before the destination fetched any page: the source
+/// is still whole (frozen, serving), and the controller's abort stops its lazy page
+/// server and resumes it where it stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_post_copy_restore_rolls_back() -> anyhow::Result<()> {
+    let criu = require_criu();
+    let base = tempfile::tempdir()?;
+    let cg = CgroupGuard::new("test");
+    let lan = Lan::create()?;
+    let mut a = Daemon::start(
+        &lan,
+        "a",
+        base.path(),
+        &criu,
+        &format!("/{}/a-restored", cg.0),
+    )
+    .await?;
+    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let p = pod("lazyfail");
+    let bundle = base.path().join("bundle-app");
+    write_bundle(
+        &bundle,
+        &p,
+        "app",
+        COUNTER_SCRIPT,
+        &format!("/{}/a/app", cg.0),
+    )?;
+    a.containers.run(&a.node, &bundle, "lazyfail-app")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let id = "mig-lazyfail";
+    let desc = a.client.describe_workload(p.clone()).await?.into_inner();
+    let prep = b
+        .client
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: id.into(),
+            workload: Some(desc),
+            target: Some(p.clone()),
+            strategy: pb::Strategy::PostCopy as i32,
+            transfer: None,
+        })
+        .await?
+        .into_inner();
+    assert!(
+        prep.page_servers.is_empty(),
+        "post-copy: the source serves the pages"
+    );
+    a.client
+        .start_checkpoint(pb::StartCheckpointRequest {
+            migration_id: id.into(),
+            workload: Some(p.clone()),
+            strategy: pb::Strategy::PostCopy as i32,
+            transfer: None,
+            receive_endpoint: prep.receive_endpoint,
+            leave_running: true,
+            page_servers: prep.page_servers,
+        })
+        .await?;
+    // The bundle is out (config.json follows the images in the tar stream); the
+    // checkpoint itself runs on until the pages are fetched.
+    let staged = b.state_dir.join(id).join("app");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !staged.join("config.json").exists() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "bundle never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(staged.join("images/pstree.img"), b"not a criu image at all")?;
+    b.client
+        .start_restore(pb::StartRestoreRequest {
+            migration_id: id.into(),
+            target: Some(p.clone()),
+        })
+        .await?;
+    let rs = wait_op(&mut b.client, id, Duration::from_secs(60)).await?;
+    assert_eq!(rs.state, pb::OperationState::Failed as i32, "{rs:?}");
+    assert!(runc_list(&b.runc_root)?.is_empty(), "nothing left on B");
+    let cp = a
+        .client
+        .get_operation(pb::MigrationRef {
+            migration_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        cp.state,
+        pb::OperationState::Running as i32,
+        "source still serving: {cp:?}"
+    );
+
+    let log = bundle.join("rootfs/data/count.log");
+    let at_cut = *read_counts(&log).last().unwrap();
+    let ab = a
+        .client
+        .abort(pb::MigrationRef {
+            migration_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ab.state, pb::OperationState::Aborted as i32, "{ab:?}");
+    b.client
+        .abort(pb::MigrationRef {
+            migration_id: id.into(),
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        runc_status(&a.runc_root, "lazyfail-app").as_deref(),
+        Some("running")
+    );
+    let counts = read_counts(&log);
+    assert_contiguous(&counts, "source log");
+    assert!(
+        *counts.last().unwrap() > at_cut + 3,
+        "source continues after rollback: {at_cut} -> {:?}",
+        counts.last()
     );
     Ok(())
 }

@@ -274,3 +274,53 @@ async fn abort_mid_migration_resumes_the_source() -> Result<()> {
     );
     Ok(())
 }
+
+/// Bad requests for VMs are refused with a clear code before anything starts.
+#[tokio::test]
+async fn vm_bad_input_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let lan = Lan::create()?;
+    let cg = CgroupGuard::new("vmbad");
+    let bin = Path::new(env!("CARGO_BIN_EXE_ferry-node"));
+    let d = Daemon::start(&lan, "vdx", tmp.path(), bin, &cg.0)?;
+    let mut c = NodeAgentClient::connect(d.endpoint.clone()).await?;
+    // A VM description without the guest spec cannot start an incoming guest.
+    let e = c
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: "bad-1".into(),
+            workload: Some(pb::WorkloadDescription {
+                workload: Some(pod("vm-x")),
+                kind: pb::WorkloadKind::VirtualMachine as i32,
+                containers: vec![],
+                memory_bytes: 1 << 28,
+                runtime_spec: b"{not json".to_vec(),
+            }),
+            target: Some(pod("vm-y")),
+            strategy: pb::Strategy::PreCopy as i32,
+            transfer: None,
+        })
+        .await
+        .expect_err("must be refused");
+    ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
+    ensure!(e.message().contains("guest spec"), "{e:?}");
+    // No VM registered for the pod: NotFound, naming the pod.
+    let e = c
+        .describe_workload(pod("no-such-vm"))
+        .await
+        .expect_err("must be refused");
+    ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
+    ensure!(e.message().contains("no-such-vm"), "{e:?}");
+    // A stale registration (its QEMU is gone) is not a VM.
+    let dir = d.vm_root.join("default_stale");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("vm.json"),
+        serde_json::json!({"namespace": "default", "pod_name": "stale", "pod_uid": "", "pid": u32::MAX,
+            "spec": {"kernel": "/k", "initrd": null, "append": "", "memory_mib": 64, "vcpus": 1,
+                     "accel": "tcg", "qmp_socket": "/q", "serial_log": "/s", "incoming": false}})
+        .to_string(),
+    )?;
+    let e = c.describe_workload(pod("stale")).await.expect_err("stale");
+    ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
+    Ok(())
+}

@@ -198,13 +198,26 @@ pub async fn migrate(
     pod: &pb::WorkloadRef,
     target: &pb::WorkloadRef,
 ) -> Result<(pb::Operation, pb::Operation)> {
+    migrate_with(src, dst, id, pod, target, pb::Strategy::Cold).await
+}
+
+/// [`migrate`] with another strategy. Returns once both operations have ended (for
+/// post-copy the checkpoint ends when the destination has fetched the last page).
+pub async fn migrate_with(
+    src: &mut Client,
+    dst: &mut Client,
+    id: &str,
+    pod: &pb::WorkloadRef,
+    target: &pb::WorkloadRef,
+    strategy: pb::Strategy,
+) -> Result<(pb::Operation, pb::Operation)> {
     let desc = src.describe_workload(pod.clone()).await?.into_inner();
     let prep = dst
         .prepare_receiver(pb::PrepareReceiverRequest {
             migration_id: id.into(),
             workload: Some(desc),
             target: Some(target.clone()),
-            strategy: pb::Strategy::Cold as i32,
+            strategy: strategy as i32,
             transfer: None,
         })
         .await?
@@ -212,7 +225,7 @@ pub async fn migrate(
     src.start_checkpoint(pb::StartCheckpointRequest {
         migration_id: id.into(),
         workload: Some(pod.clone()),
-        strategy: pb::Strategy::Cold as i32,
+        strategy: strategy as i32,
         transfer: None,
         receive_endpoint: prep.receive_endpoint,
         leave_running: true,
@@ -262,3 +275,58 @@ pub fn read_counts(path: &Path) -> Vec<u64> {
 pub const COUNTER_SCRIPT: &str = "exec >/dev/null 2>/dev/null </dev/null; nc -l -p 8080 & \
      sleep 100000 | nc -l -p 8081 & usleep 200000; sleep 100000 | nc 127.0.0.1 8081 & exec 3>/data/count.log; \
      i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
+
+/// A static C program for the memory-heavy tests: touches `argv[1]` MiB with a known
+/// pattern, then counts like [`COUNTER_SCRIPT`] (fd 3 on /data/count.log, not append)
+/// while re-reading 4096 pages per tick (the whole buffer every few seconds); any page
+/// that lost its pattern is reported in /data/errors.log. Built with gcc (installed by
+/// scripts/install-criu.sh) into `out`.
+pub fn build_memcounter(out: &Path) -> Result<()> {
+    const SRC: &str = r#"
+#include <stdlib.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <fcntl.h>
+static unsigned char pat(size_t page) { return (unsigned char)((page * 2654435761u) >> 7) | 1; }
+int main(int argc, char **argv) {
+    int fd = open("/dev/null", O_RDWR);
+    dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
+    size_t pages = ((size_t)atol(argv[1]) << 20) / 4096;
+    unsigned char *p = malloc(pages * 4096);
+    for (size_t i = 0; i < pages; i++) p[i * 4096 + (i % 4000)] = pat(i);
+    int log = open("/data/count.log", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    size_t next = 0;
+    for (unsigned long i = 1;; i++) {
+        for (int k = 0; k < 4096; k++, next = (next + 1) % pages) {
+            if (p[next * 4096 + (next % 4000)] != pat(next)) {
+                int e = open("/data/errors.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+                dprintf(e, "page %zu lost its pattern at tick %lu\n", next, i);
+                close(e);
+            }
+        }
+        dprintf(log, "%lu\n", i);
+        usleep(50000);
+    }
+}
+"#;
+    let dir = out.parent().unwrap_or(Path::new("/tmp"));
+    let src = dir.join("memcounter.c");
+    std::fs::write(&src, SRC)?;
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(out)
+        .arg(&src)
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "gcc -static memcounter.c (scripts/install-criu.sh installs gcc): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of `pid` in bytes (0 when gone).
+pub fn rss_of(pid: u64) -> u64 {
+    ferry_node::runc::rss_bytes(pid as u32)
+}
