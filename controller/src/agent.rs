@@ -59,6 +59,8 @@ pub struct Plan {
     pub source_node: NodeRef,
     pub source: PodId,
     pub target: PodId,
+    /// What the source daemon described (containers until described).
+    pub kind: WorkloadKind,
     pub strategy: Strategy,
     pub allow_post_copy: bool,
     pub transfer: TransferMode,

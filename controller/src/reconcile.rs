@@ -593,6 +593,10 @@ impl<'a> Reconciler<'a> {
                 name: t.pod.clone(),
                 uid: t.uid.clone().unwrap_or_default(),
             },
+            kind: self
+                .status
+                .workload_kind
+                .unwrap_or(ferry_crds::WorkloadKind::Containers),
             strategy: spec.strategy,
             allow_post_copy: spec.allow_post_copy,
             transfer: spec.transfer.mode,

@@ -100,11 +100,16 @@ fn pod_ref(p: &PodId) -> pb::WorkloadRef {
     }
 }
 
+/// What `Live` means depends on the workload: a VM live-migrates with QEMU's pre-copy
+/// (post-copy only when allowed, as the fallback for a guest that does not converge);
+/// containers move with CRIU lazy pages, since CRIU's pre-copy needs soft-dirty memory
+/// tracking that many kernels lack and would not shorten the final stop much.
 fn strategy(plan: &Plan) -> pb::Strategy {
-    match (plan.strategy, plan.allow_post_copy) {
-        (Strategy::Cold, _) => pb::Strategy::Cold,
-        (Strategy::Live, false) => pb::Strategy::PreCopy,
-        (Strategy::Live, true) => pb::Strategy::PostCopy,
+    match (plan.strategy, plan.kind, plan.allow_post_copy) {
+        (Strategy::Cold, _, _) => pb::Strategy::Cold,
+        (Strategy::Live, WorkloadKind::VirtualMachine, false) => pb::Strategy::PreCopy,
+        (Strategy::Live, WorkloadKind::VirtualMachine, true) => pb::Strategy::PostCopy,
+        (Strategy::Live, WorkloadKind::Containers, _) => pb::Strategy::PostCopy,
     }
 }
 
@@ -289,5 +294,51 @@ impl NodeAgent for GrpcAgent {
         Ok(op_status(
             r.map_err(|s| status_error(node, id, s))?.into_inner(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(kind: WorkloadKind, strategy: Strategy, allow_post_copy: bool) -> Plan {
+        let pod = PodId {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: String::new(),
+        };
+        Plan {
+            migration_id: "m".into(),
+            source_node: NodeRef {
+                cluster: None,
+                node: "n".into(),
+            },
+            source: pod.clone(),
+            target: pod,
+            kind,
+            strategy,
+            allow_post_copy,
+            transfer: TransferMode::Direct,
+            object_store: None,
+            compress: false,
+            bandwidth_limit_bytes_per_sec: 0,
+        }
+    }
+
+    #[test]
+    fn live_means_pre_copy_for_vms_and_lazy_pages_for_containers() {
+        use WorkloadKind::*;
+        let s = |k, st, pc| strategy(&plan(k, st, pc));
+        assert_eq!(
+            s(VirtualMachine, Strategy::Live, false),
+            pb::Strategy::PreCopy
+        );
+        assert_eq!(
+            s(VirtualMachine, Strategy::Live, true),
+            pb::Strategy::PostCopy
+        );
+        assert_eq!(s(Containers, Strategy::Live, false), pb::Strategy::PostCopy);
+        assert_eq!(s(Containers, Strategy::Cold, true), pb::Strategy::Cold);
+        assert_eq!(s(VirtualMachine, Strategy::Cold, false), pb::Strategy::Cold);
     }
 }
