@@ -3,9 +3,12 @@
 # /init runs a workload with checkable state (a counter printed once a second on ttyS0) and
 # (with `ferry.dirty=1` on the cmdline) a loop that keeps dirtying guest memory.
 # Output: $FERRY_CACHE/guest/<key>/{vmlinuz,initramfs.gz,cmdline}; prints that directory.
+# Running it needs QEMU >= 8 for busy-guest migration: scripts/install-qemu.sh.
 . "$(dirname "$0")/lib.sh"
 
-apt_install qemu-system-x86 busybox-static cpio
+apt_install busybox-static cpio
+# The guest is only useful with a QEMU that migrates it intact (see install-qemu.sh).
+"$FERRY_ROOT/scripts/install-qemu.sh" >/dev/null
 
 # The cloud flavour is small and has the 8250 serial console and virtio built in.
 KPKG="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-6/ {print $2; exit}')"
@@ -20,10 +23,16 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/shm && mount -t tmpfs -o size=200m shm /dev/shm
 echo "ferry-guest: up"
-# Memory dirtier (opt-in with `ferry.dirty=1` on the kernel cmdline): rewrites 64 MiB of
-# tmpfs pages continuously.
+# Memory dirtier (opt-in with `ferry.dirty=1` on the kernel cmdline): rewrites a 64 MiB
+# tmpfs file continuously with random (incompressible, non-zero) data. The data is made
+# once and then copied: generating it with /dev/urandom in the loop is CPU-bound under
+# TCG (~17 MB/s), barely above a slow test link, while copying dirties several times
+# faster, so a throttled link reliably cannot keep up. Truncating the file on every
+# round frees its pages, so over time the dirty pages wander over all free guest memory.
 if grep -q 'ferry.dirty=1' /proc/cmdline; then
-  ( while true; do dd if=/dev/urandom of=/dev/shm/x bs=1M count=64 2>/dev/null; done ) &
+  dd if=/dev/urandom of=/dev/shm/seed bs=1M count=32 2>/dev/null
+  ( while true; do cat /dev/shm/seed /dev/shm/seed > /dev/shm/x; done ) &
+  echo "ferry-guest: dirtier on"
 fi
 # The checkable state: a counter that must keep increasing across a migration.
 n=0

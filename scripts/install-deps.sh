@@ -7,7 +7,9 @@
 . "$(dirname "$0")/lib.sh"
 
 apt_install protobuf-compiler libprotobuf-dev iproute2 iptables runc busybox-static \
-  qemu-system-x86 qemu-utils cpio zstd jq openssl curl ca-certificates pkg-config
+  cpio zstd jq openssl curl ca-certificates pkg-config gcc libc6-dev
+# QEMU >= 8 from bookworm-backports (Debian 12's 7.2 corrupts busy guests under TCG).
+"$FERRY_ROOT/scripts/install-qemu.sh" >/dev/null
 
 # Each build script prints what it produced on its last stdout line. (Assignments, not
 # `echo "$(...)"`, so that a failing build stops this script.)

@@ -22,6 +22,7 @@ use ferry_node::criu::Criu;
 use ferry_node::runc::Runc;
 use ferry_node::runc_backend::{RuncConfig, RuncRuntime};
 use ferry_node::runtime::*;
+use ferry_node::transport::Transport;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,6 +81,15 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
     let cgroup = format!("ferry-bench-{}", std::process::id());
     let runc_a = Runc::new("runc", dir.join("runc-a"));
     let runc_b = Runc::new("runc", dir.join("runc-b"));
+    // Both "nodes" are this process on loopback; each gets its own transfer identity.
+    let pki = ferry_transfer::TestPki::generate()?;
+    let mut transports = vec![];
+    for name in ["a", "b"] {
+        let id = pki.issue(&format!("bench-{name}"), &["127.0.0.1"])?;
+        transports.push(std::sync::Arc::new(
+            Transport::with_identity(id, "127.0.0.1", 0).await?,
+        ));
+    }
     let mk = |name: &str, runc: &Runc| RuncConfig {
         runc: runc.clone(),
         criu: Criu {
@@ -88,6 +98,7 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
         state_dir: dir.join(format!("state-{name}")),
         advertise_ip: "127.0.0.1".into(),
         cgroup_prefix: format!("/{cgroup}/{name}"),
+        transport: transports[usize::from(name == "b")].clone(),
     };
     let b = Bench {
         src: RuncRuntime::new(mk("a", &runc_a)).await,

@@ -27,6 +27,7 @@ use crate::criu::{Criu, LazyPagesOpts, PageServerOpts};
 use crate::error::RuntimeError;
 use crate::runc::{CheckpointOpts, RestoreOpts, Runc, RuncContainer, kill_group, rss_bytes};
 use crate::runtime::*;
+use crate::transport::Transport;
 use crate::wire::{self, BundleHeader, BundleListener};
 use futures::future::{BoxFuture, FutureExt, try_join_all};
 use std::collections::HashMap;
@@ -48,6 +49,8 @@ pub struct RuncConfig {
     pub advertise_ip: String,
     /// Parent cgroup path for restored containers (two nodes on one host must differ).
     pub cgroup_prefix: String,
+    /// This daemon's mutual-TLS transfer endpoint: bundles travel through it.
+    pub transport: Arc<Transport>,
 }
 
 /// Written into a post-copy bundle's `images/`: `host:port` of the source's lazy page
@@ -69,6 +72,8 @@ enum Migration {
         /// Post-copy: the `criu lazy-pages` daemons (they exit once all pages are in).
         lazy_pids: Arc<Mutex<Vec<u32>>>,
         arrivals: Option<mpsc::Receiver<Result<BundleHeader, RuntimeError>>>,
+        /// Receives and unpacks the bundles; aborted with the migration.
+        receiving: tokio::task::AbortHandle,
         expected: usize,
         restored: Arc<Mutex<Vec<String>>>,
     },
@@ -182,18 +187,25 @@ impl RuncRuntime {
             pids.push(self.cfg.criu.start_page_server(&opts).await?);
             page_servers.push((c.name.clone(), format!("{}:{port}", self.cfg.advertise_ip)));
         }
-        let listener = BundleListener::bind(&self.cfg.advertise_ip).await?;
+        let names: Vec<String> = plan
+            .workload
+            .containers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let listener = BundleListener::new(&self.cfg.transport, &plan.migration_id, &names);
         let info = ReceiverInfo {
             receive_endpoint: listener.endpoint(),
             page_servers,
         };
         let (tx, rx) = mpsc::channel(plan.workload.containers.len());
-        tokio::spawn(receive_bundles(
+        let receiving = tokio::spawn(receive_bundles(
             listener,
             dir.clone(),
             plan.workload.containers.len(),
             tx,
-        ));
+        ))
+        .abort_handle();
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             Migration::Dest {
@@ -203,6 +215,7 @@ impl RuncRuntime {
                 page_server_pids: pids,
                 lazy_pids: Arc::new(Mutex::new(Vec::new())),
                 arrivals: Some(rx),
+                receiving,
                 expected: plan.workload.containers.len(),
                 restored: Arc::new(Mutex::new(Vec::new())),
             },
@@ -388,7 +401,13 @@ impl RuncRuntime {
             frozen_at_ms: cp.frozen_at_ms,
         };
         cp.sent_any.store(true, Ordering::SeqCst);
-        let sent = wire::send(&plan.receive_endpoint, &header, &mut out).await;
+        let sent = wire::send(
+            &self.cfg.transport,
+            &plan.receive_endpoint,
+            &header,
+            &mut out,
+        )
+        .await;
         let status = child
             .wait_with_output()
             .await
@@ -593,8 +612,10 @@ impl RuncRuntime {
                 dir,
                 page_server_pids,
                 lazy_pids,
+                receiving,
                 ..
             }) => {
+                receiving.abort();
                 kill_all(&page_server_pids);
                 // Lazy-pages daemons exit by themselves once every page is in (the
                 // source's checkpoint succeeded only then); give stragglers a moment.
@@ -650,8 +671,10 @@ impl RuncRuntime {
                 page_server_pids,
                 restored,
                 lazy_pids,
+                receiving,
                 ..
             }) => {
+                receiving.abort();
                 kill_all(&page_server_pids);
                 kill_all(&lazy_pids.lock().unwrap().drain(..).collect::<Vec<_>>());
                 let ids: Vec<String> = restored.lock().unwrap().drain(..).collect();
@@ -733,7 +756,7 @@ impl Runtime for RuncRuntime {
 /// Accepts `expected` bundles and unpacks each into `dir/<container>/`, reporting each
 /// complete one on `tx`.
 async fn receive_bundles(
-    listener: BundleListener,
+    mut listener: BundleListener,
     dir: PathBuf,
     expected: usize,
     tx: mpsc::Sender<Result<BundleHeader, RuntimeError>>,

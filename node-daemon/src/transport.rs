@@ -15,6 +15,14 @@ pub struct Transport {
     advertise_ip: String,
 }
 
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("endpoint", &self.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Transport {
     /// Loads the identity from `tls_dir` and listens on `advertise_ip:port` (0: any).
     pub async fn start(

@@ -24,7 +24,7 @@
 //!    longer holds the whole guest, so abort refuses to resume it (see `abort_source`).
 use crate::error::RuntimeError;
 use crate::launcher::{Accel, GuestSpec};
-use crate::qemu::{MigrationProgress, MigrationTuning, QemuBackend, QemuError};
+use crate::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
 use crate::runtime::{
     CheckpointPlan, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage, Strategy,
     StrategySupport, WorkloadDescription, WorkloadKind, WorkloadRef,
@@ -43,6 +43,10 @@ const QMP_WAIT: Duration = Duration::from_secs(20);
 /// `query-migrate` polling: each poll is one small QMP round trip, and the interval
 /// adds directly to the measured total time.
 const POLL: Duration = Duration::from_millis(20);
+
+/// Longest a migration may run here; the controller's own timeouts normally end it
+/// (by Abort) much earlier.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
 /// The destination's progress message once its incoming QEMU listens.
 pub const INCOMING_READY: &str = "incoming guest ready";
@@ -120,9 +124,20 @@ impl VmRuntime {
         vm_registry::find(&self.cfg.vm_root, w).map_err(RuntimeError::io("reading the VM registry"))
     }
 
+    /// Both ends configure the same tuning (capabilities must match). Live pre-copy
+    /// that stalls throttles the guest (auto-converge), which keeps the whole guest at
+    /// the source until the end, so rollback stays possible; `PostCopy` (a Migration
+    /// that allows it) switches to post-copy instead, which ends any stall but leaves no
+    /// way back once switched.
     fn tuning_for(&self, strategy: Strategy) -> MigrationTuning {
+        let policy = match strategy {
+            Strategy::Cold => ConvergencePolicy::None,
+            Strategy::PreCopy => ConvergencePolicy::AutoConverge,
+            Strategy::PostCopy => ConvergencePolicy::PostCopy,
+        };
         MigrationTuning {
-            postcopy_ram: strategy == Strategy::PostCopy,
+            postcopy_ram: policy.needs_postcopy_ram(),
+            policy,
             ..self.cfg.tuning.clone()
         }
     }
@@ -151,9 +166,8 @@ impl VmRuntime {
         let q = QemuBackend::connect(&rec.spec.qmp_socket, QMP_WAIT)
             .await
             .map_err(qemu_err)?;
-        q.configure(&self.tuning_for(plan.strategy))
-            .await
-            .map_err(qemu_err)?;
+        let tuning = self.tuning_for(plan.strategy);
+        q.configure(&tuning).await.map_err(qemu_err)?;
         let sock = work.join("out.sock");
         let _ = std::fs::remove_file(&sock);
         let listener =
@@ -195,7 +209,22 @@ impl VmRuntime {
         };
 
         // Follow QEMU until it is done; it resumes the guest by itself on failure.
-        let result = follow(&q, &progress).await;
+        let mut announced = None;
+        let result = q
+            .follow(&tuning, POLL, FOLLOW_LIMIT, |p| {
+                progress.set_bytes(p.transferred_bytes, p.total_bytes);
+                if p.switched_to.is_some() && announced != p.switched_to {
+                    announced = p.switched_to;
+                    let to = p.switched_to.map(|s| s.as_str()).unwrap_or_default();
+                    tracing::info!(switch = to, "pre-copy did not converge");
+                    progress.stage(
+                        Stage::Transferring,
+                        format!("pre-copy did not converge; switched to {to}"),
+                    );
+                }
+            })
+            .await
+            .map_err(qemu_err);
         splice_task.abort();
         match result {
             Ok(p) => {
@@ -209,6 +238,14 @@ impl VmRuntime {
                     "guest migrated; source paused until finalize"
                 );
                 Ok(())
+            }
+            Err(e) if announced == Some(Switch::PostCopy) => {
+                // The guest's memory is split between both ends: resuming the source
+                // would run a guest with holes. Say so; the controller must not expect
+                // a rollback.
+                Err(RuntimeError::FailedPrecondition(format!(
+                    "post-copy broke after the switch ({e}); the source cannot resume"
+                )))
             }
             Err(e) => {
                 self.resume_if_paused(&q).await;
@@ -428,28 +465,6 @@ async fn splice(mut qemu: UnixStream, mut pipe: ferry_transfer::Pipe) {
     match tokio::io::copy_bidirectional(&mut qemu, &mut pipe).await {
         Ok((out, back)) => tracing::debug!(out, back, "migration stream closed"),
         Err(e) => tracing::debug!(error = %e, "migration stream ended"),
-    }
-}
-
-/// Polls `query-migrate` into the progress stream until QEMU finishes.
-async fn follow(
-    q: &QemuBackend,
-    progress: &ProgressSink,
-) -> Result<MigrationProgress, RuntimeError> {
-    loop {
-        let p = q.progress().await.map_err(qemu_err)?;
-        progress.set_bytes(p.transferred_bytes, p.total_bytes);
-        match p.status.as_str() {
-            "completed" => return Ok(p),
-            "failed" | "cancelled" => {
-                return Err(RuntimeError::Transfer(format!(
-                    "QEMU migration {}: {}",
-                    p.status,
-                    p.error.unwrap_or_else(|| "no reason given".into())
-                )));
-            }
-            _ => tokio::time::sleep(POLL).await,
-        }
     }
 }
 

@@ -1,17 +1,20 @@
 //! How container bundles travel between daemons: the ONE place that moves those bytes.
 //!
-//! Today: plain TCP, one connection per container, a JSON header line and then the tar
-//! stream. `ferry-transfer`'s mTLS direct streams (by stream id, as AsyncRead/AsyncWrite)
-//! were still being written when this was built; switching means replacing [`send`] and
-//! [`BundleListener`] here (same shapes: "send a reader under a name" / "accept the next
-//! named reader") and nothing else.
+//! Each container's bundle (CRIU's non-page images, config.json, rootfs as a tar stream)
+//! is one ferry-transfer direct stream `<migration>/bundle/<container>` over the
+//! daemons' mutual-TLS listener: chunk checksums, a whole-stream digest checked before
+//! the reader sees the end, resume after a dropped connection. The stream starts with a
+//! JSON header line ([`BundleHeader`]).
 //!
 //! Memory pages do not go through here: the source's CRIU sends them straight to a CRIU
 //! page server on the destination while it dumps (see `runc_backend.rs`).
 use crate::error::RuntimeError;
+use crate::transport::{self, Transport};
+use ferry_transfer::{IncomingStream, SendOptions};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::mpsc;
 
 /// Sent before each container's bundle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,56 +28,110 @@ pub struct BundleHeader {
     pub frozen_at_ms: u64,
 }
 
-/// Sends one bundle; returns the number of body bytes sent.
+fn stream_id(migration_id: &str, container: &str) -> String {
+    format!("{migration_id}/bundle/{container}")
+}
+
+/// Sends one bundle to the daemon at `endpoint`; returns the number of body bytes sent
+/// once the receiver has verified the whole stream.
 pub async fn send(
+    transport: &Transport,
     endpoint: &str,
     header: &BundleHeader,
     body: &mut (impl AsyncRead + Unpin),
 ) -> Result<u64, RuntimeError> {
-    let t = |e: std::io::Error| {
-        RuntimeError::Transfer(format!("sending {} to {endpoint}: {e}", header.container))
-    };
-    let mut conn = TcpStream::connect(endpoint).await.map_err(t)?;
-    conn.set_nodelay(true).map_err(t)?;
+    let ep = transport::peer(endpoint)?;
     let mut line = serde_json::to_vec(header).expect("header serializes");
     line.push(b'\n');
-    conn.write_all(&line).await.map_err(t)?;
-    let n = tokio::io::copy(body, &mut conn).await.map_err(t)?;
-    conn.shutdown().await.map_err(t)?;
-    Ok(n)
+    let id = stream_id(&header.migration_id, &header.container);
+    let report = transport
+        .sender
+        .send_stream(&ep, &id, (&line[..]).chain(body), &SendOptions::default())
+        .await
+        .map_err(|e| {
+            RuntimeError::Transfer(format!("sending {} to {endpoint}: {e}", header.container))
+        })?;
+    Ok(report.bytes.saturating_sub(line.len() as u64))
 }
 
+/// A bundle's body, after its header line.
+pub type BundleBody = BufReader<IncomingStream>;
+
+type Arrival = Result<(BundleHeader, BundleBody), RuntimeError>;
+
+/// The bundles of one migration arriving at this node, in whatever order they come.
+/// Dropping it stops waiting and forgets the streams.
 pub struct BundleListener {
-    listener: TcpListener,
+    transport: Arc<Transport>,
+    ids: Vec<String>,
+    arrivals: mpsc::Receiver<Arrival>,
+    tasks: tokio::task::JoinSet<()>,
 }
 
 impl BundleListener {
-    /// Listens on `ip` (a free port).
-    pub async fn bind(ip: &str) -> Result<BundleListener, RuntimeError> {
-        let listener = TcpListener::bind((ip, 0)).await.map_err(|e| {
-            RuntimeError::Transfer(format!("binding a bundle listener on {ip}: {e}"))
-        })?;
-        Ok(BundleListener { listener })
+    /// Waits for the bundles of `containers` of `migration_id`.
+    pub fn new(
+        transport: &Arc<Transport>,
+        migration_id: &str,
+        containers: &[String],
+    ) -> BundleListener {
+        let (tx, arrivals) = mpsc::channel(containers.len().max(1));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut ids = Vec::new();
+        for container in containers {
+            let id = stream_id(migration_id, container);
+            ids.push(id.clone());
+            let (transport, tx) = (transport.clone(), tx.clone());
+            let container = container.clone();
+            tasks.spawn(async move {
+                let stream = transport.receiver.accept_stream(&id).await;
+                let _ = tx.send(read_header(stream, &container).await).await;
+            });
+        }
+        BundleListener {
+            transport: transport.clone(),
+            ids,
+            arrivals,
+            tasks,
+        }
     }
 
     pub fn endpoint(&self) -> String {
-        self.listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.transport.endpoint()
     }
 
-    /// The next bundle: its header and a reader of its body.
-    pub async fn accept(
-        &self,
-    ) -> Result<(BundleHeader, impl AsyncRead + Unpin + use<>), RuntimeError> {
-        let t = |e: std::io::Error| RuntimeError::Transfer(format!("receiving a bundle: {e}"));
-        let (conn, peer) = self.listener.accept().await.map_err(t)?;
-        let mut reader = BufReader::new(conn);
-        let mut line = String::new();
-        reader.read_line(&mut line).await.map_err(t)?;
-        let header: BundleHeader = serde_json::from_str(line.trim())
-            .map_err(|e| RuntimeError::Transfer(format!("bad bundle header from {peer}: {e}")))?;
-        Ok((header, reader))
+    /// The next bundle to arrive: its header and a reader of its body.
+    pub async fn accept(&mut self) -> Arrival {
+        self.arrivals
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(RuntimeError::Transfer("no more bundles expected".into())))
+    }
+}
+
+async fn read_header(stream: IncomingStream, container: &str) -> Arrival {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .await
+        .map_err(|e| RuntimeError::Transfer(format!("receiving the bundle of {container}: {e}")))?;
+    let header: BundleHeader = serde_json::from_str(line.trim())
+        .map_err(|e| RuntimeError::Transfer(format!("bad bundle header for {container}: {e}")))?;
+    if header.container != container {
+        return Err(RuntimeError::Transfer(format!(
+            "the stream for {container} carries the bundle of {}",
+            header.container
+        )));
+    }
+    Ok((header, reader))
+}
+
+impl Drop for BundleListener {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+        for id in &self.ids {
+            self.transport.receiver.forget(id);
+        }
     }
 }

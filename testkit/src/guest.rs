@@ -52,6 +52,19 @@ impl Guest {
         pod: &str,
         memory_mib: u32,
     ) -> Result<Guest> {
+        Self::launch_with(node, launcher, vm_root, namespace, pod, memory_mib, false)
+    }
+
+    /// With `busy`, the guest keeps rewriting 64 MiB of its memory (`ferry.dirty=1`).
+    pub fn launch_with(
+        node: &Node,
+        launcher: &Path,
+        vm_root: &Path,
+        namespace: &str,
+        pod: &str,
+        memory_mib: u32,
+        busy: bool,
+    ) -> Result<Guest> {
         let g = guest_dir()?;
         let mut cmd = node.command(launcher);
         cmd.arg("--kernel")
@@ -62,6 +75,9 @@ impl Guest {
             .arg("--vm-root")
             .arg(vm_root)
             .args(["--namespace", namespace, "--pod", pod]);
+        if busy {
+            cmd.args(["--append", "console=ttyS0 quiet panic=-1 ferry.dirty=1"]);
+        }
         let guard = ChildGuard::spawn(&format!("launcher-{pod}"), cmd)?;
         Ok(Guest {
             guard,

@@ -67,19 +67,20 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let transport = Arc::new(
+        Transport::start(&a.tls_dir, &a.advertise_ip, a.transfer_port)
+            .await
+            .context("starting the transfer listener")?,
+    );
     let runc = RuncRuntime::new(RuncConfig {
         runc: Runc::new(a.runc, a.runc_root),
         criu: Criu { binary: a.criu },
         state_dir: a.state_dir.clone(),
         advertise_ip: a.advertise_ip.clone(),
         cgroup_prefix: a.cgroup_prefix,
+        transport: transport.clone(),
     })
     .await;
-    let transport = Arc::new(
-        Transport::start(&a.tls_dir, &a.advertise_ip, a.transfer_port)
-            .await
-            .context("starting the transfer listener")?,
-    );
     let launcher = match a.launcher {
         Some(l) => l,
         None => std::env::current_exe()
