@@ -11,7 +11,7 @@ start=$(date +%s)
 cargo build --workspace --bins --locked
 # Tests share 2 cores with real control planes and VMs: keep parallelism modest.
 results="$FERRY_CACHE/last-test-run.log"
-cargo test --workspace --locked -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results"
 scripts/fuzz-transfer.sh
 log "test suite finished in $(( $(date +%s) - start ))s"
 # One closing line for the whole suite, summed over every test binary.

@@ -187,6 +187,7 @@ impl NodeAgent for NodeService {
                 page_servers: cv::page_servers_pb(&info.page_servers),
             }));
         }
+        cv::check_transfer(r.transfer.as_ref())?;
         let workload = cv::description(r.workload)?;
         let target = match r.target {
             Some(t) => cv::workload_ref(Some(t), "target")?,
@@ -227,6 +228,7 @@ impl NodeAgent for NodeService {
         if let Some(op) = self.existing(&id, OpKind::Checkpoint) {
             return Ok(Response::new(op));
         }
+        cv::check_transfer(r.transfer.as_ref())?;
         let workload = cv::workload_ref(r.workload, "workload")?;
         // Validate synchronously so bad input is an RPC error, not a failed operation.
         let (runtime, _) = self.owner_of(&workload).await?;

@@ -190,11 +190,7 @@ impl VmRuntime {
             let pipe = self
                 .transport
                 .sender
-                .connect_pipe(
-                    &ep,
-                    &format!("{}.ram", plan.migration_id),
-                    &Default::default(),
-                )
+                .connect_pipe(&ep, &ram_pipe(&plan.migration_id), &Default::default())
                 .await
                 .map_err(|e| RuntimeError::Transfer(e.to_string()))?;
             Ok::<_, RuntimeError>(tokio::spawn(splice(conn, pipe)))
@@ -356,11 +352,15 @@ impl VmRuntime {
             spec,
             progress,
         };
+        let (transport, pipe_id) = (self.transport.clone(), ram_pipe(&plan.migration_id));
         let task = tokio::spawn(async move {
             let phase = match ctx.run().await {
                 Ok(q) => DestPhase::Incoming(Arc::new(q)),
                 Err(e) => {
                     tracing::warn!(error = %e, "incoming VM setup failed");
+                    // Close the source's pipe (parked or still to come) so that its
+                    // QEMU sees the failure instead of blocking on a full buffer.
+                    reject_pipe(&transport, &pipe_id);
                     DestPhase::Failed(e.to_string())
                 }
             };
@@ -459,6 +459,25 @@ fn vm_registry_pid(dir: &Path) -> Option<u32> {
         .map(|r| r.pid)
 }
 
+fn ram_pipe(migration_id: &str) -> String {
+    format!("{migration_id}.ram")
+}
+
+/// Takes the pipe `id` if a source connected (or connects within a while) and closes
+/// it: an unaccepted pipe would otherwise be parked in the receiver, and the source
+/// would block once the connection's buffers fill.
+fn reject_pipe(transport: &Arc<Transport>, id: &str) {
+    let (transport, id) = (transport.clone(), id.to_string());
+    tokio::spawn(async move {
+        let wait = Duration::from_secs(30);
+        if let Ok(Ok(pipe)) = tokio::time::timeout(wait, transport.receiver.accept_pipe(&id)).await
+        {
+            tracing::debug!(%id, "closing the pipe of a failed incoming migration");
+            drop(pipe);
+        }
+    });
+}
+
 /// Copies both ways until either side closes (the return path carries post-copy page
 /// requests back to the source).
 async fn splice(mut qemu: UnixStream, mut pipe: ferry_transfer::Pipe) {
@@ -521,7 +540,7 @@ impl IncomingCtx {
         let pipe = self
             .transport
             .receiver
-            .accept_pipe(&format!("{}.ram", self.migration_id))
+            .accept_pipe(&ram_pipe(&self.migration_id))
             .await
             .map_err(|e| RuntimeError::Transfer(e.to_string()))?;
         let conn = UnixStream::connect(&sock)
@@ -730,6 +749,7 @@ impl Runtime for VmRuntime {
                     task, target, work, ..
                 }) => {
                     task.abort();
+                    reject_pipe(&self.transport, &ram_pipe(migration_id));
                     self.abort_dest(&target, &work).await;
                     Ok(())
                 }

@@ -290,15 +290,26 @@ async fn stalled_pre_copy_switches_to_post_copy_by_itself() -> Result<()> {
 /// running and counting, and the destination is cleaned up.
 #[tokio::test]
 async fn destination_dying_mid_migration_leaves_the_source_running() -> Result<()> {
+    destination_dies(("vdc", "vdd"), 1 << 20).await
+}
+
+/// The destination's QEMU dies before it even listens: the source, whose QEMU is
+/// already pushing into the pipe, must not block on a pipe nobody reads.
+#[tokio::test]
+async fn destination_dying_before_it_listens_leaves_the_source_running() -> Result<()> {
+    destination_dies(("vdk", "vdl"), 0).await
+}
+
+async fn destination_dies(labels: (&str, &str), after_bytes: u64) -> Result<()> {
     let _one = SERIAL.lock().await;
-    let mut s = setup(("vdc", "vdd"), &["--vm-max-bandwidth", "4000000"]).await?;
+    let mut s = setup(labels, &["--vm-max-bandwidth", "4000000"]).await?;
     let id = "vm-kill-1";
     start(&mut s, id, pb::Strategy::PreCopy).await?;
     let dst_dir = s.b.vm_root.join("default_vm-dst");
     let deadline = Instant::now() + Duration::from_secs(30);
     let pid = loop {
         let o = op(&mut s.ca, id).await?;
-        if o.bytes_done > 1 << 20
+        if o.bytes_done >= after_bytes
             && let Ok(rec) = std::fs::read(dst_dir.join("vm.json"))
         {
             let rec: serde_json::Value = serde_json::from_slice(&rec)?;
@@ -393,6 +404,22 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         .expect_err("must be refused");
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
     ensure!(e.message().contains("guest spec"), "{e:?}");
+    // Object-store transfer is not wired into the daemons: refused, not silently direct.
+    let e = c
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: "bad-2".into(),
+            workload: None,
+            target: None,
+            strategy: pb::Strategy::PreCopy as i32,
+            transfer: Some(pb::TransferSpec {
+                mode: pb::TransferMode::ObjectStore as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("must be refused");
+    ensure!(e.code() == tonic::Code::Unimplemented, "{e:?}");
+    ensure!(e.message().contains("ObjectStore"), "{e:?}");
     // No VM registered for the pod: NotFound, naming the pod.
     let e = c
         .describe_workload(pod("no-such-vm"))
