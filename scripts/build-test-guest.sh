@@ -29,8 +29,10 @@ echo "ferry-guest: up"
 # TCG (~17 MB/s), barely above a slow test link, while copying dirties several times
 # faster, so a throttled link reliably cannot keep up. Truncating the file on every
 # round frees its pages, so over time the dirty pages wander over all free guest memory.
+# The seed never changes after boot: its checksum, printed every 5 counts as `sum HEX`,
+# must be the same before and after a migration (the guest's memory arrived intact).
+dd if=/dev/urandom of=/dev/shm/seed bs=1M count=32 2>/dev/null
 if grep -q 'ferry.dirty=1' /proc/cmdline; then
-  dd if=/dev/urandom of=/dev/shm/seed bs=1M count=32 2>/dev/null
   ( while true; do cat /dev/shm/seed /dev/shm/seed > /dev/shm/x; done ) &
   echo "ferry-guest: dirtier on"
 fi
@@ -39,6 +41,7 @@ n=0
 while true; do
   n=$((n+1))
   echo "count $n" > /dev/ttyS0
+  [ $((n % 5)) -eq 1 ] && echo "sum $(md5sum < /dev/shm/seed | cut -c1-16)" > /dev/ttyS0
   sleep 1
 done
 INIT

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use ferry_testkit::containers::{CgroupGuard, Daemon};
-use ferry_testkit::guest::{Guest, last_count, wait_count_above};
+use ferry_testkit::guest::{Guest, last_count, sums, wait_count_above};
 use ferry_testkit::netns::Lan;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -111,6 +111,30 @@ async fn wait_op(c: &mut Client, id: &str, timeout: Duration) -> Result<pb::Oper
     }
 }
 
+/// The guest's checksum of memory it never changes after boot is the same at the
+/// destination as it was at the source.
+async fn check_memory_intact(src_sums: &[String], dst_serial: &Path) -> Result<()> {
+    let expected = src_sums.first().context("the source printed no checksum")?;
+    ensure!(
+        src_sums.iter().all(|s| s == expected),
+        "source checksums differ: {src_sums:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sums(dst_serial).is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "the destination printed no checksum"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dst = sums(dst_serial);
+    ensure!(
+        dst.iter().all(|s| s == expected),
+        "guest memory changed across the migration: {expected} before, {dst:?} after"
+    );
+    Ok(())
+}
+
 /// Describe, prepare, checkpoint and restore, as the controller does.
 async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy) -> Result<()> {
     let desc = s.ca.describe_workload(pod("vm-src")).await?.into_inner();
@@ -166,6 +190,7 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
     ensure!(cp.bytes_done > 16 << 20, "guest memory moved: {cp:?}");
     // Until finalize the source is paused, not gone: rollback stays possible.
     let before = last_count(&s.guest.serial()).context("source count")?;
+    let src_sums = sums(&s.guest.serial());
     s.ca.finalize(mig(id)).await?;
     s.cb.finalize(mig(id)).await?;
 
@@ -189,6 +214,7 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
         first >= before,
         "counter restarted: first {first} < source's {before}"
     );
+    check_memory_intact(&src_sums, &dst_serial).await?;
     let moved = s.cb.describe_workload(pod("vm-dst")).await?.into_inner();
     ensure!(moved.kind == pb::WorkloadKind::VirtualMachine as i32);
     let gone = s.ca.describe_workload(pod("vm-src")).await;
@@ -226,6 +252,7 @@ async fn busy_512mib_guest_migrates_through_daemons() -> Result<()> {
         "restore: {rs:?}"
     );
     let before = last_count(&s.guest.serial()).context("source count")?;
+    let src_sums = sums(&s.guest.serial());
     s.ca.finalize(mig(id)).await?;
     s.cb.finalize(mig(id)).await?;
     let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
@@ -235,6 +262,7 @@ async fn busy_512mib_guest_migrates_through_daemons() -> Result<()> {
         !log.contains("Oops") && !log.contains("BUG"),
         "destination guest crashed: {log}"
     );
+    check_memory_intact(&src_sums, &dst_serial).await?;
     println!(
         "busy 512 MiB guest through daemons: downtime {} ms, {} MiB, {} ms; count {before} -> {after}",
         cp.downtime_ms,
@@ -274,10 +302,13 @@ async fn stalled_pre_copy_switches_to_post_copy_by_itself() -> Result<()> {
         "restore: {rs:?}"
     );
     let before = last_count(&s.guest.serial()).context("source count")?;
+    let src_sums = sums(&s.guest.serial());
     s.ca.finalize(mig(id)).await?;
     s.cb.finalize(mig(id)).await?;
     let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
     wait_count_above(&dst_serial, before + 2, Duration::from_secs(60)).await?;
+    // Post-copy: pages arrived on demand, and still the memory is what it was.
+    check_memory_intact(&src_sums, &dst_serial).await?;
     println!(
         "stalled pre-copy → post-copy: downtime {} ms, total {} ms",
         cp.downtime_ms, cp.elapsed_ms

@@ -98,6 +98,16 @@ pub fn last_count(serial: &Path) -> Option<u64> {
         .find_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
 }
 
+/// Every `sum HEX` line the guest printed: the checksum of 32 MiB it wrote once at boot
+/// and never changes, so all of them, before and after a migration, must be equal.
+pub fn sums(serial: &Path) -> Vec<String> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| Some(l.trim().strip_prefix("sum ")?.trim().to_string()))
+        .collect()
+}
+
 /// Waits until the guest behind `serial` printed a count above `above`; returns it.
 pub async fn wait_count_above(serial: &Path, above: u64, timeout: Duration) -> Result<u64> {
     let deadline = Instant::now() + timeout;
