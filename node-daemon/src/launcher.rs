@@ -7,7 +7,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// Which accelerator runs the guest.
+/// Which accelerator runs the guest. `--accel auto` is resolved before the spec is built,
+/// by booting the guest under KVM once per node (`crate::accel_probe`): on nested hosts
+/// /dev/kvm opens but a Linux guest hangs, so only a guest that runs proves KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -16,17 +18,6 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// `auto` resolves to TCG unless `FERRY_ACCEL=kvm`. Why not probe `/dev/kvm`: on this
-    /// project's CI/dev hosts `/dev/kvm` exists but is nested virtualisation in which a
-    /// Linux guest hangs during boot, so "the device opens" does not mean "a guest runs".
-    /// Production nodes set `FERRY_ACCEL=kvm` (or pass `--accel kvm`).
-    pub fn auto_from_env(env_value: Option<&str>) -> Accel {
-        match env_value {
-            Some(v) if v.eq_ignore_ascii_case("kvm") => Accel::Kvm,
-            _ => Accel::Tcg,
-        }
-    }
-
     pub fn as_qemu(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
@@ -131,12 +122,5 @@ mod tests {
     fn incoming_args() {
         let a = spec(true).qemu_args();
         assert_eq!(value_of(&a, "-incoming"), Some("defer"));
-    }
-
-    #[test]
-    fn accel_auto() {
-        assert_eq!(Accel::auto_from_env(None), Accel::Tcg);
-        assert_eq!(Accel::auto_from_env(Some("KVM")), Accel::Kvm);
-        assert_eq!(Accel::auto_from_env(Some("tcg")), Accel::Tcg);
     }
 }

@@ -13,6 +13,7 @@ pub mod runc;
 pub mod runc_backend;
 pub mod wire;
 // Virtual machines: ferry-launcher runs one QEMU guest; the qemu backend migrates it over QMP.
+pub mod accel_probe;
 pub mod launcher;
 pub mod qemu;
 pub mod vm_backend;

@@ -3,19 +3,30 @@
 //! Signal forwarding is done by `exec`: after building the argument vector the launcher
 //! replaces itself with QEMU (same PID), so SIGTERM from the kubelet reaches QEMU directly
 //! and QEMU shuts the guest down; no relay process can lose or delay the signal.
+//!
+//! `--accel auto` may first boot the guest once under KVM to see whether KVM really runs
+//! it (`ferry_node::accel_probe`); that happens before registration and exec, with
+//! termination signals held in a signalfd so a SIGTERM during the probe kills the probe
+//! QEMU and ends the launcher instead of being lost.
 #![forbid(unsafe_code)]
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use ferry_node::accel_probe::{self, AccelError, AutoAccel};
 use ferry_node::launcher::{Accel, GuestSpec};
 use ferry_node::vm_registry::{self, VmRecord};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::cell::Cell;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum AccelArg {
     Kvm,
     Tcg,
-    /// TCG unless FERRY_ACCEL=kvm (nested /dev/kvm here hangs Linux guests).
+    /// FERRY_ACCEL=kvm|tcg if set; else KVM if /dev/kvm opens and a probe boot of this
+    /// guest under KVM reaches userspace (cached per node), TCG otherwise.
     Auto,
 }
 
@@ -56,6 +67,12 @@ struct Args {
     incoming: bool,
     #[arg(long, env = "FERRY_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Where `--accel auto` caches its probe outcome (one small file per QEMU/guest).
+    #[arg(long, env = "FERRY_ACCEL_CACHE", default_value = accel_probe::DEFAULT_CACHE_DIR)]
+    accel_cache: PathBuf,
+    /// How long the `--accel auto` probe waits for a KVM guest to reach userspace.
+    #[arg(long, default_value_t = accel_probe::DEFAULT_TIMEOUT.as_secs())]
+    accel_probe_timeout_secs: u64,
 }
 
 fn main() -> Result<()> {
@@ -73,11 +90,6 @@ fn main() -> Result<()> {
     if a.memory_mib < 16 || a.vcpus == 0 {
         bail!("memory_mib must be >= 16 and vcpus >= 1");
     }
-    let accel = match a.accel {
-        AccelArg::Kvm => Accel::Kvm,
-        AccelArg::Tcg => Accel::Tcg,
-        AccelArg::Auto => Accel::auto_from_env(std::env::var("FERRY_ACCEL").ok().as_deref()),
-    };
     let registration = match (&a.vm_root, &a.namespace, &a.pod) {
         (Some(root), Some(ns), Some(pod)) => Some(vm_registry::dir_for(root, ns, pod)),
         (None, _, _) => None,
@@ -90,6 +102,14 @@ fn main() -> Result<()> {
     ) else {
         bail!("give --qmp and --serial-log, or --vm-root with --namespace and --pod");
     };
+    // After the cheap argument checks: a probe may take seconds.
+    let (accel, how) = match a.accel {
+        AccelArg::Kvm => (Accel::Kvm, "--accel kvm".to_string()),
+        AccelArg::Tcg => (Accel::Tcg, "--accel tcg".to_string()),
+        AccelArg::Auto => resolve_auto(&a)?,
+    };
+    // One line, so an operator sees why a guest runs slowly (TCG) or on KVM.
+    eprintln!("ferry-launcher: accelerator {}: {how}", accel.as_qemu());
     let spec = GuestSpec {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -117,4 +137,40 @@ fn main() -> Result<()> {
         .args(spec.qemu_args())
         .exec();
     Err(err).with_context(|| format!("exec {}", a.qemu.display()))
+}
+
+/// `--accel auto`. SIGTERM/SIGINT/SIGHUP are held in a signalfd meanwhile: the probe can
+/// take seconds, and a pod deleted during it must not leave a probe QEMU behind.
+fn resolve_auto(a: &Args) -> Result<(Accel, String)> {
+    let mut held = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        held.add(s);
+    }
+    held.thread_block()
+        .context("blocking termination signals")?;
+    let sfd = SignalFd::with_flags(&held, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("signalfd")?;
+    let got = Cell::new(None::<u32>);
+    let cancel = || {
+        if let Ok(Some(info)) = sfd.read_signal() {
+            got.set(Some(info.ssi_signo));
+        }
+        got.get().is_some()
+    };
+    let mut auto = AutoAccel::new(&a.qemu, &a.kernel, a.initrd.as_deref(), &a.accel_cache);
+    auto.timeout = Duration::from_secs(a.accel_probe_timeout_secs);
+    let env = std::env::var("FERRY_ACCEL").ok();
+    let resolved = auto.resolve(env.as_deref(), &cancel);
+    if let Err(AccelError::Interrupted) = resolved {
+        let signo = got.get().unwrap_or(Signal::SIGTERM as u32);
+        eprintln!("ferry-launcher: signal {signo} while probing the accelerator; not starting");
+        std::process::exit(128 + signo as i32);
+    }
+    let resolved = resolved?;
+    drop(sfd);
+    // QEMU (exec'd with this PID) must receive SIGTERM again; one that arrived after the
+    // probe is delivered here and ends the launcher, which is what it asked for.
+    held.thread_unblock()
+        .context("unblocking termination signals")?;
+    Ok((resolved.accel, format!("auto, {}", resolved.how)))
 }
