@@ -76,8 +76,16 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
             // Alternate which goes first: the machine is shared and drifts.
             let raw_s = raw_migration(&a.node, &b.node, &launcher, tmp.path(), mib, i).await;
             let ferry_s = ferry_migration(&a, &b, &launcher, mib, i).await;
-            raw.push(raw_s.context("raw QEMU migration")?);
-            ferry.push(ferry_s.context("ferry migration")?);
+            if raw_s.is_err() || ferry_s.is_err() {
+                // Keep the daemons' logs, serial consoles and QEMU logs for a look.
+                let kept = tmp.keep();
+                eprintln!("vm bench failed; logs kept in {}", kept.display());
+                raw_s.context("raw QEMU migration")?;
+                ferry_s.context("ferry migration")?;
+                unreachable!("one of them failed");
+            }
+            raw.push(raw_s?);
+            ferry.push(ferry_s?);
         }
         let best =
             |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).fold(f64::INFINITY, f64::min);

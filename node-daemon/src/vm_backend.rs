@@ -44,6 +44,9 @@ const QMP_WAIT: Duration = Duration::from_secs(20);
 /// adds directly to the measured total time.
 const POLL: Duration = Duration::from_millis(20);
 
+/// QMP reconnects tolerated per migration step before the error counts.
+const MAX_RECONNECTS: u32 = 3;
+
 /// Longest a migration may run here; the controller's own timeouts normally end it
 /// (by Abort) much earlier.
 const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 3600);
@@ -206,21 +209,34 @@ impl VmRuntime {
 
         // Follow QEMU until it is done; it resumes the guest by itself on failure.
         let mut announced = None;
-        let result = q
-            .follow(&tuning, POLL, FOLLOW_LIMIT, |p| {
-                progress.set_bytes(p.transferred_bytes, p.total_bytes);
-                if p.switched_to.is_some() && announced != p.switched_to {
-                    announced = p.switched_to;
-                    let to = p.switched_to.map(|s| s.as_str()).unwrap_or_default();
-                    tracing::info!(switch = to, "pre-copy did not converge");
-                    progress.stage(
-                        Stage::Transferring,
-                        format!("pre-copy did not converge; switched to {to}"),
-                    );
+        let mut q = q;
+        let mut reconnects = 0;
+        let result = loop {
+            let r = q
+                .follow(&tuning, POLL, FOLLOW_LIMIT, |p| {
+                    progress.set_bytes(p.transferred_bytes, p.total_bytes);
+                    if p.switched_to.is_some() && announced != p.switched_to {
+                        announced = p.switched_to;
+                        let to = p.switched_to.map(|s| s.as_str()).unwrap_or_default();
+                        tracing::info!(switch = to, "pre-copy did not converge");
+                        progress.stage(
+                            Stage::Transferring,
+                            format!("pre-copy did not converge; switched to {to}"),
+                        );
+                    }
+                })
+                .await;
+            match r {
+                Err(QemuError::Command { .. }) if reconnects < MAX_RECONNECTS => {
+                    reconnects += 1;
+                    match reconnect(&rec.spec.qmp_socket).await {
+                        Some(again) => q = again,
+                        None => break r.map_err(qemu_err),
+                    }
                 }
-            })
-            .await
-            .map_err(qemu_err);
+                r => break r.map_err(qemu_err),
+            }
+        };
         splice_task.abort();
         match result {
             Ok(p) => {
@@ -388,8 +404,12 @@ impl VmRuntime {
         migration_id: &str,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
-        let mut phase = match self.migrations.lock().unwrap().get(migration_id) {
-            Some(VmMigration::Dest { phase, .. }) => phase.clone(),
+        let (mut phase, qmp_socket) = match self.migrations.lock().unwrap().get(migration_id) {
+            Some(VmMigration::Dest { phase, target, .. }) => (
+                phase.clone(),
+                vm_registry::dir_for(&self.cfg.vm_root, &target.namespace, &target.pod_name)
+                    .join("qmp.sock"),
+            ),
             _ => {
                 return Err(RuntimeError::NotFound(format!(
                     "migration {migration_id} has no VM receiver here"
@@ -410,8 +430,23 @@ impl VmRuntime {
         };
         // The incoming side reports its status too; the guest runs once it completes
         // (during post-copy it already runs while pages still arrive).
+        let mut q = q;
+        let mut reconnects = 0;
         loop {
-            let p = q.progress().await.map_err(qemu_err)?;
+            let p = match q.progress().await {
+                Ok(p) => p,
+                Err(e @ QemuError::Command { .. }) if reconnects < MAX_RECONNECTS => {
+                    reconnects += 1;
+                    match reconnect(&qmp_socket).await {
+                        Some(again) => {
+                            q = Arc::new(again);
+                            continue;
+                        }
+                        None => return Err(qemu_err(e)),
+                    }
+                }
+                Err(e) => return Err(qemu_err(e)),
+            };
             match p.status.as_str() {
                 "failed" | "cancelled" => {
                     return Err(RuntimeError::Transfer(format!(
@@ -457,6 +492,22 @@ fn vm_registry_pid(dir: &Path) -> Option<u32> {
     serde_json::from_slice::<vm_registry::VmRecord>(&bytes)
         .ok()
         .map(|r| r.pid)
+}
+
+/// A QMP connection is only the control channel: when it drops while QEMU lives (seen
+/// rarely under load as "QAPI stream disconnected"), connect again instead of failing a
+/// migration that QEMU is still carrying out. QEMU itself gone: `None`.
+async fn reconnect(qmp_socket: &Path) -> Option<QemuBackend> {
+    match QemuBackend::connect(qmp_socket, Duration::from_secs(3)).await {
+        Ok(q) => {
+            tracing::warn!(socket = %qmp_socket.display(), "QMP connection dropped; reconnected");
+            Some(q)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "QMP connection dropped and QEMU is gone");
+            None
+        }
+    }
 }
 
 fn ram_pipe(migration_id: &str) -> String {

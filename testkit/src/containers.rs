@@ -215,7 +215,8 @@ impl Daemon {
             .arg("--vm-root")
             .arg(base.join(format!("vms-{label}")))
             .args(extra_args)
-            .stdout(Stdio::null());
+            // The daemon logs to stdout: keep it beside its state for post-mortems.
+            .stdout(std::fs::File::create(base.join(format!("ferry-node-{label}.log")))?);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
