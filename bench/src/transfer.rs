@@ -2,11 +2,15 @@
 //! same run:
 //! * direct stream (mTLS, chunks, crc32c, sha256, acks) vs a raw loopback TCP copy;
 //! * direct pipe (mTLS only) vs the same raw TCP copy;
+//! * "TLS ceiling": the same mTLS pipe written in 1 MiB blocks (encryption and nothing
+//!   else, as the stream writes its chunks) vs the same raw TCP copy, so the stream's
+//!   ratio can be read against what TLS alone allows on this machine;
 //! * S3 multipart upload vs one plain `put_object` of the same bytes to the same MinIO;
 //! * S3 verified parallel download vs one plain `get_object`.
 //!
 //! Every run alternates baseline and ferry and keeps the best of each, because the
 //! machine is shared. MinIO comes from `scripts/build-minio.sh`.
+//! `FERRY_BENCH_TRANSFER=direct` (or `s3`) runs only those cases.
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -41,9 +45,14 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
     rand::rngs::SmallRng::seed_from_u64(7).fill_bytes(&mut block);
     let block: &'static [u8] = Box::leak(block.into_boxed_slice());
 
+    let only = std::env::var("FERRY_BENCH_TRANSFER").unwrap_or_default();
     let mut out = Vec::new();
-    out.extend(direct_cases(block, direct_len, runs).await?);
-    out.extend(s3_cases(block, s3_len, runs).await?);
+    if only.is_empty() || only == "direct" {
+        out.extend(direct_cases(block, direct_len, runs).await?);
+    }
+    if only.is_empty() || only == "s3" {
+        out.extend(s3_cases(block, s3_len, runs).await?);
+    }
     Ok(out)
 }
 
@@ -148,25 +157,34 @@ async fn direct_cases(block: &'static [u8], len: u64, runs: usize) -> Result<Vec
     let rx = Receiver::bind("127.0.0.1:0", pki.issue("bench-rx", &["127.0.0.1"])?).await?;
     let tx = Sender::new(pki.issue("bench-tx", &[])?)?;
     let ep = Endpoint::new(rx.local_addr().to_string(), "bench-rx");
-    let (mut raw, mut stream, mut pipe) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    let (mut raw, mut stream, mut pipe, mut tls) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
+    // CPU seconds (user + system, whole process: both ends) of each case, best run.
+    let (mut raw_cpu, mut stream_cpu, mut pipe_cpu, mut tls_cpu) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
     for run in 0..runs {
+        let cpu = cpu_secs();
         raw = raw.min(raw_tcp(block, len).await?);
+        raw_cpu = raw_cpu.min(cpu_secs() - cpu);
 
         let id = format!("bench/stream-{run}");
         let incoming = rx.accept_stream(&id).await;
         let reader = tokio::spawn(discard(incoming));
+        let cpu = cpu_secs();
         let started = Instant::now();
         let report = tx
             .send_stream(&ep, &id, Cycle::new(block, len), &SendOptions::default())
             .await?;
         let got = reader.await??;
         stream = stream.min(started.elapsed());
+        stream_cpu = stream_cpu.min(cpu_secs() - cpu);
         rx.forget(&id);
         if got != len || report.bytes != len {
             bail!("direct stream delivered {got} of {len} bytes");
         }
 
         let id = format!("bench/pipe-{run}");
+        let cpu = cpu_secs();
         let reader = {
             let p = rx.accept_pipe(&id);
             let started = Instant::now();
@@ -179,29 +197,102 @@ async fn direct_cases(block: &'static [u8], len: u64, runs: usize) -> Result<Vec
         };
         let got = reader.0.await??;
         pipe = pipe.min(reader.1.elapsed());
+        pipe_cpu = pipe_cpu.min(cpu_secs() - cpu);
         if got != len {
             bail!("pipe delivered {got} of {len} bytes");
         }
+
+        // TLS ceiling: the pipe again, written in the stream's chunk size.
+        let id = format!("bench/tls-{run}");
+        let p = rx.accept_pipe(&id);
+        let cpu = cpu_secs();
+        let started = Instant::now();
+        let mut out = tx.connect_pipe(&ep, &id, &RetryPolicy::default()).await?;
+        let mut inp = p.await?;
+        let reader = tokio::spawn(async move { discard(&mut inp).await });
+        let chunk = SendOptions::default().chunk_size;
+        let mut src = Cycle::new(block, len);
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = src.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).await?;
+        }
+        out.shutdown().await?;
+        let got = reader.await??;
+        tls = tls.min(started.elapsed());
+        tls_cpu = tls_cpu.min(cpu_secs() - cpu);
+        if got != len {
+            bail!("TLS copy delivered {got} of {len} bytes");
+        }
     }
     let label = size_label(len);
+    let gib = len as f64 / (1u64 << 30) as f64;
+    let with_cpu = |mut m: Measurement, cpu: f64| {
+        // Load-independent view for a shared machine: CPU per GiB of both ends.
+        m.details.insert("cpu_s_per_gib".into(), (cpu / gib).into());
+        m.details
+            .insert("baseline_cpu_s_per_gib".into(), (raw_cpu / gib).into());
+        eprintln!(
+            "{}: {:.2} CPU-s/GiB (raw TCP copy {:.2})",
+            m.case,
+            cpu / gib,
+            raw_cpu / gib
+        );
+        m
+    };
     Ok(vec![
-        measurement(
-            format!("transfer/direct-stream-{label}"),
-            rate(len, stream),
-            rate(len, raw),
-            "raw loopback TCP copy",
-            len,
-            runs,
+        with_cpu(
+            measurement(
+                format!("transfer/direct-stream-{label}"),
+                rate(len, stream),
+                rate(len, raw),
+                "raw loopback TCP copy",
+                len,
+                runs,
+            ),
+            stream_cpu,
         ),
-        measurement(
-            format!("transfer/direct-pipe-{label}"),
-            rate(len, pipe),
-            rate(len, raw),
-            "raw loopback TCP copy",
-            len,
-            runs,
+        with_cpu(
+            measurement(
+                format!("transfer/direct-pipe-{label}"),
+                rate(len, pipe),
+                rate(len, raw),
+                "raw loopback TCP copy",
+                len,
+                runs,
+            ),
+            pipe_cpu,
+        ),
+        with_cpu(
+            measurement(
+                format!("transfer/tls-ceiling-{label}"),
+                rate(len, tls),
+                rate(len, raw),
+                "raw loopback TCP copy (TLS alone, 1 MiB writes)",
+                len,
+                runs,
+            ),
+            tls_cpu,
         ),
     ])
+}
+
+/// User + system CPU time of this process so far, from /proc/self/stat (in clock
+/// ticks of 1/100 s, Linux's fixed USER_HZ).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 async fn s3_cases(block: &'static [u8], len: u64, runs: usize) -> Result<Vec<Measurement>> {

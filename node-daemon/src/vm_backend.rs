@@ -36,6 +36,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -43,6 +44,10 @@ const QMP_WAIT: Duration = Duration::from_secs(20);
 /// `query-migrate` polling: each poll is one small QMP round trip, and the interval
 /// adds directly to the measured total time.
 const POLL: Duration = Duration::from_millis(20);
+
+/// How long the relay may take to pass the end of QEMU's stream on after QEMU finished.
+const RELAY_DRAIN: Duration = Duration::from_secs(60);
+const RELAY_BUF: usize = 256 << 10;
 
 /// QMP reconnects tolerated per migration step before the error counts.
 const MAX_RECONNECTS: u32 = 3;
@@ -196,9 +201,9 @@ impl VmRuntime {
                 .connect_pipe(&ep, &ram_pipe(&plan.migration_id), &Default::default())
                 .await
                 .map_err(|e| RuntimeError::Transfer(e.to_string()))?;
-            Ok::<_, RuntimeError>(tokio::spawn(splice(conn, pipe)))
+            Ok::<_, RuntimeError>(splice(conn, pipe))
         };
-        let splice_task = match forward.await {
+        let relay = match forward.await {
             Ok(t) => t,
             Err(e) => {
                 let _ = q.migrate_cancel().await;
@@ -237,7 +242,34 @@ impl VmRuntime {
                 r => break r.map_err(qemu_err),
             }
         };
-        splice_task.abort();
+        // QEMU calls the migration complete once the last byte is in *our* socket: it
+        // still has to cross the relay before the destination has the whole guest.
+        let result = match result {
+            Ok(p) => {
+                let drained = tokio::time::timeout(RELAY_DRAIN, relay.outbound).await;
+                relay.inbound.abort();
+                let why = match drained {
+                    Ok(Ok(Ok(_))) => None,
+                    Ok(Ok(Err(e))) => Some(e.to_string()),
+                    _ => Some(format!("not done within {RELAY_DRAIN:?}")),
+                };
+                if let Some(why) = why {
+                    // Not resumed here: the destination may hold a whole guest after
+                    // all. The controller's rollback removes the target first, then
+                    // resumes this paused source (Abort).
+                    return Err(RuntimeError::Transfer(format!(
+                        "QEMU finished, but relaying the end of its stream to the \
+                         destination failed: {why}"
+                    )));
+                }
+                Ok(p)
+            }
+            Err(e) => {
+                relay.outbound.abort();
+                relay.inbound.abort();
+                Err(e)
+            }
+        };
         match result {
             Ok(p) => {
                 progress.downtime_ms(p.downtime_ms.unwrap_or(0));
@@ -531,11 +563,34 @@ fn reject_pipe(transport: &Arc<Transport>, id: &str) {
 
 /// Copies both ways until either side closes (the return path carries post-copy page
 /// requests back to the source).
-async fn splice(mut qemu: UnixStream, mut pipe: ferry_transfer::Pipe) {
-    match tokio::io::copy_bidirectional(&mut qemu, &mut pipe).await {
-        Ok((out, back)) => tracing::debug!(out, back, "migration stream closed"),
-        Err(e) => tracing::debug!(error = %e, "migration stream ended"),
+struct Relay {
+    /// QEMU's socket → pipe; done once QEMU closed its side and every byte was flushed
+    /// into the pipe and the pipe shut down.
+    outbound: tokio::task::JoinHandle<std::io::Result<u64>>,
+    /// Pipe → QEMU's socket (the return path, or the incoming stream on the destination).
+    inbound: tokio::task::JoinHandle<std::io::Result<u64>>,
+}
+
+/// Relays a migration stream between a QEMU socket and a transfer pipe, both ways.
+fn splice(qemu: UnixStream, pipe: ferry_transfer::Pipe) -> Relay {
+    let (qemu_r, qemu_w) = qemu.into_split();
+    let (pipe_r, pipe_w) = tokio::io::split(pipe);
+    Relay {
+        outbound: tokio::spawn(copy_then_shutdown(qemu_r, pipe_w)),
+        inbound: tokio::spawn(copy_then_shutdown(pipe_r, qemu_w)),
     }
+}
+
+async fn copy_then_shutdown(
+    from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+) -> std::io::Result<u64> {
+    // Large reads: the stream is hundreds of MiB and every syscall is a TLS record.
+    let mut from = tokio::io::BufReader::with_capacity(RELAY_BUF, from);
+    let n = tokio::io::copy_buf(&mut from, &mut to).await?;
+    to.shutdown().await?;
+    tracing::debug!(bytes = n, "migration stream direction closed");
+    Ok(n)
 }
 
 /// Everything the destination's background task needs.
@@ -597,7 +652,8 @@ impl IncomingCtx {
         let conn = UnixStream::connect(&sock)
             .await
             .map_err(RuntimeError::io("connecting to the incoming QEMU"))?;
-        tokio::spawn(splice(conn, pipe));
+        // Runs until QEMU or the source closes; QEMU's own status says how it went.
+        let _relay = splice(conn, pipe);
         Ok(q)
     }
 }

@@ -36,7 +36,16 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> TransferError {
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     // Explicit provider: other crates in the process may enable aws-lc-rs too, and then
     // rustls cannot pick a default by itself.
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first (ring's default puts AES-256 first): 10 instead of 14 AES rounds
+    // per block is measurable when a node streams GiBs on two cores, and 128-bit AES is
+    // the TLS 1.3 mandatory suite. The others stay as fallbacks.
+    p.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    });
+    Arc::new(p)
 }
 
 impl TlsIdentity {

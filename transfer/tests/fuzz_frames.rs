@@ -40,7 +40,7 @@ fn valid_frames(rng: &mut SmallRng) -> BytesMut {
             },
             4 => Frame::End {
                 total: rng.random(),
-                sha256: rng.random(),
+                digest: rng.random(),
             },
             5 => Frame::Done {
                 total: rng.random(),

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
@@ -60,7 +59,7 @@ struct SlotState {
     tx: Option<mpsc::Sender<Msg>>,
     /// Bytes delivered to the reader's queue (and acknowledged).
     offset: u64,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     /// Set once the digest has been verified.
     done: Option<[u8; 32]>,
 }
@@ -108,7 +107,7 @@ impl Receiver {
     }
 
     /// The stream `id` as an `AsyncRead`. Can be called before or after the sender
-    /// connects. The reader gets end-of-stream only after the whole-stream sha256 was
+    /// connects. The reader gets end-of-stream only after the whole-stream digest (BLAKE3) was
     /// verified; any failure (digest mismatch, receiver shut down before the end) is a
     /// read error. A stream id can be accepted once; later calls return a reader that
     /// fails. The reader waits for a (re)connecting sender indefinitely: wrap reads in
@@ -174,7 +173,7 @@ impl Shared {
                     state: tokio::sync::Mutex::new(SlotState {
                         tx: Some(tx),
                         offset: 0,
-                        hasher: Sha256::new(),
+                        hasher: blake3::Hasher::new(),
                         done: None,
                     }),
                     reader: Mutex::new(Some(rx)),
@@ -348,9 +347,12 @@ async fn serve_stream(slot: &Slot, id: &str, mut tls: TlsStream<TcpStream>) -> R
                 st.offset = end;
                 send(&mut wr, Frame::Ack { offset: st.offset }).await?;
             }
-            Frame::End { total, sha256 } => {
+            Frame::End {
+                total,
+                digest: theirs,
+            } => {
                 if let Some(done) = st.done {
-                    if done == sha256 && total == st.offset {
+                    if done == theirs && total == st.offset {
                         send(&mut wr, Frame::Done { total }).await?;
                         return Ok(());
                     }
@@ -370,12 +372,12 @@ async fn serve_stream(slot: &Slot, id: &str, mut tls: TlsStream<TcpStream>) -> R
                     poison(&mut st, id, &reason);
                     return fail(&mut wr, false, st.offset, reason).await;
                 }
-                let digest: [u8; 32] = st.hasher.clone().finalize().into();
-                if digest != sha256 {
+                let digest: [u8; 32] = st.hasher.finalize().into();
+                if digest != theirs {
                     let reason = format!(
-                        "sha256 mismatch over {total} bytes: received {}, sender has {}",
+                        "BLAKE3 digest mismatch over {total} bytes: received {}, sender has {}",
                         crate::hex(&digest),
-                        crate::hex(&sha256)
+                        crate::hex(&theirs)
                     );
                     poison(&mut st, id, &reason);
                     return fail(&mut wr, false, st.offset, reason).await;

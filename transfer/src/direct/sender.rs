@@ -9,7 +9,6 @@ use backon::Retryable;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use rustls_pki_types::ServerName;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -132,7 +131,7 @@ impl Sender {
     }
 
     /// Sends everything `reader` yields as stream `id` and returns once the receiver
-    /// has verified the whole-stream sha256. Dropped connections are re-established
+    /// has verified the whole-stream digest (BLAKE3). Dropped connections are re-established
     /// and resumed from the last acknowledged byte.
     pub async fn send_stream<R: AsyncRead + Unpin>(
         &self,
@@ -268,7 +267,7 @@ struct Outbox {
     /// Highest offset ever sent, to count re-sends.
     max_sent: u64,
     eof: bool,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
 }
 
 impl Outbox {
@@ -411,7 +410,7 @@ async fn run_conn<R: AsyncRead + Unpin>(
                 )));
             }
             report.bytes = total;
-            report.sha256 = out.hasher.clone().finalize().into();
+            report.digest = out.hasher.finalize().into();
             let _ = wr.shutdown().await;
             return Ok(());
         }
@@ -489,11 +488,11 @@ async fn run_conn<R: AsyncRead + Unpin>(
             continue;
         }
         if !more && !sent_end {
-            let sha256: [u8; 32] = out.hasher.clone().finalize().into();
+            let digest: [u8; 32] = out.hasher.finalize().into();
             frame_buf.clear();
             Frame::End {
                 total: out.read_end,
-                sha256,
+                digest,
             }
             .encode(&mut frame_buf);
             if let Err(e) = wr.write_all(&frame_buf).await {

@@ -64,6 +64,21 @@ pub fn random_digest(seed: u64, len: u64) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The BLAKE3 digest of a seeded random stream (what the direct protocol reports).
+pub fn random_blake3(seed: u64, len: u64) -> [u8; 32] {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = (buf.len() as u64).min(left) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    h.finalize().into()
+}
+
 /// Reads `r` to the end, returning (length, sha256).
 pub async fn drain<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<(u64, [u8; 32])> {
     let mut h = Sha256::new();
