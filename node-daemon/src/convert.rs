@@ -179,6 +179,23 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
     }
 }
 
+/// The daemons move state directly (mutual-TLS streams); the object-store path of
+/// ferry-transfer is not wired into them yet, so such a request is refused rather than
+/// silently sent another way.
+pub fn check_transfer(t: Option<&pb::TransferSpec>) -> Result<(), RuntimeError> {
+    match t.map(|t| pb::TransferMode::try_from(t.mode)) {
+        None | Some(Ok(pb::TransferMode::Unspecified | pb::TransferMode::Direct)) => Ok(()),
+        Some(Ok(pb::TransferMode::ObjectStore)) => Err(RuntimeError::Unavailable(
+            "transfer mode ObjectStore: this ferry-node moves state only directly between \
+             daemons; use transfer.mode Direct"
+                .into(),
+        )),
+        Some(Err(_)) => Err(RuntimeError::InvalidArgument(
+            "unknown transfer mode".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,22 +226,5 @@ mod tests {
             "workload",
         );
         assert!(matches!(r, Err(RuntimeError::InvalidArgument(_))));
-    }
-}
-
-/// The daemons move state directly (mutual-TLS streams); the object-store path of
-/// ferry-transfer is not wired into them yet, so such a request is refused rather than
-/// silently sent another way.
-pub fn check_transfer(t: Option<&pb::TransferSpec>) -> Result<(), RuntimeError> {
-    match t.map(|t| pb::TransferMode::try_from(t.mode)) {
-        None | Some(Ok(pb::TransferMode::Unspecified | pb::TransferMode::Direct)) => Ok(()),
-        Some(Ok(pb::TransferMode::ObjectStore)) => Err(RuntimeError::Unavailable(
-            "transfer mode ObjectStore: this ferry-node moves state only directly between \
-             daemons; use transfer.mode Direct"
-                .into(),
-        )),
-        Some(Err(_)) => Err(RuntimeError::InvalidArgument(
-            "unknown transfer mode".into(),
-        )),
     }
 }
