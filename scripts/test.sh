@@ -11,9 +11,11 @@ start=$(date +%s)
 cargo build --workspace --bins --locked
 # Tests share 2 cores with real control planes and VMs: keep parallelism modest.
 results="$FERRY_CACHE/last-test-run.log"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results"
-scripts/fuzz-transfer.sh
+status=0
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results" || status=$?
+scripts/fuzz-transfer.sh || status=$?
 log "test suite finished in $(( $(date +%s) - start ))s"
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$results"
+exit "$status"

@@ -17,5 +17,17 @@ fn transfer_bench_quick_runs() {
         );
         assert!(m.ferry > 0.0 && m.baseline > 0.0, "{m:?}");
     }
-    assert_eq!(ms.len(), 4);
+    for case in [
+        "direct-stream",
+        "direct-pipe",
+        "tls-ceiling",
+        "s3-upload",
+        "s3-download",
+    ] {
+        assert!(
+            ms.iter().any(|m| m.case.contains(case)),
+            "case {case} missing from {:?}",
+            ms.iter().map(|m| &m.case).collect::<Vec<_>>()
+        );
+    }
 }

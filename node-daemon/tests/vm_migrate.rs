@@ -435,7 +435,12 @@ async fn explicit_postcopy_after_first_pass() -> Result<()> {
         samples[at].dirty_sync_count, 2,
         "switch not right after pass 1"
     );
-    assert!(samples.iter().any(|p| p.mode == MigrationMode::PostCopy));
+    // Post-copy can be over between two polls; then the destination's page requests
+    // are the trace it leaves.
+    assert!(
+        samples.iter().any(|p| p.mode == MigrationMode::PostCopy) || done.postcopy_requests > 0,
+        "no sign of post-copy: {done:?}"
+    );
     pair.check_moved_and_quit().await
 }
 
