@@ -276,9 +276,17 @@ async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
         .await?;
     let cp = wait_op(&mut a.client, id, Duration::from_secs(60)).await?;
     assert!(succeeded(&cp), "{cp:?}");
-    // Corrupt the received bundle before the destination restores it.
-    let images = b.state_dir.join(id).join("app/images");
-    std::fs::write(images.join("pstree.img"), b"not a criu image at all")?;
+    // Corrupt the received bundle before the destination restores it. The checkpoint
+    // ends when the destination has verified the stream, while tar may still be
+    // unpacking it: the bundle's tar has images/ first, then config.json, so once
+    // config.json exists, images/ is complete and stays as we leave it.
+    let app = b.state_dir.join(id).join("app");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !app.join("config.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "bundle never unpacked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(app.join("images/pstree.img"), b"not a criu image at all")?;
     b.client
         .start_restore(pb::StartRestoreRequest {
             migration_id: id.into(),

@@ -107,6 +107,12 @@ impl World {
         format!("{}-{cluster}-{i}", self.ns)
     }
 
+    /// `target:` naming this world's second east node. Nodes are cluster-scoped, so a
+    /// target left to the controller's choice could land on another test's node.
+    pub fn same_cluster_target(&self) -> String {
+        format!("{{node: {}}}", self.node("east", 2))
+    }
+
     /// A running Pod on east node 1.
     pub async fn pod(&self, name: &str) -> Result<Pod> {
         let pod: Pod = serde_json::from_value(json!({
