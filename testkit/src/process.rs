@@ -2,7 +2,7 @@
 //! guard drops, so a failing test leaves nothing running.
 use anyhow::{Context, Result};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct ChildGuard {
@@ -40,13 +40,14 @@ impl ChildGuard {
         }
     }
 
-    /// SIGTERM to the group, then SIGKILL after `grace`.
+    /// SIGTERM to the group, then SIGKILL after `grace`. `kill` stays quiet: a group
+    /// that is already gone is the expected case, not an error.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
         };
         let pgid = format!("-{}", child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
+        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).stderr(Stdio::null()).status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -55,7 +56,7 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::warn!(name = %self.name, "did not stop in {grace:?}; killing");
-        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).stderr(Stdio::null()).status();
         let _ = child.wait();
     }
 
@@ -64,6 +65,7 @@ impl ChildGuard {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
                 .status();
             let _ = child.wait();
         }
