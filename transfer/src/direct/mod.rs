@@ -72,8 +72,8 @@ pub struct SendReport {
     pub resent_bytes: u64,
     pub reconnects: u32,
     pub resumes: Vec<ResumeRecord>,
-    /// BLAKE3 digest of the stream, as verified by the receiver.
-    pub digest: [u8; 32],
+    /// Whole-stream digest (XXH3-128), as verified by the receiver.
+    pub digest: crate::frame::Digest,
 }
 
 /// Reads one frame with exact reads (no read-ahead), so that after the handshake the

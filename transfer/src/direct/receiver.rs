@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::pipe::Pipe;
 use super::{read_frame_exact, write_frame};
-use crate::frame::{Codec, Frame, FrameCodec, Mode};
+use crate::frame::{Codec, Digest, Frame, FrameCodec, Mode, StreamDigest};
 use crate::{Side, TlsIdentity, TransferError};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,9 +59,9 @@ struct SlotState {
     tx: Option<mpsc::Sender<Msg>>,
     /// Bytes delivered to the reader's queue (and acknowledged).
     offset: u64,
-    hasher: blake3::Hasher,
+    hasher: StreamDigest,
     /// Set once the digest has been verified.
-    done: Option<[u8; 32]>,
+    done: Option<Digest>,
 }
 
 enum Msg {
@@ -107,7 +107,7 @@ impl Receiver {
     }
 
     /// The stream `id` as an `AsyncRead`. Can be called before or after the sender
-    /// connects. The reader gets end-of-stream only after the whole-stream digest (BLAKE3) was
+    /// connects. The reader gets end-of-stream only after the whole-stream digest was
     /// verified; any failure (digest mismatch, receiver shut down before the end) is a
     /// read error. A stream id can be accepted once; later calls return a reader that
     /// fails. The reader waits for a (re)connecting sender indefinitely: wrap reads in
@@ -173,7 +173,7 @@ impl Shared {
                     state: tokio::sync::Mutex::new(SlotState {
                         tx: Some(tx),
                         offset: 0,
-                        hasher: blake3::Hasher::new(),
+                        hasher: StreamDigest::default(),
                         done: None,
                     }),
                     reader: Mutex::new(Some(rx)),
@@ -372,10 +372,10 @@ async fn serve_stream(slot: &Slot, id: &str, mut tls: TlsStream<TcpStream>) -> R
                     poison(&mut st, id, &reason);
                     return fail(&mut wr, false, st.offset, reason).await;
                 }
-                let digest: [u8; 32] = st.hasher.finalize().into();
+                let digest = st.hasher.finish();
                 if digest != theirs {
                     let reason = format!(
-                        "BLAKE3 digest mismatch over {total} bytes: received {}, sender has {}",
+                        "stream digest (XXH3-128) mismatch over {total} bytes: received {}, sender has {}",
                         crate::hex(&digest),
                         crate::hex(&theirs)
                     );

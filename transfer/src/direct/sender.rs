@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::pipe::Pipe;
 use super::{ResumeRecord, SendOptions, SendReport, read_frame_exact, write_frame};
-use crate::frame::{Codec, Frame, FrameCodec, MAX_CHUNK, Mode, check_id};
+use crate::frame::{Codec, Frame, FrameCodec, MAX_CHUNK, Mode, StreamDigest, check_id};
 use crate::{Endpoint, RetryPolicy, Side, TlsIdentity, TransferError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,7 +131,7 @@ impl Sender {
     }
 
     /// Sends everything `reader` yields as stream `id` and returns once the receiver
-    /// has verified the whole-stream digest (BLAKE3). Dropped connections are re-established
+    /// has verified the whole-stream digest. Dropped connections are re-established
     /// and resumed from the last acknowledged byte.
     pub async fn send_stream<R: AsyncRead + Unpin>(
         &self,
@@ -267,7 +267,7 @@ struct Outbox {
     /// Highest offset ever sent, to count re-sends.
     max_sent: u64,
     eof: bool,
-    hasher: blake3::Hasher,
+    hasher: StreamDigest,
 }
 
 impl Outbox {
@@ -410,7 +410,7 @@ async fn run_conn<R: AsyncRead + Unpin>(
                 )));
             }
             report.bytes = total;
-            report.digest = out.hasher.finalize().into();
+            report.digest = out.hasher.finish();
             let _ = wr.shutdown().await;
             return Ok(());
         }
@@ -488,7 +488,7 @@ async fn run_conn<R: AsyncRead + Unpin>(
             continue;
         }
         if !more && !sent_end {
-            let digest: [u8; 32] = out.hasher.finalize().into();
+            let digest = out.hasher.finish();
             frame_buf.clear();
             Frame::End {
                 total: out.read_end,

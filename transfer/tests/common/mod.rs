@@ -64,10 +64,11 @@ pub fn random_digest(seed: u64, len: u64) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The BLAKE3 digest of a seeded random stream (what the direct protocol reports).
-pub fn random_blake3(seed: u64, len: u64) -> [u8; 32] {
+/// The XXH3-128 (big endian) of a seeded random stream, computed here with the xxhash
+/// crate directly: what the direct protocol must report.
+pub fn random_xxh3(seed: u64, len: u64) -> [u8; 16] {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut h = blake3::Hasher::new();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {
@@ -76,7 +77,7 @@ pub fn random_blake3(seed: u64, len: u64) -> [u8; 32] {
         h.update(&buf[..n]);
         left -= n as u64;
     }
-    h.finalize().into()
+    h.digest128().to_be_bytes()
 }
 
 /// Reads `r` to the end, returning (length, sha256).
