@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod containers;
+pub mod link;
 pub mod transfer;
 pub mod vm;
 

@@ -12,7 +12,9 @@
 //!
 //! Every run alternates baseline and ferry and keeps the best of each, because the
 //! machine is shared. MinIO comes from `scripts/build-minio.sh`.
-//! `FERRY_BENCH_TRANSFER=direct` (or `s3`) runs only those cases.
+//! * link-bound: the same stream vs a raw TCP copy over a rate-shaped veth (`link.rs`).
+//!
+//! `FERRY_BENCH_TRANSFER=direct` (or `link`, `s3`) runs only those cases.
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -52,6 +54,10 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
     if only.is_empty() || only == "direct" {
         out.extend(direct_cases(block, direct_len, runs).await?);
     }
+    if only.is_empty() || only == "link" {
+        let link_len: u64 = if quick { 32 << 20 } else { 256 << 20 };
+        out.extend(crate::link::link_cases(block, link_len, runs, quick).await?);
+    }
     if only.is_empty() || only == "s3" {
         out.extend(s3_cases(block, s3_len, runs).await?);
     }
@@ -59,14 +65,14 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
 }
 
 /// `len` bytes cycling through `block`.
-struct Cycle {
+pub(crate) struct Cycle {
     block: &'static [u8],
     pos: u64,
     len: u64,
 }
 
 impl Cycle {
-    fn new(block: &'static [u8], len: u64) -> Self {
+    pub(crate) fn new(block: &'static [u8], len: u64) -> Self {
         Cycle { block, pos: 0, len }
     }
 }
@@ -87,7 +93,7 @@ impl AsyncRead for Cycle {
     }
 }
 
-async fn discard<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<u64> {
+pub(crate) async fn discard<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -99,11 +105,11 @@ async fn discard<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<u64> {
     }
 }
 
-fn rate(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn rate(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB / d.as_secs_f64()
 }
 
-fn measurement(
+pub(crate) fn measurement(
     case: String,
     ferry: f64,
     baseline: f64,
@@ -126,7 +132,7 @@ fn measurement(
     m
 }
 
-fn size_label(len: u64) -> String {
+pub(crate) fn size_label(len: u64) -> String {
     if len >= 1 << 30 {
         format!("{}GiB", len >> 30)
     } else {
@@ -135,7 +141,7 @@ fn size_label(len: u64) -> String {
 }
 
 /// Copies `src` to `dst` in writes of up to `block` bytes.
-async fn copy_in_blocks<R: AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(
+pub(crate) async fn copy_in_blocks<R: AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(
     src: R,
     dst: &mut W,
     block: usize,

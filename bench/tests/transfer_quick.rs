@@ -21,6 +21,7 @@ fn transfer_bench_quick_runs() {
         "direct-stream",
         "direct-pipe",
         "tls-ceiling",
+        "link-1000mbit-stream",
         "s3-upload",
         "s3-download",
     ] {

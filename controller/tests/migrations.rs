@@ -407,7 +407,9 @@ async fn deleting_mid_flight_cancels_and_keeps_the_source() -> anyhow::Result<()
     agent.hold(Call::StartCheckpoint);
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    let created = w.migration(&migration_yaml("m1", "web", &w.same_cluster_target())).await?;
+    let created = w
+        .migration(&migration_yaml("m1", "web", &w.same_cluster_target()))
+        .await?;
     let m = w.wait_phase("m1", Phase::Transferring).await?;
     let target_pod = m.status.unwrap().target.unwrap().pod;
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), &w.ns);
@@ -460,7 +462,8 @@ async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> an
     agent.hold(Call::StartRestore);
     let first = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target())).await?;
+    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target()))
+        .await?;
     w.wait_phase("m1", Phase::Restoring).await?;
     drop(first); // the controller dies mid-restore
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -492,8 +495,11 @@ async fn a_failed_restore_rolls_back_then_retries_by_policy() -> anyhow::Result<
     );
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
-    w.migration(&(migration_yaml("m1", "web", &w.same_cluster_target()) + "  failurePolicy: {maxRetries: 1}\n"))
-        .await?;
+    w.migration(
+        &(migration_yaml("m1", "web", &w.same_cluster_target())
+            + "  failurePolicy: {maxRetries: 1}\n"),
+    )
+    .await?;
     let m = w.wait_phase("m1", Phase::RolledBack).await?;
     let status = m.status.unwrap();
     let failure = status.failure.unwrap();
@@ -524,7 +530,8 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     let b = w.controller("replica-b", agent.clone());
     w.pod("web").await?;
     w.pod("api").await?;
-    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target())).await?;
+    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target()))
+        .await?;
     w.wait_phase("m1", Phase::Succeeded).await?;
     assert!(a.reconciles() > 0, "the first replica leads");
     assert_eq!(b.reconciles(), 0, "the standby replica must not act");
@@ -539,7 +546,8 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     );
 
     drop(a); // the leader dies; its Lease expires and the standby takes over
-    w.migration(&migration_yaml("m2", "api", &w.same_cluster_target())).await?;
+    w.migration(&migration_yaml("m2", "api", &w.same_cluster_target()))
+        .await?;
     w.wait_phase("m2", Phase::Succeeded).await?;
     assert!(b.reconciles() > 0);
     let instances: Vec<Option<String>> = events_for(&w, "m2")

@@ -283,7 +283,10 @@ async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
     let app = b.state_dir.join(id).join("app");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !app.join("config.json").exists() {
-        assert!(std::time::Instant::now() < deadline, "bundle never unpacked");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bundle never unpacked"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     std::fs::write(app.join("images/pstree.img"), b"not a criu image at all")?;

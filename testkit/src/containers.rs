@@ -216,7 +216,9 @@ impl Daemon {
             .arg(base.join(format!("vms-{label}")))
             .args(extra_args)
             // The daemon logs to stdout: keep it beside its state for post-mortems.
-            .stdout(std::fs::File::create(base.join(format!("ferry-node-{label}.log")))?);
+            .stdout(std::fs::File::create(
+                base.join(format!("ferry-node-{label}.log")),
+            )?);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }

@@ -135,6 +135,27 @@ impl Node {
         cmd
     }
 
+    /// Limits traffic into the node to `mbit` Mbit/s (a token bucket on the bridge
+    /// side of its veth), so a stream is bound by the link, as between real hosts.
+    pub fn shape_ingress(&self, mbit: u32) -> Result<()> {
+        // The bucket must hold at least one kernel tick of traffic (HZ can be 100).
+        let burst = (u64::from(mbit) * 1_000_000 / 8 / 100).max(1 << 20);
+        let out = Command::new("tc")
+            .args(["qdisc", "replace", "dev", &self.outer, "root", "tbf"])
+            .args(["rate", &format!("{mbit}mbit")])
+            .args(["burst", &burst.to_string(), "latency", "50ms"])
+            .output()
+            .context("running tc")?;
+        if !out.status.success() {
+            bail!(
+                "tc qdisc replace dev {} tbf rate {mbit}mbit: {}",
+                self.outer,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Brings the node's link up or down (a cable pull, not a process kill).
     pub fn set_link(&self, up: bool) -> Result<()> {
         ip(&["link", "set", &self.outer, if up { "up" } else { "down" }])

@@ -47,7 +47,10 @@ impl ChildGuard {
             return;
         };
         let pgid = format!("-{}", child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).stderr(Stdio::null()).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &pgid])
+            .stderr(Stdio::null())
+            .status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -56,7 +59,10 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::warn!(name = %self.name, "did not stop in {grace:?}; killing");
-        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).stderr(Stdio::null()).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &pgid])
+            .stderr(Stdio::null())
+            .status();
         let _ = child.wait();
     }
 
