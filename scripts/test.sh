@@ -13,9 +13,11 @@ cargo build --workspace --bins --locked
 results="$FERRY_CACHE/last-test-run.log"
 status=0
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$results" || status=$?
-scripts/fuzz-transfer.sh || status=$?
+fuzz=ok
+scripts/fuzz-transfer.sh || { status=$?; fuzz="FAILED (see above)"; }
 log "test suite finished in $(( $(date +%s) - start ))s"
-# One closing line for the whole suite, summed over every test binary.
+# Closing lines: tests summed over every test binary, then the fuzzing result.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$results"
+echo "frame decoder fuzzing: $fuzz"
 exit "$status"

@@ -3,6 +3,8 @@
 //! [`MAX_FRAME`] for one frame, and reject anything malformed with a [`FrameError`].
 //!
 //! Every frame is `type: u8, len: u32 BE, body: [u8; len]`; integers are big endian.
+//! This file uses only `bytes`, `thiserror` and `tokio-util`: the fuzz target
+//! (`transfer/fuzz`) compiles it on its own.
 //!
 //! | type | frame     | body |
 //! |------|-----------|------|
@@ -26,18 +28,6 @@ pub const DIGEST_LEN: usize = 16;
 /// The whole-stream digest carried in End.
 pub type Digest = [u8; DIGEST_LEN];
 
-/// Running whole-stream digest (XXH3-128, big endian), fed on both ends.
-#[derive(Clone, Default)]
-pub struct StreamDigest(xxhash_rust::xxh3::Xxh3);
-
-impl StreamDigest {
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-    pub fn finish(&self) -> Digest {
-        self.0.digest128().to_be_bytes()
-    }
-}
 /// Largest chunk payload a sender may put in one Data frame.
 pub const MAX_CHUNK: usize = 8 << 20;
 /// Largest frame body the decoder accepts (a chunk plus its header).

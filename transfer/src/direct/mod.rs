@@ -59,6 +59,19 @@ pub struct ResumeRecord {
     pub resumed_from: u64,
 }
 
+/// Running whole-stream digest (XXH3-128, big endian), fed on both ends.
+#[derive(Clone, Default)]
+pub(crate) struct StreamDigest(xxhash_rust::xxh3::Xxh3);
+
+impl StreamDigest {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    pub(crate) fn finish(&self) -> crate::frame::Digest {
+        self.0.digest128().to_be_bytes()
+    }
+}
+
 /// What a finished direct stream did.
 #[derive(Debug, Clone, Default)]
 pub struct SendReport {

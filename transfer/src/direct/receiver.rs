@@ -17,9 +17,10 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::StreamDigest;
 use super::pipe::Pipe;
 use super::{read_frame_exact, write_frame};
-use crate::frame::{Codec, Digest, Frame, FrameCodec, Mode, StreamDigest};
+use crate::frame::{Codec, Digest, Frame, FrameCodec, Mode};
 use crate::{Side, TlsIdentity, TransferError};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,9 +16,10 @@ use tokio_rustls::{TlsConnector, TlsStream};
 use tokio_util::codec::FramedRead;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::StreamDigest;
 use super::pipe::Pipe;
 use super::{ResumeRecord, SendOptions, SendReport, read_frame_exact, write_frame};
-use crate::frame::{Codec, Frame, FrameCodec, MAX_CHUNK, Mode, StreamDigest, check_id};
+use crate::frame::{Codec, Frame, FrameCodec, MAX_CHUNK, Mode, check_id};
 use crate::{Endpoint, RetryPolicy, Side, TlsIdentity, TransferError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
