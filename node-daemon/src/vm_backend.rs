@@ -106,6 +106,18 @@ fn qemu_err(e: QemuError) -> RuntimeError {
 }
 
 impl VmRuntime {
+    /// A failed finalize or abort on the source leaves its entry in place, so that the
+    /// controller's retry finds the paused guest again.
+    fn put_back_source(&self, migration_id: &str, qmp_socket: PathBuf, registry_dir: PathBuf) {
+        self.migrations.lock().unwrap().insert(
+            migration_id.to_string(),
+            VmMigration::Source {
+                qmp_socket,
+                registry_dir,
+            },
+        );
+    }
+
     pub fn new(cfg: VmConfig, transport: Arc<Transport>) -> VmRuntime {
         VmRuntime {
             cfg,
@@ -808,13 +820,7 @@ impl Runtime for VmRuntime {
                 }) => {
                     let r = self.finalize_source(&qmp_socket, &registry_dir).await;
                     if r.is_err() {
-                        self.migrations.lock().unwrap().insert(
-                            migration_id.to_string(),
-                            VmMigration::Source {
-                                qmp_socket,
-                                registry_dir,
-                            },
-                        );
+                        self.put_back_source(migration_id, qmp_socket, registry_dir);
                     }
                     r?;
                 }
@@ -842,13 +848,7 @@ impl Runtime for VmRuntime {
                 }) => {
                     let r = self.abort_source(&qmp_socket).await;
                     if r.is_err() {
-                        self.migrations.lock().unwrap().insert(
-                            migration_id.to_string(),
-                            VmMigration::Source {
-                                qmp_socket,
-                                registry_dir,
-                            },
-                        );
+                        self.put_back_source(migration_id, qmp_socket, registry_dir);
                     }
                     r
                 }
