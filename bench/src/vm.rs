@@ -21,7 +21,7 @@ use ferry_node::vm_backend::INCOMING_READY;
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use ferry_testkit::containers::{CgroupGuard, Daemon};
-use ferry_testkit::guest::{Guest, guest_dir, wait_count_above};
+use ferry_testkit::guest::{Guest, launcher_command, wait_count_above};
 use ferry_testkit::netns::{Lan, Node};
 use ferry_testkit::process::ChildGuard;
 use std::path::Path;
@@ -125,13 +125,8 @@ fn launch_raw(
     mib: u32,
     incoming: bool,
 ) -> Result<ChildGuard> {
-    let g = guest_dir()?;
-    let mut cmd = node.command(launcher);
-    cmd.arg("--kernel")
-        .arg(g.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.gz"))
-        .args(["--memory-mib", &mib.to_string(), "--accel", "auto", "--qmp"])
+    let mut cmd = launcher_command(node, launcher, mib, false)?;
+    cmd.arg("--qmp")
         .arg(dir.join(format!("{name}.qmp")))
         .arg("--serial-log")
         .arg(dir.join(format!("{name}.serial")));

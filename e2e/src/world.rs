@@ -19,6 +19,15 @@ pub const NAMESPACE: &str = "demo";
 /// The controller's own namespace (Lease, linked-cluster Secrets).
 pub const CONTROLLER_NAMESPACE: &str = "ferry-system";
 
+/// The numbers a counter container wrote to its log, one per line (other lines skipped).
+pub fn counter_lines(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// A simulated node: Node object in its cluster + `ferry-node` in a network namespace.
 pub struct SimNode {
     pub cluster: String,

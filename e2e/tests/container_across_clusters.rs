@@ -2,7 +2,7 @@
 //! node daemons (gRPC) → CRIU dump on east-1, page server and bundle stream to west-1 →
 //! CRIU restore there → source removed. Real apiservers, runc, CRIU, namespaces.
 use ferry_crds::Phase;
-use ferry_e2e::world::{NAMESPACE, World};
+use ferry_e2e::world::{NAMESPACE, World, counter_lines};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
@@ -10,14 +10,6 @@ use std::time::Duration;
 /// A counter in memory, written to a file it keeps open, plus a listening socket.
 const COUNTER: &str = "exec >/dev/null 2>/dev/null </dev/null; nc -l -p 8080 & exec 3>/data/count.log; \
      i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
-
-fn counts(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_moves_to_another_cluster_and_keeps_counting() -> anyhow::Result<()> {
@@ -43,7 +35,7 @@ async fn a_container_moves_to_another_cluster_and_keeps_counting() -> anyhow::Re
     assert!(seen.contains(&Some(Phase::Restoring)), "{seen:?}");
 
     // Where the source stopped writing is where the destination continues.
-    let at_cut = *counts(&w.bundle_dir("counter").join("rootfs/data/count.log"))
+    let at_cut = *counter_lines(&w.bundle_dir("counter").join("rootfs/data/count.log"))
         .last()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -54,7 +46,7 @@ async fn a_container_moves_to_another_cluster_and_keeps_counting() -> anyhow::Re
         .state_dir
         .join(&uid)
         .join("app/rootfs/data/count.log");
-    let after = counts(&dst_log);
+    let after = counter_lines(&dst_log);
     assert!(
         after.len() > 3,
         "destination log {} has {:?}",

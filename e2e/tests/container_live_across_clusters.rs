@@ -3,7 +3,7 @@
 //! arrived and faults it in from east's page server. Real apiservers, runc, CRIU
 //! (userfaultfd), namespaces.
 use ferry_crds::Phase;
-use ferry_e2e::world::{NAMESPACE, World};
+use ferry_e2e::world::{NAMESPACE, World, counter_lines};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
@@ -12,14 +12,6 @@ use std::time::Duration;
 /// is covered by the node-daemon tests and the benchmark.)
 const COUNTER: &str = "exec >/dev/null 2>/dev/null </dev/null; exec 3>/data/count.log; \
      i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
-
-fn counts(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_moves_live_with_lazy_pages() -> anyhow::Result<()> {
@@ -39,7 +31,7 @@ async fn a_container_moves_live_with_lazy_pages() -> anyhow::Result<()> {
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, Some(Phase::Succeeded), "{:?}", status.failure);
 
-    let at_cut = *counts(&w.bundle_dir("live").join("rootfs/data/count.log"))
+    let at_cut = *counter_lines(&w.bundle_dir("live").join("rootfs/data/count.log"))
         .last()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -49,7 +41,7 @@ async fn a_container_moves_live_with_lazy_pages() -> anyhow::Result<()> {
         .state_dir
         .join(m.metadata.uid.unwrap())
         .join("app/rootfs/data/count.log");
-    let after = counts(&dst_log);
+    let after = counter_lines(&dst_log);
     assert!(
         after.windows(2).all(|p| p[1] == p[0] + 1),
         "counter lines contiguous: {after:?}"

@@ -4,7 +4,6 @@ mod containers_support;
 
 use containers_support::*;
 use ferry_proto::node::v1 as pb;
-use ferry_testkit::netns::Lan;
 use std::time::Duration;
 
 /// Lines must be exactly 1..=n: a restarted counter would write "1" again, a lost file
@@ -37,19 +36,13 @@ fn listening_on_8080(pid: u64) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn counter_container_moves_to_another_node() -> anyhow::Result<()> {
-    let criu = require_criu();
-    let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new("test");
-    let lan = Lan::create()?;
-    let mut a = Daemon::start(
-        &lan,
-        "a",
-        base.path(),
-        &criu,
-        &format!("/{}/a-restored", cg.0),
-    )
-    .await?;
-    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let TwoNodes {
+        base,
+        cg,
+        lan: _lan,
+        mut a,
+        mut b,
+    } = TwoNodes::start().await?;
 
     let p = pod("counter");
     let bundle = base.path().join("bundle-app");
@@ -159,19 +152,13 @@ async fn three_container_pod_post_copy() -> anyhow::Result<()> {
 }
 
 async fn three_container_pod(strategy: pb::Strategy) -> anyhow::Result<()> {
-    let criu = require_criu();
-    let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new("test");
-    let lan = Lan::create()?;
-    let mut a = Daemon::start(
-        &lan,
-        "a",
-        base.path(),
-        &criu,
-        &format!("/{}/a-restored", cg.0),
-    )
-    .await?;
-    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let TwoNodes {
+        base,
+        cg,
+        lan: _lan,
+        mut a,
+        mut b,
+    } = TwoNodes::start().await?;
     let p = pod("trio");
     let names = ["one", "three", "two"];
     for n in names {
@@ -225,19 +212,13 @@ async fn three_container_pod(strategy: pb::Strategy) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
-    let criu = require_criu();
-    let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new("test");
-    let lan = Lan::create()?;
-    let mut a = Daemon::start(
-        &lan,
-        "a",
-        base.path(),
-        &criu,
-        &format!("/{}/a-restored", cg.0),
-    )
-    .await?;
-    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let TwoNodes {
+        base,
+        cg,
+        lan: _lan,
+        mut a,
+        mut b,
+    } = TwoNodes::start().await?;
     let p = pod("fragile");
     let bundle = base.path().join("bundle-app");
     write_bundle(
@@ -343,19 +324,13 @@ async fn failed_restore_leaves_source_running() -> anyhow::Result<()> {
 /// memory, the counter continues, and every page reaches B intact.
 #[tokio::test(flavor = "multi_thread")]
 async fn post_copy_runs_before_the_memory_arrives() -> anyhow::Result<()> {
-    let criu = require_criu();
-    let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new("test");
-    let lan = Lan::create()?;
-    let mut a = Daemon::start(
-        &lan,
-        "a",
-        base.path(),
-        &criu,
-        &format!("/{}/a-restored", cg.0),
-    )
-    .await?;
-    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let TwoNodes {
+        base,
+        cg,
+        lan: _lan,
+        mut a,
+        mut b,
+    } = TwoNodes::start().await?;
     let v = b.client.version(pb::VersionRequest {}).await?.into_inner();
     let post = v
         .strategy_support
@@ -484,19 +459,13 @@ async fn post_copy_runs_before_the_memory_arrives() -> anyhow::Result<()> {
 /// server and resumes it where it stopped.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_post_copy_restore_rolls_back() -> anyhow::Result<()> {
-    let criu = require_criu();
-    let base = tempfile::tempdir()?;
-    let cg = CgroupGuard::new("test");
-    let lan = Lan::create()?;
-    let mut a = Daemon::start(
-        &lan,
-        "a",
-        base.path(),
-        &criu,
-        &format!("/{}/a-restored", cg.0),
-    )
-    .await?;
-    let mut b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+    let TwoNodes {
+        base,
+        cg,
+        lan: _lan,
+        mut a,
+        mut b,
+    } = TwoNodes::start().await?;
     let p = pod("lazyfail");
     let bundle = base.path().join("bundle-app");
     write_bundle(

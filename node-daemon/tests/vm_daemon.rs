@@ -7,9 +7,9 @@ use anyhow::{Context, Result, ensure};
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use ferry_testkit::containers::{CgroupGuard, Daemon};
-use ferry_testkit::guest::{Guest, last_count, sums, wait_count_above};
+use ferry_testkit::guest::{Guest, first_count, last_count, sums, wait_count_above};
 use ferry_testkit::netns::Lan;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -171,28 +171,54 @@ async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
-    let _one = SERIAL.lock().await;
-    let mut s = setup(("vda", "vdb"), &[]).await?;
-    let id = "vm-live-1";
-    start(&mut s, id, pb::Strategy::PreCopy).await?;
-    let cp = wait_op(&mut s.ca, id, Duration::from_secs(120)).await?;
+/// A move both daemons reported done and finalized, with what the source showed last.
+struct Moved {
+    checkpoint: pb::Operation,
+    /// The source's last count and memory sums, read while it was paused (not gone:
+    /// until finalize, rollback stays possible).
+    before: u64,
+    src_sums: Vec<String>,
+    dst_serial: PathBuf,
+}
+
+/// Waits for the checkpoint (within `timeout`) and the restore to succeed, reads the
+/// paused source's state, then finalizes both sides.
+async fn complete(s: &mut Setup, id: &str, timeout: Duration) -> Result<Moved> {
+    let checkpoint = wait_op(&mut s.ca, id, timeout).await?;
     ensure!(
-        cp.state == pb::OperationState::Succeeded as i32,
-        "checkpoint: {cp:?}"
+        checkpoint.state == pb::OperationState::Succeeded as i32,
+        "checkpoint: {checkpoint:?}"
     );
     let rs = wait_op(&mut s.cb, id, Duration::from_secs(60)).await?;
     ensure!(
         rs.state == pb::OperationState::Succeeded as i32,
         "restore: {rs:?}"
     );
-    ensure!(cp.bytes_done > 16 << 20, "guest memory moved: {cp:?}");
-    // Until finalize the source is paused, not gone: rollback stays possible.
     let before = last_count(&s.guest.serial()).context("source count")?;
     let src_sums = sums(&s.guest.serial());
     s.ca.finalize(mig(id)).await?;
     s.cb.finalize(mig(id)).await?;
+    Ok(Moved {
+        checkpoint,
+        before,
+        src_sums,
+        dst_serial: s.b.vm_root.join("default_vm-dst").join("serial.log"),
+    })
+}
+
+#[tokio::test]
+async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vda", "vdb"), &[]).await?;
+    let id = "vm-live-1";
+    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    let Moved {
+        checkpoint: cp,
+        before,
+        src_sums,
+        dst_serial,
+    } = complete(&mut s, id, Duration::from_secs(120)).await?;
+    ensure!(cp.bytes_done > 16 << 20, "guest memory moved: {cp:?}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while !s.guest.guard.exited() {
@@ -202,14 +228,10 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
     // The destination's serial log starts after migration: the guest's counter goes on
     // from where it was, it does not boot again from 1.
     let after = wait_count_above(&dst_serial, before, Duration::from_secs(60)).await?;
-    let first = std::fs::read_to_string(&dst_serial)?
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("count ")?.parse::<u64>().ok())
-        .context("destination count")?;
+    let first = first_count(&dst_serial).context("destination count")?;
     ensure!(
         first >= before,
         "counter restarted: first {first} < source's {before}"
@@ -241,21 +263,12 @@ async fn busy_512mib_guest_migrates_through_daemons() -> Result<()> {
     let mut s = setup_guest(("vdg", "vdh"), &[], 512, true).await?;
     let id = "vm-busy-1";
     start(&mut s, id, pb::Strategy::PreCopy).await?;
-    let cp = wait_op(&mut s.ca, id, Duration::from_secs(180)).await?;
-    ensure!(
-        cp.state == pb::OperationState::Succeeded as i32,
-        "checkpoint: {cp:?}"
-    );
-    let rs = wait_op(&mut s.cb, id, Duration::from_secs(60)).await?;
-    ensure!(
-        rs.state == pb::OperationState::Succeeded as i32,
-        "restore: {rs:?}"
-    );
-    let before = last_count(&s.guest.serial()).context("source count")?;
-    let src_sums = sums(&s.guest.serial());
-    s.ca.finalize(mig(id)).await?;
-    s.cb.finalize(mig(id)).await?;
-    let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
+    let Moved {
+        checkpoint: cp,
+        before,
+        src_sums,
+        dst_serial,
+    } = complete(&mut s, id, Duration::from_secs(180)).await?;
     let after = wait_count_above(&dst_serial, before + 3, Duration::from_secs(60)).await?;
     let log = std::fs::read_to_string(&dst_serial)?;
     ensure!(
@@ -287,25 +300,16 @@ async fn stalled_pre_copy_switches_to_post_copy_by_itself() -> Result<()> {
     .await?;
     let id = "vm-stall-1";
     start(&mut s, id, pb::Strategy::PostCopy).await?;
-    let cp = wait_op(&mut s.ca, id, Duration::from_secs(180)).await?;
-    ensure!(
-        cp.state == pb::OperationState::Succeeded as i32,
-        "checkpoint: {cp:?}"
-    );
+    let Moved {
+        checkpoint: cp,
+        before,
+        src_sums,
+        dst_serial,
+    } = complete(&mut s, id, Duration::from_secs(180)).await?;
     ensure!(
         cp.message.contains("switched to post-copy"),
         "the daemon must have switched: {cp:?}"
     );
-    let rs = wait_op(&mut s.cb, id, Duration::from_secs(60)).await?;
-    ensure!(
-        rs.state == pb::OperationState::Succeeded as i32,
-        "restore: {rs:?}"
-    );
-    let before = last_count(&s.guest.serial()).context("source count")?;
-    let src_sums = sums(&s.guest.serial());
-    s.ca.finalize(mig(id)).await?;
-    s.cb.finalize(mig(id)).await?;
-    let dst_serial = s.b.vm_root.join("default_vm-dst").join("serial.log");
     wait_count_above(&dst_serial, before + 2, Duration::from_secs(60)).await?;
     // Post-copy: pages arrived on demand, and still the memory is what it was.
     check_memory_intact(&src_sums, &dst_serial).await?;

@@ -5,10 +5,11 @@
 //!
 //! Needs the test guest from `scripts/build-test-guest.sh` (FERRY_GUEST_DIR or the cache)
 //! and QEMU >= 8 from `scripts/install-qemu.sh` (7.2 corrupts a busy guest under TCG).
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ferry_node::qemu::{
     ConvergencePolicy, MigrationMode, MigrationProgress, MigrationTuning, QemuBackend, Switch,
 };
+use ferry_testkit::guest::{first_count, last_count, launcher_command, wait_count_above};
 use ferry_testkit::netns::{Lan, Node};
 use ferry_testkit::process::ChildGuard;
 use std::path::{Path, PathBuf};
@@ -21,34 +22,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// pre-copy pass takes ~4 s and leaves the whole 64 MiB dirty again, so pre-copy never
 /// gets below the downtime limit (expected downtime stays ~4 s against 300 ms).
 const SLOW_LINK: u64 = 16 << 20;
-
-fn guest_dir() -> Result<PathBuf> {
-    let hint = "run scripts/build-test-guest.sh (or set FERRY_GUEST_DIR to its output)";
-    if let Ok(d) = std::env::var("FERRY_GUEST_DIR") {
-        let d = PathBuf::from(d);
-        ensure!(
-            d.join("vmlinuz").is_file(),
-            "FERRY_GUEST_DIR={} has no vmlinuz; {hint}",
-            d.display()
-        );
-        return Ok(d);
-    }
-    let cache = std::env::var("FERRY_CACHE").unwrap_or_else(|_| "/var/cache/ferry".into());
-    let root = Path::new(&cache).join("guest");
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("vmlinuz").is_file() && p.join("initramfs.gz").is_file())
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    match found.pop() {
-        Some((_, p)) => Ok(p),
-        None => bail!("test guest missing under {}: {hint}", root.display()),
-    }
-}
 
 /// Debian 12's QEMU 7.2 migrates a memory-dirtying TCG guest corrupted; fail with the fix
 /// rather than with a guest oops.
@@ -82,70 +55,20 @@ fn launch(
     node: &Node,
     dir: &Path,
     name: &str,
-    guest: &Path,
     memory_mib: u32,
     incoming: bool,
     dirty: bool,
 ) -> Result<Vm> {
     let qmp = dir.join(format!("{name}.qmp"));
     let serial = dir.join(format!("{name}.serial"));
-    let mut cmd = node.command(env!("CARGO_BIN_EXE_ferry-launcher"));
-    cmd.arg("--kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initramfs.gz"))
-        .args(["--memory-mib", &memory_mib.to_string()])
-        .args(["--accel", "auto", "--qmp"])
-        .arg(&qmp)
-        .arg("--serial-log")
-        .arg(&serial);
-    if dirty {
-        cmd.args(["--append", "console=ttyS0 quiet panic=-1 ferry.dirty=1"]);
-    }
+    let launcher = Path::new(env!("CARGO_BIN_EXE_ferry-launcher"));
+    let mut cmd = launcher_command(node, launcher, memory_mib, dirty)?;
+    cmd.arg("--qmp").arg(&qmp).arg("--serial-log").arg(&serial);
     if incoming {
         cmd.arg("--incoming");
     }
     let guard = ChildGuard::spawn(name, cmd)?;
     Ok(Vm { guard, qmp, serial })
-}
-
-/// The last `count N` the guest printed into a serial log.
-fn last_count(serial: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(serial).ok()?;
-    text.lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
-}
-
-fn first_count(serial: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(serial).ok()?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
-}
-
-fn tail(path: &Path, chars: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let skip = text.chars().count().saturating_sub(chars);
-    text.chars().skip(skip).collect()
-}
-
-async fn wait_count_above(serial: &Path, above: u64, timeout: Duration) -> Result<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(n) = last_count(serial)
-            && n > above
-        {
-            return Ok(n);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{}: no count above {above} in {timeout:?}; log tail: {:?}",
-                serial.display(),
-                tail(serial, 400)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn wait_exit(vm: &mut Vm, timeout: Duration) -> bool {
@@ -181,13 +104,12 @@ impl Pair {
         tuning: &MigrationTuning,
     ) -> Result<Pair> {
         require_qemu_8()?;
-        let guest = guest_dir()?;
         let tmp = tempfile::tempdir()?;
         let lan = Lan::create()?;
         let na = lan.add_node(&format!("{label}s"))?;
         let nb = lan.add_node(&format!("{label}d"))?;
-        let src = launch(&na, tmp.path(), "src", &guest, memory_mib, false, dirty)?;
-        let dst = launch(&nb, tmp.path(), "dst", &guest, memory_mib, true, dirty)?;
+        let src = launch(&na, tmp.path(), "src", memory_mib, false, dirty)?;
+        let dst = launch(&nb, tmp.path(), "dst", memory_mib, true, dirty)?;
         wait_count_above(&src.serial, 2, Duration::from_secs(90))
             .await
             .context("source boot")?;

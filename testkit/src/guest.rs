@@ -36,6 +36,28 @@ pub fn guest_dir() -> Result<PathBuf> {
     }
 }
 
+/// ferry-launcher on `node` booting the test guest with `memory_mib` (accelerator
+/// chosen by the launcher). With `busy` the guest keeps rewriting 64 MiB of its memory
+/// (`ferry.dirty=1`). Callers add where QMP and the serial log go.
+pub fn launcher_command(
+    node: &Node,
+    launcher: &Path,
+    memory_mib: u32,
+    busy: bool,
+) -> Result<std::process::Command> {
+    let g = guest_dir()?;
+    let mut cmd = node.command(launcher);
+    cmd.arg("--kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.gz"))
+        .args(["--memory-mib", &memory_mib.to_string(), "--accel", "auto"]);
+    if busy {
+        cmd.args(["--append", "console=ttyS0 quiet panic=-1 ferry.dirty=1"]);
+    }
+    Ok(cmd)
+}
+
 /// A guest started by ferry-launcher and registered under a node's VM root as a pod.
 pub struct Guest {
     pub guard: ChildGuard,
@@ -55,7 +77,7 @@ impl Guest {
         Self::launch_with(node, launcher, vm_root, namespace, pod, memory_mib, false)
     }
 
-    /// With `busy`, the guest keeps rewriting 64 MiB of its memory (`ferry.dirty=1`).
+    /// With `busy`, see [`launcher_command`].
     pub fn launch_with(
         node: &Node,
         launcher: &Path,
@@ -65,19 +87,10 @@ impl Guest {
         memory_mib: u32,
         busy: bool,
     ) -> Result<Guest> {
-        let g = guest_dir()?;
-        let mut cmd = node.command(launcher);
-        cmd.arg("--kernel")
-            .arg(g.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(g.join("initramfs.gz"))
-            .args(["--memory-mib", &memory_mib.to_string(), "--accel", "auto"])
-            .arg("--vm-root")
+        let mut cmd = launcher_command(node, launcher, memory_mib, busy)?;
+        cmd.arg("--vm-root")
             .arg(vm_root)
             .args(["--namespace", namespace, "--pod", pod]);
-        if busy {
-            cmd.args(["--append", "console=ttyS0 quiet panic=-1 ferry.dirty=1"]);
-        }
         let guard = ChildGuard::spawn(&format!("launcher-{pod}"), cmd)?;
         Ok(Guest {
             guard,
@@ -95,6 +108,13 @@ pub fn last_count(serial: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(serial).ok()?;
     text.lines()
         .rev()
+        .find_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
+}
+
+/// The first `count N` the guest printed into a serial log.
+pub fn first_count(serial: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(serial).ok()?;
+    text.lines()
         .find_map(|l| l.trim().strip_prefix("count ")?.trim().parse().ok())
 }
 

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_crds::Migration;
-use ferry_e2e::world::{NAMESPACE, World};
+use ferry_e2e::world::{NAMESPACE, World, counter_lines};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -28,12 +28,7 @@ fn say(msg: impl AsRef<str>) {
 }
 
 fn last_count(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .next_back()
-        .unwrap_or(0)
+    counter_lines(path).last().copied().unwrap_or(0)
 }
 
 fn print_phase(started: Instant) -> impl FnMut(&Migration) {

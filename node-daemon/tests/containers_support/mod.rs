@@ -165,6 +165,37 @@ impl Daemon {
     }
 }
 
+/// Daemons on nodes A and B of a fresh LAN, with the temp dir and cgroup they use.
+/// Containers start on A under `/<cgroup>/a/...`; a rollback restores them on A under
+/// `a-restored`. Fields are declared so that destructuring them in this order drops
+/// the daemons first and the directory last.
+pub struct TwoNodes {
+    pub base: tempfile::TempDir,
+    pub cg: CgroupGuard,
+    pub lan: Lan,
+    pub a: Daemon,
+    pub b: Daemon,
+}
+
+impl TwoNodes {
+    pub async fn start() -> Result<TwoNodes> {
+        let criu = require_criu();
+        let base = tempfile::tempdir()?;
+        let cg = CgroupGuard::new("test");
+        let lan = Lan::create()?;
+        let a_cgroups = format!("/{}/a-restored", cg.0);
+        let a = Daemon::start(&lan, "a", base.path(), &criu, &a_cgroups).await?;
+        let b = Daemon::start(&lan, "b", base.path(), &criu, &format!("/{}/b", cg.0)).await?;
+        Ok(TwoNodes {
+            base,
+            cg,
+            lan,
+            a,
+            b,
+        })
+    }
+}
+
 /// Polls GetOperation until the operation leaves RUNNING.
 pub async fn wait_op(c: &mut Client, id: &str, timeout: Duration) -> Result<pb::Operation> {
     let deadline = Instant::now() + timeout;
