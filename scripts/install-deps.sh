@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and builds everything ferry's tests, benchmarks and demo need, on a fresh
-# Debian 12 machine with Go and Rust: Debian packages, the test control plane, CRIU,
-# MinIO and the test guest. Every step is cached under $FERRY_CACHE, so a second run
+# Debian 12 machine with Go and Rust: Debian packages, the test control plane, the node
+# stack for real test nodes (kubelet, containerd, CNI plugins, crictl), CRIU, MinIO and
+# the test guest. Every step is cached under $FERRY_CACHE, so a second run
 # takes seconds. Writes what it produced to $FERRY_CACHE/env.sh (sourced by the other
 # scripts).
 . "$(dirname "$0")/lib.sh"
@@ -14,6 +15,7 @@ apt_install protobuf-compiler libprotobuf-dev iproute2 iptables runc busybox-sta
 # Each build script prints what it produced on its last stdout line. (Assignments, not
 # `echo "$(...)"`, so that a failing build stops this script.)
 testenv_bin=$("$FERRY_ROOT/scripts/build-testenv.sh" | tail -n 1)
+nodestack_bin=$("$FERRY_ROOT/scripts/build-nodestack.sh" | tail -n 1)
 criu=$("$FERRY_ROOT/scripts/install-criu.sh" | tail -n 1)
 minio=$("$FERRY_ROOT/scripts/build-minio.sh" | tail -n 1)
 guest=""
@@ -22,6 +24,7 @@ if [ -x "$FERRY_ROOT/scripts/build-test-guest.sh" ]; then
 fi
 {
   echo "export FERRY_TESTENV_BIN=$testenv_bin"
+  echo "export FERRY_NODESTACK_BIN=$nodestack_bin"
   echo "export FERRY_CRIU=$criu"
   echo "export FERRY_MINIO=$minio"
   [ -z "$guest" ] || echo "export FERRY_GUEST_DIR=$guest"

@@ -3,7 +3,6 @@
 //! machine is shared and noisy: absolute numbers from different runs do not compare.
 #![forbid(unsafe_code)]
 
-pub mod containers;
 pub mod link;
 pub mod transfer;
 pub mod vm;

@@ -7,8 +7,6 @@ use ferry_bench::Measurement;
 enum Suite {
     /// Direct streams vs raw TCP, S3 vs plain MinIO PUT/GET.
     Transfer,
-    /// Container migration downtime vs raw `criu dump` + copy + `criu restore`.
-    Containers,
     /// VM migration through ferry vs raw QEMU-to-QEMU migration.
     Vm,
 }
@@ -35,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let suites = if args.suites.is_empty() {
-        vec![Suite::Transfer, Suite::Containers, Suite::Vm]
+        vec![Suite::Transfer, Suite::Vm]
     } else {
         args.suites
     };
@@ -45,7 +43,6 @@ fn main() -> anyhow::Result<()> {
         eprintln!("== {suite:?}");
         let result = match suite {
             Suite::Transfer => ferry_bench::transfer::run(args.quick),
-            Suite::Containers => ferry_bench::containers::run(args.quick),
             Suite::Vm => ferry_bench::vm::run(args.quick),
         };
         match result {

@@ -4,8 +4,10 @@
 //!   two network-namespace nodes; QMP `migrate tcp:B` straight from QEMU to QEMU.
 //! * **ferry**: two `ferry-node` daemons on the same kind of nodes; the source guest is
 //!   registered as a pod, and the bench drives the daemons over gRPC as the controller
-//!   does (describe, prepare, checkpoint, restore). The stream goes QEMU → unix socket →
-//!   source daemon → mutual-TLS pipe → destination daemon → the incoming QEMU it started.
+//!   does (describe, prepare, checkpoint, restore). The bench plays the kubelet: it starts
+//!   the source pod's launcher and the target pod's (with `FERRY_INCOMING`), and stops
+//!   both at the end. The stream goes QEMU → unix socket → source daemon → mutual-TLS
+//!   pipe → destination daemon → the target pod's incoming QEMU.
 //!
 //! Metrics: downtime as QEMU measures it on the source (guest stop to completion, same
 //! meaning on both paths), and total time measured here, wall clock from the migrate
@@ -16,12 +18,12 @@
 //! ferry-node and ferry-launcher next to ferry-bench.
 use crate::Measurement;
 use anyhow::{Context, Result, bail, ensure};
-use ferry_node::qemu::{MigrationTuning, QemuBackend};
-use ferry_node::vm_backend::INCOMING_READY;
+use ferry_node::vm::INCOMING_READY;
+use ferry_node::vm::qemu::{MigrationTuning, QemuBackend};
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
-use ferry_testkit::containers::{CgroupGuard, Daemon};
-use ferry_testkit::guest::{Guest, launcher_command, wait_count_above};
+use ferry_testkit::containers::Daemon;
+use ferry_testkit::guest::{Guest, VmPod, launcher_command, wait_count_above};
 use ferry_testkit::netns::{Lan, Node};
 use ferry_testkit::process::ChildGuard;
 use std::path::Path;
@@ -47,27 +49,12 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
     let sizes: &[u32] = if quick { &[256] } else { &[256, 512] };
     let tmp = tempfile::tempdir()?;
     let lan = Lan::create()?;
-    let cg = CgroupGuard::new("benchvm");
     let daemon_bin = ferry_testkit::workspace_bin("ferry-node")?;
     let launcher = ferry_testkit::workspace_bin("ferry-launcher")?;
     let bw = BANDWIDTH.to_string();
     let extra = ["--vm-max-bandwidth", bw.as_str()];
-    let a = Daemon::start_with(
-        &lan,
-        "bva",
-        tmp.path(),
-        &daemon_bin,
-        &format!("{}-a", cg.0),
-        &extra,
-    )?;
-    let b = Daemon::start_with(
-        &lan,
-        "bvb",
-        tmp.path(),
-        &daemon_bin,
-        &format!("{}-b", cg.0),
-        &extra,
-    )?;
+    let a = Daemon::start_with(&lan, "bva", tmp.path(), &daemon_bin, &extra)?;
+    let b = Daemon::start_with(&lan, "bvb", tmp.path(), &daemon_bin, &extra)?;
 
     let mut out = vec![];
     for &mib in sizes {
@@ -188,17 +175,19 @@ async fn ferry_migration(
     mib: u32,
     i: usize,
 ) -> Result<Sample> {
-    let src_pod = format!("bench-src-{mib}-{i}");
-    let dst_pod = format!("bench-dst-{mib}-{i}");
     let id = format!("bench-{mib}-{i}");
-    let guest = Guest::launch(&a.node, launcher, &a.vm_root, "bench", &src_pod, mib)?;
+    let src_pod = VmPod::new("bench", &format!("bench-src-{mib}-{i}"));
+    let dst_pod = VmPod::new("bench", &format!("bench-dst-{mib}-{i}")).incoming(&id);
+    let guest = Guest::launch(&a.node, launcher, &a.vm_root, &src_pod, mib, false)?;
     wait_count_above(&guest.serial(), 2, Duration::from_secs(120)).await?;
+    // The target pod's kubelet starts its launcher: QEMU waits with -incoming defer.
+    let target = Guest::launch(&b.node, launcher, &b.vm_root, &dst_pod, mib, false)?;
     let mut ca = NodeAgentClient::connect(a.endpoint.clone()).await?;
     let mut cb = NodeAgentClient::connect(b.endpoint.clone()).await?;
-    let pod = |name: &str| pb::WorkloadRef {
-        namespace: "bench".into(),
-        pod_name: name.into(),
-        pod_uid: String::new(),
+    let pod = |p: &VmPod| pb::WorkloadRef {
+        namespace: p.namespace.clone(),
+        pod_name: p.name.clone(),
+        pod_uid: p.uid.clone(),
     };
     let mig = pb::MigrationRef {
         migration_id: id.clone(),
@@ -210,7 +199,7 @@ async fn ferry_migration(
             workload: Some(desc),
             target: Some(pod(&dst_pod)),
             strategy: pb::Strategy::PreCopy as i32,
-            transfer: None,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -233,10 +222,9 @@ async fn ferry_migration(
         migration_id: id.clone(),
         workload: Some(pod(&src_pod)),
         strategy: pb::Strategy::PreCopy as i32,
-        transfer: None,
         receive_endpoint: prep.receive_endpoint,
         leave_running: true,
-        page_servers: vec![],
+        ..Default::default()
     })
     .await?;
     cb.start_restore(pb::StartRestoreRequest {
@@ -267,12 +255,10 @@ async fn ferry_migration(
     let cp = cp.expect("set");
     ca.finalize(mig.clone()).await?;
     cb.finalize(mig.clone()).await?;
-    // Stop the migrated guest (the daemon leaves it running, as it should).
-    let dst_dir = b.vm_root.join(format!("bench_{dst_pod}"));
-    if let Ok(q) = QemuBackend::connect(&dst_dir.join("qmp.sock"), Duration::from_secs(5)).await {
-        let _ = q.quit().await;
-    }
+    // The pods' kubelets end both copies (the daemons leave them running, as they must:
+    // the source paused, the target running the guest).
     drop(guest);
+    drop(target);
     Ok(Sample {
         downtime_ms: cp.downtime_ms as f64,
         total_ms,

@@ -3,7 +3,7 @@
 //! controller tests run the real reconciler against a real apiserver before (or
 //! without) real daemons.
 pub use ferry_crds::Receiver;
-use ferry_crds::{Strategy, TransferMode, WorkloadKind};
+use ferry_crds::{CriuSettings, Strategy, TransferMode, WorkloadKind};
 
 pub mod grpc;
 pub mod scripted;
@@ -67,6 +67,20 @@ pub struct Plan {
     pub object_store: Option<ObjectStoreAccess>,
     pub compress: bool,
     pub bandwidth_limit_bytes_per_sec: u64,
+    pub criu: CriuSettings,
+    /// The source containers' images (filled when the receiver is prepared, so the
+    /// target node can check it has the very same images).
+    pub images: Vec<ContainerImage>,
+}
+
+/// The image one source container runs, as its Pod's status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerImage {
+    pub container: String,
+    /// The spec's reference (`busybox:1.36`).
+    pub image: String,
+    /// The kubelet's `imageID` (a digest), empty when unknown.
+    pub image_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +136,9 @@ impl AgentError {
 /// migration ID; long work is started and then observed with [`NodeAgent::operation`].
 #[async_trait::async_trait]
 pub trait NodeAgent: Send + Sync {
+    /// The daemon runtimes that can receive workloads on the node ("containers" needs
+    /// the ferry runtime handler there).
+    async fn receiving_runtimes(&self, node: &NodeRef) -> Result<Vec<String>, AgentError>;
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError>;
     /// Destination: get ready to receive; returns where the source sends state.
     async fn prepare_receiver(&self, node: &NodeRef, plan: &Plan) -> Result<Receiver, AgentError>;

@@ -35,6 +35,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Watch Migrations in this namespace only (None: all namespaces).
     pub watch_namespace: Option<String>,
+    /// How target Pods are shaped (RuntimeClass, gate image).
+    pub target_shape: placement::TargetShape,
 }
 
 impl Settings {
@@ -46,6 +48,7 @@ impl Settings {
             lease_duration: Duration::from_secs(15),
             poll_interval: Duration::from_secs(1),
             watch_namespace: None,
+            target_shape: placement::TargetShape::default(),
         }
     }
 }
@@ -73,6 +76,7 @@ pub fn context(
         metrics: metrics::Metrics::default(),
         cluster_name: settings.cluster_name.clone(),
         poll_interval: settings.poll_interval,
+        target_shape: settings.target_shape.clone(),
     })
 }
 

@@ -24,6 +24,16 @@ struct Args {
     /// Watch Migrations in this namespace only (default: all namespaces).
     #[arg(long)]
     watch_namespace: Option<String>,
+    /// RuntimeClass of container target Pods (its handler must be ferry-runtime).
+    #[arg(long, env = "FERRY_RUNTIME_CLASS", default_value = "ferry")]
+    runtime_class: String,
+    /// Image of the target Pods' gate init container (runs /pause).
+    #[arg(
+        long,
+        env = "FERRY_GATE_IMAGE",
+        default_value = "registry.k8s.io/pause:3.10"
+    )]
+    gate_image: String,
     /// Kubeconfig file (default: in-cluster or KUBECONFIG).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
@@ -58,6 +68,10 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|_| "ferry-controller".into())
     });
     let mut settings = Settings::new(&args.namespace, &args.cluster_name, &identity);
+    settings.target_shape = ferry_controller::placement::TargetShape {
+        runtime_class: args.runtime_class.clone(),
+        gate_image: args.gate_image.clone(),
+    };
     settings.lease_duration = Duration::from_secs(args.lease_seconds);
     settings.watch_namespace = args.watch_namespace.clone();
     let clusters = Arc::new(Clusters::new(client.clone(), &args.namespace));

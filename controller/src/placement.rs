@@ -1,7 +1,7 @@
 //! Choosing the target node and shaping the Pod that receives the workload. Pure
 //! functions over API objects; the reconciler does the reads and writes.
 use ferry_crds::MIGRATION_ANNOTATION;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::api::ObjectMeta;
 use std::collections::BTreeMap;
 
@@ -10,6 +10,58 @@ const LIQO_NODE_TYPE_LABEL: &str = "liqo.io/type";
 
 /// Annotation on the target Pod naming the Pod it continues, `cluster/namespace/name`.
 pub const SOURCE_ANNOTATION: &str = "ferry.dev/source";
+/// Annotation on a VM target Pod: its launcher (env `FERRY_INCOMING`, from the Downward
+/// API) starts QEMU waiting for this migration instead of booting the guest.
+pub const INCOMING_ANNOTATION: &str = "ferry.dev/incoming";
+/// The init container of a container target Pod: it holds the app containers back
+/// until the node daemon opens it (must match ferry-node's staging contract).
+pub const GATE_CONTAINER: &str = "ferry-restore-gate";
+
+/// How target Pods are shaped (controller settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetShape {
+    /// RuntimeClass whose handler is ferry-runtime (containers restore through it).
+    pub runtime_class: String,
+    /// Image of the gate init container: any image with `/pause` (the kubelet's
+    /// sandbox image is on every node).
+    pub gate_image: String,
+}
+
+impl Default for TargetShape {
+    fn default() -> Self {
+        TargetShape {
+            runtime_class: "ferry".into(),
+            gate_image: "registry.k8s.io/pause:3.10".into(),
+        }
+    }
+}
+
+/// Why a Pod cannot be moved as it is (checked before anything is touched).
+pub fn unsupported(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    if let Some(c) = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.restart_policy.as_deref() == Some("Always"))
+    {
+        return Some(format!(
+            "init container {} is a sidecar (restartPolicy: Always); ferry does not move sidecars yet",
+            c.name
+        ));
+    }
+    if let Some(c) = spec
+        .containers
+        .iter()
+        .find(|c| c.tty == Some(true) || c.stdin == Some(true))
+    {
+        return Some(format!(
+            "container {} has a terminal or stdin attached (tty/stdin); ferry moves only detached containers",
+            c.name
+        ));
+    }
+    None
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
@@ -85,12 +137,20 @@ pub fn choose_node(
 
 /// The Pod that receives the workload: the source's spec bound to `node`, marked with
 /// the migration so a retry finds it instead of creating another.
+///
+/// Containers: the Pod runs under ferry's RuntimeClass, whose runtime restores each app
+/// container from the staged checkpoint instead of starting it; the source's init
+/// containers already ran and are not run again; ferry's gate init container holds the
+/// app containers back until the node daemon opens it. A VM Pod keeps its runtime and
+/// is marked incoming: its launcher waits for the guest's state instead of booting.
 pub fn target_pod(
     source: &Pod,
     name: &str,
     node: &str,
     migration_uid: &str,
     source_id: &str,
+    vm: bool,
+    shape: &TargetShape,
 ) -> Pod {
     let mut annotations: BTreeMap<String, String> = source
         .metadata
@@ -104,6 +164,17 @@ pub fn target_pod(
     annotations.insert(SOURCE_ANNOTATION.into(), source_id.into());
     let mut spec = source.spec.clone().unwrap_or_default();
     spec.node_name = Some(node.into());
+    // A selector that pinned the source to its node would make the target's kubelet
+    // reject the Pod; the target node is this Migration's choice.
+    if let Some(sel) = spec.node_selector.as_mut() {
+        sel.remove("kubernetes.io/hostname");
+    }
+    if vm {
+        annotations.insert(INCOMING_ANNOTATION.into(), migration_uid.into());
+    } else {
+        spec.runtime_class_name = Some(shape.runtime_class.clone());
+        spec.init_containers = Some(vec![gate_container(&shape.gate_image)]);
+    }
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -115,6 +186,22 @@ pub fn target_pod(
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The gate: pause waits until the daemon sends it SIGTERM, then exits 0. Locked down
+/// so that it passes the restricted Pod Security level.
+fn gate_container(image: &str) -> Container {
+    serde_json::from_value(serde_json::json!({
+        "name": GATE_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "securityContext": {
+            "runAsUser": 65535, "runAsGroup": 65535, "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}
+        }
+    }))
+    .expect("gate container is valid")
 }
 
 /// Name of the target Pod: the same name in another cluster (as Liqo keeps names),
@@ -209,15 +296,85 @@ mod tests {
     }
 
     #[test]
+    fn sidecars_and_terminals_are_refused_before_anything_moves() {
+        let pod = |spec: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+        };
+        assert_eq!(
+            unsupported(&pod(
+                json!({"containers": [{"name": "a"}], "initContainers": [{"name": "setup"}]})
+            )),
+            None
+        );
+        let sidecar = pod(
+            json!({"containers": [{"name": "a"}], "initContainers": [{"name": "log", "restartPolicy": "Always"}]}),
+        );
+        assert!(
+            unsupported(&sidecar)
+                .unwrap()
+                .contains("init container log is a sidecar")
+        );
+        let tty = pod(json!({"containers": [{"name": "a", "tty": true}]}));
+        assert!(
+            unsupported(&tty)
+                .unwrap()
+                .contains("container a has a terminal")
+        );
+    }
+
+    #[test]
     fn target_pod_keeps_the_spec_binds_the_node_and_marks_the_migration() {
         let source: Pod = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"},
                           "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "x"}},
-            "spec": {"nodeName": "a", "containers": [{"name": "c", "image": "busybox"}]}
+            "spec": {"nodeName": "a", "containers": [{"name": "c", "image": "busybox"}],
+                     "nodeSelector": {"kubernetes.io/hostname": "a", "zone": "z1"}}
         }))
         .unwrap();
-        let pod = target_pod(&source, "web", "b", "uid-1", "east/shop/web");
+        let pod = target_pod(
+            &source,
+            "web",
+            "b",
+            "uid-1",
+            "east/shop/web",
+            false,
+            &TargetShape::default(),
+        );
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("b"));
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("ferry"));
+        let sel = spec.node_selector.clone().unwrap();
+        assert_eq!(
+            sel.get("zone").map(String::as_str),
+            Some("z1"),
+            "other constraints stay"
+        );
+        assert!(
+            !sel.contains_key("kubernetes.io/hostname"),
+            "the source's pin goes"
+        );
+        let inits = spec.init_containers.as_ref().unwrap();
+        assert_eq!(inits.len(), 1);
+        assert_eq!(inits[0].name, GATE_CONTAINER);
+        let vm = target_pod(
+            &source,
+            "web",
+            "b",
+            "uid-1",
+            "east/shop/web",
+            true,
+            &TargetShape::default(),
+        );
+        assert!(vm.spec.as_ref().unwrap().runtime_class_name.is_none());
+        assert_eq!(
+            vm.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .get(INCOMING_ANNOTATION)
+                .map(String::as_str),
+            Some("uid-1")
+        );
         assert_eq!(
             pod.spec.as_ref().unwrap().containers[0].image.as_deref(),
             Some("busybox")

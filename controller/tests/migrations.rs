@@ -91,15 +91,16 @@ async fn migration_walks_every_phase_and_reports_status_and_events() -> anyhow::
         m.metadata.uid.as_ref()
     );
 
-    // Each daemon step ran once, on the right node.
+    // Each daemon step ran once, on the right node; Finalize once per side (the source
+    // ends its frozen copy, then the target drops its staged state).
     for call in [
         Call::PrepareReceiver,
         Call::StartCheckpoint,
         Call::StartRestore,
-        Call::Finalize,
     ] {
         assert_eq!(agent.count(call), 1, "{call:?}");
     }
+    assert_eq!(agent.count(Call::Finalize), 2);
     let on = |call| {
         agent
             .calls()
@@ -111,6 +112,11 @@ async fn migration_walks_every_phase_and_reports_status_and_events() -> anyhow::
     };
     assert_eq!(on(Call::StartCheckpoint), w.node("east", 1));
     assert_eq!(on(Call::StartRestore), w.node("east", 2));
+    assert_eq!(
+        on(Call::Finalize),
+        w.node("east", 1),
+        "the source is finalized first"
+    );
 
     let reasons: Vec<String> = events_for(&w, "m1")
         .await
@@ -474,7 +480,6 @@ async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> an
         Call::PrepareReceiver,
         Call::StartCheckpoint,
         Call::StartRestore,
-        Call::Finalize,
     ] {
         assert_eq!(
             agent.count(call),
@@ -482,6 +487,7 @@ async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> an
             "{call:?} started again after the restart"
         );
     }
+    assert_eq!(agent.count(Call::Finalize), 2, "one Finalize per side");
     Ok(())
 }
 

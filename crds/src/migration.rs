@@ -53,6 +53,34 @@ pub struct MigrationSpec {
     /// What to do when a step fails.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// CRIU options some container workloads need to be checkpointed at all. A dump
+    /// that fails for want of one names it in the failure message.
+    #[serde(default)]
+    pub criu: CriuSettings,
+}
+
+/// Workload-specific CRIU options (containers; ignored for VM pods).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CriuSettings {
+    /// Checkpoint and restore held file locks (`--file-locks`): databases, pid files.
+    #[serde(default)]
+    pub file_locks: bool,
+    /// Allow unix sockets connected to peers outside the container (`--ext-unix-sk`).
+    #[serde(default)]
+    pub external_unix_sockets: bool,
+    /// Established TCP connections: `Close` (default) closes them at the target, so
+    /// peers see a reset and reconnect (the pod IP changes with the node); `Restore`
+    /// restores them, which works only where the pod keeps its IP.
+    #[serde(default)]
+    pub tcp_connections: TcpConnections,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum TcpConnections {
+    #[default]
+    Close,
+    Restore,
 }
 
 /// The Pod to move, in the Migration's namespace. A Pod that hosts a VM (run by

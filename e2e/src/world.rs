@@ -1,62 +1,61 @@
-//! Two clusters (east, west) with nodes whose daemons run in network namespaces, a
-//! linked-cluster Secret, and the controller: the setting of the e2e tests and the demo.
+//! Two clusters (east, west) of real nodes: each node is a network namespace running
+//! containerd, a kubelet and `ferry-node`; a linked-cluster Secret; the controller.
+//! Every pod is created through the apiserver and run by its node's kubelet. The
+//! setting of the e2e tests and the demo.
+//!
+//! Nodes: east-1, east-2, west-1 carry ferry's node pieces (the `ferry` runtime
+//! handler with `ferry-runtime`); west-2 runs a daemon but no ferry runtime, so it
+//! cannot receive containers (a bad-input case).
 use anyhow::{Context, Result, bail};
 use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters};
 use ferry_crds::{Migration, Phase};
-use ferry_testkit::containers::{CgroupGuard, Daemon, PodLabels, write_bundle};
-use ferry_testkit::guest::{Guest, wait_count_above};
+use ferry_testkit::containers::{criu, in_node};
+use ferry_testkit::kube_node::{self, KubeNode, NodeOptions};
 use ferry_testkit::netns::Lan;
-use ferry_testkit::{kubelet, testenv::TestEnv};
+use ferry_testkit::process::ChildGuard;
+use ferry_testkit::testenv::{self, TestEnv};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-pub const NAMESPACE: &str = "demo";
 /// The controller's own namespace (Lease, linked-cluster Secrets).
 pub const CONTROLLER_NAMESPACE: &str = "ferry-system";
+/// The test workload image (testkit's busybox image, imported on every node).
+pub const BUSYBOX: &str = "docker.io/library/busybox:ferry";
 
-/// The numbers a counter container wrote to its log, one per line (other lines skipped).
-pub fn counter_lines(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-/// A simulated node: Node object in its cluster + `ferry-node` in a network namespace.
+/// One real node: kubelet + containerd + ferry-node.
 pub struct SimNode {
     pub cluster: String,
     pub name: String,
-    pub daemon: Daemon,
+    pub kube: KubeNode,
+    /// ferry-node's state dir (staging).
+    pub state_dir: PathBuf,
+    pub ferry_runtime: bool,
+    _daemon: ChildGuard,
 }
 
 pub struct World {
     pub env: TestEnv,
     pub east: kube::Client,
     pub west: kube::Client,
+    /// Dropped before the LAN they live on.
     pub nodes: Vec<SimNode>,
     pub base: PathBuf,
-    pub cgroup: CgroupGuard,
-    kubelets: Vec<tokio::task::JoinHandle<()>>,
-    controller: Option<tokio::task::JoinHandle<()>>,
-    // Dropped last: the namespaces the daemons live in.
+    /// The VM root every node's daemon and VM pods share (a hostPath).
+    pub vm_root: PathBuf,
+    controllers: Vec<tokio::task::JoinHandle<()>>,
     _lan: Lan,
 }
 
 impl Drop for World {
     fn drop(&mut self) {
-        if let Some(c) = self.controller.take() {
+        for c in &self.controllers {
             c.abort();
         }
-        for k in &self.kubelets {
-            k.abort();
-        }
-        // Daemons and their containers go before the LAN and the cgroup.
         self.nodes.clear();
     }
 }
@@ -88,21 +87,58 @@ async fn apply_crds(env: &TestEnv, cluster: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a node needs of ferry's node pieces: `ferry-runtime` with its config next to
+/// it (installed per node, as the node DaemonSet would install it on a host).
+fn install_ferry_runtime(node_dir: &Path, state_dir: &Path) -> Result<PathBuf> {
+    let dir = node_dir.join("ferry-bin");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("ferry-runtime");
+    std::fs::copy(ferry_testkit::workspace_bin("ferry-runtime")?, &bin)
+        .context("installing ferry-runtime")?;
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("runc not installed")?;
+    let cfg =
+        json!({"runc": runc, "criu": criu()?, "stateDir": state_dir, "createWaitSeconds": 90});
+    std::fs::write(
+        dir.join("ferry-runtime.json"),
+        serde_json::to_vec_pretty(&cfg)?,
+    )?;
+    Ok(bin)
+}
+
+/// Extra images a world's nodes import (the VM test adds the launcher image).
+#[derive(Default)]
+pub struct WorldOptions {
+    pub images: Vec<PathBuf>,
+    /// kubelet runtimeRequestTimeout of every node (default 2 min).
+    pub runtime_request_timeout: Option<Duration>,
+}
+
 impl World {
-    /// Starts east and west (state under `dir`), nodes `east-1`, `east-2`, `west-1`
-    /// with daemons, and links west to east.
-    pub async fn start(dir: &Path) -> Result<World> {
-        let env = TestEnv::start_in(&dir.join("clusters"), &["east", "west"])?;
+    /// Starts east and west (state under `dir`) with their nodes, and links west to east.
+    pub async fn start(dir: &Path, opts: WorldOptions) -> Result<World> {
+        let started = Instant::now();
+        let lan = Lan::create()?;
+        let env = TestEnv::start_in_with(
+            &dir.join("clusters"),
+            &["east", "west"],
+            &testenv::Options {
+                bind_ip: Some(lan.host_ip()),
+                nodes: true,
+            },
+        )?;
         let east = env.client("east").await?;
         let west = env.client("west").await?;
         for (name, client) in [("east", &east), ("west", &west)] {
             apply_crds(&env, name).await?;
-            for ns in [NAMESPACE, CONTROLLER_NAMESPACE] {
-                let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-                Api::<Namespace>::all(client.clone())
-                    .create(&PostParams::default(), &obj)
-                    .await?;
-            }
+            let obj: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": CONTROLLER_NAMESPACE}}))?;
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &obj)
+                .await?;
+            kube_node::create_ferry_runtime_class(client).await?;
         }
         let kubeconfig = std::fs::read_to_string(&env.cluster("west").kubeconfig)?;
         let secret: Secret = serde_json::from_value(json!({
@@ -113,45 +149,60 @@ impl World {
             .create(&PostParams::default(), &secret)
             .await?;
 
-        let lan = Lan::create()?;
-        let daemon_bin = ferry_testkit::workspace_bin("ferry-node")?;
-        let cgroup = CgroupGuard::new("e2e");
         let base = dir.join("nodes");
-        std::fs::create_dir_all(&base)?;
+        let vm_root = dir.join("vms");
+        std::fs::create_dir_all(&vm_root)?;
+        let daemon_bin = ferry_testkit::workspace_bin("ferry-node")?;
+        let mut images = vec![ferry_testkit::oci::busybox_image()?];
+        images.extend(opts.images.iter().cloned());
         let mut nodes = vec![];
-        for (cluster, name) in [("east", "east-1"), ("east", "east-2"), ("west", "west-1")] {
-            let daemon = Daemon::start(
-                &lan,
-                name,
-                &base,
-                &daemon_bin,
-                &format!("/{}/{name}", cgroup.0),
-            )?;
+        for (cluster, name, ferry) in [
+            ("east", "east-1", true),
+            ("east", "east-2", true),
+            ("west", "west-1", true),
+            ("west", "west-2", false),
+        ] {
+            let node_dir = base.join(name);
+            let state_dir = node_dir.join("ferry-state");
+            std::fs::create_dir_all(&state_dir)?;
+            let lan_node = lan.add_node(name)?;
+            let mut o = NodeOptions::new(name, &kube_node::pod_cidr_for(&lan_node), &node_dir);
+            o.images = images.clone();
+            o.runtime_request_timeout = opts.runtime_request_timeout;
+            if ferry {
+                o.ferry_runtime = Some(install_ferry_runtime(&node_dir, &state_dir)?);
+            }
+            let kube = KubeNode::start(&lan_node, env.cluster(cluster), o)
+                .with_context(|| format!("starting node {name}"))?;
+            let daemon = start_daemon(&lan_node, &kube, &daemon_bin, &state_dir, &vm_root, ferry)?;
             let client = if cluster == "east" { &east } else { &west };
-            kubelet::register_node(client, name, &[]).await?;
-            let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: daemon.endpoint}}});
+            let endpoint = format!("http://{}:7070", kube.ip());
+            let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: endpoint}}});
             Api::<Node>::all(client.clone())
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
             nodes.push(SimNode {
                 cluster: cluster.into(),
                 name: name.into(),
-                daemon,
+                kube,
+                state_dir,
+                ferry_runtime: ferry,
+                _daemon: daemon,
             });
         }
-        let kubelets = vec![
-            kubelet::spawn(east.clone(), vec!["east-1".into(), "east-2".into()]),
-            kubelet::spawn(west.clone(), vec!["west-1".into()]),
-        ];
+        kube_node::route_pod_networks(&nodes.iter().map(|n| &n.kube).collect::<Vec<_>>())?;
+        eprintln!(
+            "[world] 2 clusters × 2 real nodes ready in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
         Ok(World {
             env,
             east,
             west,
             nodes,
             base,
-            cgroup,
-            kubelets,
-            controller: None,
+            vm_root,
+            controllers: Vec::new(),
             _lan: lan,
         })
     }
@@ -163,9 +214,17 @@ impl World {
             .expect("known node")
     }
 
-    /// Runs the controller for east in this process, with the gRPC agent.
+    pub fn client(&self, cluster: &str) -> &kube::Client {
+        if cluster == "east" {
+            &self.east
+        } else {
+            &self.west
+        }
+    }
+
+    /// Runs east's controller (all namespaces) in this process, with the gRPC agent.
     pub fn start_controller(&mut self) {
-        let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "demo-controller");
+        let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "e2e-controller");
         settings.poll_interval = Duration::from_millis(100);
         let clusters = Arc::new(Clusters::new(self.east.clone(), CONTROLLER_NAMESPACE));
         let ctx = ferry_controller::context(
@@ -173,84 +232,43 @@ impl World {
             Arc::new(GrpcAgent::new(clusters)),
             &settings,
         );
-        self.controller = Some(tokio::spawn(async move {
+        self.controllers.push(tokio::spawn(async move {
             ferry_controller::run_with_leader_election(ctx, &settings).await;
         }));
     }
 
-    /// A Pod on east-1 whose one container (runc, under east-1's daemon) runs `script`.
-    pub async fn container_pod(&self, name: &str, script: &str) -> Result<Pod> {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"nodeName": "east-1", "containers": [{"name": "app", "image": "busybox"}]}
-        }))?;
-        let pods: Api<Pod> = Api::namespaced(self.east.clone(), NAMESPACE);
-        let pod = pods.create(&PostParams::default(), &pod).await?;
-        let labels = PodLabels {
-            namespace: NAMESPACE.into(),
-            name: name.into(),
-            uid: pod.uid().unwrap_or_default(),
-        };
-        let bundle = self.base.join(format!("bundle-{name}"));
-        write_bundle(
-            &bundle,
-            &labels,
-            "app",
-            script,
-            &format!("/{}/east-1-src/{name}", self.cgroup.0),
-        )?;
-        let node = &self.node("east-1").daemon;
-        node.runc.run(&node.node, &bundle, &format!("{name}-app"))?;
-        for _ in 0..100 {
-            let p = pods.get(name).await?;
-            if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-                return Ok(p);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// A fresh namespace in both clusters.
+    pub async fn namespace(&self, ns: &str) -> Result<()> {
+        for client in [&self.east, &self.west] {
+            let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &obj)
+                .await?;
+            // Pods need the default ServiceAccount, which its controller adds shortly.
+            let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(client.clone(), ns);
+            wait_for(
+                Duration::from_secs(30),
+                "the default ServiceAccount",
+                || async { Ok(sa.get_opt("default").await?.is_some()) },
+            )
+            .await?;
         }
-        bail!("pod {name} not Running")
+        Ok(())
     }
 
-    /// A Pod on east-1 hosting a VM: ferry-launcher runs the test guest (`memory_mib`)
-    /// and registers it under east-1's daemon, as the launcher container of a VM pod
-    /// would. Returns once the guest counts.
-    pub async fn vm_pod(&self, name: &str, memory_mib: u32) -> Result<(Pod, Guest)> {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app": name}},
-            "spec": {"nodeName": "east-1", "containers": [{"name": "compute", "image": "ferry-launcher"}]}
-        }))?;
-        let pods: Api<Pod> = Api::namespaced(self.east.clone(), NAMESPACE);
-        let pod = pods.create(&PostParams::default(), &pod).await?;
-        let node = &self.node("east-1").daemon;
-        let launcher = ferry_testkit::workspace_bin("ferry-launcher")?;
-        let guest = Guest::launch(
-            &node.node,
-            &launcher,
-            &node.vm_root,
-            NAMESPACE,
-            name,
-            memory_mib,
-        )?;
-        wait_count_above(&guest.serial(), 1, Duration::from_secs(90)).await?;
-        Ok((pod, guest))
+    /// Creates a Pod from a manifest in `ns` of east and waits until its kubelet runs it.
+    pub async fn create_pod(&self, ns: &str, manifest: serde_json::Value) -> Result<Pod> {
+        let pod: Pod = serde_json::from_value(manifest)?;
+        let name = pod.name_any();
+        let pods: Api<Pod> = Api::namespaced(self.east.clone(), ns);
+        pods.create(&PostParams::default(), &pod).await?;
+        wait_pod_running(&pods, &name, Duration::from_secs(120)).await
     }
 
-    /// The serial log of VM pod `name` on `node` (the guest prints `count N` lines).
-    pub fn vm_serial(&self, node: &str, name: &str) -> PathBuf {
-        self.node(node)
-            .daemon
-            .vm_root
-            .join(format!("{NAMESPACE}_{name}"))
-            .join("serial.log")
-    }
-
-    pub fn bundle_dir(&self, name: &str) -> PathBuf {
-        self.base.join(format!("bundle-{name}"))
-    }
-
-    pub async fn apply_migration(&self, yaml: &str) -> Result<Migration> {
+    pub async fn apply_migration(&self, ns: &str, yaml: &str) -> Result<Migration> {
         let m: Migration = serde_yaml::from_str(yaml)?;
-        Api::<Migration>::namespaced(self.east.clone(), NAMESPACE)
+        Api::<Migration>::namespaced(self.east.clone(), ns)
             .create(&PostParams::default(), &m)
             .await
             .context("creating Migration")
@@ -259,12 +277,13 @@ impl World {
     /// Follows a Migration until it is terminal, calling `on_change` at each new phase.
     pub async fn follow(
         &self,
+        ns: &str,
         name: &str,
         timeout: Duration,
         mut on_change: impl FnMut(&Migration),
     ) -> Result<Migration> {
-        let api: Api<Migration> = Api::namespaced(self.east.clone(), NAMESPACE);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let api: Api<Migration> = Api::namespaced(self.east.clone(), ns);
+        let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
             let m = api.get(name).await?;
@@ -276,7 +295,7 @@ impl World {
             if phase.is_some_and(Phase::is_terminal) {
                 return Ok(m);
             }
-            if tokio::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 bail!(
                     "migration {name} not finished after {timeout:?}: {:?}",
                     m.status
@@ -285,4 +304,238 @@ impl World {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// `kubectl` against a cluster.
+    pub fn kubectl(&self, cluster: &str) -> std::process::Command {
+        self.env.kubectl(cluster)
+    }
+
+    /// `kubectl logs` of a container.
+    pub fn logs(&self, cluster: &str, ns: &str, pod: &str, container: &str) -> Result<String> {
+        let out = self
+            .kubectl(cluster)
+            .args(["-n", ns, "logs", pod, "-c", container])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl logs {pod} -c {container}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl exec` in a container.
+    pub fn exec(
+        &self,
+        cluster: &str,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
+        let out = self
+            .kubectl(cluster)
+            .args(["-n", ns, "exec", pod, "-c", container, "--"])
+            .args(cmd)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl exec {pod} -c {container} {cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Running containers of pod `ns/pod` on every node's containerd (`crictl ps`),
+    /// as (node, container name).
+    pub fn running_copies(&self, ns: &str, pod: &str) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let o = n
+                .kube
+                .crictl()
+                .args(["ps", "-o", "json", "--state", "running"])
+                .output()?;
+            if !o.status.success() {
+                bail!(
+                    "crictl ps on {}: {}",
+                    n.name,
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+            for c in v["containers"].as_array().into_iter().flatten() {
+                let l = &c["labels"];
+                if l["io.kubernetes.pod.namespace"] == ns && l["io.kubernetes.pod.name"] == pod {
+                    out.push((
+                        n.name.clone(),
+                        l["io.kubernetes.container.name"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The host pid of a running container (from its node's CRI).
+    pub fn container_pid(&self, node: &str, ns: &str, pod: &str, container: &str) -> Result<u32> {
+        let n = self.node(node);
+        let o = n
+            .kube
+            .crictl()
+            .args(["ps", "-q", "--state", "running", "--name", container])
+            .args(["--label", &format!("io.kubernetes.pod.namespace={ns}")])
+            .args(["--label", &format!("io.kubernetes.pod.name={pod}")])
+            .output()?;
+        let id = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        ensure_ok(!id.is_empty(), || {
+            format!("no running container {container} of {ns}/{pod} on {node}")
+        })?;
+        let o = n.kube.crictl().args(["inspect", &id]).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        v["info"]["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("crictl inspect: no info.pid")
+    }
+
+    /// Deletes every pod of a namespace in both clusters (end of a scenario).
+    pub async fn clean_namespace(&self, ns: &str) {
+        for c in [&self.east, &self.west] {
+            let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+            let _ = pods
+                .delete_collection(
+                    &DeleteParams::default().grace_period(0),
+                    &Default::default(),
+                )
+                .await;
+        }
+    }
+}
+
+fn start_daemon(
+    lan_node: &ferry_testkit::netns::Node,
+    kube: &KubeNode,
+    bin: &Path,
+    state_dir: &Path,
+    vm_root: &Path,
+    ferry_runtime: bool,
+) -> Result<ChildGuard> {
+    let tls = ferry_testkit::pki::node_tls_dir(
+        &kube.dir().join("ferry-tls"),
+        kube.name(),
+        &kube.ip().to_string(),
+    )?;
+    let crictl = kube_node::nodestack_bin()?.join("crictl");
+    let mut cmd = in_node(lan_node, bin);
+    cmd.arg("--listen")
+        .arg(format!("{}:7070", kube.ip()))
+        .arg("--advertise-ip")
+        .arg(kube.ip().to_string())
+        .arg("--runc-root")
+        .arg(kube.runc_root())
+        .arg("--criu")
+        .arg(criu()?)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--tls-dir")
+        .arg(tls)
+        .arg("--vm-root")
+        .arg(vm_root)
+        .arg("--node-name")
+        .arg(kube.name())
+        .arg("--cri-endpoint")
+        .arg(format!("unix://{}", kube.containerd_socket().display()))
+        .arg("--crictl")
+        .arg(crictl)
+        .stdout(std::fs::File::create(kube.dir().join("ferry-node.log"))?)
+        .stderr(std::fs::File::create(kube.dir().join("ferry-node.err"))?);
+    if ferry_runtime {
+        cmd.arg("--restore-runc-root").arg(kube.ferry_runc_root());
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let child = ChildGuard::spawn(&format!("ferry-node-{}", kube.name()), cmd)?;
+    let addr = format!("{}:7070", kube.ip());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err()
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "ferry-node on {} not listening on {addr} after 20 s",
+                kube.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn ensure_ok(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { bail!(msg()) }
+}
+
+pub async fn wait_pod_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<Pod> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = pods.get(name).await?;
+        if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            return Ok(p);
+        }
+        if Instant::now() > deadline {
+            bail!("pod {name} not Running after {timeout:?}: {:?}", p.status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await? {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The numbers in a text, one per line (other lines skipped).
+pub fn numbers(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect()
+}
+
+/// A counter Pod on `node`: prints 1, 2, 3… every 50 ms to its log and appends the same
+/// to /data/count.log in its writable layer (a file it keeps open).
+pub fn counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::Value {
+    let script = "exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); echo $i; echo $i >&3; usleep 50000; done";
+    let cs: Vec<_> = containers
+        .iter()
+        .map(|c| {
+            json!({"name": c, "image": BUSYBOX, "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", script]})
+        })
+        .collect();
+    json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        // Scheduled like any Pod, onto the node the scenario wants.
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node}, "terminationGracePeriodSeconds": 2,
+                 "containers": cs}
+    })
 }

@@ -105,6 +105,7 @@ pub fn description_pb(w: &d::WorkloadDescription) -> pb::WorkloadDescription {
             .collect(),
         memory_bytes: w.memory_bytes,
         runtime_spec: w.runtime_spec.clone(),
+        runtime: w.runtime.clone(),
     }
 }
 
@@ -137,7 +138,17 @@ pub fn description(
             .collect(),
         memory_bytes: w.memory_bytes,
         runtime_spec: w.runtime_spec,
+        runtime: w.runtime,
     })
+}
+
+pub fn criu_options(o: Option<pb::CriuOptions>) -> d::CriuOptions {
+    let o = o.unwrap_or_default();
+    d::CriuOptions {
+        file_locks: o.file_locks,
+        external_unix_sockets: o.external_unix_sockets,
+        tcp_keep: o.tcp_keep,
+    }
 }
 
 pub fn page_servers(v: Vec<pb::PageServer>) -> Vec<(String, String)> {

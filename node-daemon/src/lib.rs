@@ -7,16 +7,9 @@ pub mod convert;
 pub mod error;
 pub mod runtime;
 pub mod server;
-// Container runtime: runc containers checkpointed and restored with CRIU.
-pub mod criu;
-pub mod runc;
-pub mod runc_backend;
-pub mod wire;
-// Virtual machines: ferry-launcher runs one QEMU guest; the qemu backend migrates it over QMP.
-pub mod accel_probe;
-pub mod launcher;
-pub mod qemu;
-pub mod vm_backend;
-pub mod vm_registry;
+// Containers run by containerd, checkpointed with CRIU and restored by ferry-runtime.
+pub mod containers;
+// Virtual machines: ferry-launcher runs one QEMU guest in a VM pod; the daemon migrates it over QMP.
+pub mod vm;
 // Moving bytes to and from peer daemons (ferry-transfer with the node's TLS identity).
 pub mod transport;

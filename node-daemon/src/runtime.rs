@@ -1,9 +1,10 @@
 //! The workload-generic runtime trait the node daemon drives, and its domain types.
 //!
-//! One trait for every kind of workload (runc containers through CRIU now, QEMU guests
-//! later): the gRPC layer only converts to and from these types (see `convert.rs`) and
+//! One trait for every kind of workload (containerd containers through CRIU, QEMU
+//! guests through QMP): the gRPC layer only converts to and from these types (see `convert.rs`) and
 //! never knows which backend does the work. Long calls report through a
 //! [`ProgressSink`]; the server turns that into `Operation` messages.
+pub use crate::containers::staging::CriuOptions;
 use crate::error::RuntimeError;
 use futures::future::BoxFuture;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +49,8 @@ pub struct ContainerInfo {
 pub struct WorkloadDescription {
     pub workload: WorkloadRef,
     pub kind: WorkloadKind,
+    /// The runtime that claimed the pod ([`Runtime::name`]).
+    pub runtime: String,
     pub containers: Vec<ContainerInfo>,
     pub memory_bytes: u64,
     /// Runtime-specific, carried unchanged from source to destination (a VM's guest
@@ -80,6 +83,18 @@ pub struct ReceiverPlan {
     pub workload: WorkloadDescription,
     pub target: WorkloadRef,
     pub strategy: Strategy,
+    pub criu: CriuOptions,
+    /// The images the source containers run (containers).
+    pub images: Vec<ContainerImage>,
+}
+
+/// The image one source container runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerImage {
+    pub container: String,
+    pub image: String,
+    /// The source kubelet's imageID (a digest); empty when unknown.
+    pub image_id: String,
 }
 
 /// Where the source sends state.
@@ -100,6 +115,7 @@ pub struct CheckpointPlan {
     pub page_servers: Vec<(String, String)>,
     /// Keep the source resumable (frozen, not killed) until finalize or abort.
     pub leave_running: bool,
+    pub criu: CriuOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -224,13 +240,22 @@ pub fn unix_ms() -> u64 {
 /// A backend that can move one kind of workload. Methods are idempotent per
 /// `migration_id` where the server may repeat them.
 pub trait Runtime: Send + Sync + 'static {
-    /// Short name reported by `Version` ("runc", "qemu").
+    /// Short name reported by `Version` and named by descriptions ("containers", "qemu").
     fn name(&self) -> &'static str;
 
     /// Which strategies this node can run, probed from its kernel and tools.
     fn strategies(&self) -> Vec<StrategySupport>;
 
-    /// `Ok(None)` when this backend has nothing for the pod (another backend may).
+    /// Whether this node can receive this runtime's workloads (containers need the
+    /// ferry runtime handler; a runtime without it can still send).
+    fn receives(&self) -> bool {
+        true
+    }
+
+    /// `Ok(None)` when this runtime does not claim the pod. A runtime claims a pod only
+    /// on evidence of its own (the VM runtime: a registered guest; the container
+    /// runtime: containerd containers of the pod that host no guest), so at most one
+    /// claims it; the server refuses a pod two runtimes claim.
     fn describe<'a>(
         &'a self,
         workload: &'a WorkloadRef,

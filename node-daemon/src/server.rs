@@ -4,7 +4,6 @@ use crate::convert::{self as cv};
 use crate::error::RuntimeError;
 use crate::runtime::{
     CheckpointPlan, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage,
-    WorkloadKind,
 };
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_server::NodeAgent;
@@ -44,35 +43,46 @@ impl NodeService {
         }
     }
 
-    fn runtime_for_kind(&self, kind: WorkloadKind) -> Result<Arc<dyn Runtime>, RuntimeError> {
-        let name = match kind {
-            WorkloadKind::Containers => "runc",
-            WorkloadKind::VirtualMachine => "qemu",
-        };
+    /// The runtime a description names (the one that claimed the pod at the source).
+    fn runtime_named(&self, name: &str) -> Result<Arc<dyn Runtime>, RuntimeError> {
         self.runtimes
             .iter()
             .find(|r| r.name() == name)
             .cloned()
-            .ok_or_else(|| RuntimeError::Unavailable(format!("this node has no {name} runtime")))
+            .ok_or_else(|| RuntimeError::Unavailable(format!("this node has no {name:?} runtime")))
     }
 
+    /// The one runtime that claims the pod. Runtimes claim on evidence of their own,
+    /// never by order; two claims are an error, not a guess.
     async fn owner_of(
         &self,
         w: &crate::runtime::WorkloadRef,
     ) -> Result<(Arc<dyn Runtime>, crate::runtime::WorkloadDescription), RuntimeError> {
+        let mut claims = Vec::new();
         for r in &self.runtimes {
             if let Some(d) = r.describe(w).await? {
-                return Ok((r.clone(), d));
+                claims.push((r.clone(), d));
             }
         }
-        Err(RuntimeError::NotFound(format!(
-            "pod {w} runs nothing this node's runtimes ({}) manage",
-            self.runtimes
-                .iter()
-                .map(|r| r.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
+        match claims.len() {
+            1 => Ok(claims.pop().expect("one")),
+            0 => Err(RuntimeError::NotFound(format!(
+                "pod {w} runs nothing this node's runtimes ({}) manage",
+                self.runtimes
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            _ => Err(RuntimeError::FailedPrecondition(format!(
+                "pod {w} is claimed by several runtimes ({}); refusing to guess",
+                claims
+                    .iter()
+                    .map(|(r, _)| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// The current op of `kind` for the migration, if any (a repeated Start* call).
@@ -154,6 +164,12 @@ impl NodeAgent for NodeService {
             runtimes: self.runtimes.iter().map(|r| r.name().to_string()).collect(),
             strategies,
             strategy_support: support.iter().map(cv::support_pb).collect(),
+            receiving_runtimes: self
+                .runtimes
+                .iter()
+                .filter(|r| r.receives())
+                .map(|r| r.name().to_string())
+                .collect(),
         }))
     }
 
@@ -193,12 +209,22 @@ impl NodeAgent for NodeService {
             Some(t) => cv::workload_ref(Some(t), "target")?,
             None => workload.workload.clone(),
         };
-        let runtime = self.runtime_for_kind(workload.kind)?;
+        let runtime = self.runtime_named(&workload.runtime)?;
         let plan = ReceiverPlan {
             migration_id: id.clone(),
             workload,
             target,
             strategy: cv::strategy(r.strategy)?,
+            criu: cv::criu_options(r.criu),
+            images: r
+                .images
+                .into_iter()
+                .map(|i| crate::runtime::ContainerImage {
+                    container: i.container,
+                    image: i.image,
+                    image_id: i.image_id,
+                })
+                .collect(),
         };
         let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
         let info = runtime.prepare_receiver(plan, sink).await?;
@@ -252,6 +278,7 @@ impl NodeAgent for NodeService {
             receive_endpoint: r.receive_endpoint,
             page_servers: cv::page_servers(r.page_servers),
             leave_running: r.leave_running,
+            criu: cv::criu_options(r.criu),
         };
         runtime.check_checkpoint(&plan).await?;
         let rt = runtime.clone();

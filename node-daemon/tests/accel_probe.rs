@@ -6,8 +6,8 @@
 //! indeed does not get there in the probe's time; the second resolution is a cache hit;
 //! a cancelled probe leaves no QEMU behind.
 use anyhow::{Context, Result, ensure};
-use ferry_node::accel_probe::{AccelError, AutoAccel, DEFAULT_TIMEOUT};
-use ferry_node::launcher::Accel;
+use ferry_node::vm::accel_probe::{AccelError, AutoAccel, DEFAULT_TIMEOUT};
+use ferry_node::vm::launcher::Accel;
 use ferry_testkit::guest::{guest_dir, last_count};
 use ferry_testkit::process::ChildGuard;
 use std::path::{Path, PathBuf};

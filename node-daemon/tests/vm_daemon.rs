@@ -1,13 +1,23 @@
 //! VM migration through the node daemons' gRPC API, the way the controller drives it:
-//! two `ferry-node` daemons in network-namespace nodes, a real QEMU (TCG) guest started
-//! by ferry-launcher and registered as a pod on node A, its memory stream forwarded
-//! daemon-to-daemon over ferry-transfer's mutual-TLS pipe into an incoming QEMU that the
-//! destination daemon starts.
+//! two `ferry-node` daemons in network-namespace nodes, a real QEMU (TCG) guest run by
+//! ferry-launcher as VM pod on node A, its memory stream forwarded daemon-to-daemon over
+//! ferry-transfer's mutual-TLS pipe into the incoming QEMU of the target pod on node B.
+//!
+//! No kubelet runs here: the test plays it. It starts each pod's launcher with the
+//! environment a kubelet gives a VM pod's container (the Downward API values, and
+//! `FERRY_INCOMING` for the target pod, before or after `PrepareReceiver`: a kubelet
+//! gets to a new Pod whenever it does), and it ends a pod by stopping its launcher, as a
+//! kubelet does when the controller deletes the Pod. The daemons never start, quit or
+//! kill a QEMU themselves.
 use anyhow::{Context, Result, ensure};
+use ferry_node::vm::qemu::QemuBackend;
+use ferry_node::vm::registry;
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
-use ferry_testkit::containers::{CgroupGuard, Daemon};
-use ferry_testkit::guest::{Guest, first_count, last_count, sums, wait_count_above};
+use ferry_testkit::containers::Daemon;
+use ferry_testkit::guest::{
+    Guest, VmPod, first_count, last_count, sums, vm_pod_manifest, wait_count_above,
+};
 use ferry_testkit::netns::Lan;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,15 +28,29 @@ type Client = NodeAgentClient<Channel>;
 /// TCG guests saturate this 2-core machine; one test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// When the test (as node B's kubelet) starts the target pod's launcher.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    BeforePrepare,
+    AfterPrepare,
+}
+
 struct Setup {
     _lan: Lan,
-    _cg: CgroupGuard,
     _a: Daemon,
     b: Daemon,
     ca: Client,
     cb: Client,
     guest: Guest,
+    /// The target pod's launcher, once started.
+    target: Option<Guest>,
+    memory_mib: u32,
+    busy: bool,
     tmp: tempfile::TempDir,
+}
+
+fn launcher() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferry-launcher"))
 }
 
 async fn setup(labels: (&str, &str), extra: &[&str]) -> Result<Setup> {
@@ -41,43 +65,61 @@ async fn setup_guest(
 ) -> Result<Setup> {
     let tmp = tempfile::tempdir()?;
     let lan = Lan::create()?;
-    let cg = CgroupGuard::new("vmd");
     let bin = Path::new(env!("CARGO_BIN_EXE_ferry-node"));
-    let a = Daemon::start_with(
-        &lan,
-        labels.0,
-        tmp.path(),
-        bin,
-        &format!("{}-a", cg.0),
-        extra,
-    )?;
-    let b = Daemon::start_with(
-        &lan,
-        labels.1,
-        tmp.path(),
-        bin,
-        &format!("{}-b", cg.0),
-        extra,
-    )?;
+    let a = Daemon::start_with(&lan, labels.0, tmp.path(), bin, extra)?;
+    let b = Daemon::start_with(&lan, labels.1, tmp.path(), bin, extra)?;
     let ca = NodeAgentClient::connect(a.endpoint.clone()).await?;
     let cb = NodeAgentClient::connect(b.endpoint.clone()).await?;
-    let launcher = Path::new(env!("CARGO_BIN_EXE_ferry-launcher"));
-    let guest = Guest::launch_with(
-        &a.node, launcher, &a.vm_root, "default", "vm-src", memory_mib, busy,
-    )?;
+    let src = VmPod::new("default", "vm-src");
+    let guest = Guest::launch(&a.node, launcher(), &a.vm_root, &src, memory_mib, busy)?;
     wait_count_above(&guest.serial(), 2, Duration::from_secs(90)).await?;
     Ok(Setup {
         _lan: lan,
-        _cg: cg,
         _a: a,
         b,
         ca,
         cb,
         guest,
+        target: None,
+        memory_mib,
+        busy,
         tmp,
     })
 }
 
+impl Setup {
+    /// Node B's kubelet starts the target pod of migration `id`.
+    fn start_target(&mut self, id: &str) -> Result<()> {
+        let pod = VmPod::new("default", "vm-dst").incoming(id);
+        self.target = Some(Guest::launch(
+            &self.b.node,
+            launcher(),
+            &self.b.vm_root,
+            &pod,
+            self.memory_mib,
+            self.busy,
+        )?);
+        Ok(())
+    }
+
+    fn target(&self) -> &Guest {
+        self.target.as_ref().expect("target pod started")
+    }
+
+    fn src_ref(&self) -> pb::WorkloadRef {
+        pod_ref(&self.guest.pod)
+    }
+}
+
+fn pod_ref(p: &VmPod) -> pb::WorkloadRef {
+    pb::WorkloadRef {
+        namespace: p.namespace.clone(),
+        pod_name: p.name.clone(),
+        pod_uid: p.uid.clone(),
+    }
+}
+
+/// A pod by name only (no UID): the registry is searched.
 fn pod(name: &str) -> pb::WorkloadRef {
     pb::WorkloadRef {
         namespace: "default".into(),
@@ -135,37 +177,59 @@ async fn check_memory_intact(src_sums: &[String], dst_serial: &Path) -> Result<(
     Ok(())
 }
 
-/// Describe, prepare, checkpoint and restore, as the controller does.
-async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy) -> Result<()> {
-    let desc = s.ca.describe_workload(pod("vm-src")).await?.into_inner();
+/// Describe, prepare, checkpoint and restore, as the controller does; the target pod
+/// starts before or after PrepareReceiver.
+async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy, target: Target) -> Result<()> {
+    let desc = s.ca.describe_workload(s.src_ref()).await?.into_inner();
     ensure!(
         desc.kind == pb::WorkloadKind::VirtualMachine as i32,
         "a launcher's pod must be described as a VM: {desc:?}"
     );
     ensure!(desc.memory_bytes >= 256 << 20, "memory: {desc:?}");
+    if target == Target::BeforePrepare {
+        s.start_target(id)?;
+    }
+    // The controller knows the target Pod's UID (it created the Pod) before its
+    // kubelet starts the launcher.
+    let dst = match &s.target {
+        Some(t) => t.pod.clone(),
+        None => VmPod::new("default", "vm-dst").incoming(id),
+    };
     let prep =
         s.cb.prepare_receiver(pb::PrepareReceiverRequest {
             migration_id: id.into(),
             workload: Some(desc),
-            target: Some(pod("vm-dst")),
+            target: Some(pod_ref(&dst)),
             strategy: strategy as i32,
-            transfer: None,
+            ..Default::default()
         })
         .await?
         .into_inner();
+    if target == Target::AfterPrepare {
+        // A kubelet that gets to the Pod a little later.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.target = Some(Guest::launch(
+            &s.b.node,
+            launcher(),
+            &s.b.vm_root,
+            &dst,
+            s.memory_mib,
+            s.busy,
+        )?);
+    }
     s.ca.start_checkpoint(pb::StartCheckpointRequest {
         migration_id: id.into(),
-        workload: Some(pod("vm-src")),
+        workload: Some(s.src_ref()),
         strategy: strategy as i32,
-        transfer: None,
         receive_endpoint: prep.receive_endpoint,
         leave_running: true,
         page_servers: prep.page_servers,
+        ..Default::default()
     })
     .await?;
     s.cb.start_restore(pb::StartRestoreRequest {
         migration_id: id.into(),
-        target: Some(pod("vm-dst")),
+        target: Some(pod_ref(&dst)),
     })
     .await?;
     Ok(())
@@ -182,7 +246,9 @@ struct Moved {
 }
 
 /// Waits for the checkpoint (within `timeout`) and the restore to succeed, reads the
-/// paused source's state, then finalizes both sides.
+/// paused source's state, finalizes both sides, and checks that finalize left the
+/// source QEMU paused, not gone: ending it is its kubelet's job once the controller
+/// deletes the source Pod, which the test then does.
 async fn complete(s: &mut Setup, id: &str, timeout: Duration) -> Result<Moved> {
     let checkpoint = wait_op(&mut s.ca, id, timeout).await?;
     ensure!(
@@ -198,11 +264,20 @@ async fn complete(s: &mut Setup, id: &str, timeout: Duration) -> Result<Moved> {
     let src_sums = sums(&s.guest.serial());
     s.ca.finalize(mig(id)).await?;
     s.cb.finalize(mig(id)).await?;
+    ensure!(
+        !s.guest.guard.exited(),
+        "finalize must not end the source QEMU (its kubelet would restart it)"
+    );
+    let q = QemuBackend::connect(&s.guest.qmp(), Duration::from_secs(10)).await?;
+    ensure!(q.run_state().await? == "postmigrate");
+    drop(q);
+    // The controller deletes the source Pod: its kubelet's SIGTERM ends QEMU.
+    s.guest.guard.stop(Duration::from_secs(10));
     Ok(Moved {
         checkpoint,
         before,
         src_sums,
-        dst_serial: s.b.vm_root.join("default_vm-dst").join("serial.log"),
+        dst_serial: s.target().serial(),
     })
 }
 
@@ -211,7 +286,7 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
     let _one = SERIAL.lock().await;
     let mut s = setup(("vda", "vdb"), &[]).await?;
     let id = "vm-live-1";
-    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    start(&mut s, id, pb::Strategy::PreCopy, Target::AfterPrepare).await?;
     let Moved {
         checkpoint: cp,
         before,
@@ -220,14 +295,6 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
     } = complete(&mut s, id, Duration::from_secs(120)).await?;
     ensure!(cp.bytes_done > 16 << 20, "guest memory moved: {cp:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.guest.guard.exited() {
-        ensure!(
-            Instant::now() < deadline,
-            "source QEMU still running after finalize"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // The destination's serial log starts after migration: the guest's counter goes on
     // from where it was, it does not boot again from 1.
     let after = wait_count_above(&dst_serial, before, Duration::from_secs(60)).await?;
@@ -237,12 +304,20 @@ async fn vm_migrates_between_daemons_over_mtls() -> Result<()> {
         "counter restarted: first {first} < source's {before}"
     );
     check_memory_intact(&src_sums, &dst_serial).await?;
-    let moved = s.cb.describe_workload(pod("vm-dst")).await?.into_inner();
+    // Found by UID and by name.
+    let target = pod_ref(&s.target().pod);
+    let moved = s.cb.describe_workload(target).await?.into_inner();
     ensure!(moved.kind == pb::WorkloadKind::VirtualMachine as i32);
-    let gone = s.ca.describe_workload(pod("vm-src")).await;
+    s.cb.describe_workload(pod("vm-dst")).await?;
+    // The source pod is gone (its QMP refuses connections): its record is stale.
+    let gone = s.ca.describe_workload(s.src_ref()).await;
     ensure!(
         gone.as_ref().err().map(|e| e.code()) == Some(tonic::Code::NotFound),
         "the source VM must be gone: {gone:?}"
+    );
+    ensure!(
+        s.guest.dir.join(registry::RECORD).exists(),
+        "the daemon removes nothing the launcher wrote"
     );
     println!(
         "VM through daemons: downtime {} ms, {} MiB, {} ms; count {before} -> {after}",
@@ -262,7 +337,7 @@ async fn busy_512mib_guest_migrates_through_daemons() -> Result<()> {
     let _one = SERIAL.lock().await;
     let mut s = setup_guest(("vdg", "vdh"), &[], 512, true).await?;
     let id = "vm-busy-1";
-    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    start(&mut s, id, pb::Strategy::PreCopy, Target::BeforePrepare).await?;
     let Moved {
         checkpoint: cp,
         before,
@@ -299,13 +374,14 @@ async fn stalled_pre_copy_switches_to_post_copy_by_itself() -> Result<()> {
     )
     .await?;
     let id = "vm-stall-1";
-    start(&mut s, id, pb::Strategy::PostCopy).await?;
+    start(&mut s, id, pb::Strategy::PostCopy, Target::AfterPrepare).await?;
     let Moved {
         checkpoint: cp,
         before,
         src_sums,
         dst_serial,
     } = complete(&mut s, id, Duration::from_secs(180)).await?;
+    // The operation's last message is the daemon's record of the switch.
     ensure!(
         cp.message.contains("switched to post-copy"),
         "the daemon must have switched: {cp:?}"
@@ -322,44 +398,49 @@ async fn stalled_pre_copy_switches_to_post_copy_by_itself() -> Result<()> {
 
 /// The destination's QEMU dies mid-copy (memory stream throttled to 4 MB/s so the copy
 /// is surely in flight): the source's checkpoint fails, abort leaves the source guest
-/// running and counting, and the destination is cleaned up.
+/// running and counting, and the destination removes nothing of the target pod's.
 #[tokio::test]
 async fn destination_dying_mid_migration_leaves_the_source_running() -> Result<()> {
-    destination_dies(("vdc", "vdd"), 1 << 20).await
+    destination_dies(("vdc", "vdd"), 1 << 20, Target::BeforePrepare).await
 }
 
-/// The destination's QEMU dies before it even listens: the source, whose QEMU is
-/// already pushing into the pipe, must not block on a pipe nobody reads.
+/// The destination's QEMU dies as soon as it registered, likely before it even
+/// listens: the source, whose QEMU is already pushing into the pipe, must not block on
+/// a pipe nobody reads. A short target wait bounds the destination's look for it.
 #[tokio::test]
 async fn destination_dying_before_it_listens_leaves_the_source_running() -> Result<()> {
-    destination_dies(("vdk", "vdl"), 0).await
+    destination_dies(("vdk", "vdl"), 0, Target::AfterPrepare).await
 }
 
-async fn destination_dies(labels: (&str, &str), after_bytes: u64) -> Result<()> {
+async fn destination_dies(labels: (&str, &str), after_bytes: u64, target: Target) -> Result<()> {
     let _one = SERIAL.lock().await;
-    let mut s = setup(labels, &["--vm-max-bandwidth", "4000000"]).await?;
+    let mut s = setup(
+        labels,
+        &[
+            "--vm-max-bandwidth",
+            "4000000",
+            "--vm-target-wait-secs",
+            "15",
+        ],
+    )
+    .await?;
     let id = "vm-kill-1";
-    start(&mut s, id, pb::Strategy::PreCopy).await?;
-    let dst_dir = s.b.vm_root.join("default_vm-dst");
+    start(&mut s, id, pb::Strategy::PreCopy, target).await?;
+    let dst_dir = s.target().dir.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let pid = loop {
+    loop {
         let o = op(&mut s.ca, id).await?;
-        if o.bytes_done >= after_bytes
-            && let Ok(rec) = std::fs::read(dst_dir.join("vm.json"))
-        {
-            let rec: serde_json::Value = serde_json::from_slice(&rec)?;
-            break rec["pid"].as_u64().context("pid")? as i32;
+        if o.bytes_done >= after_bytes && dst_dir.join(registry::RECORD).exists() {
+            break;
         }
         ensure!(
             Instant::now() < deadline,
             "migration never got going: {o:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    }
+    // SIGKILL: a crash, not a kubelet stopping the pod.
+    s.target.as_mut().expect("started").guard.kill();
 
     let cp = wait_op(&mut s.ca, id, Duration::from_secs(60)).await?;
     ensure!(
@@ -377,19 +458,22 @@ async fn destination_dies(labels: (&str, &str), after_bytes: u64) -> Result<()> 
     let n = last_count(&s.guest.serial()).unwrap_or(0);
     wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
     ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
-    ensure!(!dst_dir.exists(), "destination registry left behind");
-    s.ca.describe_workload(pod("vm-src")).await?;
+    ensure!(
+        dst_dir.join(registry::RECORD).exists(),
+        "the destination daemon must not remove the target pod's files"
+    );
+    s.ca.describe_workload(s.src_ref()).await?;
     Ok(())
 }
 
-/// Abort while the copy runs (a deleted Migration): the source resumes, the destination's
-/// incoming QEMU is removed.
+/// Abort while the copy runs (a deleted Migration): the source resumes; the destination
+/// stops relaying and leaves the target pod to its kubelet.
 #[tokio::test]
 async fn abort_mid_migration_resumes_the_source() -> Result<()> {
     let _one = SERIAL.lock().await;
     let mut s = setup(("vde", "vdf"), &["--vm-max-bandwidth", "4000000"]).await?;
     let id = "vm-abort-1";
-    start(&mut s, id, pb::Strategy::PreCopy).await?;
+    start(&mut s, id, pb::Strategy::PreCopy, Target::BeforePrepare).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
         ensure!(Instant::now() < deadline, "migration never got going");
@@ -405,51 +489,111 @@ async fn abort_mid_migration_resumes_the_source() -> Result<()> {
     wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
     ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
     ensure!(
-        !s.b.vm_root.join("default_vm-dst").exists(),
-        "destination registry left behind"
+        s.target().dir.join(registry::RECORD).exists(),
+        "the destination daemon must not remove the target pod's files"
     );
+    // Aborting again is harmless, and the source can migrate afterwards.
+    s.ca.describe_workload(s.src_ref()).await?;
     Ok(())
 }
 
-/// Bad requests for VMs are refused with a clear code before anything starts.
+/// Writes a registry record as a launcher would and, with `listen`, holds its QMP
+/// socket open the way a running QEMU does (no QEMU needed to be found).
+fn fake_vm(
+    vm_root: &Path,
+    pod: &VmPod,
+    incoming: bool,
+    listen: bool,
+) -> Result<Option<std::os::unix::net::UnixListener>> {
+    let dir = vm_root.join(&pod.uid);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join(registry::RECORD),
+        serde_json::json!({"namespace": pod.namespace, "pod_name": pod.name, "pod_uid": pod.uid,
+            "node_name": pod.node_name, "incoming": incoming, "migration_uid": pod.incoming,
+            "spec": {"kernel": "/k", "initrd": null, "append": "", "memory_mib": 64, "vcpus": 1,
+                     "accel": "tcg"}})
+        .to_string(),
+    )?;
+    Ok(if listen {
+        Some(std::os::unix::net::UnixListener::bind(
+            dir.join(registry::QMP_SOCKET),
+        )?)
+    } else {
+        None
+    })
+}
+
+fn vm_description(name: &str) -> pb::WorkloadDescription {
+    pb::WorkloadDescription {
+        workload: Some(pod(name)),
+        kind: pb::WorkloadKind::VirtualMachine as i32,
+        memory_bytes: 64 << 20,
+        runtime_spec:
+            br#"{"kernel":"/k","initrd":null,"append":"","memory_mib":64,"vcpus":1,"accel":"tcg"}"#
+                .to_vec(),
+        runtime: "qemu".into(),
+        ..Default::default()
+    }
+}
+
+/// Bad requests for VMs are refused with a clear code before anything starts; records
+/// of other nodes and stale records are not VMs; a target pod that never registers,
+/// or boots instead of waiting, fails the restore with a message that says why.
 #[tokio::test]
 async fn vm_bad_input_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let lan = Lan::create()?;
-    let cg = CgroupGuard::new("vmbad");
     let bin = Path::new(env!("CARGO_BIN_EXE_ferry-node"));
-    let d = Daemon::start(&lan, "vdx", tmp.path(), bin, &cg.0)?;
+    let d = Daemon::start_with(
+        &lan,
+        "vdx",
+        tmp.path(),
+        bin,
+        &["--node-name", "vdx", "--vm-target-wait-secs", "2"],
+    )?;
     let mut c = NodeAgentClient::connect(d.endpoint.clone()).await?;
-    // A VM description without the guest spec cannot start an incoming guest.
+    // A VM description without the guest spec cannot receive a guest.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
             migration_id: "bad-1".into(),
             workload: Some(pb::WorkloadDescription {
-                workload: Some(pod("vm-x")),
-                kind: pb::WorkloadKind::VirtualMachine as i32,
-                containers: vec![],
-                memory_bytes: 1 << 28,
                 runtime_spec: b"{not json".to_vec(),
+                ..vm_description("vm-x")
             }),
             target: Some(pod("vm-y")),
             strategy: pb::Strategy::PreCopy as i32,
-            transfer: None,
+            ..Default::default()
         })
         .await
         .expect_err("must be refused");
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
     ensure!(e.message().contains("guest spec"), "{e:?}");
+    // A target UID that could leave the VM root.
+    let e = c
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: "bad-3".into(),
+            workload: Some(vm_description("vm-x")),
+            target: Some(pb::WorkloadRef {
+                pod_uid: "../../etc".into(),
+                ..pod("vm-y")
+            }),
+            strategy: pb::Strategy::PreCopy as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("must be refused");
+    ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
     // Object-store transfer is not wired into the daemons: refused, not silently direct.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
             migration_id: "bad-2".into(),
-            workload: None,
-            target: None,
             strategy: pb::Strategy::PreCopy as i32,
             transfer: Some(pb::TransferSpec {
                 mode: pb::TransferMode::ObjectStore as i32,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect_err("must be refused");
@@ -462,17 +606,209 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         .expect_err("must be refused");
     ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
     ensure!(e.message().contains("no-such-vm"), "{e:?}");
-    // A stale registration (its QEMU is gone) is not a VM.
-    let dir = d.vm_root.join("default_stale");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("vm.json"),
-        serde_json::json!({"namespace": "default", "pod_name": "stale", "pod_uid": "", "pid": u32::MAX,
-            "spec": {"kernel": "/k", "initrd": null, "append": "", "memory_mib": 64, "vcpus": 1,
-                     "accel": "tcg", "qmp_socket": "/q", "serial_log": "/s", "incoming": false}})
-        .to_string(),
-    )?;
+
+    // A stale registration (nothing listens on its QMP socket) is not a VM.
+    let stale = VmPod::new("default", "stale").on_node("vdx");
+    fake_vm(&d.vm_root, &stale, false, false)?;
+    let e = c
+        .describe_workload(pod_ref(&stale))
+        .await
+        .expect_err("stale");
+    ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
     let e = c.describe_workload(pod("stale")).await.expect_err("stale");
     ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
+    // A live record of another node is not this daemon's; one of its own node is.
+    let other = VmPod::new("default", "elsewhere").on_node("vdy");
+    let _other_qmp = fake_vm(&d.vm_root, &other, false, true)?;
+    let e = c
+        .describe_workload(pod_ref(&other))
+        .await
+        .expect_err("other node");
+    ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
+    let mine = VmPod::new("default", "mine").on_node("vdx");
+    let _mine_qmp = fake_vm(&d.vm_root, &mine, false, true)?;
+    let desc = c.describe_workload(pod("mine")).await?.into_inner();
+    ensure!(
+        desc.kind == pb::WorkloadKind::VirtualMachine as i32,
+        "{desc:?}"
+    );
+    ensure!(
+        desc.workload.as_ref().map(|w| w.pod_uid.as_str()) == Some(mine.uid.as_str()),
+        "{desc:?}"
+    );
+
+    // No target launcher within the wait: the restore fails naming the pod and where
+    // the daemon looked.
+    let nobody = VmPod::new("default", "vm-nobody");
+    restore_fails(
+        &mut c,
+        "bad-4",
+        &nobody,
+        &[&nobody.uid, "vm-nobody", "FERRY_INCOMING"],
+    )
+    .await?;
+    // A target pod that booted its own guest (FERRY_INCOMING was empty).
+    let booted = VmPod::new("default", "vm-booted").on_node("vdx");
+    let _booted_qmp = fake_vm(&d.vm_root, &booted, false, true)?;
+    restore_fails(
+        &mut c,
+        "bad-5",
+        &booted,
+        &["booted by itself", "ferry.dev/incoming=bad-5"],
+    )
+    .await?;
+    // A target pod waiting for another migration.
+    let other_mig = VmPod::new("default", "vm-other")
+        .on_node("vdx")
+        .incoming("m-0");
+    let _other_mig_qmp = fake_vm(&d.vm_root, &other_mig, true, true)?;
+    restore_fails(
+        &mut c,
+        "bad-6",
+        &other_mig,
+        &["waits for migration m-0, not bad-6"],
+    )
+    .await?;
+    Ok(())
+}
+
+/// PrepareReceiver for `target` is accepted, and the restore fails with all of `words`.
+async fn restore_fails(c: &mut Client, id: &str, target: &VmPod, words: &[&str]) -> Result<()> {
+    c.prepare_receiver(pb::PrepareReceiverRequest {
+        migration_id: id.into(),
+        workload: Some(vm_description("vm-x")),
+        target: Some(pod_ref(target)),
+        strategy: pb::Strategy::PreCopy as i32,
+        ..Default::default()
+    })
+    .await?;
+    c.start_restore(pb::StartRestoreRequest {
+        migration_id: id.into(),
+        target: Some(pod_ref(target)),
+    })
+    .await?;
+    let rs = wait_op(c, id, Duration::from_secs(30)).await?;
+    ensure!(
+        rs.state == pb::OperationState::Failed as i32,
+        "restore must fail: {rs:?}"
+    );
+    for w in words {
+        ensure!(rs.message.contains(w), "{w:?} not in {:?}", rs.message);
+    }
+    c.abort(mig(id)).await?;
+    Ok(())
+}
+
+/// The names testkit's pod manifest and launcher environment use are the registry's.
+#[test]
+fn testkit_uses_the_registry_env_names() {
+    use ferry_testkit::guest::env;
+    assert_eq!(env::VM_ROOT, registry::ENV_VM_ROOT);
+    assert_eq!(env::POD_NAMESPACE, registry::ENV_POD_NAMESPACE);
+    assert_eq!(env::POD_NAME, registry::ENV_POD_NAME);
+    assert_eq!(env::POD_UID, registry::ENV_POD_UID);
+    assert_eq!(env::NODE_NAME, registry::ENV_NODE_NAME);
+    assert_eq!(env::INCOMING, registry::ENV_INCOMING);
+    assert_eq!(env::INCOMING_ANNOTATION, registry::INCOMING_ANNOTATION);
+    let pod = vm_pod_manifest("vm", 256, Path::new("/run/ferry/vms"));
+    let names: Vec<&str> = pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for n in [
+        registry::ENV_VM_ROOT,
+        registry::ENV_POD_NAMESPACE,
+        registry::ENV_POD_NAME,
+        registry::ENV_POD_UID,
+        registry::ENV_NODE_NAME,
+        registry::ENV_INCOMING,
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/vm-pod.yaml"
+    ))
+    .expect("examples/vm-pod.yaml");
+    for n in names {
+        assert!(example.contains(n), "examples/vm-pod.yaml lacks {n}");
+    }
+    assert!(example.contains(registry::INCOMING_ANNOTATION));
+}
+
+/// The launcher image holds everything the launcher and QEMU need for the test guest:
+/// its layer, unpacked and used as a chroot (TCG, no /proc, no /dev), boots the guest
+/// and registers it the way a VM pod's container would.
+#[tokio::test]
+async fn launcher_image_runs_the_test_guest_chrooted() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let image = ferry_testkit::guest::launcher_image()?;
+    let tmp = tempfile::tempdir()?;
+    let (oci, rootfs) = (tmp.path().join("oci"), tmp.path().join("rootfs"));
+    untar(&image, &oci)?;
+    let blob = |digest: &str| {
+        oci.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let json = |p: PathBuf| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(p)?)?)
+    };
+    let index = json(oci.join("index.json"))?;
+    let manifest = json(blob(
+        index["manifests"][0]["digest"].as_str().context("index")?,
+    ))?;
+    let layer = blob(
+        manifest["layers"][0]["digest"]
+            .as_str()
+            .context("manifest")?,
+    );
+    untar(&layer, &rootfs)?;
+    let guest_dir = ferry_testkit::guest::guest_dir()?;
+    for f in ["vmlinuz", "initramfs.gz"] {
+        std::fs::copy(guest_dir.join(f), rootfs.join("guest").join(f))?;
+    }
+    let pod = VmPod::new("default", "chrooted").on_node("n1");
+    let mut cmd = std::process::Command::new("chroot");
+    cmd.arg(&rootfs)
+        .args(["/usr/bin/ferry-launcher", "--kernel", "/guest/vmlinuz"])
+        .args([
+            "--initrd",
+            "/guest/initramfs.gz",
+            "--memory-mib",
+            "256",
+            "--accel",
+            "tcg",
+        ])
+        .envs(pod.env(Path::new("/run/ferry/vms")));
+    let mut vm = ferry_testkit::process::ChildGuard::spawn("chrooted-launcher", cmd)?;
+    let dir = rootfs.join("run/ferry/vms").join(&pod.uid);
+    let counted = wait_count_above(&dir.join("serial.log"), 0, Duration::from_secs(90)).await;
+    ensure!(
+        !vm.exited(),
+        "the launcher or QEMU exited in the image's rootfs"
+    );
+    counted?;
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(registry::RECORD))?)?;
+    ensure!(
+        rec["pod_uid"] == pod.uid.as_str() && rec["node_name"] == "n1",
+        "{rec}"
+    );
+    ensure!(rec["incoming"] == false, "{rec}");
+    vm.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+fn untar(archive: &Path, into: &Path) -> Result<()> {
+    std::fs::create_dir_all(into)?;
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .status()?;
+    ensure!(st.success(), "tar -xf {}: {st}", archive.display());
     Ok(())
 }

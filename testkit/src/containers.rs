@@ -169,14 +169,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(
-        lan: &Lan,
-        label: &str,
-        base: &Path,
-        daemon_bin: &Path,
-        cgroup_prefix: &str,
-    ) -> Result<Daemon> {
-        Self::start_with(lan, label, base, daemon_bin, cgroup_prefix, &[])
+    pub fn start(lan: &Lan, label: &str, base: &Path, daemon_bin: &Path) -> Result<Daemon> {
+        Self::start_with(lan, label, base, daemon_bin, &[])
     }
 
     /// [`Daemon::start`] with extra `ferry-node` flags.
@@ -185,7 +179,6 @@ impl Daemon {
         label: &str,
         base: &Path,
         daemon_bin: &Path,
-        cgroup_prefix: &str,
         extra_args: &[&str],
     ) -> Result<Daemon> {
         let criu = criu()?;
@@ -208,8 +201,6 @@ impl Daemon {
             .arg(&criu)
             .arg("--state-dir")
             .arg(&state_dir)
-            .arg("--cgroup-prefix")
-            .arg(cgroup_prefix)
             .arg("--tls-dir")
             .arg(tls_dir)
             .arg("--vm-root")

@@ -1,4 +1,5 @@
-//! Plays the kubelet's part in testenv clusters, which have no kubelet: registers Node
+//! Plays the kubelet's part for controller tests (driven by the scripted node agent),
+//! whose clusters have no kubelet: registers Node
 //! objects and reports status for Pods bound to them (Running when scheduled, gone when
 //! deleted). It runs no process: in tests the real processes are run by the node
 //! daemon's runtimes (runc, ferry-launcher); this only keeps the API objects in the
@@ -61,7 +62,8 @@ pub async fn set_pod_running(client: &kube::Client, pod: &Pod) -> Result<()> {
         .collect();
     let status = json!({ "status": {
         "phase": "Running",
-        "conditions": [{ "type": "Ready", "status": "True", "lastTransitionTime": now }],
+        "conditions": [{ "type": "Ready", "status": "True", "lastTransitionTime": now },
+                       { "type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now }],
         "containerStatuses": statuses,
         "startTime": now,
     }});

@@ -5,9 +5,11 @@
 
 pub mod containers;
 pub mod guest;
+pub mod kube_node;
 pub mod kubelet;
 pub mod minio;
 pub mod netns;
+pub mod oci;
 pub mod pki;
 pub mod process;
 pub mod testenv;

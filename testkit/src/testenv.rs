@@ -1,5 +1,6 @@
 //! Real Kubernetes control planes for tests: starts `ferry-testenv up` (built by
 //! `scripts/build-testenv.sh`) and hands out clients; everything stops on drop.
+//! [`Options`] prepares clusters for real kubelets (`crate::kube_node`).
 use crate::process::ChildGuard;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -27,6 +28,25 @@ pub struct ClusterInfo {
     pub name: String,
     pub kubeconfig: PathBuf,
     pub server: String,
+    /// The cluster CA (signed the apiserver's serving certificate); with
+    /// [`Options::bind_ip`] or [`Options::nodes`] only.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The CA kubelets trust for client certificates (the apiserver's kubelet client
+    /// certificate is signed by it); with [`Options::nodes`] only.
+    #[serde(default, rename = "kubeletClientCA")]
+    pub kubelet_client_ca: Option<PathBuf>,
+}
+
+/// How to start the control planes; the default is loopback-only, fake nodes.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// kube-apiserver listens and advertises here (`--bind-ip`), e.g. a
+    /// `netns::Lan::host_ip()` that node namespaces reach; default 127.0.0.1.
+    pub bind_ip: Option<std::net::Ipv4Addr>,
+    /// Real kubelets will join (`--nodes`): node lifecycle controller on, kubelet client
+    /// certificate for logs/exec.
+    pub nodes: bool,
 }
 
 /// Running clusters; stopped (all processes) when dropped.
@@ -49,20 +69,40 @@ impl TestEnv {
             .prefix("ferry-testenv-")
             .tempdir()?
             .keep();
-        Self::spawn(&dir, names, true)
+        Self::spawn(&dir, names, true, &Options::default())
+    }
+
+    /// [`TestEnv::start`] with [`Options`] (e.g. for clusters with real kubelets).
+    pub fn start_with(names: &[&str], opts: &Options) -> Result<TestEnv> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-testenv-")
+            .tempdir()?
+            .keep();
+        Self::spawn(&dir, names, true, opts)
     }
 
     /// Starts control planes with state under `dir` (kept after stop, for the demo).
     pub fn start_in(dir: &Path, names: &[&str]) -> Result<TestEnv> {
-        Self::spawn(dir, names, false)
+        Self::spawn(dir, names, false, &Options::default())
     }
 
-    fn spawn(dir: &Path, names: &[&str], remove_dir: bool) -> Result<TestEnv> {
+    /// [`TestEnv::start_in`] with [`Options`].
+    pub fn start_in_with(dir: &Path, names: &[&str], opts: &Options) -> Result<TestEnv> {
+        Self::spawn(dir, names, false, opts)
+    }
+
+    fn spawn(dir: &Path, names: &[&str], remove_dir: bool, opts: &Options) -> Result<TestEnv> {
         let bin = bin_dir()?;
         let mut cmd = Command::new(bin.join("ferry-testenv"));
         cmd.arg("up").arg("--dir").arg(dir).arg("--bin").arg(&bin);
         if remove_dir {
             cmd.arg("--remove-dir");
+        }
+        if let Some(ip) = opts.bind_ip {
+            cmd.arg("--bind-ip").arg(ip.to_string());
+        }
+        if opts.nodes {
+            cmd.arg("--nodes");
         }
         cmd.args(names);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -79,7 +119,10 @@ impl TestEnv {
             .recv_timeout(Duration::from_secs(240))
             .context("control planes not ready within 240 s")?;
         if line.trim().is_empty() {
-            bail!("ferry-testenv exited before the clusters were ready (see its log above)");
+            bail!(
+                "ferry-testenv exited before the clusters were ready (see its log above; \
+                 `flag provided but not defined` means an old runner: run scripts/build-testenv.sh)"
+            );
         }
         let ready: Ready =
             serde_json::from_str(line.trim()).with_context(|| format!("ready line: {line}"))?;

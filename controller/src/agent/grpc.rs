@@ -132,6 +132,14 @@ fn transfer(plan: &Plan) -> pb::TransferSpec {
     }
 }
 
+fn criu(plan: &Plan) -> pb::CriuOptions {
+    pb::CriuOptions {
+        file_locks: plan.criu.file_locks,
+        external_unix_sockets: plan.criu.external_unix_sockets,
+        tcp_keep: plan.criu.tcp_connections == ferry_crds::TcpConnections::Restore,
+    }
+}
+
 fn op_status(op: pb::Operation) -> OpStatus {
     let stage = match op.stage() {
         pb::Stage::Checkpointing => OpStage::Checkpointing,
@@ -159,6 +167,16 @@ fn op_status(op: pb::Operation) -> OpStatus {
 
 #[async_trait::async_trait]
 impl NodeAgent for GrpcAgent {
+    async fn receiving_runtimes(&self, node: &NodeRef) -> Result<Vec<String>, AgentError> {
+        let v = self
+            .client(node)
+            .await?
+            .version(pb::VersionRequest {})
+            .await
+            .map_err(|s| status_error(node, "", s))?;
+        Ok(v.into_inner().receiving_runtimes)
+    }
+
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
         let d = self
             .client(node)
@@ -195,6 +213,16 @@ impl NodeAgent for GrpcAgent {
             target: Some(pod_ref(&plan.target)),
             strategy: strategy(plan) as i32,
             transfer: Some(transfer(plan)),
+            criu: Some(criu(plan)),
+            images: plan
+                .images
+                .iter()
+                .map(|i| pb::ContainerImage {
+                    container: i.container.clone(),
+                    image: i.image.clone(),
+                    image_id: i.image_id.clone(),
+                })
+                .collect(),
         };
         let r = self
             .client(node)
@@ -237,6 +265,7 @@ impl NodeAgent for GrpcAgent {
                     endpoint: p.endpoint.clone(),
                 })
                 .collect(),
+            criu: Some(criu(plan)),
         };
         let r = self.client(node).await?.start_checkpoint(req).await;
         Ok(op_status(
@@ -322,6 +351,8 @@ mod tests {
             object_store: None,
             compress: false,
             bandwidth_limit_bytes_per_sec: 0,
+            criu: Default::default(),
+            images: Vec::new(),
         }
     }
 

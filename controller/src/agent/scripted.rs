@@ -115,6 +115,10 @@ fn held_call(stage: OpStage) -> Call {
 
 #[async_trait::async_trait]
 impl NodeAgent for ScriptedAgent {
+    async fn receiving_runtimes(&self, _node: &NodeRef) -> Result<Vec<String>, AgentError> {
+        Ok(vec!["containers".into(), "qemu".into()])
+    }
+
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
         self.record(Call::Describe, node);
         let _ = pod;

@@ -76,6 +76,8 @@ impl World {
         let east = env.client("east").await?;
         let west = env.client("west").await?;
         for client in [&east, &west] {
+            // As installed with ferry: target Pods of containers name RuntimeClass ferry.
+            ferry_testkit::kube_node::create_ferry_runtime_class(client).await?;
             let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
             Api::<Namespace>::all(client.clone())
                 .create(&PostParams::default(), &ns)

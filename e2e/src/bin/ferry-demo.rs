@@ -1,11 +1,17 @@
-//! `ferry-demo`: two local clusters, ferry's controller and node daemons, and live
-//! migrations between them with the measured downtime printed. Run by `scripts/demo.sh`.
-use anyhow::{Context, Result};
+//! `ferry-demo`: two local clusters of real nodes (kubelet + containerd in network
+//! namespaces), ferry's controller and node daemons, a container and a VM migrated
+//! between the clusters, the measured downtimes printed. Run by `scripts/demo.sh`.
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ferry_crds::Migration;
-use ferry_e2e::world::{NAMESPACE, World, counter_lines};
+use ferry_crds::{Migration, Phase};
+use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers};
+use ferry_testkit::guest::{last_count, launcher_image, vm_pod_manifest, wait_count_above};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+const NS: &str = "demo";
 
 #[derive(Parser)]
 #[command(
@@ -20,15 +26,8 @@ struct Args {
     keep: bool,
 }
 
-const COUNTER: &str = "exec >/dev/null 2>/dev/null </dev/null; exec 3>/data/count.log; \
-     i=0; while true; do i=$((i+1)); echo $i >&3; usleep 50000; done";
-
 fn say(msg: impl AsRef<str>) {
     println!("\x1b[1m[ferry demo]\x1b[0m {}", msg.as_ref());
-}
-
-fn last_count(path: &std::path::Path) -> u64 {
-    counter_lines(path).last().copied().unwrap_or(0)
 }
 
 fn print_phase(started: Instant) -> impl FnMut(&Migration) {
@@ -43,6 +42,35 @@ fn print_phase(started: Instant) -> impl FnMut(&Migration) {
     }
 }
 
+fn ms(m: &Migration, f: impl Fn(&ferry_crds::Timings) -> Option<u64>) -> String {
+    m.status
+        .as_ref()
+        .and_then(|s| s.timings.as_ref())
+        .and_then(f)
+        .map(|d| format!("{d} ms"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+async fn migrate(w: &World, name: &str, pod: &str, strategy: &str) -> Result<Migration> {
+    let yaml = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec:\n  workload: {{pod: {pod}}}\n  target: {{cluster: west, node: west-1}}\n  strategy: {strategy}\n"
+    );
+    w.apply_migration(NS, &yaml).await?;
+    let m = w
+        .follow(
+            NS,
+            name,
+            Duration::from_secs(240),
+            print_phase(Instant::now()),
+        )
+        .await?;
+    let s = m.status.clone().unwrap_or_default();
+    if s.phase != Some(Phase::Succeeded) {
+        bail!("migration {name} ended {:?}: {:?}", s.phase, s.failure);
+    }
+    Ok(m)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -51,158 +79,110 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
-
     say(
-        "starting two Kubernetes control planes: east and west (etcd, kube-apiserver, controller-manager, scheduler)",
+        "starting clusters east and west, each: etcd, kube-apiserver, controller-manager, scheduler, and 2 nodes (kubelet + containerd + ferry-node)",
     );
-    let mut world = World::start(&args.dir)
+    let opts = WorldOptions {
+        images: vec![launcher_image()?],
+        ..Default::default()
+    };
+    let mut w = World::start(&args.dir, opts)
         .await
         .context("setting up the clusters")?;
-    for n in &world.nodes {
-        say(format!(
-            "node {}/{} at {} runs ferry-node ({})",
-            n.cluster,
-            n.name,
-            n.daemon.node.ip(),
-            n.daemon.endpoint
-        ));
-    }
-    say("cluster west is linked to east by a kubeconfig Secret (ferry.dev/cluster=west)");
-    world.start_controller();
-    say("ferry-controller runs for east (leader election, gRPC to the daemons)");
+    w.start_controller();
+    w.namespace(NS).await?;
 
-    // 1. A container: a counter that keeps its count in memory and in an open file.
-    world.container_pod("counter", COUNTER).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    say("pod demo/counter runs a runc container on east-1, counting 20 times a second");
-    let yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: counter}\nspec:\n  workload: {pod: counter}\n  target: {cluster: west, node: west-1}\n  strategy: Cold\n";
+    say("kubectl apply: pod demo/counter on east-1 (busybox, counts every 50 ms)");
+    w.create_pod(NS, counter_pod("counter", "east-1", &["app"]))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     say("applying Migration counter: pod counter → cluster west, node west-1 (CRIU, cold)");
-    println!("{}", indent(yaml));
-    let m = world.apply_migration(yaml).await?;
-    let done = world
-        .follow(
-            "counter",
-            Duration::from_secs(120),
-            print_phase(Instant::now()),
-        )
-        .await?;
-    let status = done.status.clone().unwrap_or_default();
-    if let Some(f) = &status.failure {
-        say(format!(
-            "migration ended {:?}: {}: {}",
-            status.phase, f.reason, f.message
-        ));
-    }
-    let at_cut = last_count(&world.bundle_dir("counter").join("rootfs/data/count.log"));
+    let done = migrate(&w, "counter", "counter", "Cold").await?;
+    let first = numbers(&w.logs("west", NS, "counter", "app")?)
+        .first()
+        .copied()
+        .unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let uid = m.metadata.uid.clone().unwrap_or_default();
-    let now = last_count(
-        &world
-            .node("west-1")
-            .daemon
-            .state_dir
-            .join(&uid)
-            .join("app/rootfs/data/count.log"),
-    );
+    let now = numbers(&w.logs("west", NS, "counter", "app")?)
+        .last()
+        .copied()
+        .unwrap_or(0);
     say(format!(
-        "counter stopped at {at_cut} on east-1 and counts on at west-1: now {now}"
+        "`kubectl logs` at west-1: the restored container went on from {first} (its source printed {}), now {now}; restarts: 0",
+        first.saturating_sub(1)
     ));
 
-    // 2. A VM: QEMU run by ferry-launcher, live-migrated over QMP.
-    let (_, guest) = world.vm_pod("guest", 256).await?;
-    let vm_before = ferry_testkit::guest::last_count(&guest.serial()).unwrap_or(0);
+    let mut manifest = vm_pod_manifest("guest", 256, &w.vm_root);
+    manifest["spec"]["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": "east-1"});
+    let pod = w.create_pod(NS, manifest).await?;
+    let src_serial = w
+        .vm_root
+        .join(pod.metadata.uid.unwrap_or_default())
+        .join("serial.log");
+    let before = wait_count_above(&src_serial, 1, Duration::from_secs(120)).await?;
     say(format!(
-        "pod demo/guest runs a 256 MiB QEMU guest (TCG) on east-1 via ferry-launcher; its counter is at {vm_before}"
+        "pod demo/guest runs a 256 MiB QEMU guest (TCG) under ferry-launcher on east-1; its counter is at {before}"
     ));
-    let vm_yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: guest}\nspec:\n  workload: {pod: guest}\n  target: {cluster: west, node: west-1}\n  strategy: Live\n";
     say(
-        "applying Migration guest: pod guest → cluster west, node west-1 (QEMU live migration over the daemons' mTLS pipe)",
+        "applying Migration guest: pod guest → cluster west, node west-1 (QEMU live migration over the daemons' mutual-TLS pipe)",
     );
-    println!("{}", indent(vm_yaml));
-    world.apply_migration(vm_yaml).await?;
-    let vm_done = world
-        .follow(
-            "guest",
-            Duration::from_secs(180),
-            print_phase(Instant::now()),
-        )
+    let vm_done = migrate(&w, "guest", "guest", "Live").await?;
+    let target = Api::<Pod>::namespaced(w.west.clone(), NS)
+        .get("guest")
         .await?;
-    let vm_status = vm_done.status.clone().unwrap_or_default();
-    if let Some(f) = &vm_status.failure {
-        say(format!(
-            "migration ended {:?}: {}: {}",
-            vm_status.phase, f.reason, f.message
-        ));
-    }
-    let vm_serial = world.vm_serial("west-1", "guest");
-    let vm_now =
-        ferry_testkit::guest::wait_count_above(&vm_serial, vm_before, Duration::from_secs(30))
-            .await
-            .unwrap_or(0);
+    let dst_serial = w
+        .vm_root
+        .join(target.metadata.uid.unwrap_or_default())
+        .join("serial.log");
+    let vm_now = wait_count_above(
+        &dst_serial,
+        last_count(&dst_serial).unwrap_or(before),
+        Duration::from_secs(60),
+    )
+    .await?;
     say(format!(
-        "the guest counted {vm_before} on east-1 and counts on at west-1 without rebooting: now {vm_now}"
+        "the guest counted {before} on east-1 and counts on at west-1 without rebooting: now {vm_now}"
     ));
 
     println!(
-        "\n$ kubectl --kubeconfig {} -n {NAMESPACE} get migrations -o wide",
-        world.env.cluster("east").kubeconfig.display()
+        "\n$ kubectl --kubeconfig {} -n {NS} get migrations -o wide",
+        w.env.cluster("east").kubeconfig.display()
     );
-    let out = world
-        .env
+    let out = w
         .kubectl("east")
-        .args(["-n", NAMESPACE, "get", "migrations", "-o", "wide"])
+        .args(["-n", NS, "get", "migrations", "-o", "wide"])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!(
+        "\n$ kubectl --kubeconfig {} -n {NS} get pods -o wide",
+        w.env.cluster("west").kubeconfig.display()
+    );
+    let out = w
+        .kubectl("west")
+        .args(["-n", NS, "get", "pods", "-o", "wide"])
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     println!();
-    let downtime = |m: &Migration| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.timings.as_ref())
-            .and_then(|t| t.downtime_ms)
-            .map(|d| format!("{d} ms"))
-            .unwrap_or("n/a".into())
-    };
-    let total = |m: &Migration| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.timings.as_ref())
-            .and_then(|t| t.total_ms)
-            .map(|d| format!("{d} ms"))
-            .unwrap_or("n/a".into())
-    };
     say("measured by the node daemons:");
     println!(
-        "  container (runc + CRIU, cold) east-1 → west-1: downtime {}, total {}",
-        downtime(&done),
-        total(&done)
+        "  container (CRIU, cold) east-1 → west-1: downtime {}, total {}",
+        ms(&done, |t| t.downtime_ms),
+        ms(&done, |t| t.total_ms)
     );
     println!(
         "  VM (QEMU live migration, 256 MiB guest) east-1 → west-1: downtime {}, total {}",
-        downtime(&vm_done),
-        total(&vm_done)
+        ms(&vm_done, |t| t.downtime_ms),
+        ms(&vm_done, |t| t.total_ms)
     );
-
     if args.keep {
         say(format!(
-            "clusters stay up; try: kubectl --kubeconfig {} -n {NAMESPACE} describe migration counter   (Ctrl-C ends)",
-            world.env.cluster("east").kubeconfig.display()
+            "clusters stay up; try: kubectl --kubeconfig {} -n {NS} get pods -o wide   (Ctrl-C ends)",
+            w.env.cluster("west").kubeconfig.display()
         ));
         tokio::signal::ctrl_c().await?;
     }
-    let ok = status.phase == Some(ferry_crds::Phase::Succeeded)
-        && now > at_cut
-        && vm_status.phase == Some(ferry_crds::Phase::Succeeded)
-        && vm_now > vm_before;
-    drop(world);
-    if !ok {
-        anyhow::bail!("the demo migration did not succeed");
+    if first <= 1 || now <= first || vm_now <= before {
+        bail!("the demo workloads did not continue at the target");
     }
     Ok(())
-}
-
-fn indent(text: &str) -> String {
-    text.lines()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }

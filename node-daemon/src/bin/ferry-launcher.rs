@@ -1,19 +1,23 @@
-//! ferry-launcher: runs one QEMU guest for a VM pod. Never talks to the Kubernetes API.
+//! ferry-launcher: runs one QEMU guest as the container of a VM pod. Never talks to the
+//! Kubernetes API: the pod's identity comes from Downward API environment variables
+//! (`FERRY_POD_NAMESPACE`, `FERRY_POD_NAME`, `FERRY_POD_UID`, `FERRY_NODE_NAME`), and
+//! `FERRY_INCOMING` (the pod's `ferry.dev/incoming` annotation) says whether it boots the
+//! guest or waits for it to migrate in (`ferry_node::vm::registry`).
 //!
 //! Signal forwarding is done by `exec`: after building the argument vector the launcher
 //! replaces itself with QEMU (same PID), so SIGTERM from the kubelet reaches QEMU directly
 //! and QEMU shuts the guest down; no relay process can lose or delay the signal.
 //!
 //! `--accel auto` may first boot the guest once under KVM to see whether KVM really runs
-//! it (`ferry_node::accel_probe`); that happens before registration and exec, with
+//! it (`ferry_node::vm::accel_probe`); that happens before registration and exec, with
 //! termination signals held in a signalfd so a SIGTERM during the probe kills the probe
 //! QEMU and ends the launcher instead of being lost.
 #![forbid(unsafe_code)]
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use ferry_node::accel_probe::{self, AccelError, AutoAccel};
-use ferry_node::launcher::{Accel, GuestSpec};
-use ferry_node::vm_registry::{self, VmRecord};
+use ferry_node::vm::accel_probe::{self, AccelError, AutoAccel};
+use ferry_node::vm::launcher::{Accel, GuestSpec, Launch};
+use ferry_node::vm::registry::{self, VmRecord};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::cell::Cell;
@@ -51,18 +55,26 @@ struct Args {
     /// Serial console log (default: in the VM's registry directory).
     #[arg(long)]
     serial_log: Option<PathBuf>,
-    /// Register the guest under this VM root for the node daemon (needs --namespace and
-    /// --pod). Without it the guest runs unregistered (raw baselines, debugging).
-    #[arg(long, env = "FERRY_VM_ROOT")]
+    /// Register the guest under this VM root for the node daemon, in `<root>/<pod-uid>/`
+    /// (needs the pod's namespace, name and UID). The same path as the daemon's: a
+    /// hostPath mounted at the same place. Without it the guest runs unregistered (raw
+    /// baselines, debugging).
+    #[arg(long, env = registry::ENV_VM_ROOT)]
     vm_root: Option<PathBuf>,
-    /// The pod this guest belongs to.
-    #[arg(long)]
+    /// The pod this guest belongs to (Downward API: metadata.namespace).
+    #[arg(long, env = registry::ENV_POD_NAMESPACE)]
     namespace: Option<String>,
-    #[arg(long)]
+    /// metadata.name
+    #[arg(long, env = registry::ENV_POD_NAME)]
     pod: Option<String>,
-    #[arg(long, default_value = "")]
-    pod_uid: String,
-    /// Destination mode: start with `-incoming defer`.
+    /// metadata.uid: names the registry directory.
+    #[arg(long, env = registry::ENV_POD_UID)]
+    pod_uid: Option<String>,
+    /// spec.nodeName: a daemon with a node name claims only its own node's guests.
+    #[arg(long, env = registry::ENV_NODE_NAME, default_value = "")]
+    node_name: String,
+    /// Destination mode: start with `-incoming defer`. Also on whenever FERRY_INCOMING
+    /// (the pod's `ferry.dev/incoming` annotation) is not empty.
     #[arg(long)]
     incoming: bool,
     #[arg(long, env = "FERRY_QEMU", default_value = "qemu-system-x86_64")]
@@ -90,18 +102,31 @@ fn main() -> Result<()> {
     if a.memory_mib < 16 || a.vcpus == 0 {
         bail!("memory_mib must be >= 16 and vcpus >= 1");
     }
-    let registration = match (&a.vm_root, &a.namespace, &a.pod) {
-        (Some(root), Some(ns), Some(pod)) => Some(vm_registry::dir_for(root, ns, pod)),
-        (None, _, _) => None,
-        _ => bail!("--vm-root needs --namespace and --pod"),
+    let registration = match (&a.vm_root, &a.namespace, &a.pod, &a.pod_uid) {
+        (Some(root), Some(_), Some(_), Some(uid)) => {
+            Some(registry::dir_for(root, uid).context("--pod-uid / FERRY_POD_UID")?)
+        }
+        (None, _, _, _) => None,
+        _ => bail!(
+            "--vm-root needs the pod's --namespace, --pod and --pod-uid (or {}, {} and {} \
+             from the Downward API)",
+            registry::ENV_POD_NAMESPACE,
+            registry::ENV_POD_NAME,
+            registry::ENV_POD_UID
+        ),
     };
     let in_registry = |file: &str| registration.as_ref().map(|d| d.join(file));
     let (Some(qmp_socket), Some(serial_log)) = (
-        a.qmp.clone().or_else(|| in_registry("qmp.sock")),
-        a.serial_log.clone().or_else(|| in_registry("serial.log")),
+        a.qmp.clone().or_else(|| in_registry(registry::QMP_SOCKET)),
+        a.serial_log
+            .clone()
+            .or_else(|| in_registry(registry::SERIAL_LOG)),
     ) else {
-        bail!("give --qmp and --serial-log, or --vm-root with --namespace and --pod");
+        bail!("give --qmp and --serial-log, or --vm-root with the pod's namespace, name and uid");
     };
+    let migration =
+        registry::incoming_migration(std::env::var(registry::ENV_INCOMING).ok().as_deref());
+    let incoming = a.incoming || migration.is_some();
     // After the cheap argument checks: a probe may take seconds.
     let (accel, how) = match a.accel {
         AccelArg::Kvm => (Accel::Kvm, "--accel kvm".to_string()),
@@ -117,24 +142,33 @@ fn main() -> Result<()> {
         memory_mib: a.memory_mib,
         vcpus: a.vcpus,
         accel,
+    };
+    let launch = Launch {
         qmp_socket,
         serial_log,
-        incoming: a.incoming,
+        incoming,
     };
-    if let (Some(root), Some(namespace), Some(pod_name)) = (a.vm_root, a.namespace, a.pod) {
-        // Registered before exec: QEMU keeps this PID, so the record names the guest.
+    if let (Some(root), Some(namespace), Some(pod_name), Some(pod_uid)) =
+        (a.vm_root, a.namespace, a.pod, a.pod_uid)
+    {
+        // Registered before exec; the daemon takes the guest for live once QMP answers.
         let rec = VmRecord {
             namespace,
             pod_name,
-            pod_uid: a.pod_uid,
-            pid: std::process::id(),
+            pod_uid,
+            node_name: a.node_name,
+            incoming,
+            migration_uid: migration.clone().unwrap_or_default(),
             spec: spec.clone(),
         };
-        vm_registry::register(&root, &rec)
+        registry::register(&root, &rec)
             .with_context(|| format!("registering the VM under {}", root.display()))?;
     }
+    if let Some(m) = &migration {
+        eprintln!("ferry-launcher: waiting for incoming migration {m}");
+    }
     let err = std::process::Command::new(&a.qemu)
-        .args(spec.qemu_args())
+        .args(spec.qemu_args(&launch))
         .exec();
     Err(err).with_context(|| format!("exec {}", a.qemu.display()))
 }

@@ -1,13 +1,13 @@
 //! `ferry-node`: the per-node daemon serving the NodeAgent gRPC API.
 use anyhow::Context;
 use clap::Parser;
-use ferry_node::criu::Criu;
-use ferry_node::qemu::MigrationTuning;
-use ferry_node::runc::Runc;
-use ferry_node::runc_backend::{RuncConfig, RuncRuntime};
+use ferry_node::containers::criu::Criu;
+use ferry_node::containers::runc::Runc;
+use ferry_node::containers::{ContainerRuntime, ContainersConfig, Cri};
 use ferry_node::server::NodeService;
 use ferry_node::transport::Transport;
-use ferry_node::vm_backend::{VmConfig, VmRuntime};
+use ferry_node::vm::qemu::MigrationTuning;
+use ferry_node::vm::{VmConfig, VmRuntime};
 use ferry_proto::node::v1::node_agent_server::NodeAgentServer;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,23 +21,40 @@ struct Args {
     /// This node's IP that peer daemons reach (page servers and bundle listeners bind here).
     #[arg(long, env = "FERRY_NODE_IP")]
     advertise_ip: String,
-    /// runc state root; containerd's CRI uses /run/containerd/runc/k8s.io.
+    /// runc root of containerd's default runtime handler, where source containers run
+    /// (the shim passes `--root <Root>/<namespace>`: `/run/containerd/runc/k8s.io`).
     #[arg(
         long,
         env = "FERRY_RUNC_ROOT",
         default_value = "/run/containerd/runc/k8s.io"
     )]
     runc_root: PathBuf,
+    /// runc root of containerd's `ferry` handler (ferry-runtime), where restored
+    /// containers run. Unset: this node has no ferry runtime and receives no containers.
+    #[arg(long, env = "FERRY_RESTORE_RUNC_ROOT")]
+    restore_runc_root: Option<PathBuf>,
+    /// Cold migrations of workloads up to this much memory let the target Pod's
+    /// containers wait in `create` for the state; larger ones are staged first.
+    #[arg(long, env = "FERRY_EARLY_RELEASE_MIB", default_value_t = 1024)]
+    early_release_mib: u64,
+    /// This node's CRI endpoint, to check that an incoming pod's images are here.
+    #[arg(
+        long,
+        env = "FERRY_CRI_ENDPOINT",
+        default_value = "unix:///run/containerd/containerd.sock"
+    )]
+    cri_endpoint: String,
+    /// crictl, for the image check ("" skips the check).
+    #[arg(long, env = "FERRY_CRICTL", default_value = "crictl")]
+    crictl: PathBuf,
     #[arg(long, env = "FERRY_RUNC", default_value = "runc")]
     runc: PathBuf,
     #[arg(long, env = "FERRY_CRIU", default_value = "criu")]
     criu: PathBuf,
-    /// Staging for checkpoint images and received bundles (restored rootfs live here too).
+    /// Staging for checkpoints going out and restores coming in (ferry-runtime's
+    /// `stateDir` must name the same directory).
     #[arg(long, env = "FERRY_STATE_DIR", default_value = "/var/lib/ferry")]
     state_dir: PathBuf,
-    /// Parent cgroup of restored containers.
-    #[arg(long, env = "FERRY_CGROUP_PREFIX", default_value = "/ferry")]
-    cgroup_prefix: String,
     /// The node's transfer identity, laid out like a mounted kubernetes.io/tls Secret
     /// plus the CA: tls.crt (must name --advertise-ip), tls.key, ca.crt.
     #[arg(long, env = "FERRY_TLS_DIR")]
@@ -45,12 +62,21 @@ struct Args {
     /// Port of the mutual-TLS transfer listener (on --advertise-ip).
     #[arg(long, env = "FERRY_TRANSFER_PORT", default_value_t = 7443)]
     transfer_port: u16,
-    /// Where ferry-launcher registers the node's VMs (a hostPath shared with launchers).
+    /// Where ferry-launcher registers the node's VMs: a hostPath mounted at this same
+    /// path into VM pods.
     #[arg(long, env = "FERRY_VM_ROOT", default_value = "/run/ferry/vms")]
     vm_root: PathBuf,
-    /// ferry-launcher, for incoming guests (default: next to this binary).
-    #[arg(long, env = "FERRY_LAUNCHER")]
-    launcher: Option<PathBuf>,
+    /// This node's name (Downward API spec.nodeName): only VMs registered for it are
+    /// claimed. Unset: every VM under --vm-root.
+    #[arg(long, env = "FERRY_NODE_NAME")]
+    node_name: Option<String>,
+    /// How long a destination waits for the target pod's incoming guest to register.
+    #[arg(
+        long,
+        env = "FERRY_VM_TARGET_WAIT_SECS",
+        default_value_t = VmConfig::DEFAULT_TARGET_WAIT.as_secs()
+    )]
+    vm_target_wait_secs: u64,
     /// Bandwidth cap of outgoing VM migrations, bytes/s. Set explicitly because QEMU's
     /// own default (~128 MiB/s) would silently bound every migration.
     #[arg(long, env = "FERRY_VM_MAX_BANDWIDTH", default_value_t = 10 << 30)]
@@ -72,28 +98,30 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("starting the transfer listener")?,
     );
-    let runc = RuncRuntime::new(RuncConfig {
-        runc: Runc::new(a.runc, a.runc_root),
+    let mut roots = vec![Runc::new(&a.runc, &a.runc_root)];
+    let restore_root = a.restore_runc_root.as_ref().map(|r| Runc::new(&a.runc, r));
+    roots.extend(restore_root.clone());
+    let containers = ContainerRuntime::new(ContainersConfig {
+        roots,
+        restore_root,
         criu: Criu { binary: a.criu },
         state_dir: a.state_dir.clone(),
         advertise_ip: a.advertise_ip.clone(),
-        cgroup_prefix: a.cgroup_prefix,
         transport: transport.clone(),
+        early_release_bytes: a.early_release_mib << 20,
+        cri: (!a.crictl.as_os_str().is_empty()).then(|| Cri {
+            crictl: a.crictl.clone(),
+            endpoint: a.cri_endpoint.clone(),
+        }),
     })
     .await;
-    let launcher = match a.launcher {
-        Some(l) => l,
-        None => std::env::current_exe()
-            .context("locating ferry-launcher")?
-            .with_file_name("ferry-launcher"),
-    };
     std::fs::create_dir_all(&a.vm_root)
         .with_context(|| format!("creating {}", a.vm_root.display()))?;
     let vm = VmRuntime::new(
         VmConfig {
             vm_root: a.vm_root,
-            launcher,
-            state_dir: a.state_dir,
+            node_name: a.node_name,
+            target_wait: std::time::Duration::from_secs(a.vm_target_wait_secs),
             tuning: MigrationTuning {
                 max_bandwidth: a.vm_max_bandwidth,
                 ..Default::default()
@@ -101,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         },
         transport.clone(),
     );
-    let svc = NodeService::new(vec![Arc::new(runc), Arc::new(vm)]);
+    let svc = NodeService::new(vec![Arc::new(containers), Arc::new(vm)]);
     tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), "ferry-node serving");
     tonic::transport::Server::builder()
         .add_service(NodeAgentServer::new(svc))

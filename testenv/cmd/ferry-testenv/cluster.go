@@ -23,9 +23,14 @@ const adminToken = "ferry-admin-token"
 
 type cluster struct {
 	name, dir, bin string
-	etcdPort       int
-	apiPort        int
-	procs          []*proc
+	// bindIP is where kube-apiserver listens and what it advertises (127.0.0.1 unless
+	// --bind-ip); nodes is --nodes (real kubelets will join).
+	bindIP   string
+	nodes    bool
+	pki      *clusterPKI // our own CA and certificates; nil = the apiserver's self-signed one
+	etcdPort int
+	apiPort  int
+	procs    []*proc
 }
 
 type proc struct {
@@ -34,8 +39,10 @@ type proc struct {
 	done chan struct{}
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+func freePort() (int, error) { return freePortOn("127.0.0.1") }
+
+func freePortOn(ip string) (int, error) {
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		return 0, err
 	}
@@ -43,7 +50,9 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func (c *cluster) server() string     { return fmt.Sprintf("https://127.0.0.1:%d", c.apiPort) }
+func (c *cluster) server() string {
+	return "https://" + net.JoinHostPort(c.bindIP, fmt.Sprint(c.apiPort))
+}
 func (c *cluster) kubeconfig() string { return filepath.Join(c.dir, "kubeconfig") }
 
 func (c *cluster) start(timeout time.Duration) error {
@@ -59,11 +68,19 @@ func (c *cluster) start(timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	if c.apiPort, err = freePort(); err != nil {
-		return err
+	if c.apiPort, err = freePortOn(c.bindIP); err != nil {
+		return fmt.Errorf("no free port on --bind-ip %s: %w", c.bindIP, err)
 	}
 	if err := c.writeCredentials(); err != nil {
 		return err
+	}
+	if c.bindIP != "127.0.0.1" || c.nodes {
+		ips := []net.IP{net.ParseIP(c.bindIP), net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")}
+		dns := []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+			"kubernetes.default.svc.cluster.local"}
+		if c.pki, err = writePKI(filepath.Join(c.dir, "pki"), ips, dns); err != nil {
+			return fmt.Errorf("writing certificates: %w", err)
+		}
 	}
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", c.etcdPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
@@ -77,17 +94,28 @@ func (c *cluster) start(timeout time.Duration) error {
 		return fmt.Errorf("etcd: %w", err)
 	}
 	sa := filepath.Join(c.dir, "sa.key")
-	if err := c.spawn("kube-apiserver", "--etcd-servers="+etcdURL, "--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", c.apiPort),
-		"--cert-dir="+filepath.Join(c.dir, "pki"), "--service-cluster-ip-range=10.96.0.0/16",
+	var extra []string
+	if c.pki != nil {
+		extra = append(extra, "--tls-cert-file="+c.pki.ServingCert, "--tls-private-key-file="+c.pki.ServingKey)
+	}
+	if c.nodes {
+		// The apiserver reaches kubelets (logs, exec, node proxy) with a client
+		// certificate they trust, at their --node-ip (node names do not resolve).
+		extra = append(extra, "--kubelet-client-certificate="+c.pki.KubeletClientCert,
+			"--kubelet-client-key="+c.pki.KubeletClientKey,
+			"--kubelet-preferred-address-types=InternalIP,Hostname")
+	}
+	if err := c.spawn("kube-apiserver", append([]string{"--etcd-servers=" + etcdURL, "--bind-address=" + c.bindIP,
+		"--advertise-address=" + c.bindIP, fmt.Sprintf("--secure-port=%d", c.apiPort),
+		"--cert-dir=" + filepath.Join(c.dir, "pki"), "--service-cluster-ip-range=10.96.0.0/16",
 		"--allow-privileged=true", "--endpoint-reconciler-type=none",
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+sa, "--service-account-signing-key-file="+sa,
-		"--token-auth-file="+filepath.Join(c.dir, "tokens.csv"), "--authorization-mode=RBAC",
-		"--enable-priority-and-fairness=false", "-v=0"); err != nil {
+		"--service-account-key-file=" + sa, "--service-account-signing-key-file=" + sa,
+		"--token-auth-file=" + filepath.Join(c.dir, "tokens.csv"), "--authorization-mode=RBAC",
+		"--enable-priority-and-fairness=false", "-v=0"}, extra...)...); err != nil {
 		return err
 	}
-	ca := filepath.Join(c.dir, "pki", "apiserver.crt")
+	ca := c.caFile()
 	if err := waitFile(ca, timeout); err != nil {
 		return fmt.Errorf("kube-apiserver certificate: %w", err)
 	}
@@ -98,13 +126,22 @@ func (c *cluster) start(timeout time.Duration) error {
 		return fmt.Errorf("kube-apiserver: %w", err)
 	}
 	kc := c.kubeconfig()
-	// nodelifecycle is off: nodes have no kubelet heartbeat here, and its taints would
-	// evict test pods. Everything else (GC, namespaces, service accounts) runs.
-	if err := c.spawn("kube-controller-manager", "--kubeconfig="+kc,
-		"--authentication-kubeconfig="+kc, "--authorization-kubeconfig="+kc,
-		"--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
-		"--controllers=*,-nodelifecycle,-cloud-node-lifecycle",
-		"--service-account-private-key-file="+sa, "--root-ca-file="+ca, "--use-service-account-credentials=false"); err != nil {
+	// Without --nodes, nodelifecycle is off: fake nodes have no kubelet heartbeat, and
+	// its taints would evict test pods. Everything else (GC, namespaces, service
+	// accounts) runs. With real kubelets it must run: it removes the not-ready taint a
+	// kubelet registers its Node with (else pods stay Pending).
+	kcm := []string{"--kubeconfig=" + kc, "--authentication-kubeconfig=" + kc,
+		"--authorization-kubeconfig=" + kc, "--bind-address=127.0.0.1", "--secure-port=0",
+		"--leader-elect=false", "--service-account-private-key-file=" + sa, "--root-ca-file=" + ca}
+	if c.nodes {
+		// Per-controller credentials cost a few requests per controller at start: at the
+		// default 20 QPS the node lifecycle controller would start ~5 s after the rest.
+		kcm = append(kcm, "--controllers=*,-cloud-node-lifecycle", "--use-service-account-credentials=true",
+			"--kube-api-qps=500", "--kube-api-burst=1000")
+	} else {
+		kcm = append(kcm, "--controllers=*,-nodelifecycle,-cloud-node-lifecycle", "--use-service-account-credentials=false")
+	}
+	if err := c.spawn("kube-controller-manager", kcm...); err != nil {
 		return err
 	}
 	if err := c.spawn("kube-scheduler", "--kubeconfig="+kc, "--authentication-kubeconfig="+kc,
@@ -134,7 +171,6 @@ func (c *cluster) writeKubeconfig(caPath string) error {
 	if err != nil {
 		return err
 	}
-	// apiserver.crt from --cert-dir is a self-signed bundle (cert + its CA): it is the CA.
 	kc := fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:
@@ -155,6 +191,15 @@ contexts:
 current-context: %[1]s
 `, c.name, c.server(), b64(caPEM), adminToken)
 	return os.WriteFile(c.kubeconfig(), []byte(kc), 0o600)
+}
+
+// caFile is the CA clients trust: ours, or apiserver.crt from --cert-dir, a self-signed
+// bundle (cert + its CA).
+func (c *cluster) caFile() string {
+	if c.pki != nil {
+		return c.pki.CA
+	}
+	return filepath.Join(c.dir, "pki", "apiserver.crt")
 }
 
 func (c *cluster) tlsConfig(caPath string) *tls.Config {

@@ -125,7 +125,11 @@ fn iterations(history: &[MigrationProgress]) -> Vec<Iteration> {
 /// True when the last `rule.iterations` completed iterations set no new low (by
 /// `min_improvement`) in either expected downtime or dirty set, and the expected
 /// downtime is still above the limit (below it QEMU finishes by itself).
-pub fn is_stalled(rule: &StallRule, downtime_limit_ms: u64, history: &[MigrationProgress]) -> bool {
+pub(crate) fn is_stalled(
+    rule: &StallRule,
+    downtime_limit_ms: u64,
+    history: &[MigrationProgress],
+) -> bool {
     let its = iterations(history);
     if rule.iterations == 0 || its.len() < rule.iterations + 1 {
         return false;
@@ -155,7 +159,7 @@ pub fn is_stalled(rule: &StallRule, downtime_limit_ms: u64, history: &[Migration
 
 /// What to do now, given everything sampled so far (oldest first). `None` once the
 /// migration is no longer in pre-copy.
-pub fn decide(
+pub(crate) fn decide(
     policy: ConvergencePolicy,
     rule: &StallRule,
     downtime_limit_ms: u64,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Which accelerator runs the guest. `--accel auto` is resolved before the spec is built,
-/// by booting the guest under KVM once per node (`crate::accel_probe`): on nested hosts
+/// by booting the guest under KVM once per node (`super::accel_probe`): on nested hosts
 /// /dev/kvm opens but a Linux guest hangs, so only a guest that runs proves KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,8 +26,9 @@ impl Accel {
     }
 }
 
-/// Everything needed to start one guest. Serialized into the VM registry and sent to
-/// the destination daemon, which starts the same guest in incoming mode.
+/// The guest itself: what both copies of a migrating VM must agree on. Kept in the VM
+/// registry and sent to the destination, which checks it against the target pod's guest.
+/// Where a copy puts its sockets is not part of it (see [`Launch`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestSpec {
     pub kernel: PathBuf,
@@ -36,6 +37,12 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
+}
+
+/// One QEMU process of a guest: its QMP socket, its console, and whether it boots or
+/// waits for an incoming migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
     pub qmp_socket: PathBuf,
     /// Where the guest's serial console (ttyS0) is written.
     pub serial_log: PathBuf,
@@ -45,7 +52,7 @@ pub struct GuestSpec {
 
 impl GuestSpec {
     /// The QEMU argument vector (without the program name).
-    pub fn qemu_args(&self) -> Vec<String> {
+    pub fn qemu_args(&self, launch: &Launch) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |k: &str, v: String| {
             a.push(k.to_string());
@@ -63,17 +70,37 @@ impl GuestSpec {
         push("-append", self.append.clone());
         push("-display", "none".to_string());
         push("-monitor", "none".to_string());
-        push("-serial", format!("file:{}", self.serial_log.display()));
+        push("-serial", format!("file:{}", launch.serial_log.display()));
         // No NIC: the test guest needs none, and an absent device is identical on both ends.
         push("-nic", "none".to_string());
         push(
             "-qmp",
-            format!("unix:{},server=on,wait=off", self.qmp_socket.display()),
+            format!("unix:{},server=on,wait=off", launch.qmp_socket.display()),
         );
-        if self.incoming {
+        if launch.incoming {
             push("-incoming", "defer".to_string());
         }
         a
+    }
+
+    /// Why a migration from this guest into `target` cannot work, if it cannot: QEMU
+    /// would only fail mid-stream with a device-state error. Kernel paths may differ
+    /// (an incoming guest never boots its kernel), and so may the accelerator.
+    pub fn mismatch(&self, target: &GuestSpec) -> Option<String> {
+        let mut why = Vec::new();
+        if self.memory_mib != target.memory_mib {
+            why.push(format!(
+                "memory {} MiB here, {} MiB at the source",
+                target.memory_mib, self.memory_mib
+            ));
+        }
+        if self.vcpus != target.vcpus {
+            why.push(format!(
+                "{} vCPUs here, {} at the source",
+                target.vcpus, self.vcpus
+            ));
+        }
+        (!why.is_empty()).then(|| why.join(", "))
     }
 }
 
@@ -81,7 +108,7 @@ impl GuestSpec {
 mod tests {
     use super::*;
 
-    fn spec(incoming: bool) -> GuestSpec {
+    fn spec() -> GuestSpec {
         GuestSpec {
             kernel: "/g/vmlinuz".into(),
             initrd: Some("/g/initramfs.gz".into()),
@@ -89,6 +116,11 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             accel: Accel::Tcg,
+        }
+    }
+
+    fn launch(incoming: bool) -> Launch {
+        Launch {
             qmp_socket: "/run/q.sock".into(),
             serial_log: "/run/serial.log".into(),
             incoming,
@@ -101,7 +133,7 @@ mod tests {
 
     #[test]
     fn source_args() {
-        let a = spec(false).qemu_args();
+        let a = spec().qemu_args(&launch(false));
         assert_eq!(value_of(&a, "-accel"), Some("tcg"));
         assert_eq!(value_of(&a, "-m"), Some("256M"));
         assert_eq!(value_of(&a, "-kernel"), Some("/g/vmlinuz"));
@@ -120,7 +152,30 @@ mod tests {
 
     #[test]
     fn incoming_args() {
-        let a = spec(true).qemu_args();
+        let a = spec().qemu_args(&launch(true));
         assert_eq!(value_of(&a, "-incoming"), Some("defer"));
+    }
+
+    #[test]
+    fn target_must_match_memory_and_vcpus_only() {
+        let src = spec();
+        let mut dst = spec();
+        dst.kernel = "/elsewhere/vmlinuz".into();
+        dst.accel = Accel::Kvm;
+        assert_eq!(src.mismatch(&dst), None);
+        dst.memory_mib = 512;
+        dst.vcpus = 2;
+        let why = src.mismatch(&dst).expect("differs");
+        assert!(why.contains("512 MiB here, 256 MiB at the source"), "{why}");
+        assert!(why.contains("2 vCPUs here, 1 at the source"), "{why}");
+    }
+
+    #[test]
+    fn old_specs_with_launch_fields_still_parse() {
+        // Specs written before the launch paths moved out of them.
+        let old = r#"{"kernel":"/k","initrd":null,"append":"","memory_mib":64,"vcpus":1,
+            "accel":"tcg","qmp_socket":"/q","serial_log":"/s","incoming":false}"#;
+        let s: GuestSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(s.memory_mib, 64);
     }
 }

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{Instrument, info, info_span, warn};
 
+mod target;
+
 pub const FIELD_MANAGER: &str = "ferry-controller";
 
 /// What every reconcile needs.
@@ -38,6 +40,8 @@ pub struct Context {
     pub cluster_name: String,
     /// How often a running daemon operation is polled.
     pub poll_interval: Duration,
+    /// How target Pods are shaped.
+    pub target_shape: placement::TargetShape,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +280,8 @@ impl<'a> Reconciler<'a> {
             ),
         };
         info!(%phase, "phase changed");
+        // Event notes are limited to 1024 bytes; the whole message stays in the status.
+        let note = truncate(note, 1000);
         let event = KubeEvent {
             type_,
             reason: phase.to_string(),
@@ -400,6 +406,12 @@ impl<'a> Reconciler<'a> {
             return Ok(self.invalid(
                 "PodNotRunning",
                 format!("pod {}/{pod_name} is {pod_phase}, not Running", self.ns),
+            ));
+        }
+        if let Some(why) = placement::unsupported(&pod) {
+            return Ok(self.invalid(
+                "NotMigratable",
+                format!("pod {}/{pod_name}: {why}", self.ns),
             ));
         }
         if let Some(other) = self.competing_migration().await? {
@@ -604,72 +616,9 @@ impl<'a> Reconciler<'a> {
             compress: spec.transfer.compress,
             bandwidth_limit_bytes_per_sec: spec.transfer.bandwidth_limit_mi_bps.unwrap_or(0) as u64
                 * (1 << 20),
+            criu: spec.criu.clone(),
+            images: Vec::new(),
         })
-    }
-
-    /// Preparing: the target Pod exists (created by us) and its daemon is ready.
-    async fn prepare_target(&mut self) -> Result<Outcome, Error> {
-        let pods = self.target_pods().await?;
-        let uid = self.m.uid().unwrap_or_default();
-        let t = self.status.target.clone().expect("validated");
-        let existing = pods.get_opt(&t.pod).await?;
-        let target = match existing {
-            Some(p) if p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid) => p,
-            Some(_) => {
-                return Ok(self.step_failed(
-                    "TargetPodExists",
-                    format!(
-                        "pod {}/{} already exists in the target cluster and is not ours",
-                        self.ns, t.pod
-                    ),
-                ));
-            }
-            None => {
-                let source: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-                let Some(source_pod) = source.get_opt(&self.m.spec.workload.pod).await? else {
-                    return Ok(self.step_failed("PodNotFound", "the source pod disappeared"));
-                };
-                let source_id = format!(
-                    "{}/{}/{}",
-                    self.ctx.cluster_name, self.ns, self.m.spec.workload.pod
-                );
-                let pod = placement::target_pod(&source_pod, &t.pod, &t.node, &uid, &source_id);
-                match pods.create(&PostParams::default(), &pod).await {
-                    Ok(p) => p,
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 || e.code == 422 => {
-                        return Ok(self.step_failed(
-                            "TargetPodRejected",
-                            format!(
-                                "creating pod {}/{} in the target cluster: {}",
-                                self.ns, t.pod, e.message
-                            ),
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        };
-        if let Some(tp) = self.status.target.as_mut() {
-            tp.uid = target.uid();
-        }
-        let plan = self.plan().await?;
-        match self
-            .ctx
-            .agent
-            .prepare_receiver(&self.target_node(), &plan)
-            .await
-        {
-            Ok(receiver) => {
-                self.status.receiver = Some(receiver);
-                self.status.progress = Some(Progress {
-                    last_progress_at: Some(now()),
-                    ..Default::default()
-                });
-                Ok(Outcome::TargetReady)
-            }
-            Err(e) if e.is_transient() => Err(e.into()),
-            Err(e) => Ok(self.step_failed("PrepareFailed", e.to_string())),
-        }
     }
 
     fn record_progress(&mut self, op: &OpStatus) {
@@ -793,94 +742,6 @@ impl<'a> Reconciler<'a> {
         self.observe(op, "RestoreFailed", Outcome::RestoreDone)
     }
 
-    /// Completing: the target runs the workload; remove the source copy. Failures here
-    /// are retried, never rolled back: the target is the one copy to keep.
-    async fn complete(&mut self) -> Result<Outcome, Error> {
-        let id = self.m.uid().unwrap_or_default();
-        let source = self.source_node();
-        let op = if self.status.started_steps.iter().any(|s| s == STEP_FINALIZE) {
-            self.ctx.agent.operation(&source, &id).await?
-        } else {
-            let op = self.ctx.agent.finalize(&source, &id).await?;
-            self.mark_started(STEP_FINALIZE);
-            op
-        };
-        match op.state {
-            OpState::Running => {
-                return Ok(Outcome::InProgress {
-                    transferring: false,
-                });
-            }
-            OpState::Succeeded => {}
-            OpState::Failed | OpState::Aborted => {
-                return Err(AgentError::Rejected {
-                    node: source.to_string(),
-                    message: format!("finalize: {}", op.message),
-                }
-                .into());
-            }
-        }
-        // The daemon stopped the source processes; the Pod object goes without a grace period.
-        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        match pods
-            .delete(
-                &self.m.spec.workload.pod,
-                &DeleteParams::default().grace_period(0),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        Ok(Outcome::Completed)
-    }
-
-    /// Removes the target copy (daemon state and Pod) and resumes the source. The target
-    /// goes first so that the workload never runs twice; the source is resumed even when
-    /// the target daemon is unreachable, after its Pod object is deleted (its kubelet
-    /// then kills whatever it restored), so the workload never runs zero times.
-    async fn undo(&mut self) -> Result<(), Error> {
-        let id = self.m.uid().unwrap_or_default();
-        if self.status.target.is_some() {
-            match self.ctx.agent.abort(&self.target_node(), &id).await {
-                Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
-                Err(e) => warn!(
-                    "aborting at the target: {e}; deleting the target pod and resuming the source anyway"
-                ),
-            }
-            self.delete_target_pod().await?;
-        }
-        if self.status.source.is_some() {
-            match self.ctx.agent.abort(&self.source_node(), &id).await {
-                Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    async fn delete_target_pod(&self) -> Result<(), Error> {
-        let Some(t) = &self.status.target else {
-            return Ok(());
-        };
-        let pods = self.target_pods().await?;
-        let uid = self.m.uid().unwrap_or_default();
-        if let Some(p) = pods.get_opt(&t.pod).await?
-            && p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid)
-        {
-            match pods
-                .delete(&t.pod, &DeleteParams::default().grace_period(0))
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
     async fn roll_back(&mut self) -> Result<Outcome, Error> {
         self.undo().await?;
         let retry = self.status.attempts < self.m.spec.failure_policy.max_retries;
@@ -896,6 +757,18 @@ impl<'a> Reconciler<'a> {
         }
         Ok(Outcome::Cancelled)
     }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
 }
 
 fn timings_downtime(s: &MigrationStatus) -> String {

@@ -27,6 +27,21 @@ pub fn log_excerpt(path: &Path) -> String {
     format!("({})\n{}", path.display(), picked.join("\n"))
 }
 
+/// The Migration setting that would let a dump pass, when CRIU's dump log says why it
+/// failed for want of an option.
+pub fn option_hint(dump_log: &str) -> Option<&'static str> {
+    if dump_log.contains("--file-locks") || dump_log.contains("file locks") {
+        Some("the workload holds file locks: set spec.criu.fileLocks: true on the Migration")
+    } else if dump_log.contains("--ext-unix-sk") || dump_log.contains("External socket") {
+        Some(
+            "the workload has a unix socket connected outside its container: set \
+             spec.criu.externalUnixSockets: true on the Migration",
+        )
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Criu {
     pub binary: PathBuf,
@@ -407,6 +422,16 @@ mod tests {
             a.join(" "),
             "page-server --daemon --images-dir /i --address 10.0.0.2 --port 4000 --pidfile /p -o /l -v4"
         );
+    }
+
+    #[test]
+    fn dump_failures_name_the_option_that_helps() {
+        let locks =
+            "Error (criu/file-lock.c:123): Some file locks are hold without --file-locks option";
+        assert!(option_hint(locks).unwrap().contains("spec.criu.fileLocks"));
+        let sk = "Error (criu/sk-unix.c:1): External socket is used. Consider using --ext-unix-sk option.";
+        assert!(option_hint(sk).unwrap().contains("externalUnixSockets"));
+        assert_eq!(option_hint("Error: something else"), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!
 //! The pure parts (override parsing, serial verdict, cache key and file format) are plain
 //! functions; only [`AutoAccel::resolve`] and the probe touch processes and files.
-use crate::launcher::{Accel, GuestSpec};
+use super::launcher::{Accel, GuestSpec, Launch};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -39,7 +39,7 @@ pub enum AccelError {
 }
 
 /// `FERRY_ACCEL`: `kvm`/`tcg` force that accelerator, unset/empty/`auto` means probe.
-pub fn parse_override(value: Option<&str>) -> Result<Option<Accel>, AccelError> {
+pub(crate) fn parse_override(value: Option<&str>) -> Result<Option<Accel>, AccelError> {
     match value.map(str::trim) {
         None | Some("") => Ok(None),
         Some(v) if v.eq_ignore_ascii_case("auto") => Ok(None),
@@ -51,7 +51,7 @@ pub fn parse_override(value: Option<&str>) -> Result<Option<Accel>, AccelError> 
 
 /// How far a probe boot got, judged from its serial console text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BootProgress {
+pub(crate) enum BootProgress {
     /// The guest got to the end of kernel boot; the string says which marker proved it.
     Reached(String),
     /// The kernel panicked before that (the line is kept for the reason).
@@ -60,7 +60,7 @@ pub enum BootProgress {
     Booting,
 }
 
-pub fn judge_serial(text: &str) -> BootProgress {
+pub(crate) fn judge_serial(text: &str) -> BootProgress {
     let lines = || text.lines().map(str::trim);
     // Printed by the kernel right before it execs init: the guest reaches userspace.
     if let Some(l) = lines().find(|l| l.contains("Run ") && l.contains(" as init process")) {
@@ -88,7 +88,7 @@ fn strip_timestamp(line: &str) -> &str {
 /// Identity of a guest file for the cache key: size and modification time (cheap, and a
 /// rebuilt kernel or initramfs changes at least the mtime).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileStamp {
+pub(crate) struct FileStamp {
     pub size: u64,
     pub mtime_s: i64,
     pub mtime_ns: i64,
@@ -115,7 +115,7 @@ impl FileStamp {
 /// What a probe outcome depends on. The full text is stored in the cache file and compared
 /// on read; the file name is only a hash of it, so a hash collision costs a re-probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheKey {
+pub(crate) struct CacheKey {
     text: String,
 }
 
@@ -151,12 +151,12 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// A probe's result: the accelerator and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub accel: Accel,
     pub reason: String,
 }
 
-pub fn format_cache(key: &CacheKey, outcome: &Outcome) -> String {
+pub(crate) fn format_cache(key: &CacheKey, outcome: &Outcome) -> String {
     let reason = outcome.reason.replace(['\n', '\r'], " ");
     format!(
         "{CACHE_HEADER}\n{}accel: {}\nreason: {reason}\n",
@@ -166,7 +166,7 @@ pub fn format_cache(key: &CacheKey, outcome: &Outcome) -> String {
 }
 
 /// The cached outcome, or `None` if the file is for another key, truncated or corrupt.
-pub fn parse_cache(key: &CacheKey, text: &str) -> Option<Outcome> {
+pub(crate) fn parse_cache(key: &CacheKey, text: &str) -> Option<Outcome> {
     let rest = text
         .strip_prefix(CACHE_HEADER)?
         .strip_prefix('\n')?
@@ -460,6 +460,8 @@ impl ProbeVm {
             memory_mib: PROBE_MEMORY_MIB,
             vcpus: 1,
             accel,
+        };
+        let launch = Launch {
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
             incoming: false,
@@ -467,7 +469,7 @@ impl ProbeVm {
         let stderr = File::create(dir.join("qemu.err"));
         let spawned = stderr.map_err(|e| e.to_string()).and_then(|stderr| {
             Command::new(&p.qemu)
-                .args(spec.qemu_args())
+                .args(spec.qemu_args(&launch))
                 .arg("-no-reboot")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

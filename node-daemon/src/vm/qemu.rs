@@ -1,10 +1,11 @@
-//! QEMU backend: drives live migration of a guest over its QMP socket (the `qapi` crate's
+//! QMP client: drives live migration of a guest over its QMP socket (the `qapi` crate's
 //! async client). Both ends use it: the destination QEMU (started `-incoming defer`) gets
 //! `migrate-incoming`, the source gets parameters, capabilities and `migrate`.
 //! [`QemuBackend::follow`] watches the migration and applies the [`ConvergencePolicy`].
 mod convergence;
 
-pub use convergence::{ConvergencePolicy, StallRule, Switch, decide, is_stalled};
+use convergence::decide;
+pub use convergence::{ConvergencePolicy, StallRule, Switch};
 use qapi::futures::{QapiService, QmpStreamTokio};
 use qapi::qmp;
 use std::path::{Path, PathBuf};
@@ -124,6 +125,9 @@ pub struct MigrationProgress {
     pub cpu_throttle_percent: Option<u64>,
     /// Pages the destination requested on fault during post-copy.
     pub postcopy_requests: u64,
+    /// Bytes sent after the switch to post-copy; non-zero once post-copy ran, and still
+    /// reported after completion (unlike `mode`, which a poll can miss).
+    pub postcopy_bytes: u64,
     pub mode: MigrationMode,
     /// Set by [`QemuBackend::follow`] once its policy switched the migration (this sample
     /// and every later one).
@@ -171,6 +175,7 @@ impl MigrationProgress {
             dirty_pages_rate: ram.map(|r| r.dirty_pages_rate.max(0) as u64).unwrap_or(0),
             cpu_throttle_percent: throttle.map(|v| v as u64),
             postcopy_requests: ram.map(|r| r.postcopy_requests.max(0) as u64).unwrap_or(0),
+            postcopy_bytes: ram.map(|r| r.postcopy_bytes).unwrap_or(0),
             mode,
             switched_to: None,
         }
@@ -186,10 +191,23 @@ pub struct QemuBackend {
 impl QemuBackend {
     /// Connects and negotiates capabilities; retries while QEMU is still creating the
     /// socket (a freshly started launcher).
+    /// The greeting is awaited within `wait` too: QEMU serves one QMP client at a time,
+    /// and a connection queued behind another client would otherwise wait forever.
     pub async fn connect(path: &Path, wait: Duration) -> Result<Self, QemuError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match Self::try_connect(path).await {
+            let attempt = tokio::time::timeout_at(
+                deadline.max(tokio::time::Instant::now() + Duration::from_millis(500)),
+                Self::try_connect(path),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no QMP greeting (another client holds the monitor?)",
+                ))
+            });
+            match attempt {
                 Ok(b) => return Ok(b),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(QemuError::Connect {
@@ -408,6 +426,8 @@ impl QemuBackend {
         Ok(qapi::Enum::name(&s.status).to_string())
     }
 
+    /// Ends QEMU. For QEMUs a test or benchmark started itself: the daemon never quits a
+    /// pod's guest (its kubelet would restart the container and boot a second copy).
     pub async fn quit(&self) -> Result<(), QemuError> {
         self.exec(qmp::quit {}).await?;
         Ok(())

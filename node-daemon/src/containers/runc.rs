@@ -1,20 +1,11 @@
-//! runc, driven through typed invocations, and pod discovery under a runc root.
-//!
-//! A pod's containers are found by the annotations the CRI (containerd, CRI-O) puts in
-//! each container's OCI config, so the same code works against containerd's `k8s.io`
-//! runc root on a real node and against a test root.
-use crate::criu;
+//! runc, driven through typed invocations (checkpoint, list, state, pause/resume).
+//! Pod discovery on top of `runc list` lives in `pod.rs`.
+use super::criu;
 use crate::error::RuntimeError;
-use crate::runtime::WorkloadRef;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokio::process::Command;
-
-pub const ANN_NAMESPACE: &str = "io.kubernetes.pod.namespace";
-pub const ANN_POD_NAME: &str = "io.kubernetes.pod.name";
-pub const ANN_POD_UID: &str = "io.kubernetes.pod.uid";
-pub const ANN_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 
 /// One entry of `runc list --format json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,18 +22,6 @@ impl RuncContainer {
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations.as_ref()?.get(key).map(String::as_str)
     }
-
-    pub fn belongs_to(&self, pod: &WorkloadRef) -> bool {
-        self.annotation(ANN_NAMESPACE) == Some(pod.namespace.as_str())
-            && self.annotation(ANN_POD_NAME) == Some(pod.pod_name.as_str())
-            && (pod.pod_uid.is_empty()
-                || self.annotation(ANN_POD_UID) == Some(pod.pod_uid.as_str()))
-    }
-
-    /// The CRI container name, or the runc id when the annotation is missing.
-    pub fn name(&self) -> &str {
-        self.annotation(ANN_CONTAINER_NAME).unwrap_or(&self.id)
-    }
 }
 
 /// Options of `runc checkpoint` we use.
@@ -52,6 +31,10 @@ pub struct CheckpointOpts {
     pub work_path: PathBuf,
     pub leave_running: bool,
     pub tcp_established: bool,
+    /// `--file-locks` (held file locks are dumped).
+    pub file_locks: bool,
+    /// `--ext-unix-sk` (unix sockets connected outside the container).
+    pub ext_unix_sk: bool,
     /// host:port of a CRIU page server that receives the memory pages as they are dumped.
     pub page_server: Option<String>,
     pub lazy_pages: bool,
@@ -84,18 +67,19 @@ impl Runc {
         }
     }
 
-    fn base(&self) -> Vec<String> {
+    /// `--root ROOT`: the flags every call starts with.
+    pub fn base_args(&self) -> Vec<String> {
         vec!["--root".into(), self.root.display().to_string()]
     }
 
     pub fn list_args(&self) -> Vec<String> {
-        let mut a = self.base();
+        let mut a = self.base_args();
         a.extend(["list".into(), "--format".into(), "json".into()]);
         a
     }
 
     pub fn checkpoint_args(&self, id: &str, o: &CheckpointOpts) -> Vec<String> {
-        let mut a = self.base();
+        let mut a = self.base_args();
         a.push("checkpoint".into());
         a.extend(["--image-path".into(), o.image_path.display().to_string()]);
         a.extend(["--work-path".into(), o.work_path.display().to_string()]);
@@ -104,6 +88,12 @@ impl Runc {
         }
         if o.tcp_established {
             a.push("--tcp-established".into());
+        }
+        if o.file_locks {
+            a.push("--file-locks".into());
+        }
+        if o.ext_unix_sk {
+            a.push("--ext-unix-sk".into());
         }
         if let Some(ps) = &o.page_server {
             a.extend(["--page-server".into(), ps.clone()]);
@@ -119,7 +109,7 @@ impl Runc {
     }
 
     pub fn restore_args(&self, id: &str, o: &RestoreOpts) -> Vec<String> {
-        let mut a = self.base();
+        let mut a = self.base_args();
         a.extend(["restore".into(), "--detach".into()]);
         a.extend(["--image-path".into(), o.image_path.display().to_string()]);
         a.extend(["--work-path".into(), o.work_path.display().to_string()]);
@@ -135,7 +125,7 @@ impl Runc {
     }
 
     pub fn simple_args(&self, verb: &str, id: &str, extra: &[&str]) -> Vec<String> {
-        let mut a = self.base();
+        let mut a = self.base_args();
         a.push(verb.into());
         a.extend(extra.iter().map(|s| s.to_string()));
         a.push(id.into());
@@ -239,27 +229,6 @@ impl Runc {
         })
     }
 
-    /// The containers of `pod`, sorted by name; NotFound when there are none.
-    pub async fn pod_containers(
-        &self,
-        pod: &WorkloadRef,
-    ) -> Result<Vec<RuncContainer>, RuntimeError> {
-        let mut found: Vec<RuncContainer> = self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|c| c.belongs_to(pod))
-            .collect();
-        if found.is_empty() {
-            return Err(RuntimeError::NotFound(format!(
-                "no runc container under {} carries the annotations of pod {pod}",
-                self.root.display()
-            )));
-        }
-        found.sort_by(|a, b| a.name().cmp(b.name()));
-        Ok(found)
-    }
-
     pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
         self.run(self.simple_args("pause", id, &[]), None)
             .await
@@ -315,6 +284,8 @@ mod tests {
                 work_path: "/w".into(),
                 leave_running: true,
                 tcp_established: true,
+                file_locks: true,
+                ext_unix_sk: false,
                 page_server: Some("10.0.0.2:5000".into()),
                 lazy_pages: false,
                 status_fd: None,
@@ -323,7 +294,7 @@ mod tests {
         assert_eq!(
             a.join(" "),
             "--root /run/r checkpoint --image-path /i --work-path /w --leave-running \
-             --tcp-established --page-server 10.0.0.2:5000 c1"
+             --tcp-established --file-locks --page-server 10.0.0.2:5000 c1"
         );
     }
 
@@ -340,6 +311,7 @@ mod tests {
                 page_server: Some("10.0.0.1:5000".into()),
                 lazy_pages: true,
                 status_fd: Some(1),
+                ..Default::default()
             },
         );
         assert_eq!(
@@ -362,24 +334,5 @@ mod tests {
             "--root /run/r restore --detach --image-path /i --work-path /w --bundle /b \
              --tcp-established --lazy-pages c1"
         );
-    }
-
-    #[test]
-    fn pod_match_uses_cri_annotations() {
-        let c: RuncContainer = serde_json::from_str(
-            r#"{"id":"x","pid":1,"status":"running","bundle":"/b","annotations":{
-            "io.kubernetes.pod.namespace":"ns","io.kubernetes.pod.name":"p",
-            "io.kubernetes.pod.uid":"u1","io.kubernetes.container.name":"app"}}"#,
-        )
-        .unwrap();
-        let pod = |uid: &str| WorkloadRef {
-            namespace: "ns".into(),
-            pod_name: "p".into(),
-            pod_uid: uid.into(),
-        };
-        assert!(c.belongs_to(&pod("")));
-        assert!(c.belongs_to(&pod("u1")));
-        assert!(!c.belongs_to(&pod("u2")));
-        assert_eq!(c.name(), "app");
     }
 }

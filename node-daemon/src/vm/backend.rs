@@ -1,36 +1,41 @@
-//! The VM runtime: live migration of QEMU guests run by ferry-launcher.
+//! The VM runtime: live migration of QEMU guests run by ferry-launcher in VM pods.
 //!
-//! Data path (the stream never touches the Kubernetes API or the controller):
+//! Every copy of a guest is a kubelet-owned Pod: this daemon never starts, quits or
+//! kills QEMU. It finds guests in the VM registry (`registry.rs`) and drives them over
+//! QMP. Data path (the stream never touches the Kubernetes API or the controller):
 //!
 //! ```text
 //! source QEMU --unix--> source daemon ==mTLS pipe==> dest daemon --unix--> dest QEMU
 //!             <-------- return path (post-copy page requests) ---------
 //! ```
 //!
-//! 1. destination (`prepare_receiver` → background task): start the guest described by
-//!    the source (its spec travels in `WorkloadDescription.runtime_spec`) with
-//!    ferry-launcher in incoming mode, registered under the target pod; call
-//!    `migrate-incoming` on a unix socket, report [`INCOMING_READY`], and splice the
+//! 1. destination (`prepare_receiver` → background task): wait, bounded, for the target
+//!    pod's launcher (started by its kubelet with `FERRY_INCOMING` set) to register an
+//!    incoming guest and answer on QMP; check it is the source's guest, configure it,
+//!    `migrate-incoming unix:<dir>/in.sock`, report [`INCOMING_READY`], and splice the
 //!    pipe from the source into it once it arrives; `restore_in` waits until the guest
 //!    runs here.
-//! 2. source (`checkpoint_out`): point QEMU's `migrate` at a unix socket this daemon
-//!    listens on and splice that connection into a ferry-transfer pipe `<id>.ram` to the
-//!    destination; follow `query-migrate` into the progress stream until QEMU reports
-//!    completed. The guest is then paused ("postmigrate") but still resumable until
-//!    `finalize`.
-//! 3. `finalize`: the source quits its QEMU; the destination lets its guest run on.
-//!    `abort`: the source cancels the migration (or resumes a paused guest), the
-//!    destination kills its incoming QEMU. Once post-copy has started the source no
-//!    longer holds the whole guest, so abort refuses to resume it (see `abort_source`).
+//! 2. source (`checkpoint_out`): point QEMU's `migrate` at `<dir>/out.sock`, where this
+//!    daemon listens, and splice that connection into a ferry-transfer pipe `<id>.ram`
+//!    to the destination; follow `query-migrate` into the progress stream until QEMU
+//!    reports completed. The guest is then paused ("postmigrate") but still resumable
+//!    until `finalize`.
+//! 3. `finalize`: the source checks its guest is paused and forgets the migration; the
+//!    controller deletes the source Pod and its kubelet's SIGTERM ends QEMU (quitting it
+//!    here would make the kubelet restart the container: a freshly booted second copy).
+//!    `abort`: the source cancels the migration (or resumes a paused guest); the
+//!    destination stops its task and refuses the pipe, and the controller deletes the
+//!    target Pod. Once post-copy has started the source no longer holds the whole guest,
+//!    so abort refuses to resume it (see `abort_source`).
+use super::launcher::GuestSpec;
+use super::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
+use super::registry::{self, Found, Registry};
 use crate::error::RuntimeError;
-use crate::launcher::{Accel, GuestSpec};
-use crate::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
 use crate::runtime::{
     CheckpointPlan, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage, Strategy,
     StrategySupport, WorkloadDescription, WorkloadKind, WorkloadRef,
 };
 use crate::transport::{self, Transport};
-use crate::vm_registry;
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +49,8 @@ const QMP_WAIT: Duration = Duration::from_secs(20);
 /// `query-migrate` polling: each poll is one small QMP round trip, and the interval
 /// adds directly to the measured total time.
 const POLL: Duration = Duration::from_millis(20);
+/// How often the destination looks for the target pod's guest.
+const TARGET_POLL: Duration = Duration::from_millis(100);
 
 /// How long the relay may take to pass the end of QEMU's stream on after QEMU finished.
 const RELAY_DRAIN: Duration = Duration::from_secs(60);
@@ -60,40 +67,48 @@ const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 3600);
 pub const INCOMING_READY: &str = "incoming guest ready";
 
 pub struct VmConfig {
-    /// Where launchers register their guests (see `vm_registry`).
+    /// Where launchers register their guests (see `registry.rs`), the same path inside
+    /// the VM pods as here.
     pub vm_root: PathBuf,
-    /// The ferry-launcher binary, for destination guests.
-    pub launcher: PathBuf,
-    /// Per-migration sockets and logs.
-    pub state_dir: PathBuf,
+    /// This node's name: records of other nodes are not claimed. `None`: any record.
+    pub node_name: Option<String>,
+    /// How long the destination waits for the target pod's incoming guest.
+    pub target_wait: Duration,
     /// Applied to every outgoing migration (max-bandwidth is always explicit).
     pub tuning: MigrationTuning,
+}
+
+impl VmConfig {
+    /// The kubelet pulls the image and starts the container first; 2 minutes covers a
+    /// slow pull of the launcher image and QEMU's start.
+    pub const DEFAULT_TARGET_WAIT: Duration = Duration::from_secs(120);
 }
 
 /// What the destination's background task has reached.
 #[derive(Clone)]
 enum DestPhase {
-    Starting,
+    Waiting,
     /// The incoming QEMU listens and the pipe from the source is spliced into it.
-    Incoming(Arc<QemuBackend>),
+    Incoming {
+        qemu: Arc<QemuBackend>,
+        qmp: PathBuf,
+    },
     Failed(String),
 }
 
 enum VmMigration {
-    Source {
-        qmp_socket: PathBuf,
-        registry_dir: PathBuf,
-    },
+    /// The source guest's registry directory (`<root>/<pod-uid>`).
+    Source { dir: PathBuf },
     Dest {
         phase: watch::Receiver<DestPhase>,
         task: tokio::task::JoinHandle<()>,
-        target: WorkloadRef,
-        work: PathBuf,
     },
 }
 
 pub struct VmRuntime {
-    cfg: VmConfig,
+    registry: Registry,
+    target_wait: Duration,
+    tuning: MigrationTuning,
     transport: Arc<Transport>,
     migrations: Mutex<HashMap<String, VmMigration>>,
 }
@@ -106,42 +121,36 @@ fn qemu_err(e: QemuError) -> RuntimeError {
 }
 
 impl VmRuntime {
-    /// A failed finalize or abort on the source leaves its entry in place, so that the
-    /// controller's retry finds the paused guest again.
-    fn put_back_source(&self, migration_id: &str, qmp_socket: PathBuf, registry_dir: PathBuf) {
-        self.migrations.lock().unwrap().insert(
-            migration_id.to_string(),
-            VmMigration::Source {
-                qmp_socket,
-                registry_dir,
-            },
-        );
-    }
-
     pub fn new(cfg: VmConfig, transport: Arc<Transport>) -> VmRuntime {
         VmRuntime {
-            cfg,
+            registry: Registry::new(cfg.vm_root, cfg.node_name),
+            target_wait: cfg.target_wait,
+            tuning: cfg.tuning,
             transport,
             migrations: Mutex::new(HashMap::new()),
         }
     }
 
-    fn work_dir(&self, migration_id: &str) -> Result<PathBuf, RuntimeError> {
-        if migration_id.contains('/') || migration_id.starts_with('.') {
-            return Err(RuntimeError::InvalidArgument(format!(
-                "bad migration id {migration_id:?}"
-            )));
-        }
-        let dir = self.cfg.state_dir.join("vm").join(migration_id);
-        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating VM work dir"))?;
-        Ok(dir)
+    /// A failed finalize or abort on the source leaves its entry in place, so that the
+    /// controller's retry finds the paused guest again.
+    fn put_back_source(&self, migration_id: &str, dir: PathBuf) {
+        self.migrations
+            .lock()
+            .unwrap()
+            .insert(migration_id.to_string(), VmMigration::Source { dir });
     }
 
-    fn find(
-        &self,
-        w: &WorkloadRef,
-    ) -> Result<Option<(PathBuf, vm_registry::VmRecord)>, RuntimeError> {
-        vm_registry::find(&self.cfg.vm_root, w).map_err(RuntimeError::io("reading the VM registry"))
+    async fn find(&self, w: &WorkloadRef) -> Result<Option<Found>, RuntimeError> {
+        self.registry
+            .find(w)
+            .await
+            .map_err(RuntimeError::io("reading the VM registry"))
+    }
+
+    async fn find_running(&self, w: &WorkloadRef) -> Result<Found, RuntimeError> {
+        self.find(w)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound(format!("no running VM for pod {w}")))
     }
 
     /// Both ends configure the same tuning (capabilities must match). Live pre-copy
@@ -158,7 +167,7 @@ impl VmRuntime {
         MigrationTuning {
             postcopy_ram: policy.needs_postcopy_ram(),
             policy,
-            ..self.cfg.tuning.clone()
+            ..self.tuning.clone()
         }
     }
 
@@ -169,34 +178,31 @@ impl VmRuntime {
         plan: CheckpointPlan,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
-        let (registry_dir, rec) = self.find(&plan.workload)?.ok_or_else(|| {
-            RuntimeError::NotFound(format!("no running VM for pod {}", plan.workload))
-        })?;
+        let found = self.find_running(&plan.workload).await?;
+        let qmp = found.qmp();
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             VmMigration::Source {
-                qmp_socket: rec.spec.qmp_socket.clone(),
-                registry_dir,
+                dir: found.dir.clone(),
             },
         );
         let ep = transport::peer(&plan.receive_endpoint)?;
-        let work = self.work_dir(&plan.migration_id)?;
 
-        // QEMU migrates into a local socket that this daemon forwards.
-        let q = QemuBackend::connect(&rec.spec.qmp_socket, QMP_WAIT)
+        // QEMU migrates into a socket in its pod's directory, which this daemon forwards.
+        let q = QemuBackend::connect(&qmp, QMP_WAIT)
             .await
             .map_err(qemu_err)?;
         let tuning = self.tuning_for(plan.strategy);
         q.configure(&tuning).await.map_err(qemu_err)?;
-        let sock = work.join("out.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener =
-            UnixListener::bind(&sock).map_err(RuntimeError::io("binding the migration socket"))?;
+        let sock = OwnedSocket(found.dir.join(registry::OUTGOING_SOCKET));
+        let _ = std::fs::remove_file(&sock.0);
+        let listener = UnixListener::bind(&sock.0)
+            .map_err(RuntimeError::io("binding the migration socket"))?;
         if plan.strategy == Strategy::Cold {
             q.stop().await.map_err(qemu_err)?;
         }
         progress.stage(Stage::Transferring, "migrating guest memory");
-        if let Err(e) = q.migrate(&format!("unix:{}", sock.display())).await {
+        if let Err(e) = q.migrate(&format!("unix:{}", sock.0.display())).await {
             self.resume_if_paused(&q).await;
             return Err(qemu_err(e));
         }
@@ -207,6 +213,9 @@ impl VmRuntime {
                     RuntimeError::Transfer("QEMU did not connect to the migration socket".into())
                 })?
                 .map_err(RuntimeError::io("accepting QEMU's migration connection"))?;
+            // One connection (no multifd): the socket has served its purpose.
+            drop(listener);
+            drop(sock);
             let pipe = self
                 .transport
                 .sender
@@ -246,7 +255,7 @@ impl VmRuntime {
             match r {
                 Err(QemuError::Command { .. }) if reconnects < MAX_RECONNECTS => {
                     reconnects += 1;
-                    match reconnect(&rec.spec.qmp_socket).await {
+                    match reconnect(&qmp).await {
                         Some(again) => q = again,
                         None => break r.map_err(qemu_err),
                     }
@@ -291,6 +300,7 @@ impl VmRuntime {
                     downtime_ms = p.downtime_ms,
                     total_ms = p.total_time_ms,
                     bytes = p.transferred_bytes,
+                    postcopy_bytes = p.postcopy_bytes,
                     "guest migrated; source paused until finalize"
                 );
                 Ok(())
@@ -320,8 +330,8 @@ impl VmRuntime {
         }
     }
 
-    async fn abort_source(&self, qmp_socket: &Path) -> Result<(), RuntimeError> {
-        let q = QemuBackend::connect(qmp_socket, QMP_WAIT)
+    async fn abort_source(&self, dir: &Path) -> Result<(), RuntimeError> {
+        let q = QemuBackend::connect(&dir.join(registry::QMP_SOCKET), QMP_WAIT)
             .await
             .map_err(qemu_err)?;
         let p = q.progress().await.map_err(qemu_err)?;
@@ -351,39 +361,36 @@ impl VmRuntime {
                 "source guest is {state} after abort, not running"
             )));
         }
+        let _ = std::fs::remove_file(dir.join(registry::OUTGOING_SOCKET));
         Ok(())
     }
 
-    async fn finalize_source(
-        &self,
-        qmp_socket: &Path,
-        registry_dir: &Path,
-    ) -> Result<(), RuntimeError> {
-        let pid = vm_registry_pid(registry_dir);
-        match QemuBackend::connect(qmp_socket, Duration::from_secs(2)).await {
-            Ok(q) => {
-                let state = q.run_state().await.map_err(qemu_err)?;
-                if state == "running" {
-                    return Err(RuntimeError::FailedPrecondition(
-                        "the source guest is running again; refusing to stop it".into(),
-                    ));
-                }
-                // QEMU closes QMP as it exits, so the reply may never come.
-                let _ = tokio::time::timeout(Duration::from_secs(2), q.quit()).await;
-            }
-            Err(_) if pid.is_none_or(|p| !vm_registry::process_alive(p)) => {}
-            Err(e) => return Err(qemu_err(e)),
+    /// The source stays paused until its Pod is deleted: its kubelet ends QEMU. A guest
+    /// already gone (the Pod deleted before a retried finalize) is fine.
+    async fn finalize_source(&self, dir: &Path) -> Result<(), RuntimeError> {
+        let _ = std::fs::remove_file(dir.join(registry::OUTGOING_SOCKET));
+        let qmp = dir.join(registry::QMP_SOCKET);
+        if !registry::listening(&qmp)
+            .await
+            .map_err(RuntimeError::io("checking the source guest"))?
+        {
+            return Ok(());
         }
-        if let Some(pid) = pid {
-            for _ in 0..100 {
-                if !vm_registry::process_alive(pid) {
-                    break;
-                }
-                tokio::time::sleep(POLL).await;
-            }
+        let q = QemuBackend::connect(&qmp, QMP_WAIT)
+            .await
+            .map_err(qemu_err)?;
+        match q.run_state().await.map_err(qemu_err)?.as_str() {
+            "postmigrate" => Ok(()),
+            "running" => Err(RuntimeError::FailedPrecondition(
+                "the source guest is running again: two copies may run; \
+                 the migration cannot be finalized"
+                    .into(),
+            )),
+            state => Err(RuntimeError::FailedPrecondition(format!(
+                "the source guest is {state}, not paused after a completed migration \
+                 (postmigrate)"
+            ))),
         }
-        let _ = std::fs::remove_dir_all(registry_dir);
-        Ok(())
     }
 
     // ---- destination ----
@@ -399,43 +406,48 @@ impl VmRuntime {
                  describe the source with a ferry-node of the same version"
             ))
         })?;
-        let work = self.work_dir(&plan.migration_id)?;
-        let (tx, rx) = watch::channel(DestPhase::Starting);
-        let ctx = IncomingCtx {
+        if !plan.target.pod_uid.is_empty() {
+            registry::dir_for(self.registry.root(), &plan.target.pod_uid)
+                .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
+        }
+        let (tx, rx) = watch::channel(DestPhase::Waiting);
+        let incoming = Incoming {
             transport: self.transport.clone(),
-            launcher: self.cfg.launcher.clone(),
-            vm_root: self.cfg.vm_root.clone(),
+            registry: self.registry.clone(),
+            wait: self.target_wait,
             tuning: self.tuning_for(plan.strategy),
             migration_id: plan.migration_id.clone(),
-            target: plan.target.clone(),
-            work: work.clone(),
-            spec,
+            target: plan.target,
+            source_spec: spec,
             progress,
         };
         let (transport, pipe_id) = (self.transport.clone(), ram_pipe(&plan.migration_id));
         let task = tokio::spawn(async move {
-            let phase = match ctx.run().await {
-                Ok(q) => DestPhase::Incoming(Arc::new(q)),
+            let (phase, relay) = match incoming.run().await {
+                Ok((qemu, qmp, relay)) => (
+                    DestPhase::Incoming {
+                        qemu: Arc::new(qemu),
+                        qmp,
+                    },
+                    Some(relay),
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "incoming VM setup failed");
                     // Close the source's pipe (parked or still to come) so that its
                     // QEMU sees the failure instead of blocking on a full buffer.
                     reject_pipe(&transport, &pipe_id);
-                    DestPhase::Failed(e.to_string())
+                    (DestPhase::Failed(e.to_string()), None)
                 }
             };
             let _ = tx.send(phase);
-            // Keep the sender (and so the phase) alive until the migration is dropped.
+            // Keep the sender (and so the phase) and the relay alive until the migration
+            // is dropped: aborting this task stops the relay.
+            let _relay = relay.map(StopOnDrop);
             std::future::pending::<()>().await;
         });
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
-            VmMigration::Dest {
-                phase: rx,
-                task,
-                target: plan.target,
-                work,
-            },
+            VmMigration::Dest { phase: rx, task },
         );
         Ok(ReceiverInfo {
             receive_endpoint: self.transport.endpoint(),
@@ -448,12 +460,8 @@ impl VmRuntime {
         migration_id: &str,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
-        let (mut phase, qmp_socket) = match self.migrations.lock().unwrap().get(migration_id) {
-            Some(VmMigration::Dest { phase, target, .. }) => (
-                phase.clone(),
-                vm_registry::dir_for(&self.cfg.vm_root, &target.namespace, &target.pod_name)
-                    .join("qmp.sock"),
-            ),
+        let mut phase = match self.migrations.lock().unwrap().get(migration_id) {
+            Some(VmMigration::Dest { phase, .. }) => phase.clone(),
             _ => {
                 return Err(RuntimeError::NotFound(format!(
                     "migration {migration_id} has no VM receiver here"
@@ -461,11 +469,11 @@ impl VmRuntime {
             }
         };
         progress.stage(Stage::Transferring, "waiting for the guest's memory");
-        let q = loop {
+        let (mut q, qmp) = loop {
             match phase.borrow_and_update().clone() {
-                DestPhase::Incoming(q) => break q,
+                DestPhase::Incoming { qemu, qmp } => break (qemu, qmp),
                 DestPhase::Failed(e) => return Err(RuntimeError::Transfer(e)),
-                DestPhase::Starting => {}
+                DestPhase::Waiting => {}
             }
             phase
                 .changed()
@@ -474,14 +482,13 @@ impl VmRuntime {
         };
         // The incoming side reports its status too; the guest runs once it completes
         // (during post-copy it already runs while pages still arrive).
-        let mut q = q;
         let mut reconnects = 0;
         loop {
             let p = match q.progress().await {
                 Ok(p) => p,
                 Err(e @ QemuError::Command { .. }) if reconnects < MAX_RECONNECTS => {
                     reconnects += 1;
-                    match reconnect(&qmp_socket).await {
+                    match reconnect(&qmp).await {
                         Some(again) => {
                             q = Arc::new(again);
                             continue;
@@ -505,37 +512,26 @@ impl VmRuntime {
                         progress.stage(Stage::Restoring, "guest running here");
                         return Ok(());
                     }
+                    // A guest stopped at the source (Cold) arrives paused: the whole
+                    // guest is here and the source stays stopped, so run it here.
+                    if state == "paused" {
+                        q.cont().await.map_err(qemu_err)?;
+                    }
                 }
                 _ => {}
             }
             tokio::time::sleep(POLL).await;
         }
     }
-
-    async fn abort_dest(&self, target: &WorkloadRef, work: &Path) {
-        let dir = vm_registry::dir_for(&self.cfg.vm_root, &target.namespace, &target.pod_name);
-        if let Some(pid) = vm_registry_pid(&dir) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            for _ in 0..100 {
-                if !vm_registry::process_alive(pid) {
-                    break;
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        }
-        let _ = std::fs::remove_dir_all(dir);
-        let _ = std::fs::remove_dir_all(work);
-    }
 }
 
-fn vm_registry_pid(dir: &Path) -> Option<u32> {
-    let bytes = std::fs::read(dir.join(vm_registry::RECORD)).ok()?;
-    serde_json::from_slice::<vm_registry::VmRecord>(&bytes)
-        .ok()
-        .map(|r| r.pid)
+/// A socket file this daemon created; removed when dropped.
+struct OwnedSocket(PathBuf);
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A QMP connection is only the control channel: when it drops while QEMU lives (seen
@@ -583,6 +579,16 @@ struct Relay {
     inbound: tokio::task::JoinHandle<std::io::Result<u64>>,
 }
 
+/// The destination's relay, stopped with the migration's task.
+struct StopOnDrop(Relay);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.outbound.abort();
+        self.0.inbound.abort();
+    }
+}
+
 /// Relays a migration stream between a QEMU socket and a transfer pipe, both ways.
 fn splice(qemu: UnixStream, pipe: ferry_transfer::Pipe) -> Relay {
     let (qemu_r, qemu_w) = qemu.into_split();
@@ -606,51 +612,40 @@ async fn copy_then_shutdown(
 }
 
 /// Everything the destination's background task needs.
-struct IncomingCtx {
+struct Incoming {
     transport: Arc<Transport>,
-    launcher: PathBuf,
-    vm_root: PathBuf,
+    registry: Registry,
+    wait: Duration,
     tuning: MigrationTuning,
     migration_id: String,
     target: WorkloadRef,
-    work: PathBuf,
-    spec: GuestSpec,
+    source_spec: GuestSpec,
     progress: ProgressSink,
 }
 
-impl IncomingCtx {
-    async fn run(self) -> Result<QemuBackend, RuntimeError> {
-        let spec = &self.spec;
-        let dir =
-            vm_registry::dir_for(&self.vm_root, &self.target.namespace, &self.target.pod_name);
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cmd = tokio::process::Command::new(&self.launcher);
-        cmd.args(launcher_args(spec, &self.vm_root, &self.target));
-        let log = std::fs::File::create(self.work.join("qemu.log"))
-            .map_err(RuntimeError::io("creating qemu.log"))?;
-        cmd.stdout(log.try_clone().map_err(RuntimeError::io("qemu.log"))?)
-            .stderr(log);
-        let mut child = cmd.spawn().map_err(RuntimeError::io(format!(
-            "starting {}",
-            self.launcher.display()
-        )))?;
-        // The guest outlives this task; reap it whenever it exits.
-        let pid = child.id();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            tracing::info!(?pid, ?status, "incoming guest's QEMU exited");
-        });
-
-        let qmp = dir.join("qmp.sock");
-        let q = QemuBackend::connect(&qmp, QMP_WAIT).await.map_err(|e| {
-            RuntimeError::Transfer(format!(
-                "{e}; QEMU output: {}",
-                std::fs::read_to_string(self.work.join("qemu.log")).unwrap_or_default()
-            ))
-        })?;
+impl Incoming {
+    async fn run(self) -> Result<(QemuBackend, PathBuf, Relay), RuntimeError> {
+        let found = self.wait_for_target().await?;
+        let qmp = found.qmp();
+        let q = QemuBackend::connect(&qmp, QMP_WAIT)
+            .await
+            .map_err(qemu_err)?;
+        let state = q.run_state().await.map_err(qemu_err)?;
+        if state != "inmigrate" {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "the guest of target pod {} is {state}, not waiting for an incoming migration",
+                self.target
+            )));
+        }
+        if let Some(why) = self.source_spec.mismatch(&found.rec.spec) {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "the guest of target pod {} is not the source's guest: {why}",
+                self.target
+            )));
+        }
         q.configure(&self.tuning).await.map_err(qemu_err)?;
-        let sock = self.work.join("in.sock");
-        let _ = std::fs::remove_file(&sock);
+        // QEMU (in the pod) creates it; the daemon reaches it through the shared VM root.
+        let sock = found.dir.join(registry::INCOMING_SOCKET);
         q.migrate_incoming(&format!("unix:{}", sock.display()))
             .await
             .map_err(qemu_err)?;
@@ -665,41 +660,76 @@ impl IncomingCtx {
             .await
             .map_err(RuntimeError::io("connecting to the incoming QEMU"))?;
         // Runs until QEMU or the source closes; QEMU's own status says how it went.
-        let _relay = splice(conn, pipe);
-        Ok(q)
+        Ok((q, qmp, splice(conn, pipe)))
     }
-}
 
-/// ferry-launcher's arguments for the destination copy of `spec`, registered as `target`.
-fn launcher_args(spec: &GuestSpec, vm_root: &Path, target: &WorkloadRef) -> Vec<String> {
-    let mut a = vec![
-        "--kernel".to_string(),
-        spec.kernel.display().to_string(),
-        "--append".into(),
-        spec.append.clone(),
-        "--memory-mib".into(),
-        spec.memory_mib.to_string(),
-        "--vcpus".into(),
-        spec.vcpus.to_string(),
-        "--accel".into(),
-        match spec.accel {
-            Accel::Kvm => "kvm".into(),
-            Accel::Tcg => "tcg".into(),
-        },
-        "--incoming".into(),
-        "--vm-root".into(),
-        vm_root.display().to_string(),
-        "--namespace".into(),
-        target.namespace.clone(),
-        "--pod".into(),
-        target.pod_name.clone(),
-        "--pod-uid".into(),
-        target.pod_uid.clone(),
-    ];
-    if let Some(initrd) = &spec.initrd {
-        a.extend(["--initrd".into(), initrd.display().to_string()]);
+    /// The target pod's kubelet starts its launcher whenever it gets to it, before or
+    /// after this call; wait for it, bounded.
+    async fn wait_for_target(&self) -> Result<Found, RuntimeError> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let where_ = if self.target.pod_uid.is_empty() {
+            self.registry.root().display().to_string()
+        } else {
+            self.registry
+                .root()
+                .join(&self.target.pod_uid)
+                .display()
+                .to_string()
+        };
+        let io =
+            |e: std::io::Error| RuntimeError::io(format!("reading the VM registry at {where_}"))(e);
+        let mut last = String::from("nothing registered");
+        loop {
+            let seen = if self.target.pod_uid.is_empty() {
+                self.registry
+                    .find(&self.target)
+                    .await
+                    .map_err(io)?
+                    .ok_or(None)
+            } else {
+                self.registry
+                    .probe(&self.target)
+                    .await
+                    .map_err(io)?
+                    .map_err(|m| Some(m.to_string()))
+            };
+            match seen {
+                Ok(found) if !found.rec.incoming => {
+                    return Err(RuntimeError::FailedPrecondition(format!(
+                        "target pod {} runs a guest that booted by itself, not an incoming \
+                         one: its {} was empty (the target Pod needs the annotation {}={})",
+                        self.target,
+                        registry::ENV_INCOMING,
+                        registry::INCOMING_ANNOTATION,
+                        self.migration_id
+                    )));
+                }
+                Ok(found)
+                    if !found.rec.migration_uid.is_empty()
+                        && found.rec.migration_uid != self.migration_id =>
+                {
+                    return Err(RuntimeError::FailedPrecondition(format!(
+                        "target pod {} waits for migration {}, not {}",
+                        self.target, found.rec.migration_uid, self.migration_id
+                    )));
+                }
+                Ok(found) => return Ok(found),
+                Err(Some(why)) => last = why,
+                Err(None) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::FailedPrecondition(format!(
+                    "target pod {} registered no incoming guest under {where_} within {:?} \
+                     (found: {last}); its ferry-launcher must run on this node with {} set \
+                     and the VM root mounted at the same path",
+                    self.target,
+                    self.wait,
+                    registry::ENV_INCOMING
+                )));
+            }
+            tokio::time::sleep(TARGET_POLL).await;
+        }
     }
-    a
 }
 
 fn postcopy_support() -> StrategySupport {
@@ -740,12 +770,13 @@ impl Runtime for VmRuntime {
         workload: &'a WorkloadRef,
     ) -> BoxFuture<'a, Result<Option<WorkloadDescription>, RuntimeError>> {
         async move {
-            Ok(self.find(workload)?.map(|(_, rec)| WorkloadDescription {
-                workload: rec.workload(),
+            Ok(self.find(workload).await?.map(|f| WorkloadDescription {
+                workload: f.rec.workload(),
                 kind: WorkloadKind::VirtualMachine,
+                runtime: self.name().to_string(),
                 containers: Vec::new(),
-                memory_bytes: u64::from(rec.spec.memory_mib) << 20,
-                runtime_spec: serde_json::to_vec(&rec.spec).expect("spec serializes"),
+                memory_bytes: u64::from(f.rec.spec.memory_mib) << 20,
+                runtime_spec: serde_json::to_vec(&f.rec.spec).expect("spec serializes"),
             }))
         }
         .boxed()
@@ -757,7 +788,10 @@ impl Runtime for VmRuntime {
         progress: ProgressSink,
     ) -> BoxFuture<'_, Result<ReceiverInfo, RuntimeError>> {
         async move {
-            progress.stage(Stage::Prepared, "starting the incoming guest");
+            progress.stage(
+                Stage::Prepared,
+                format!("waiting for the guest of target pod {}", plan.target),
+            );
             self.prepare(plan, progress)
         }
         .boxed()
@@ -769,10 +803,8 @@ impl Runtime for VmRuntime {
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         async move {
             transport::peer(&plan.receive_endpoint)?;
-            let (_, rec) = self.find(&plan.workload)?.ok_or_else(|| {
-                RuntimeError::NotFound(format!("no running VM for pod {}", plan.workload))
-            })?;
-            let q = QemuBackend::connect(&rec.spec.qmp_socket, Duration::from_secs(5))
+            let found = self.find_running(&plan.workload).await?;
+            let q = QemuBackend::connect(&found.qmp(), Duration::from_secs(5))
                 .await
                 .map_err(qemu_err)?;
             let state = q.run_state().await.map_err(qemu_err)?;
@@ -814,24 +846,16 @@ impl Runtime for VmRuntime {
         async move {
             let m = self.migrations.lock().unwrap().remove(migration_id);
             match m {
-                Some(VmMigration::Source {
-                    qmp_socket,
-                    registry_dir,
-                }) => {
-                    let r = self.finalize_source(&qmp_socket, &registry_dir).await;
+                Some(VmMigration::Source { dir }) => {
+                    let r = self.finalize_source(&dir).await;
                     if r.is_err() {
-                        self.put_back_source(migration_id, qmp_socket, registry_dir);
+                        self.put_back_source(migration_id, dir);
                     }
                     r?;
                 }
-                Some(VmMigration::Dest { task, work, .. }) => {
-                    task.abort();
-                    let _ = std::fs::remove_dir_all(work);
-                }
+                // The guest runs on in the target Pod; only the relay ends.
+                Some(VmMigration::Dest { task, .. }) => task.abort(),
                 None => {}
-            }
-            if let Ok(dir) = self.work_dir(migration_id) {
-                let _ = std::fs::remove_dir_all(dir);
             }
             Ok(())
         }
@@ -842,61 +866,23 @@ impl Runtime for VmRuntime {
         async move {
             let m = self.migrations.lock().unwrap().remove(migration_id);
             match m {
-                Some(VmMigration::Source {
-                    qmp_socket,
-                    registry_dir,
-                }) => {
-                    let r = self.abort_source(&qmp_socket).await;
+                Some(VmMigration::Source { dir }) => {
+                    let r = self.abort_source(&dir).await;
                     if r.is_err() {
-                        self.put_back_source(migration_id, qmp_socket, registry_dir);
+                        self.put_back_source(migration_id, dir);
                     }
                     r
                 }
-                Some(VmMigration::Dest {
-                    task, target, work, ..
-                }) => {
+                // Nothing here to remove or kill: the target Pod's guest is its
+                // kubelet's, and the controller deletes that Pod.
+                Some(VmMigration::Dest { task, .. }) => {
                     task.abort();
                     reject_pipe(&self.transport, &ram_pipe(migration_id));
-                    self.abort_dest(&target, &work).await;
                     Ok(())
                 }
                 None => Ok(()),
             }
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destination_launcher_gets_the_same_guest_in_incoming_mode() {
-        let spec = GuestSpec {
-            kernel: "/g/vmlinuz".into(),
-            initrd: Some("/g/initramfs.gz".into()),
-            append: "console=ttyS0".into(),
-            memory_mib: 512,
-            vcpus: 2,
-            accel: Accel::Tcg,
-            qmp_socket: "/src/qmp.sock".into(),
-            serial_log: "/src/serial.log".into(),
-            incoming: false,
-        };
-        let target = WorkloadRef {
-            namespace: "ns".into(),
-            pod_name: "vm-b".into(),
-            pod_uid: "u2".into(),
-        };
-        let a = launcher_args(&spec, Path::new("/run/ferry/vms"), &target);
-        let value = |k: &str| a.windows(2).find(|w| w[0] == k).map(|w| w[1].as_str());
-        assert_eq!(value("--memory-mib"), Some("512"));
-        assert_eq!(value("--vcpus"), Some("2"));
-        assert_eq!(value("--initrd"), Some("/g/initramfs.gz"));
-        assert_eq!(value("--pod"), Some("vm-b"));
-        assert!(a.iter().any(|x| x == "--incoming"));
-        // The destination's sockets live in its own registry dir, not the source's.
-        assert!(!a.iter().any(|x| x.contains("/src/")));
     }
 }

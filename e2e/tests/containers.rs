@@ -1,0 +1,479 @@
+//! Containers on real nodes: every pod is created through the apiserver and run by a
+//! kubelet + containerd; ferry's controller creates the target Pod, the daemons move
+//! the state, `ferry-runtime` restores it as the target Pod's containers.
+//!
+//! One world (2 clusters × 2 nodes, one controller) for all scenarios: they run
+//! concurrently, each in its own namespace, and every failure is reported.
+use anyhow::{Context, Result, bail, ensure};
+use ferry_crds::{Migration, Phase};
+use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use std::time::Duration;
+
+fn migration(name: &str, pod: &str, target: &str, strategy: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec:\n  workload: {{pod: {pod}}}\n  target: {target}\n  strategy: {strategy}\n"
+    )
+}
+
+async fn run(w: &World, ns: &str, name: &str, yaml: &str) -> Result<Migration> {
+    w.apply_migration(ns, yaml).await?;
+    w.follow(ns, name, Duration::from_secs(180), |m| {
+        eprintln!(
+            "[{ns}] {name}: {:?}",
+            m.status.as_ref().and_then(|s| s.phase)
+        );
+    })
+    .await
+}
+
+/// The pod moved: exactly one running copy (on `node`), run by the target kubelet with
+/// no restart, its state continued from the source's, `kubectl logs`/`exec` work, and
+/// the source Pod is gone for good.
+async fn check_moved(
+    w: &World,
+    ns: &str,
+    m: &Migration,
+    cluster: &str,
+    pod: &str,
+    node: &str,
+    containers: &[&str],
+) -> Result<()> {
+    let status = m.status.clone().context("no status")?;
+    ensure!(
+        status.phase == Some(Phase::Succeeded),
+        "not Succeeded: {:?}",
+        status.failure
+    );
+    let pods: Api<Pod> = Api::namespaced(w.client(cluster).clone(), ns);
+    let target = pods.get(pod).await?;
+    let spec = target.spec.clone().unwrap_or_default();
+    ensure!(
+        spec.node_name.as_deref() == Some(node),
+        "target on {:?}",
+        spec.node_name
+    );
+    for cs in target
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default()
+    {
+        ensure!(
+            cs.restart_count == 0,
+            "{} restarted {} times",
+            cs.name,
+            cs.restart_count
+        );
+        ensure!(
+            cs.state.as_ref().is_some_and(|s| s.running.is_some()),
+            "{} not running",
+            cs.name
+        );
+    }
+    for c in containers {
+        // Its log continues where the source stopped (a fresh start would print 1).
+        let logs = numbers(&w.logs(cluster, ns, pod, c)?);
+        let first = *logs.first().with_context(|| format!("{c}: empty log"))?;
+        ensure!(
+            first > 1,
+            "{c}: the target's log starts at {first}: restarted, not restored"
+        );
+        // The file it keeps open in its writable layer moved and grows on.
+        let file = numbers(&w.exec(cluster, ns, pod, c, &["cat", "/data/count.log"])?);
+        ensure!(
+            file.first() == Some(&1),
+            "{c}: count.log lost its start: {:?}",
+            &file[..file.len().min(3)]
+        );
+        ensure!(
+            file.windows(2).all(|p| p[1] == p[0] + 1),
+            "{c}: count.log has gaps or repeats"
+        );
+        ensure!(
+            file.contains(&(first - 1)),
+            "{c}: the source's last value {} is not in count.log",
+            first - 1
+        );
+    }
+    let copies = w.running_copies(ns, pod)?;
+    ensure!(
+        copies.len() == containers.len() && copies.iter().all(|(n, _)| n == node),
+        "running copies: {copies:?}"
+    );
+    // The source Pod is gone and nothing recreated it.
+    let src: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let source_name = status
+        .source
+        .as_ref()
+        .map(|s| s.pod.clone())
+        .unwrap_or_default();
+    if cluster != "east" || source_name != pod {
+        wait_for(
+            Duration::from_secs(30),
+            "the source Pod to be gone",
+            || async { Ok(src.get_opt(&source_name).await?.is_none()) },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn cold_across_clusters(w: &World) -> Result<()> {
+    let ns = "cold-across";
+    let pod = w
+        .create_pod(ns, counter_pod("counter", "east-1", &["app"]))
+        .await?;
+    eprintln!(
+        "[{ns}] pod running on {:?}",
+        pod.spec.and_then(|s| s.node_name)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = run(
+        w,
+        ns,
+        "m",
+        &migration("m", "counter", "{cluster: west, node: west-1}", "Cold"),
+    )
+    .await?;
+    check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
+    let t = m.status.and_then(|s| s.timings).unwrap_or_default();
+    eprintln!(
+        "[{ns}] downtime {:?} ms, total {:?} ms",
+        t.downtime_ms, t.total_ms
+    );
+    Ok(())
+}
+
+async fn live_within_cluster(w: &World) -> Result<()> {
+    let ns = "live-within";
+    w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = run(
+        w,
+        ns,
+        "m",
+        &migration("m", "counter", "{node: east-2}", "Live"),
+    )
+    .await?;
+    let target = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target.as_ref())
+        .map(|t| t.pod.clone())
+        .unwrap_or_default();
+    check_moved(w, ns, &m, "east", &target, "east-2", &["app"]).await?;
+    // A later restart of the restored container is a fresh start, as any restart is.
+    let pid = w.container_pid("east-2", ns, &target, "app")?;
+    nix_kill(pid)?;
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    wait_for(
+        Duration::from_secs(60),
+        "the restored container to restart",
+        || async {
+            let p = pods.get(&target).await?;
+            Ok(p.status
+                .and_then(|s| s.container_statuses)
+                .is_some_and(|cs| {
+                    cs.iter().all(|c| {
+                        c.restart_count == 1
+                            && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                    })
+                }))
+        },
+    )
+    .await?;
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted container's first line",
+        || async { Ok(!numbers(&w.logs("east", ns, &target, "app")?).is_empty()) },
+    )
+    .await?;
+    let logs = numbers(&w.logs("east", ns, &target, "app")?);
+    ensure!(
+        logs.first() == Some(&1),
+        "a restart after the restore starts fresh: {:?}",
+        &logs[..logs.len().min(3)]
+    );
+    Ok(())
+}
+
+async fn three_containers(w: &World) -> Result<()> {
+    let ns = "three";
+    w.create_pod(ns, counter_pod("trio", "east-1", &["a", "b", "c"]))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = run(
+        w,
+        ns,
+        "m",
+        &migration("m", "trio", "{cluster: west, node: west-1}", "Cold"),
+    )
+    .await?;
+    check_moved(w, ns, &m, "west", "trio", "west-1", &["a", "b", "c"]).await
+}
+
+/// A corrupted checkpoint: the restore fails, the target Pod is removed, the source
+/// thawed, exactly one copy (the source) runs.
+async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
+    let ns = "rollback";
+    w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.apply_migration(
+        ns,
+        &migration("m", "counter", "{cluster: west, node: west-1}", "Cold"),
+    )
+    .await?;
+    // Corrupt this target Pod's staged images on west-1 as soon as they are there,
+    // before its container restores them (the wrapper waits for `ready`).
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let uid = loop {
+        if let Some(uid) = migs
+            .get("m")
+            .await?
+            .status
+            .and_then(|s| s.target)
+            .and_then(|t| t.uid)
+        {
+            break uid;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no target Pod uid after 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let state = w.node("west-1").state_dir.join("restore").join(uid);
+    let corrupt = tokio::task::spawn_blocking(move || -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            for e in walk(&state) {
+                if e.file_name().is_some_and(|n| n == "images") {
+                    if let Some(f) = std::fs::read_dir(&e)?
+                        .flatten()
+                        .find(|f| f.file_name().to_string_lossy().starts_with("pstree"))
+                    {
+                        std::fs::write(f.path(), b"garbage")?;
+                        return Ok(());
+                    }
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("no staged images appeared under {}", state.display());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let m = w.follow(ns, "m", Duration::from_secs(180), |_| {}).await?;
+    corrupt.await??;
+    let s = m.status.clone().context("status")?;
+    ensure!(
+        s.phase == Some(Phase::RolledBack),
+        "phase {:?} ({:?})",
+        s.phase,
+        s.failure
+    );
+    let f = s.failure.context("failure")?;
+    ensure!(f.rolled_back, "not rolled back: {f:?}");
+    let west: Api<Pod> = Api::namespaced(w.west.clone(), ns);
+    ensure!(
+        west.get_opt("counter").await?.is_none(),
+        "the target Pod remains"
+    );
+    let copies = w.running_copies(ns, "counter")?;
+    ensure!(
+        copies == [("east-1".to_string(), "app".to_string())],
+        "copies {copies:?}"
+    );
+    // The source runs on: its log grows.
+    let before = numbers(&w.logs("east", ns, "counter", "app")?)
+        .last()
+        .copied()
+        .unwrap_or(0);
+    wait_for(
+        Duration::from_secs(10),
+        "the thawed source to count on",
+        || async {
+            Ok(numbers(&w.logs("east", ns, "counter", "app")?)
+                .last()
+                .copied()
+                .unwrap_or(0)
+                > before)
+        },
+    )
+    .await?;
+    eprintln!(
+        "[{ns}] rolled back: {}: {}",
+        f.reason,
+        f.message.lines().next().unwrap_or("")
+    );
+    Ok(())
+}
+
+fn nix_kill(pid: u32) -> Result<()> {
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    ensure!(st.success(), "kill -9 {pid}");
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(e.path());
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Bad input: nothing is frozen, the Migration fails in Preparing with a reason a
+/// person can act on, the source runs on untouched.
+async fn bad_targets_fail_in_preparing(w: &World) -> Result<()> {
+    let ns = "bad-input";
+    w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
+        .await?;
+    // west-2 has a daemon but no ferry runtime.
+    let m = run(
+        w,
+        ns,
+        "no-runtime",
+        &migration(
+            "no-runtime",
+            "counter",
+            "{cluster: west, node: west-2}",
+            "Cold",
+        ),
+    )
+    .await?;
+    let f = m
+        .status
+        .as_ref()
+        .and_then(|s| s.failure.clone())
+        .context("failure")?;
+    ensure!(f.phase == Phase::Preparing, "failed in {:?}", f.phase);
+    ensure!(
+        f.message.contains("no ferry runtime"),
+        "reason: {}",
+        f.message
+    );
+    // An image the target node does not have.
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let mut spec = counter_pod("odd", "east-1", &["app"]);
+    spec["spec"]["containers"][0]["image"] = "docker.io/library/busybox:only-on-east".into();
+    let out = w
+        .node("east-1")
+        .kube
+        .ctr()
+        .args([
+            "images",
+            "tag",
+            ferry_e2e::world::BUSYBOX,
+            "docker.io/library/busybox:only-on-east",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ctr tag: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.create_pod(ns, spec).await?;
+    let m = run(
+        w,
+        ns,
+        "no-image",
+        &migration("no-image", "odd", "{cluster: west, node: west-1}", "Cold"),
+    )
+    .await?;
+    let f = m
+        .status
+        .as_ref()
+        .and_then(|s| s.failure.clone())
+        .context("failure")?;
+    ensure!(f.phase == Phase::Preparing, "failed in {:?}", f.phase);
+    ensure!(
+        f.message.contains("busybox:only-on-east") && f.message.contains("not on this node"),
+        "reason: {}",
+        f.message
+    );
+    for p in ["counter", "odd"] {
+        let copies = w.running_copies(ns, p)?;
+        ensure!(
+            copies.len() == 1 && copies[0].0 == "east-1",
+            "{p}: copies {copies:?}"
+        );
+        let pod = pods.get(p).await?;
+        ensure!(
+            pod.status.and_then(|s| s.phase).as_deref() == Some("Running"),
+            "{p} not running"
+        );
+    }
+    for c in ["no-runtime", "no-image"] {
+        let m: Migration = Api::namespaced(w.east.clone(), ns).get(c).await?;
+        eprintln!(
+            "[{ns}] {c}: {:?}",
+            m.status
+                .and_then(|s| s.failure)
+                .map(|f| (f.reason, f.message))
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containers_move_between_real_nodes() -> Result<()> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir_in("/tmp")?;
+    let mut w = World::start(dir.path(), WorldOptions::default()).await?;
+    w.start_controller();
+    for ns in [
+        "cold-across",
+        "live-within",
+        "three",
+        "rollback",
+        "bad-input",
+    ] {
+        w.namespace(ns).await?;
+    }
+    let w = &w;
+    let results = futures::join!(
+        cold_across_clusters(w),
+        live_within_cluster(w),
+        three_containers(w),
+        corrupted_checkpoint_rolls_back(w),
+        bad_targets_fail_in_preparing(w),
+    );
+    let named = [
+        ("cold across clusters", results.0),
+        ("live within a cluster, then a fresh restart", results.1),
+        ("three containers", results.2),
+        ("corrupted checkpoint rolls back", results.3),
+        ("bad targets fail in Preparing", results.4),
+    ];
+    let mut failed = 0;
+    for (name, r) in &named {
+        match r {
+            Ok(()) => eprintln!("scenario ok: {name}"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("scenario FAILED: {name}: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("logs kept in {}", dir.keep().display());
+        bail!("{failed} of {} scenarios failed", named.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! The destination side of a container migration: stage what arrives for the target
+//! Pod, open its gate, and wait until `ferry-runtime` has restored every container.
+use super::criu::{LazyPagesOpts, PageServerOpts};
+use super::runc::Runc;
+use super::source::LAZY_SOURCE_FILE;
+use super::staging::{self, RestorePlan, StageDir};
+use super::wire::{BundleHeader, BundleListener};
+use super::{ContainerRuntime, Migration, free_port, kill_all, parse_host_port, wait_gone};
+use crate::error::RuntimeError;
+use crate::runtime::*;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+
+/// How long the gate container may take to appear once the Pod's sandbox is ready.
+const GATE_WAIT: Duration = Duration::from_secs(120);
+/// How long the restores may take once every container's state is staged (the
+/// wrapper's own create wait is shorter).
+const RESTORE_WAIT: Duration = Duration::from_secs(180);
+
+pub struct DestState {
+    info: ReceiverInfo,
+    stages: Vec<StageDir>,
+    page_server_pids: Vec<u32>,
+    /// Post-copy: the `criu lazy-pages` daemons (they exit once all pages are in).
+    lazy_pids: Arc<Mutex<Vec<u32>>>,
+    /// Receives, unpacks and marks ready; aborted with the migration.
+    receiving: tokio::task::AbortHandle,
+    gate: tokio::task::AbortHandle,
+    /// One entry per staged bundle: when the source froze (unix ms).
+    arrivals: Option<mpsc::Receiver<Result<u64, RuntimeError>>>,
+}
+
+impl ContainerRuntime {
+    pub(super) async fn prepare(&self, plan: ReceiverPlan) -> Result<ReceiverInfo, RuntimeError> {
+        if let Some(Migration::Dest(d)) = self.migrations.lock().unwrap().get(&plan.migration_id) {
+            return Ok(d.info.clone()); // repeated call
+        }
+        let Some(restore_root) = self.cfg.restore_root.clone() else {
+            return Err(RuntimeError::Unavailable(
+                "this node has no ferry runtime (containerd handler `ferry` with ferry-runtime): \
+                 containers cannot be restored here; install ferry's node pieces"
+                    .into(),
+            ));
+        };
+        self.check_strategy(plan.strategy)?;
+        if plan.workload.containers.is_empty() {
+            return Err(RuntimeError::InvalidArgument(
+                "workload has no containers".into(),
+            ));
+        }
+        if let Some(cri) = &self.cfg.cri {
+            super::images::check(cri, &plan.images).await?;
+        }
+        let uid = &plan.target.pod_uid;
+        let lazy = plan.strategy == Strategy::PostCopy;
+        let mut stages = Vec::new();
+        let mut page_servers = Vec::new();
+        let mut pids = Vec::new();
+        for c in &plan.workload.containers {
+            let stage = StageDir::new(&self.cfg.state_dir, uid, &c.name).ok_or_else(|| {
+                RuntimeError::InvalidArgument(format!(
+                    "bad target pod uid {uid:?} or container name {:?}",
+                    c.name
+                ))
+            })?;
+            let _ = std::fs::remove_dir_all(&stage.dir);
+            for d in [staging::IMAGES, staging::WORK] {
+                std::fs::create_dir_all(stage.path(d))
+                    .map_err(RuntimeError::io("creating the stage dir"))?;
+            }
+            let rp = RestorePlan {
+                migration_id: plan.migration_id.clone(),
+                lazy,
+                criu: plan.criu.clone(),
+            };
+            stage
+                .mark(staging::PLAN, &serde_json::to_vec(&rp).expect("json"))
+                .map_err(RuntimeError::io("writing the restore plan"))?;
+            if !lazy {
+                let port = free_port(&self.cfg.advertise_ip)?;
+                let opts = PageServerOpts {
+                    images_dir: stage.path(staging::IMAGES),
+                    address: self.cfg.advertise_ip.clone(),
+                    port,
+                    pidfile: stage.path(staging::WORK).join("page-server.pid"),
+                    log_file: stage.path(staging::WORK).join("page-server.log"),
+                    lazy_pages: false,
+                };
+                match self.cfg.criu.start_page_server(&opts).await {
+                    Ok(pid) => pids.push(pid),
+                    Err(e) => {
+                        kill_all(&pids);
+                        return Err(e);
+                    }
+                }
+                page_servers.push((c.name.clone(), format!("{}:{port}", self.cfg.advertise_ip)));
+            }
+            stages.push(stage);
+        }
+        let names: Vec<String> = plan
+            .workload
+            .containers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let listener = BundleListener::new(&self.cfg.transport, &plan.migration_id, &names);
+        let info = ReceiverInfo {
+            receive_endpoint: listener.endpoint(),
+            page_servers,
+        };
+        let (tx, rx) = mpsc::channel(names.len());
+        let (staged_tx, staged_rx) = watch::channel(0usize);
+        let lazy_pids = Arc::new(Mutex::new(Vec::new()));
+        let receiving = tokio::spawn(receive(
+            listener,
+            stages.clone(),
+            self.cfg.criu.clone(),
+            lazy.then(|| lazy_pids.clone()),
+            tx,
+            staged_tx,
+        ))
+        .abort_handle();
+        // The gate opens now when the containers' creates can safely wait for the
+        // state; otherwise once everything is staged.
+        let early = lazy || plan.workload.memory_bytes <= self.cfg.early_release_bytes;
+        let need = if early { 0 } else { stages.len() };
+        let gate =
+            tokio::spawn(open_gate(restore_root, uid.clone(), staged_rx, need)).abort_handle();
+        self.migrations.lock().unwrap().insert(
+            plan.migration_id.clone(),
+            Migration::Dest(DestState {
+                info: info.clone(),
+                stages,
+                page_server_pids: pids,
+                lazy_pids,
+                receiving,
+                gate,
+                arrivals: Some(rx),
+            }),
+        );
+        Ok(info)
+    }
+
+    pub(super) async fn restore(
+        &self,
+        migration_id: &str,
+        progress: ProgressSink,
+    ) -> Result<(), RuntimeError> {
+        let (mut arrivals, stages) = {
+            let mut m = self.migrations.lock().unwrap();
+            match m.get_mut(migration_id) {
+                Some(Migration::Dest(d)) => (
+                    d.arrivals.take().ok_or_else(|| {
+                        RuntimeError::FailedPrecondition(format!(
+                            "restore of {migration_id} already started"
+                        ))
+                    })?,
+                    d.stages.clone(),
+                ),
+                _ => {
+                    return Err(RuntimeError::NotFound(format!(
+                        "migration {migration_id} has no receiver on this node; call PrepareReceiver first"
+                    )));
+                }
+            }
+        };
+        progress.stage(Stage::Restoring, "waiting for the state");
+        let mut frozen_at = 0;
+        for _ in 0..stages.len() {
+            frozen_at = arrivals
+                .recv()
+                .await
+                .ok_or_else(|| RuntimeError::Transfer("bundle receiver stopped early".into()))??;
+        }
+        progress.stage(
+            Stage::Restoring,
+            "state staged; the target Pod's containers restore it",
+        );
+        let deadline = Instant::now() + RESTORE_WAIT;
+        let mut last = 0;
+        for st in &stages {
+            loop {
+                if let Some(r) = st.restored() {
+                    last = last.max(r.at_unix_ms);
+                    break;
+                }
+                if let Some(why) = st.read(staging::FAILED) {
+                    return Err(RuntimeError::FailedPrecondition(format!(
+                        "restoring {} failed: {why}",
+                        st.dir.display()
+                    )));
+                }
+                if st.has(staging::ABORTED) {
+                    return Err(RuntimeError::Aborted("migration aborted".into()));
+                }
+                if Instant::now() > deadline {
+                    return Err(RuntimeError::FailedPrecondition(format!(
+                        "the target Pod's container did not restore {} within {RESTORE_WAIT:?}: \
+                         is the Pod running with RuntimeClass ferry?",
+                        st.dir.display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if frozen_at > 0 {
+            progress.downtime_ms(last.saturating_sub(frozen_at));
+        }
+        progress.stage(
+            Stage::Restoring,
+            "every container restored and running in the target Pod",
+        );
+        Ok(())
+    }
+
+    pub(super) async fn finalize_dest(&self, d: DestState) {
+        d.receiving.abort();
+        d.gate.abort();
+        kill_all(&d.page_server_pids);
+        // Lazy-pages daemons exit by themselves once every page is in (the source's
+        // checkpoint succeeded only then); give stragglers a moment.
+        let lazy: Vec<u32> = d.lazy_pids.lock().unwrap().drain(..).collect();
+        wait_gone(&lazy, Duration::from_secs(10)).await;
+        kill_all(&lazy);
+        for st in &d.stages {
+            st.drop_payload(false);
+        }
+    }
+
+    pub(super) async fn abort_dest(&self, d: DestState) {
+        for st in &d.stages {
+            // A create still waiting fails now; a later one never starts fresh.
+            let _ = st.mark(staging::ABORTED, b"");
+        }
+        d.receiving.abort();
+        d.gate.abort();
+        kill_all(&d.page_server_pids);
+        kill_all(&d.lazy_pids.lock().unwrap().drain(..).collect::<Vec<_>>());
+        for st in &d.stages {
+            // CRIU's logs stay for the post-mortem of a failed migration.
+            st.drop_payload(true);
+        }
+    }
+}
+
+/// Accepts one bundle per stage, unpacks it and marks the stage ready (Live: after
+/// starting its lazy-pages daemon).
+async fn receive(
+    mut listener: BundleListener,
+    stages: Vec<StageDir>,
+    criu: super::criu::Criu,
+    lazy_pids: Option<Arc<Mutex<Vec<u32>>>>,
+    tx: mpsc::Sender<Result<u64, RuntimeError>>,
+    staged: watch::Sender<usize>,
+) {
+    let mut unpacks = tokio::task::JoinSet::new();
+    for _ in 0..stages.len() {
+        let (header, mut body) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let Some(stage) = stages
+            .iter()
+            .find(|s| s.dir.ends_with(&header.container))
+            .cloned()
+        else {
+            let _ = tx
+                .send(Err(RuntimeError::Transfer(format!(
+                    "unexpected bundle for {}",
+                    header.container
+                ))))
+                .await;
+            return;
+        };
+        let (tx, staged, criu, lazy_pids) =
+            (tx.clone(), staged.clone(), criu.clone(), lazy_pids.clone());
+        unpacks.spawn(async move {
+            let r = stage_bundle(&stage, &header, &mut body, &criu, lazy_pids.as_deref()).await;
+            if r.is_ok() {
+                staged.send_modify(|n| *n += 1);
+            }
+            let _ = tx.send(r.map(|()| header.frozen_at_ms)).await;
+        });
+    }
+    while unpacks.join_next().await.is_some() {}
+}
+
+async fn stage_bundle(
+    stage: &StageDir,
+    _header: &BundleHeader,
+    body: &mut (impl tokio::io::AsyncRead + Unpin),
+    criu: &super::criu::Criu,
+    lazy_pids: Option<&Mutex<Vec<u32>>>,
+) -> Result<(), RuntimeError> {
+    unpack(&stage.dir, body).await?;
+    if let Some(pids) = lazy_pids {
+        // The userfaultfd daemon must listen in the restore's work dir first.
+        let opts = lazy_pages_opts(&stage.path(staging::IMAGES), &stage.path(staging::WORK))?;
+        let pid = criu.start_lazy_pages(&opts).await?;
+        pids.lock().unwrap().push(pid);
+    }
+    stage
+        .mark(staging::READY, b"")
+        .map_err(RuntimeError::io("marking the stage ready"))
+}
+
+/// Ends the target Pod's gate init container (SIGTERM; pause exits 0) once `need`
+/// containers are staged, so the kubelet goes on to create the app containers.
+async fn open_gate(root: Runc, pod_uid: String, mut staged: watch::Receiver<usize>, need: usize) {
+    while *staged.borrow_and_update() < need {
+        if staged.changed().await.is_err() {
+            return;
+        }
+    }
+    let deadline = Instant::now() + GATE_WAIT;
+    loop {
+        let gate = root.list().await.ok().and_then(|cs| {
+            cs.into_iter().find(|c| {
+                c.annotation(staging::ANN_SANDBOX_UID) == Some(pod_uid.as_str())
+                    && c.annotation(staging::ANN_CONTAINER_NAME) == Some(staging::GATE_CONTAINER)
+            })
+        });
+        match gate {
+            Some(c) if c.status == "running" => {
+                let args = [
+                    &root.base_args()[..],
+                    &["kill".into(), c.id.clone(), "TERM".into()],
+                ]
+                .concat();
+                match root.run(args, None).await {
+                    Ok(_) => tracing::info!(pod_uid, "gate opened"),
+                    Err(e) => tracing::warn!(pod_uid, error = %e, "could not open the gate"),
+                }
+                return;
+            }
+            Some(c) if c.status == "stopped" => return, // already open
+            _ if Instant::now() > deadline => {
+                tracing::warn!(pod_uid, "the target Pod's gate container never appeared");
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn unpack(
+    dest: &Path,
+    body: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<(), RuntimeError> {
+    let args = vec![
+        "-x".to_string(),
+        "--no-same-permissions".into(),
+        "-f".into(),
+        "-".into(),
+        "-C".into(),
+        dest.display().to_string(),
+    ];
+    let mut child = Command::new("tar")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(RuntimeError::io("starting tar"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let copied = tokio::io::copy(body, &mut stdin).await;
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(RuntimeError::io("waiting for tar"))?;
+    copied.map_err(|e| {
+        RuntimeError::Transfer(format!("receiving bundle into {}: {e}", dest.display()))
+    })?;
+    if !out.status.success() {
+        return Err(RuntimeError::command(
+            "tar",
+            &args,
+            Some(out.status),
+            &out.stderr,
+            String::new(),
+        ));
+    }
+    Ok(())
+}
+
+/// The lazy-pages daemon of a received post-copy bundle: it fetches from the source
+/// address the bundle names, and listens in `work` (the restore's work dir).
+fn lazy_pages_opts(images: &Path, work: &Path) -> Result<LazyPagesOpts, RuntimeError> {
+    let file = images.join(LAZY_SOURCE_FILE);
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        RuntimeError::FailedPrecondition(format!(
+            "post-copy bundle lacks the source's lazy page server ({}): {e}",
+            file.display()
+        ))
+    })?;
+    let (address, port) = parse_host_port(text.trim()).ok_or_else(|| {
+        RuntimeError::FailedPrecondition(format!(
+            "bad lazy page server address {:?} in {}",
+            text.trim(),
+            file.display()
+        ))
+    })?;
+    Ok(LazyPagesOpts {
+        images_dir: images.to_path_buf(),
+        work_dir: work.to_path_buf(),
+        source_address: address,
+        source_port: port,
+        pidfile: work.join("lazy-pages.pid"),
+        log_file: work.join("lazy-pages.log"),
+    })
+}

@@ -1,0 +1,461 @@
+//! The source side of a container migration: freeze the pod, dump, send, and end or
+//! resume the frozen copy.
+use super::criu::option_hint;
+use super::pod::{self, Freezer, PodContainer};
+use super::runc::{CheckpointOpts, kill_group};
+use super::staging;
+use super::wire::{self, BundleHeader};
+use super::{ContainerRuntime, Migration, free_port, rootfs};
+use crate::error::RuntimeError;
+use crate::runtime::*;
+use futures::future::try_join_all;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// Written into a post-copy bundle's `images/`: `host:port` of the source's lazy page
+/// server (CRIU ignores files it does not know in an images dir).
+pub const LAZY_SOURCE_FILE: &str = "ferry-lazy-source";
+
+/// How long freezing the pod cgroup may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `finalize` waits for the kubelet to begin stopping the frozen containers
+/// before it ends them anyway.
+const STOP_SIGNAL_WAIT: Duration = Duration::from_secs(10);
+
+pub struct SourceState {
+    containers: Vec<PodContainer>,
+    /// Each container's own freezer: CRIU needs to thaw and refreeze a container's
+    /// cgroup while it seizes the tasks, which a frozen parent would prevent.
+    freezers: Vec<Freezer>,
+    /// False once a post-copy bundle is out: the destination may run the pod, so the
+    /// source must never resume.
+    resumable: Arc<AtomicBool>,
+    /// Process groups of post-copy `runc checkpoint`s still serving pages.
+    serving: Arc<Mutex<Vec<u32>>>,
+}
+
+/// One pod checkpoint's shared state, handed to each container's dump.
+struct Cut<'a> {
+    plan: &'a CheckpointPlan,
+    dir: &'a Path,
+    frozen_at_ms: u64,
+    progress: &'a ProgressSink,
+    serving: &'a Mutex<Vec<u32>>,
+    resumable: &'a AtomicBool,
+}
+
+impl ContainerRuntime {
+    pub(super) fn check_strategy(&self, s: Strategy) -> Result<(), RuntimeError> {
+        match self.strategies.iter().find(|x| x.strategy == s) {
+            Some(x) if x.available => Ok(()),
+            Some(x) => Err(RuntimeError::Unavailable(format!(
+                "strategy {s:?} on this node: {}",
+                x.reason
+            ))),
+            None => Err(RuntimeError::Unavailable(format!(
+                "strategy {s:?} is unknown to the container runtime"
+            ))),
+        }
+    }
+
+    pub(super) async fn validate(
+        &self,
+        plan: &CheckpointPlan,
+    ) -> Result<Vec<PodContainer>, RuntimeError> {
+        self.check_strategy(plan.strategy)?;
+        let containers = match pod::find(&self.cfg.roots, &plan.workload).await? {
+            pod::Found::Containers(c) => c,
+            pod::Found::VmPod => {
+                return Err(RuntimeError::FailedPrecondition(format!(
+                    "pod {} hosts a VM; the VM runtime moves it",
+                    plan.workload
+                )));
+            }
+            pod::Found::None => {
+                return Err(RuntimeError::NotFound(format!(
+                    "no container of pod {} runs on this node",
+                    plan.workload
+                )));
+            }
+        };
+        for c in &containers {
+            if c.c.status != "running" {
+                return Err(RuntimeError::FailedPrecondition(format!(
+                    "container {} of pod {} is {}, not running; nothing was changed",
+                    c.name(),
+                    plan.workload,
+                    c.c.status
+                )));
+            }
+            if plan.strategy != Strategy::PostCopy
+                && !plan.page_servers.iter().any(|(n, _)| n == c.name())
+            {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "no page server given for container {}; pass PrepareReceiverResponse.page_servers",
+                    c.name()
+                )));
+            }
+        }
+        Ok(containers)
+    }
+
+    pub(super) async fn checkpoint(
+        &self,
+        plan: CheckpointPlan,
+        progress: ProgressSink,
+    ) -> Result<(), RuntimeError> {
+        let dir = self.mig_dir(&plan.migration_id)?;
+        let containers = self.validate(&plan).await?;
+        let pod_freezer = Freezer::for_cgroup(&pod::pod_cgroup(&containers)?);
+        let freezers = containers
+            .iter()
+            .map(|c| c.cgroup().map(Freezer::for_cgroup))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                RuntimeError::FailedPrecondition("a container has no cgroup path".into())
+            })?;
+        let serving = Arc::new(Mutex::new(Vec::new()));
+        let resumable = Arc::new(AtomicBool::new(true));
+        self.migrations.lock().unwrap().insert(
+            plan.migration_id.clone(),
+            Migration::Source(SourceState {
+                containers: containers.clone(),
+                freezers: freezers.clone(),
+                resumable: resumable.clone(),
+                serving: serving.clone(),
+            }),
+        );
+        progress.stage(
+            Stage::Checkpointing,
+            format!("freezing the pod ({} container(s))", containers.len()),
+        );
+        let frozen_at_ms = cut(&pod_freezer, &freezers).await?;
+        let cut = Cut {
+            plan: &plan,
+            dir: &dir,
+            frozen_at_ms,
+            progress: &progress,
+            serving: &serving,
+            resumable: &resumable,
+        };
+        let result = try_join_all(containers.iter().map(|c| {
+            let ps = plan
+                .page_servers
+                .iter()
+                .find(|(n, _)| n == c.name())
+                .map(|(_, e)| e.clone());
+            self.checkpoint_one(&cut, c, ps)
+        }))
+        .await;
+        match result {
+            Ok(_) => {
+                progress.stage(
+                    Stage::Transferring,
+                    "state sent; the source stays frozen until finalize or abort",
+                );
+                Ok(())
+            }
+            Err(e) => {
+                for pgid in serving.lock().unwrap().drain(..) {
+                    kill_group(pgid);
+                }
+                if !resumable.load(Ordering::SeqCst) {
+                    tracing::error!(error = %e, "post-copy failed after a bundle was sent; source left frozen");
+                    return Err(e);
+                }
+                // Rollback: the source continues as if nothing happened.
+                if let Err(t) = thaw_all(&freezers) {
+                    tracing::error!(error = %t, "could not thaw the source pod");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn checkpoint_one(
+        &self,
+        cut: &Cut<'_>,
+        c: &PodContainer,
+        page_server: Option<String>,
+    ) -> Result<(), RuntimeError> {
+        let plan = cut.plan;
+        let name = c.name().to_string();
+        let cdir = cut.dir.join(&name);
+        let images = cdir.join(staging::IMAGES);
+        let work = cdir.join(staging::WORK);
+        for d in [&images, &work] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(RuntimeError::io("creating checkpoint dir"))?;
+        }
+        let lazy = plan.strategy == Strategy::PostCopy;
+        let lazy_server = if lazy {
+            Some(format!(
+                "{}:{}",
+                self.cfg.advertise_ip,
+                free_port(&self.cfg.advertise_ip)?
+            ))
+        } else {
+            None
+        };
+        let opts = CheckpointOpts {
+            image_path: images.clone(),
+            work_path: work.clone(),
+            // The source stays frozen but resumable until finalize or abort.
+            leave_running: true,
+            tcp_established: true,
+            file_locks: plan.criu.file_locks,
+            ext_unix_sk: plan.criu.external_unix_sockets,
+            // Live: where this node serves the pages; Cold: the destination's page
+            // server that receives them while CRIU dumps.
+            page_server: lazy_server.clone().or(page_server),
+            lazy_pages: lazy,
+            // runc writes one byte to its stdout when the lazy page server is up.
+            status_fd: lazy.then_some(1),
+        };
+        let args = c.runc.checkpoint_args(&c.c.id, &opts);
+        let dump_log = work.join("dump.log");
+        let started = Instant::now();
+        let serving = match &lazy_server {
+            None => {
+                c.runc
+                    .run(args.clone(), Some(&dump_log))
+                    .await
+                    .map_err(|e| with_hint(e, &dump_log))?;
+                None
+            }
+            Some(server) => {
+                let child = self.lazy_dump(c, &args, &dump_log, cut.serving).await?;
+                std::fs::write(images.join(LAZY_SOURCE_FILE), server)
+                    .map_err(RuntimeError::io("writing lazy source address"))?;
+                Some(child)
+            }
+        };
+        let dumped = started.elapsed();
+        // The files the container wrote: its overlay upper dir (still frozen).
+        let rootfs = c.rootfs();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(RuntimeError::io("reading mountinfo"))?;
+        let upper = rootfs::overlay_upper_dir(&mountinfo, &rootfs).ok_or_else(|| {
+            RuntimeError::FailedPrecondition(format!(
+                "the rootfs of container {name} ({}) is not an overlay mount; ferry moves \
+                 containers of containerd's overlayfs snapshotter",
+                rootfs.display()
+            ))
+        })?;
+        let stats = rootfs::write_diff(
+            &upper,
+            &cdir.join(staging::ROOTFS_DIFF),
+            &cdir.join(staging::DELETED),
+        )
+        .map_err(RuntimeError::io(format!(
+            "writing the writable-layer diff of {name}"
+        )))?;
+        let sent = self.send_bundle(cut, c, &cdir).await?;
+        cut.progress.add_bytes(sent);
+        tracing::info!(container = %name, bytes = sent, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
+        if let Some(child) = serving {
+            cut.progress.stage(
+                Stage::Transferring,
+                format!("post-copy: {name} restored at the target; serving its memory"),
+            );
+            // Post-copy: done once the destination has fetched every page.
+            let pgid = child.id();
+            let r = c.runc.finish(child, &args, Some(&dump_log)).await;
+            if let Some(pgid) = pgid {
+                cut.serving.lock().unwrap().retain(|p| *p != pgid);
+            }
+            r?;
+            tracing::info!(container = %name, "lazy pages all fetched by the destination");
+        }
+        Ok(())
+    }
+
+    /// The bundle: CRIU's images and the writable-layer diff, as one tar stream.
+    async fn send_bundle(
+        &self,
+        cut: &Cut<'_>,
+        c: &PodContainer,
+        cdir: &Path,
+    ) -> Result<u64, RuntimeError> {
+        let args: Vec<String> = ["-c", "-f", "-", "--numeric-owner", "-C"]
+            .into_iter()
+            .map(String::from)
+            .chain([cdir.display().to_string()])
+            .chain([staging::IMAGES, staging::ROOTFS_DIFF, staging::DELETED].map(String::from))
+            .collect();
+        let mut child = Command::new("tar")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(RuntimeError::io("starting tar"))?;
+        let mut out = child.stdout.take().expect("piped");
+        let header = BundleHeader {
+            migration_id: cut.plan.migration_id.clone(),
+            container: c.name().to_string(),
+            container_id: c.c.id.clone(),
+            frozen_at_ms: cut.frozen_at_ms,
+        };
+        if cut.plan.strategy == Strategy::PostCopy {
+            // From here the destination may restore and run the pod.
+            cut.resumable.store(false, Ordering::SeqCst);
+        }
+        let sent = wire::send(
+            &self.cfg.transport,
+            &cut.plan.receive_endpoint,
+            &header,
+            &mut out,
+        )
+        .await;
+        let status = child
+            .wait_with_output()
+            .await
+            .map_err(RuntimeError::io("waiting for tar"))?;
+        let sent = sent?;
+        if !status.status.success() {
+            return Err(RuntimeError::command(
+                "tar",
+                &args,
+                Some(status.status),
+                &status.stderr,
+                String::new(),
+            ));
+        }
+        Ok(sent)
+    }
+
+    /// Starts a `runc checkpoint --lazy-pages --status-fd 1` and returns once CRIU has
+    /// dumped everything but the lazy memory and its page server listens.
+    async fn lazy_dump(
+        &self,
+        c: &PodContainer,
+        args: &[String],
+        dump_log: &Path,
+        serving: &Mutex<Vec<u32>>,
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        let mut child = c.runc.spawn(args)?;
+        if let Some(pgid) = child.id() {
+            serving.lock().unwrap().push(pgid);
+        }
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut byte = [0u8; 1];
+        // EOF (or an error) means runc exited before the server came up.
+        if !matches!(stdout.read(&mut byte).await, Ok(1)) {
+            if let Some(pgid) = child.id() {
+                serving.lock().unwrap().retain(|p| *p != pgid);
+            }
+            c.runc
+                .finish(child, args, Some(dump_log))
+                .await
+                .map_err(|e| with_hint(e, dump_log))?;
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "runc checkpoint --lazy-pages exited without starting its page server: {}",
+                super::criu::log_excerpt(dump_log)
+            )));
+        }
+        Ok(child)
+    }
+
+    /// The controller deleted the source Pod: end the frozen copy. The tasks get
+    /// SIGKILL while still frozen and die as they thaw, running no more of their own
+    /// code; first wait (bounded) until the kubelet has begun stopping them (a signal
+    /// pending), so it does not restart a container it still believes should run.
+    pub(super) async fn finalize_source(
+        &self,
+        migration_id: &str,
+        s: SourceState,
+    ) -> Result<(), RuntimeError> {
+        for pgid in s.serving.lock().unwrap().drain(..) {
+            kill_group(pgid);
+        }
+        let inits: Vec<u32> = s.containers.iter().map(|c| c.c.pid).collect();
+        let deadline = Instant::now() + STOP_SIGNAL_WAIT;
+        while !inits
+            .iter()
+            .all(|p| pod::signal_pending(*p) || !super::alive(*p))
+        {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    ?inits,
+                    "the kubelet has not begun stopping the source containers; ending them anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for f in &s.freezers {
+            super::kill_all(&f.pids());
+        }
+        let r = thaw_all(&s.freezers);
+        let _ = std::fs::remove_dir_all(self.mig_dir(migration_id)?);
+        r
+    }
+
+    pub(super) async fn abort_source(
+        &self,
+        migration_id: &str,
+        s: SourceState,
+    ) -> Result<(), RuntimeError> {
+        for pgid in s.serving.lock().unwrap().drain(..) {
+            kill_group(pgid);
+        }
+        if !s.resumable.load(Ordering::SeqCst) {
+            // Put it back: a later finalize must still end the frozen copy.
+            self.migrations
+                .lock()
+                .unwrap()
+                .insert(migration_id.to_string(), Migration::Source(s));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "migration {migration_id}: post-copy already handed the pod to the destination; \
+                 the source cannot resume"
+            )));
+        }
+        let r = thaw_all(&s.freezers);
+        let _ = std::fs::remove_dir_all(self.mig_dir(migration_id)?);
+        r
+    }
+}
+
+/// The consistent cut: one write freezes the whole pod cgroup (no container runs after
+/// another stopped); each container's own freezer then takes over and the pod cgroup
+/// thaws again (only the pause sandbox runs on), because CRIU thaws and refreezes a
+/// container's cgroup while it seizes its tasks, which a frozen parent would block.
+/// Returns when the pod froze (unix ms).
+async fn cut(pod: &Freezer, containers: &[Freezer]) -> Result<u64, RuntimeError> {
+    pod.freeze(FREEZE_TIMEOUT).await?;
+    let frozen_at_ms = unix_ms();
+    let mut r = Ok(());
+    for f in containers {
+        r = r.and(f.freeze(FREEZE_TIMEOUT).await);
+    }
+    let thawed = pod.thaw();
+    if let Err(e) = r.and(thawed) {
+        let _ = thaw_all(containers);
+        return Err(e);
+    }
+    Ok(frozen_at_ms)
+}
+
+fn thaw_all(freezers: &[Freezer]) -> Result<(), RuntimeError> {
+    let mut first = Ok(());
+    for f in freezers {
+        if let Err(e) = f.thaw() {
+            first = first.and(Err(e));
+        }
+    }
+    first
+}
+
+/// A failed dump, with the Migration setting that would let it pass when CRIU's log
+/// names one.
+fn with_hint(e: RuntimeError, dump_log: &Path) -> RuntimeError {
+    let log = std::fs::read_to_string(dump_log).unwrap_or_default();
+    match option_hint(&log) {
+        Some(hint) => RuntimeError::FailedPrecondition(format!("{hint}\n{e}")),
+        None => e,
+    }
+}
