@@ -19,6 +19,8 @@ const GATE_WAIT: Duration = Duration::from_secs(120);
 /// How long the restores may take once every container's state is staged (the
 /// wrapper's own create wait is shorter).
 const RESTORE_WAIT: Duration = Duration::from_secs(180);
+/// How long prepare waits for the first target container's create to reach the wrapper.
+const CREATE_WAIT: Duration = Duration::from_secs(10);
 
 pub struct DestState {
     info: ReceiverInfo,
@@ -129,6 +131,7 @@ impl ContainerRuntime {
         let need = if early { 0 } else { stages.len() };
         let gate =
             tokio::spawn(open_gate(restore_root, uid.clone(), staged_rx, need)).abort_handle();
+        let first_stage = stages[0].clone();
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             Migration::Dest(DestState {
@@ -141,6 +144,18 @@ impl ContainerRuntime {
                 arrivals: Some(rx),
             }),
         );
+        if early {
+            // Return (and let the source freeze) once the first container's create
+            // waits for the state: the kubelet notices the gate's exit only at its next
+            // relist (up to a second), which would otherwise add to the downtime.
+            let deadline = Instant::now() + CREATE_WAIT;
+            while !first_stage.has(staging::WAITING) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !first_stage.has(staging::WAITING) {
+                tracing::warn!(pod_uid = %uid, "no container create waits yet; going on");
+            }
+        }
         Ok(info)
     }
 

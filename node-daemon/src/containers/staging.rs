@@ -10,6 +10,7 @@
 //!     rootfs-diff.tar  the source's writable-layer files, paths relative to the rootfs
 //!     deleted.files    paths the source deleted from its image layers, one per line
 //!     work/            CRIU work dir (lazy-pages.socket for Live)
+//!     waiting          a create waits for this checkpoint          (wrapper)
 //!     ready            staging complete: the wrapper may restore   (daemon)
 //!     aborted          the migration ended: fail the create        (daemon)
 //!     restored         {"pid", "atUnixMs"} once `runc restore` ran (wrapper)
@@ -41,6 +42,7 @@ pub const GATE_CONTAINER: &str = "ferry-restore-gate";
 
 pub const PLAN: &str = "plan.json";
 pub const READY: &str = "ready";
+pub const WAITING: &str = "waiting";
 pub const ABORTED: &str = "aborted";
 pub const RESTORED: &str = "restored";
 pub const FAILED: &str = "failed";

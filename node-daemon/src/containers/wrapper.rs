@@ -257,6 +257,8 @@ fn create(cfg: &WrapperConfig, call: &RuncCall) -> Outcome {
         ));
     }
     let started = Instant::now();
+    // Tells the daemon the kubelet got this far: the cut need not wait any longer.
+    let _ = st.mark(staging::WAITING, b"");
     let plan = match wait_ready(cfg, st, &m.migration_id) {
         Ok(p) => p,
         Err(e) => {
