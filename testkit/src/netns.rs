@@ -14,7 +14,8 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::Mutex;
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS`; a failure carries ip's stderr.
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

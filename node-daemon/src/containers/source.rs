@@ -160,9 +160,7 @@ impl ContainerRuntime {
                 Ok(())
             }
             Err(e) => {
-                for pgid in serving.lock().unwrap().drain(..) {
-                    kill_group(pgid);
-                }
+                stop_serving(&serving);
                 if !resumable.load(Ordering::SeqCst) {
                     tracing::error!(error = %e, "post-copy failed after a bundle was sent; source left frozen");
                     return Err(e);
@@ -369,9 +367,7 @@ impl ContainerRuntime {
         migration_id: &str,
         s: SourceState,
     ) -> Result<(), RuntimeError> {
-        for pgid in s.serving.lock().unwrap().drain(..) {
-            kill_group(pgid);
-        }
+        stop_serving(&s.serving);
         let inits: Vec<u32> = s.containers.iter().map(|c| c.c.pid).collect();
         let deadline = Instant::now() + STOP_SIGNAL_WAIT;
         while !inits
@@ -400,9 +396,7 @@ impl ContainerRuntime {
         migration_id: &str,
         s: SourceState,
     ) -> Result<(), RuntimeError> {
-        for pgid in s.serving.lock().unwrap().drain(..) {
-            kill_group(pgid);
-        }
+        stop_serving(&s.serving);
         if !s.resumable.load(Ordering::SeqCst) {
             // Put it back: a later finalize must still end the frozen copy.
             self.migrations
@@ -438,6 +432,13 @@ async fn cut(pod: &Freezer, containers: &[Freezer]) -> Result<u64, RuntimeError>
         return Err(e);
     }
     Ok(frozen_at_ms)
+}
+
+/// Ends the post-copy `runc checkpoint`s still serving pages (and their CRIUs).
+fn stop_serving(serving: &Mutex<Vec<u32>>) {
+    for pgid in serving.lock().unwrap().drain(..) {
+        kill_group(pgid);
+    }
 }
 
 fn thaw_all(freezers: &[Freezer]) -> Result<(), RuntimeError> {

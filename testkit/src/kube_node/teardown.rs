@@ -1,6 +1,7 @@
 //! Host-side plumbing of real test nodes: the node's cgroup root, pod routes between
 //! nodes, and tearing a node down so that nothing it started stays running or mounted.
 use super::KubeNode;
+use crate::netns::ip;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -43,21 +44,6 @@ pub(super) fn rss_of(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kib| kib * 1024)
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Routes every node's pod CIDR to that node's IP in every other node's namespace and
