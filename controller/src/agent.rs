@@ -111,6 +111,8 @@ pub struct OpStatus {
     /// Measured by the side that paused the workload.
     pub downtime_ms: Option<u64>,
     pub message: String,
+    /// The daemon's timed steps so far, each with the daemon's node.
+    pub steps: Vec<ferry_crds::StepTiming>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -353,6 +353,23 @@ pub struct Timings {
     /// When each phase was entered, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,
+    /// What the node daemons did and how long each step took, in milliseconds: the
+    /// breakdown of the downtime (for containers: freeze, handover, dump/<container>,
+    /// rootfs/<container>, send/<container> on the source; receive/<container>,
+    /// restore/<container> on the target). Steps for several containers overlap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepTiming>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepTiming {
+    pub name: String,
+    /// The node that did it.
+    pub node: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub start_ms: u64,
+    pub duration_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -32,6 +32,8 @@ pub struct SimNode {
     pub cluster: String,
     pub name: String,
     pub kube: KubeNode,
+    /// Its place on the LAN (to shape or cut its link).
+    pub lan: ferry_testkit::netns::Node,
     /// ferry-node's state dir (staging).
     pub state_dir: PathBuf,
     pub ferry_runtime: bool,
@@ -114,6 +116,8 @@ pub struct WorldOptions {
     pub images: Vec<PathBuf>,
     /// kubelet runtimeRequestTimeout of every node (default 2 min).
     pub runtime_request_timeout: Option<Duration>,
+    /// Extra `ferry-node` arguments for every node's daemon.
+    pub daemon_args: Vec<String>,
 }
 
 impl World {
@@ -174,7 +178,15 @@ impl World {
             }
             let kube = KubeNode::start(&lan_node, env.cluster(cluster), o)
                 .with_context(|| format!("starting node {name}"))?;
-            let daemon = start_daemon(&lan_node, &kube, &daemon_bin, &state_dir, &vm_root, ferry)?;
+            let daemon = start_daemon(
+                &lan_node,
+                &kube,
+                &daemon_bin,
+                &state_dir,
+                &vm_root,
+                ferry,
+                &opts.daemon_args,
+            )?;
             let client = if cluster == "east" { &east } else { &west };
             let endpoint = format!("http://{}:7070", kube.ip());
             let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: endpoint}}});
@@ -185,6 +197,7 @@ impl World {
                 cluster: cluster.into(),
                 name: name.into(),
                 kube,
+                lan: lan_node,
                 state_dir,
                 ferry_runtime: ferry,
                 _daemon: daemon,
@@ -429,6 +442,7 @@ fn start_daemon(
     state_dir: &Path,
     vm_root: &Path,
     ferry_runtime: bool,
+    extra_args: &[String],
 ) -> Result<ChildGuard> {
     let tls = ferry_testkit::pki::node_tls_dir(
         &kube.dir().join("ferry-tls"),
@@ -457,6 +471,7 @@ fn start_daemon(
         .arg(format!("unix://{}", kube.containerd_socket().display()))
         .arg("--crictl")
         .arg(crictl)
+        .args(extra_args)
         .stdout(std::fs::File::create(kube.dir().join("ferry-node.log"))?)
         .stderr(std::fs::File::create(kube.dir().join("ferry-node.err"))?);
     if ferry_runtime {
@@ -514,10 +529,21 @@ where
     Ok(())
 }
 
-/// The numbers in a text, one per line (other lines skipped).
+/// The counts in a text: each line's first number (other lines skipped; a line may
+/// carry more fields after it, see [`stamped`]).
 pub fn numbers(text: &str) -> Vec<u64> {
     text.lines()
-        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The (count, unix ms) pairs of a stamped counter's lines.
+pub fn stamped(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
         .collect()
 }
 
@@ -525,6 +551,21 @@ pub fn numbers(text: &str) -> Vec<u64> {
 /// to /data/count.log in its writable layer (a file it keeps open).
 pub fn counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::Value {
     let script = "exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); echo $i; echo $i >&3; usleep 50000; done";
+    pod_running(name, node, containers, script)
+}
+
+/// A counter Pod whose lines (log and /data/count.log) are `count unix-ms`, the time
+/// read by the container itself just before it writes the line (busybox's adjtimex
+/// gives microseconds): which lines the source wrote before its freeze shows the cut.
+pub fn stamped_counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::Value {
+    let script = "exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); \
+        set -- $(busybox adjtimex | busybox grep time.tv_); ms=$(($2 * 1000 + $4 / 1000)); \
+        echo $i $ms; echo $i $ms >&3; usleep 50000; done";
+    pod_running(name, node, containers, script)
+}
+
+/// A Pod on `node` whose containers each run `script` in busybox's sh.
+pub fn pod_running(name: &str, node: &str, containers: &[&str], script: &str) -> serde_json::Value {
     let cs: Vec<_> = containers
         .iter()
         .map(|c| {

@@ -6,7 +6,9 @@
 //! concurrently, each in its own namespace, and every failure is reported.
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, Phase};
-use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
+use ferry_e2e::world::{
+    World, WorldOptions, counter_pod, numbers, stamped, stamped_counter_pod, wait_for,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
@@ -143,6 +145,30 @@ async fn cold_across_clusters(w: &World) -> Result<()> {
         "[{ns}] downtime {:?} ms, total {:?} ms",
         t.downtime_ms, t.total_ms
     );
+    let t0 = t.steps.first().map_or(0, |s| s.start_ms);
+    for s in &t.steps {
+        eprintln!(
+            "[{ns}]   {:>6} ms +{:>5} ms  {} on {}",
+            s.start_ms - t0,
+            s.duration_ms,
+            s.name,
+            s.node
+        );
+    }
+    // The per-step breakdown names the steps of both sides.
+    for step in [
+        "freeze",
+        "dump/app",
+        "send/app",
+        "receive/app",
+        "restore/app",
+    ] {
+        ensure!(
+            t.steps.iter().any(|s| s.name == step),
+            "no {step} step in {:?}",
+            t.steps
+        );
+    }
     Ok(())
 }
 
@@ -200,19 +226,75 @@ async fn live_within_cluster(w: &World) -> Result<()> {
     Ok(())
 }
 
-async fn three_containers(w: &World) -> Result<()> {
-    let ns = "three";
-    w.create_pod(ns, counter_pod("trio", "east-1", &["a", "b", "c"]))
+/// A 3-container pod, Cold across clusters and Live within east; each time the cut is
+/// shown: no container ran after the pod froze.
+async fn three_containers(w: &World, ns: &str, strategy: &str) -> Result<()> {
+    let trio = ["a", "b", "c"];
+    w.create_pod(ns, stamped_counter_pod("trio", "east-1", &trio))
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let m = run(
-        w,
-        ns,
-        "m",
-        &migration("m", "trio", "{cluster: west, node: west-1}", "Cold"),
-    )
-    .await?;
-    check_moved(w, ns, &m, "west", "trio", "west-1", &["a", "b", "c"]).await
+    let (target, cluster, node) = if strategy == "Cold" {
+        ("{cluster: west, node: west-1}", "west", "west-1")
+    } else {
+        ("{node: east-2}", "east", "east-2")
+    };
+    let m = run(w, ns, "m", &migration("m", "trio", target, strategy)).await?;
+    let pod = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target.as_ref())
+        .map(|t| t.pod.clone())
+        .unwrap_or_default();
+    check_moved(w, ns, &m, cluster, &pod, node, &trio).await?;
+    check_cut(w, ns, &m, cluster, &pod, &trio)
+}
+
+/// The consistent cut: every line the source wrote (its counts precede the first one
+/// the target logged) was stamped, by the container itself, no later than the moment
+/// the source daemon saw the pod cgroup frozen. A container that ran on after another
+/// was frozen (one freeze per container, dumps between them) would have stamped lines
+/// after it.
+fn check_cut(
+    w: &World,
+    ns: &str,
+    m: &Migration,
+    cluster: &str,
+    pod: &str,
+    containers: &[&str],
+) -> Result<()> {
+    let steps = m
+        .status
+        .as_ref()
+        .and_then(|s| s.timings.as_ref())
+        .map(|t| t.steps.clone())
+        .unwrap_or_default();
+    let freeze = steps
+        .iter()
+        .find(|s| s.name == "freeze" && s.node == "east-1")
+        .with_context(|| format!("no freeze step on east-1 in {steps:?}"))?;
+    let frozen = freeze.start_ms + freeze.duration_ms;
+    for c in containers {
+        let first = *numbers(&w.logs(cluster, ns, pod, c)?)
+            .first()
+            .with_context(|| format!("{c}: empty log"))?;
+        let lines = stamped(&w.exec(cluster, ns, pod, c, &["cat", "/data/count.log"])?);
+        let source: Vec<_> = lines.iter().filter(|(i, _)| *i < first).collect();
+        let last = source
+            .last()
+            .with_context(|| format!("{c}: no line from the source"))?;
+        if let Some((i, at)) = source.iter().find(|(_, at)| *at > frozen) {
+            bail!(
+                "{c} wrote count {i} {} ms after the pod froze: the cut is not consistent",
+                at - frozen
+            );
+        }
+        eprintln!(
+            "[{ns}] {c}: last source count {} stamped {} ms before the pod froze",
+            last.0,
+            frozen - last.1
+        );
+    }
+    Ok(())
 }
 
 /// A corrupted checkpoint: the restore fails, the target Pod is removed, the source
@@ -440,7 +522,8 @@ async fn containers_move_between_real_nodes() -> Result<()> {
     for ns in [
         "cold-across",
         "live-within",
-        "three",
+        "three-cold",
+        "three-live",
         "rollback",
         "bad-input",
     ] {
@@ -450,16 +533,21 @@ async fn containers_move_between_real_nodes() -> Result<()> {
     let results = futures::join!(
         cold_across_clusters(w),
         live_within_cluster(w),
-        three_containers(w),
+        three_containers(w, "three-cold", "Cold"),
+        three_containers(w, "three-live", "Live"),
         corrupted_checkpoint_rolls_back(w),
         bad_targets_fail_in_preparing(w),
     );
     let named = [
         ("cold across clusters", results.0),
         ("live within a cluster, then a fresh restart", results.1),
-        ("three containers", results.2),
-        ("corrupted checkpoint rolls back", results.3),
-        ("bad targets fail in Preparing", results.4),
+        ("three containers, Cold across clusters, one cut", results.2),
+        (
+            "three containers, Live within a cluster, one cut",
+            results.3,
+        ),
+        ("corrupted checkpoint rolls back", results.4),
+        ("bad targets fail in Preparing", results.5),
     ];
     let mut failed = 0;
     for (name, r) in &named {

@@ -101,6 +101,7 @@ pub fn description_pb(w: &d::WorkloadDescription) -> pb::WorkloadDescription {
                 id: c.id.clone(),
                 pid: c.pid,
                 rss_bytes: c.rss_bytes,
+                writable_bytes: c.writable_bytes,
             })
             .collect(),
         memory_bytes: w.memory_bytes,
@@ -134,6 +135,7 @@ pub fn description(
                 id: c.id,
                 pid: c.pid,
                 rss_bytes: c.rss_bytes,
+                writable_bytes: c.writable_bytes,
             })
             .collect(),
         memory_bytes: w.memory_bytes,
@@ -187,6 +189,15 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
         downtime_ms: p.downtime_ms,
         elapsed_ms: p.elapsed_ms,
         message: p.message.clone(),
+        steps: p
+            .steps
+            .iter()
+            .map(|s| pb::Step {
+                name: s.name.clone(),
+                start_unix_ms: s.start_unix_ms,
+                duration_ms: s.duration_ms,
+            })
+            .collect(),
     }
 }
 

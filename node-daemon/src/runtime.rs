@@ -43,6 +43,8 @@ pub struct ContainerInfo {
     pub id: String,
     pub pid: u32,
     pub rss_bytes: u64,
+    /// Bytes in its writable layer (the rootfs diff a migration moves).
+    pub writable_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +152,17 @@ pub struct Progress {
     pub downtime_ms: u64,
     pub elapsed_ms: u64,
     pub message: String,
+    /// What this side did so far, in the order the steps ended.
+    pub steps: Vec<Step>,
+}
+
+/// One timed step of an operation (the per-step breakdown of a migration's downtime).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    /// e.g. `freeze`, `dump/app`, `send/app`, `receive/app`, `restore/app`.
+    pub name: String,
+    pub start_unix_ms: u64,
+    pub duration_ms: u64,
 }
 
 /// Where a backend reports progress; cheap to clone, readers watch the latest value.
@@ -201,6 +214,21 @@ impl ProgressSink {
             p.bytes_done = done;
             p.bytes_total = total;
         });
+    }
+
+    /// Records a step that started at `start_unix_ms` and ends now.
+    pub fn step(&self, name: impl Into<String>, start_unix_ms: u64) {
+        let step = Step {
+            name: name.into(),
+            start_unix_ms,
+            duration_ms: unix_ms().saturating_sub(start_unix_ms),
+        };
+        self.update(|p| p.steps.push(step));
+    }
+
+    /// Records a step measured elsewhere (e.g. by `ferry-runtime`).
+    pub fn step_measured(&self, step: Step) {
+        self.update(|p| p.steps.push(step));
     }
 
     pub fn downtime_ms(&self, ms: u64) {

@@ -140,7 +140,7 @@ fn criu(plan: &Plan) -> pb::CriuOptions {
     }
 }
 
-fn op_status(op: pb::Operation) -> OpStatus {
+fn op_status(node: &NodeRef, op: pb::Operation) -> OpStatus {
     let stage = match op.stage() {
         pb::Stage::Checkpointing => OpStage::Checkpointing,
         pb::Stage::Transferring => OpStage::Transferring,
@@ -162,6 +162,16 @@ fn op_status(op: pb::Operation) -> OpStatus {
         bytes_total: op.bytes_total,
         downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
         message: op.message,
+        steps: op
+            .steps
+            .into_iter()
+            .map(|s| ferry_crds::StepTiming {
+                name: s.name,
+                node: node.node.clone(),
+                start_ms: s.start_unix_ms,
+                duration_ms: s.duration_ms,
+            })
+            .collect(),
     }
 }
 
@@ -269,6 +279,7 @@ impl NodeAgent for GrpcAgent {
         };
         let r = self.client(node).await?.start_checkpoint(req).await;
         Ok(op_status(
+            node,
             r.map_err(|s| status_error(node, &plan.migration_id, s))?
                 .into_inner(),
         ))
@@ -281,6 +292,7 @@ impl NodeAgent for GrpcAgent {
         };
         let r = self.client(node).await?.start_restore(req).await;
         Ok(op_status(
+            node,
             r.map_err(|s| status_error(node, &plan.migration_id, s))?
                 .into_inner(),
         ))
@@ -295,6 +307,7 @@ impl NodeAgent for GrpcAgent {
             })
             .await;
         Ok(op_status(
+            node,
             r.map_err(|s| status_error(node, id, s))?.into_inner(),
         ))
     }
@@ -308,6 +321,7 @@ impl NodeAgent for GrpcAgent {
             })
             .await;
         Ok(op_status(
+            node,
             r.map_err(|s| status_error(node, id, s))?.into_inner(),
         ))
     }
@@ -321,6 +335,7 @@ impl NodeAgent for GrpcAgent {
             })
             .await;
         Ok(op_status(
+            node,
             r.map_err(|s| status_error(node, id, s))?.into_inner(),
         ))
     }

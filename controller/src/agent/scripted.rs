@@ -97,6 +97,7 @@ impl ScriptedAgent {
             bytes_total: 1 << 30,
             downtime_ms: None,
             message: failing.unwrap_or_default(),
+            steps: Vec::new(),
         };
         inner.ops.insert(key, (op.clone(), self.polls_per_op));
         op

@@ -630,6 +630,16 @@ impl<'a> Reconciler<'a> {
         p.bytes_transferred = p.bytes_transferred.max(op.bytes_done);
         p.bytes_total = p.bytes_total.max(op.bytes_total);
         p.display = format::progress(p.bytes_transferred, p.bytes_total);
+        if !op.steps.is_empty() {
+            let t = self.status.timings.get_or_insert_with(Timings::default);
+            for step in &op.steps {
+                // Each report repeats the steps so far: keep one entry per node and name.
+                t.steps
+                    .retain(|s| !(s.node == step.node && s.name == step.name));
+                t.steps.push(step.clone());
+            }
+            t.steps.sort_by_key(|s| s.start_ms);
+        }
         if let Some(ms) = op.downtime_ms {
             let t = self.status.timings.get_or_insert_with(Timings::default);
             let ms = t.downtime_ms.unwrap_or(0).max(ms);

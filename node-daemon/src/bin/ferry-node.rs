@@ -33,8 +33,10 @@ struct Args {
     /// containers run. Unset: this node has no ferry runtime and receives no containers.
     #[arg(long, env = "FERRY_RESTORE_RUNC_ROOT")]
     restore_runc_root: Option<PathBuf>,
-    /// Cold migrations of workloads up to this much memory let the target Pod's
-    /// containers wait in `create` for the state; larger ones are staged first.
+    /// Migrations that must move at most this much before the restore (writable
+    /// layers, plus memory for Cold) let the target Pod's containers wait in `create`
+    /// for the state; larger ones are staged first (the kubelet's runtime request
+    /// timeout bounds a create's wait: pick a size the link moves well within it).
     #[arg(long, env = "FERRY_EARLY_RELEASE_MIB", default_value_t = 1024)]
     early_release_mib: u64,
     /// This node's CRI endpoint, to check that an incoming pod's images are here.

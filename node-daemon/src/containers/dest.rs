@@ -31,8 +31,16 @@ pub struct DestState {
     /// Receives, unpacks and marks ready; aborted with the migration.
     receiving: tokio::task::AbortHandle,
     gate: tokio::task::AbortHandle,
-    /// One entry per staged bundle: when the source froze (unix ms).
-    arrivals: Option<mpsc::Receiver<Result<u64, RuntimeError>>>,
+    /// One entry per staged bundle.
+    arrivals: Option<mpsc::Receiver<Result<Arrival, RuntimeError>>>,
+}
+
+/// A bundle staged for one container.
+struct Arrival {
+    /// When the source froze (unix ms), from the bundle's header.
+    frozen_at_ms: u64,
+    /// `receive/<container>`: from the connection to the stage marked ready.
+    step: Step,
 }
 
 impl ContainerRuntime {
@@ -126,8 +134,17 @@ impl ContainerRuntime {
         ))
         .abort_handle();
         // The gate opens now when the containers' creates can safely wait for the
-        // state; otherwise once everything is staged.
-        let early = lazy || plan.workload.memory_bytes <= self.cfg.early_release_bytes;
+        // state (it is small enough to arrive well within the kubelet's runtime request
+        // timeout); otherwise once everything is staged. The writable layers always
+        // move before the restore; memory too unless post-copy fetches it later.
+        let writable: u64 = plan
+            .workload
+            .containers
+            .iter()
+            .map(|c| c.writable_bytes)
+            .sum();
+        let before_restore = writable + if lazy { 0 } else { plan.workload.memory_bytes };
+        let early = before_restore <= self.cfg.early_release_bytes;
         let need = if early { 0 } else { stages.len() };
         let gate =
             tokio::spawn(open_gate(restore_root, uid.clone(), staged_rx, need)).abort_handle();
@@ -185,10 +202,12 @@ impl ContainerRuntime {
         progress.stage(Stage::Restoring, "waiting for the state");
         let mut frozen_at = 0;
         for _ in 0..stages.len() {
-            frozen_at = arrivals
+            let a = arrivals
                 .recv()
                 .await
                 .ok_or_else(|| RuntimeError::Transfer("bundle receiver stopped early".into()))??;
+            frozen_at = a.frozen_at_ms;
+            progress.step_measured(a.step);
         }
         progress.stage(
             Stage::Restoring,
@@ -200,6 +219,13 @@ impl ContainerRuntime {
             loop {
                 if let Some(r) = st.restored() {
                     last = last.max(r.at_unix_ms);
+                    if r.started_unix_ms > 0 {
+                        progress.step_measured(Step {
+                            name: format!("restore/{}", st.container()),
+                            start_unix_ms: r.started_unix_ms,
+                            duration_ms: r.at_unix_ms.saturating_sub(r.started_unix_ms),
+                        });
+                    }
                     break;
                 }
                 if let Some(why) = st.read(staging::FAILED) {
@@ -268,7 +294,7 @@ async fn receive(
     stages: Vec<StageDir>,
     criu: super::criu::Criu,
     lazy_pids: Option<Arc<Mutex<Vec<u32>>>>,
-    tx: mpsc::Sender<Result<u64, RuntimeError>>,
+    tx: mpsc::Sender<Result<Arrival, RuntimeError>>,
     staged: watch::Sender<usize>,
 ) {
     let mut unpacks = tokio::task::JoinSet::new();
@@ -296,11 +322,20 @@ async fn receive(
         let (tx, staged, criu, lazy_pids) =
             (tx.clone(), staged.clone(), criu.clone(), lazy_pids.clone());
         unpacks.spawn(async move {
+            let start = unix_ms();
             let r = stage_bundle(&stage, &header, &mut body, &criu, lazy_pids.as_deref()).await;
             if r.is_ok() {
                 staged.send_modify(|n| *n += 1);
             }
-            let _ = tx.send(r.map(|()| header.frozen_at_ms)).await;
+            let r = r.map(|()| Arrival {
+                frozen_at_ms: header.frozen_at_ms,
+                step: Step {
+                    name: format!("receive/{}", header.container),
+                    start_unix_ms: start,
+                    duration_ms: unix_ms().saturating_sub(start),
+                },
+            });
+            let _ = tx.send(r).await;
         });
     }
     while unpacks.join_next().await.is_some() {}

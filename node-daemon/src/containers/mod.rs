@@ -116,6 +116,7 @@ impl ContainerRuntime {
             // A VM pod's launcher runs in a container too: never claim it here.
             pod::Found::VmPod | pod::Found::None => return Ok(None),
         };
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let containers: Vec<ContainerInfo> = found
             .iter()
             .map(|c| ContainerInfo {
@@ -123,6 +124,8 @@ impl ContainerRuntime {
                 id: c.c.id.clone(),
                 pid: c.c.pid,
                 rss_bytes: runc::rss_bytes(c.c.pid),
+                writable_bytes: rootfs::overlay_upper_dir(&mountinfo, &c.rootfs())
+                    .map_or(0, |upper| rootfs::tree_bytes(&upper)),
             })
             .collect();
         Ok(Some(WorkloadDescription {

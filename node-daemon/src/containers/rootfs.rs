@@ -48,6 +48,22 @@ pub struct DiffStats {
     pub deleted: u64,
 }
 
+/// Bytes of the regular files under `dir` (symlinks not followed): what its diff carries.
+pub fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Writes the upper dir as `diff_tar` and its whiteouts as `deleted_list`.
 pub fn write_diff(upper: &Path, diff_tar: &Path, deleted_list: &Path) -> io::Result<DiffStats> {
     let mut b = tar::Builder::new(std::fs::File::create(diff_tar)?);

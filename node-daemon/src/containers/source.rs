@@ -133,7 +133,16 @@ impl ContainerRuntime {
             Stage::Checkpointing,
             format!("freezing the pod ({} container(s))", containers.len()),
         );
+        let freeze_start = unix_ms();
         let frozen_at_ms = cut(&pod_freezer, &freezers).await?;
+        // `freeze`: until the pod cgroup froze; `handover`: until each container's
+        // own freezer held it (see `cut`).
+        progress.step_measured(Step {
+            name: "freeze".into(),
+            start_unix_ms: freeze_start,
+            duration_ms: frozen_at_ms.saturating_sub(freeze_start),
+        });
+        progress.step("handover", frozen_at_ms);
         let cut = Cut {
             plan: &plan,
             dir: &dir,
@@ -217,6 +226,7 @@ impl ContainerRuntime {
         let args = c.runc.checkpoint_args(&c.c.id, &opts);
         let dump_log = work.join("dump.log");
         let started = Instant::now();
+        let dump_start = unix_ms();
         let serving = match &lazy_server {
             None => {
                 c.runc
@@ -233,6 +243,8 @@ impl ContainerRuntime {
             }
         };
         let dumped = started.elapsed();
+        cut.progress.step(format!("dump/{name}"), dump_start);
+        let diff_start = unix_ms();
         // The files the container wrote: its overlay upper dir (still frozen).
         let rootfs = c.rootfs();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
@@ -252,8 +264,11 @@ impl ContainerRuntime {
         .map_err(RuntimeError::io(format!(
             "writing the writable-layer diff of {name}"
         )))?;
+        cut.progress.step(format!("rootfs/{name}"), diff_start);
+        let send_start = unix_ms();
         let sent = self.send_bundle(cut, c, &cdir).await?;
         cut.progress.add_bytes(sent);
+        cut.progress.step(format!("send/{name}"), send_start);
         tracing::info!(container = %name, bytes = sent, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
         if let Some(child) = serving {
             cut.progress.stage(
@@ -267,6 +282,7 @@ impl ContainerRuntime {
                 cut.serving.lock().unwrap().retain(|p| *p != pgid);
             }
             r?;
+            cut.progress.step(format!("pages/{name}"), send_start);
             tracing::info!(container = %name, "lazy pages all fetched by the destination");
         }
         Ok(())

@@ -13,7 +13,7 @@
 //!     waiting          a create waits for this checkpoint          (wrapper)
 //!     ready            staging complete: the wrapper may restore   (daemon)
 //!     aborted          the migration ended: fail the create        (daemon)
-//!     restored         {"pid", "atUnixMs"} once `runc restore` ran (wrapper)
+//!     restored         {"pid", "startedUnixMs", "atUnixMs"} once `runc restore` ran (wrapper)
 //!     failed           why the restore failed; later creates fail too (wrapper)
 //!     consumed         the checkpoint was used: a later create is a fresh start (wrapper)
 //! ```
@@ -87,6 +87,9 @@ pub struct CriuOptions {
 #[serde(rename_all = "camelCase")]
 pub struct Restored {
     pub pid: u32,
+    /// When `runc restore` began (the state was staged) and when it returned.
+    #[serde(default)]
+    pub started_unix_ms: u64,
     pub at_unix_ms: u64,
 }
 
@@ -107,6 +110,14 @@ pub fn safe_component(s: &str) -> bool {
 }
 
 impl StageDir {
+    /// The container this stage is for (the dir's last component).
+    pub fn container(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// `<state>/restore/<pod uid>/<container>`; None for names that are not one safe
     /// path component.
     pub fn new(state_dir: &Path, pod_uid: &str, container: &str) -> Option<StageDir> {

@@ -267,10 +267,12 @@ fn create(cfg: &WrapperConfig, call: &RuncCall) -> Outcome {
         }
     };
     let waited = started.elapsed();
+    let restore_start = crate::runtime::unix_ms();
     match restore(cfg, call, &m, &plan) {
         Ok(pid) => {
             let r = Restored {
                 pid,
+                started_unix_ms: restore_start,
                 at_unix_ms: crate::runtime::unix_ms(),
             };
             let _ = st.mark(staging::RESTORED, &serde_json::to_vec(&r).expect("json"));

@@ -1,0 +1,110 @@
+//! A move whose transfer outlasts the target kubelet's runtime request timeout: the
+//! target node's link is shaped to 4 Mbit/s, its kubelet gives up on a runtime call
+//! after 15 s, and the pod carries 20 MiB of incompressible data in its writable layer
+//! (~42 s on that link). The daemons' early-release threshold is 8 MiB, so the target
+//! Pod's gate stays closed until everything is staged and the app container's `create`
+//! restores at once instead of waiting out the transfer (which the kubelet would cut
+//! off, killing the copy being restored).
+use anyhow::{Context, Result, bail, ensure};
+use ferry_crds::Phase;
+use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use std::time::Duration;
+
+const RUNTIME_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Result<()> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-long-")
+        .tempdir_in("/tmp")?;
+    let opts = WorldOptions {
+        runtime_request_timeout: Some(RUNTIME_REQUEST_TIMEOUT),
+        daemon_args: vec!["--early-release-mib".into(), "8".into()],
+        ..Default::default()
+    };
+    let mut w = World::start(dir.path(), opts).await?;
+    w.start_controller();
+    let r = scenario(&w).await;
+    if r.is_err() {
+        eprintln!("logs kept in {}", dir.keep().display());
+    }
+    r
+}
+
+async fn scenario(w: &World) -> Result<()> {
+    let ns = "long";
+    w.namespace(ns).await?;
+    let script = "head -c 20971520 /dev/urandom > /data/blob; exec 3>>/data/count.log; i=0; \
+        while true; do i=$((i+1)); echo $i; echo $i >&3; usleep 50000; done";
+    w.create_pod(ns, pod_running("big", "east-1", &["app"], script))
+        .await?;
+    // The blob is complete once the counter prints.
+    wait_for(Duration::from_secs(30), "the counter to start", || async {
+        Ok(!numbers(&w.logs("east", ns, "big", "app")?).is_empty())
+    })
+    .await?;
+    let sum = w.exec("east", ns, "big", "app", &["md5sum", "/data/blob"])?;
+    // Only now: the pod's own start must not depend on the slow link.
+    w.node("west-1").lan.shape_ingress(4)?;
+    w.apply_migration(
+        ns,
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: m}\nspec:\n  \
+         workload: {pod: big}\n  target: {cluster: west, node: west-1}\n  strategy: Cold\n",
+    )
+    .await?;
+    let m = w
+        .follow(ns, "m", Duration::from_secs(300), |m| {
+            eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
+        })
+        .await?;
+    let s = m.status.clone().context("no status")?;
+    if s.phase != Some(Phase::Succeeded) {
+        bail!("not Succeeded: {:?}", s.failure);
+    }
+    let t = s.timings.clone().unwrap_or_default();
+    // The premise: the state took longer to arrive than the kubelet waits for a call.
+    let receive = t
+        .steps
+        .iter()
+        .find(|s| s.name == "receive/app")
+        .with_context(|| format!("no receive/app step in {:?}", t.steps))?;
+    ensure!(
+        Duration::from_millis(receive.duration_ms) > RUNTIME_REQUEST_TIMEOUT,
+        "the transfer took only {} ms: the link is not slow enough to test anything",
+        receive.duration_ms
+    );
+    eprintln!(
+        "[{ns}] receive took {} ms (kubelet runtime request timeout {RUNTIME_REQUEST_TIMEOUT:?}); downtime {:?} ms",
+        receive.duration_ms, t.downtime_ms
+    );
+    let pods: Api<Pod> = Api::namespaced(w.west.clone(), ns);
+    let target = pods.get("big").await?;
+    let cs = target
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    ensure!(
+        cs.len() == 1
+            && cs[0].restart_count == 0
+            && cs[0].state.as_ref().is_some_and(|s| s.running.is_some()),
+        "target container: {cs:?}"
+    );
+    let first = *numbers(&w.logs("west", ns, "big", "app")?)
+        .first()
+        .context("empty target log")?;
+    ensure!(first > 1, "the target's log starts at {first}: restarted");
+    let moved = w.exec("west", ns, "big", "app", &["md5sum", "/data/blob"])?;
+    ensure!(
+        moved == sum,
+        "the writable layer changed: {sum:?} -> {moved:?}"
+    );
+    let copies = w.running_copies(ns, "big")?;
+    ensure!(
+        copies == [("west-1".to_string(), "app".to_string())],
+        "running copies: {copies:?}"
+    );
+    Ok(())
+}
