@@ -1,8 +1,9 @@
 //! Benchmarks for ferry. Every case is measured beside its raw baseline in the same run
-//! (raw TCP copy, raw CRIU, raw QEMU migration) and reported as a ratio, because the
+//! (raw TCP copy, raw runc + CRIU, raw QEMU migration) and reported as a ratio, because the
 //! machine is shared and noisy: absolute numbers from different runs do not compare.
 #![forbid(unsafe_code)]
 
+pub mod containers;
 pub mod link;
 pub mod transfer;
 pub mod vm;

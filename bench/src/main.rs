@@ -9,6 +9,8 @@ enum Suite {
     Transfer,
     /// VM migration through ferry vs raw QEMU-to-QEMU migration.
     Vm,
+    /// Container migration through the controller on real nodes vs raw runc + CRIU.
+    Containers,
 }
 
 #[derive(Parser)]
@@ -33,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let suites = if args.suites.is_empty() {
-        vec![Suite::Transfer, Suite::Vm]
+        vec![Suite::Transfer, Suite::Vm, Suite::Containers]
     } else {
         args.suites
     };
@@ -44,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         let result = match suite {
             Suite::Transfer => ferry_bench::transfer::run(args.quick),
             Suite::Vm => ferry_bench::vm::run(args.quick),
+            Suite::Containers => ferry_bench::containers::run(args.quick),
         };
         match result {
             Ok(ms) => all.extend(ms),
@@ -67,6 +70,12 @@ fn main() -> anyhow::Result<()> {
             m.ratio(),
             m.baseline_name
         );
+    }
+    // Where a container migration's downtime went, when the controller reports steps.
+    let steps = ferry_bench::containers::step_breakdown(&all);
+    if !steps.is_empty() {
+        println!();
+        print!("{steps}");
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;

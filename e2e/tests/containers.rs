@@ -334,14 +334,13 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             for e in walk(&state) {
-                if e.file_name().is_some_and(|n| n == "images") {
-                    if let Some(f) = std::fs::read_dir(&e)?
+                if e.file_name().is_some_and(|n| n == "images")
+                    && let Some(f) = std::fs::read_dir(&e)?
                         .flatten()
                         .find(|f| f.file_name().to_string_lossy().starts_with("pstree"))
-                    {
-                        std::fs::write(f.path(), b"garbage")?;
-                        return Ok(());
-                    }
+                {
+                    std::fs::write(f.path(), b"garbage")?;
+                    return Ok(());
                 }
             }
             if std::time::Instant::now() > deadline {

@@ -41,7 +41,7 @@ fn stuck(status: &PodStatus) -> Option<String> {
             c.message.clone().unwrap_or_default()
         ));
     }
-    let waiting = status
+    status
         .init_container_statuses
         .iter()
         .flatten()
@@ -66,8 +66,7 @@ fn stuck(status: &PodStatus) -> Option<String> {
                     w.message.clone().unwrap_or_default()
                 )
             })
-        });
-    waiting
+        })
 }
 
 fn condition_true(status: &PodStatus, type_: &str) -> bool {

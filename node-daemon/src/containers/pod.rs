@@ -190,6 +190,11 @@ impl Freezer {
         Ok(())
     }
 
+    /// Whether the cgroup still exists.
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
     pub fn thaw(&self) -> Result<(), RuntimeError> {
         self.write(false)
     }

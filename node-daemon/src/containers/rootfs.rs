@@ -27,7 +27,7 @@ pub fn overlay_upper_dir(mountinfo: &str, mount_point: &Path) -> Option<PathBuf>
             let opts = post.next()?;
             (unescape(point) == want && fstype == "overlay").then_some(opts)
         })
-        .last()?
+        .next_back()?
         .split(',')
         .find_map(|o| o.strip_prefix("upperdir="))
         .map(|p| PathBuf::from(unescape(p)))

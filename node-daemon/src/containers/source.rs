@@ -402,7 +402,16 @@ impl ContainerRuntime {
         for f in &s.freezers {
             super::kill_all(&f.pids());
         }
-        let r = thaw_all(&s.freezers);
+        // A cgroup already removed (its tasks died and runc cleaned up) is what
+        // finalize wants: nothing of the source copy is left to thaw.
+        let mut r = Ok(());
+        for f in &s.freezers {
+            if let Err(e) = f.thaw()
+                && f.exists()
+            {
+                r = r.and(Err(e));
+            }
+        }
         let _ = std::fs::remove_dir_all(self.mig_dir(migration_id)?);
         r
     }

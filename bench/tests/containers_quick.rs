@@ -1,0 +1,40 @@
+//! The container benchmark in quick mode: a 64 MiB memhog Pod moved Cold and Live by
+//! ferry's controller between real nodes, beside the same container moved by hand with
+//! runc + CRIU. Proves every case runs and yields numbers; asserts nothing about speed.
+#[test]
+fn containers_bench_quick_runs() {
+    // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
+    let full = std::env::var("FERRY_BENCH_FULL").is_ok_and(|v| v == "1");
+    let ms = ferry_bench::containers::run(!full).expect(
+        "containers bench (needs scripts/install-deps.sh and `cargo build --workspace --bins`)",
+    );
+    for m in &ms {
+        eprintln!(
+            "{} {}: ferry {:.0} ms, baseline {:.0} ms ({}), ratio {:.2}",
+            m.case,
+            m.metric,
+            m.ferry,
+            m.baseline,
+            m.baseline_name,
+            m.ratio()
+        );
+    }
+    eprint!("{}", ferry_bench::containers::step_breakdown(&ms));
+    for case in ["containers/cold-64MiB", "containers/live-64MiB"] {
+        for metric in ["downtime_ms", "total_ms"] {
+            let m = ms
+                .iter()
+                .find(|m| m.case == case && m.metric == metric)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{case} {metric} missing from {:?}",
+                        ms.iter().map(|m| (&m.case, &m.metric)).collect::<Vec<_>>()
+                    )
+                });
+            assert!(
+                m.ferry > 0.0 && m.baseline > 0.0 && m.ferry.is_finite() && m.baseline.is_finite(),
+                "{m:?}"
+            );
+        }
+    }
+}
