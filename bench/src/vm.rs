@@ -21,7 +21,6 @@ use anyhow::{Context, Result, bail, ensure};
 use ferry_node::vm::INCOMING_READY;
 use ferry_node::vm::qemu::{MigrationTuning, QemuBackend};
 use ferry_proto::node::v1 as pb;
-use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use ferry_testkit::containers::Daemon;
 use ferry_testkit::guest::{Guest, VmPod, launcher_command, wait_count_above};
 use ferry_testkit::netns::{Lan, Node};
@@ -182,8 +181,8 @@ async fn ferry_migration(
     wait_count_above(&guest.serial(), 2, Duration::from_secs(120)).await?;
     // The target pod's kubelet starts its launcher: QEMU waits with -incoming defer.
     let target = Guest::launch(&b.node, launcher, &b.vm_root, &dst_pod, mib, false)?;
-    let mut ca = NodeAgentClient::connect(a.endpoint.clone()).await?;
-    let mut cb = NodeAgentClient::connect(b.endpoint.clone()).await?;
+    let mut ca = ferry_testkit::pki::control_client(&a.endpoint).await?;
+    let mut cb = ferry_testkit::pki::control_client(&b.endpoint).await?;
     let pod = |p: &VmPod| pb::WorkloadRef {
         namespace: p.namespace.clone(),
         pod_name: p.name.clone(),

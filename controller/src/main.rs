@@ -37,6 +37,10 @@ struct Args {
     /// Kubeconfig file (default: in-cluster or KUBECONFIG).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
+    /// The controller's identity towards the node daemons (mutual TLS): tls.crt naming
+    /// `ferry-controller`, tls.key, and ca.crt, the CA of the daemons' certificates.
+    #[arg(long, env = "FERRY_TLS_DIR")]
+    tls_dir: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -75,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
     settings.lease_duration = Duration::from_secs(args.lease_seconds);
     settings.watch_namespace = args.watch_namespace.clone();
     let clusters = Arc::new(Clusters::new(client.clone(), &args.namespace));
-    let agent = Arc::new(GrpcAgent::new(clusters));
+    let tls = ferry_controller::agent::grpc::client_tls(&args.tls_dir)
+        .context("the control channel's TLS (--tls-dir)")?;
+    let agent = Arc::new(GrpcAgent::new(clusters, tls));
     let ctx = ferry_controller::context(client, agent, &settings);
 
     let mut registry = prometheus_client::registry::Registry::default();

@@ -74,6 +74,16 @@ pub fn timed_out(v: &View) -> Option<&'static str> {
     None
 }
 
+/// What a fired timeout leads to: in Pending nothing was touched, so the Migration
+/// simply fails; in later phases the failure is recorded and rolled back first.
+pub fn timeout_outcome(phase: Phase) -> Outcome {
+    if phase == Phase::Pending {
+        Outcome::Invalid
+    } else {
+        Outcome::StepFailed
+    }
+}
+
 pub fn decide(v: &View) -> Step {
     let Some(phase) = v.phase else {
         return if v.deleting {
@@ -324,6 +334,24 @@ mod tests {
         let mut v = view(Some(Phase::Completing));
         v.elapsed = Some(Duration::from_secs(10_000));
         assert_eq!(timed_out(&v), None);
+    }
+
+    #[test]
+    fn a_timeout_in_pending_fails_and_later_ones_roll_back() {
+        let out = timeout_outcome(Phase::Pending);
+        assert_eq!(next(Some(Phase::Pending), &out), Ok(Phase::Failed));
+        for p in [
+            Phase::Preparing,
+            Phase::Checkpointing,
+            Phase::Transferring,
+            Phase::Restoring,
+        ] {
+            let out = timeout_outcome(p);
+            assert_eq!(next(Some(p), &out), Ok(p), "{p:?} keeps its phase");
+            let mut v = view(Some(p));
+            v.failed = true;
+            assert_eq!(decide(&v), Step::RollBack, "{p:?} rolls back");
+        }
     }
 
     #[test]

@@ -47,7 +47,11 @@ async fn the_binary_serves_health_and_metrics_and_explains_missing_daemons() -> 
             "3",
             "--identity",
             "bin-1",
-        ]);
+        ])
+        .arg("--tls-dir")
+        .arg(ferry_testkit::pki::controller_tls_dir(
+            &std::env::temp_dir().join(format!("ferry-binary-tls-{}", std::process::id())),
+        )?);
     let _controller = ChildGuard::spawn("ferry-controller", cmd)?;
     wait_for(Duration::from_secs(30), "/healthz", || async {
         Ok(http_get(&addr, "/healthz")?.ends_with("ok"))

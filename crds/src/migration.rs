@@ -167,7 +167,8 @@ pub struct ObjectStore {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
-    /// The whole migration must finish within this many seconds (default 600).
+    /// Each attempt must finish within this many seconds (default 600); a retry
+    /// after a rollback starts its own clock.
     #[serde(default = "default_completion")]
     #[schemars(range(min = 1, max = 86400))]
     pub completion_seconds: u32,

@@ -37,7 +37,7 @@ pub struct SimNode {
     /// ferry-node's state dir (staging).
     pub state_dir: PathBuf,
     pub ferry_runtime: bool,
-    _daemon: ChildGuard,
+    daemon: std::sync::Mutex<ChildGuard>,
 }
 
 pub struct World {
@@ -49,6 +49,8 @@ pub struct World {
     pub base: PathBuf,
     /// The VM root every node's daemon and VM pods share (a hostPath).
     pub vm_root: PathBuf,
+    daemon_bin: PathBuf,
+    daemon_args: Vec<String>,
     controllers: Vec<tokio::task::JoinHandle<()>>,
     _lan: Lan,
 }
@@ -188,7 +190,7 @@ impl World {
                 &opts.daemon_args,
             )?;
             let client = if cluster == "east" { &east } else { &west };
-            let endpoint = format!("http://{}:7070", kube.ip());
+            let endpoint = format!("https://{}:7070", kube.ip());
             let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: endpoint}}});
             Api::<Node>::all(client.clone())
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -200,7 +202,7 @@ impl World {
                 lan: lan_node,
                 state_dir,
                 ferry_runtime: ferry,
-                _daemon: daemon,
+                daemon: std::sync::Mutex::new(daemon),
             });
         }
         kube_node::route_pod_networks(&nodes.iter().map(|n| &n.kube).collect::<Vec<_>>())?;
@@ -215,6 +217,8 @@ impl World {
             nodes,
             base,
             vm_root,
+            daemon_bin,
+            daemon_args: opts.daemon_args,
             controllers: Vec::new(),
             _lan: lan,
         })
@@ -225,6 +229,24 @@ impl World {
             .iter()
             .find(|n| n.name == name)
             .expect("known node")
+    }
+
+    /// Kills a node's daemon with SIGKILL (its child processes too, as when its
+    /// container dies) and starts it again with the same flags and state dir.
+    pub fn restart_daemon(&self, name: &str) -> Result<()> {
+        let n = self.node(name);
+        let mut d = n.daemon.lock().unwrap();
+        d.kill();
+        *d = start_daemon(
+            &n.lan,
+            &n.kube,
+            &self.daemon_bin,
+            &n.state_dir,
+            &self.vm_root,
+            n.ferry_runtime,
+            &self.daemon_args,
+        )?;
+        Ok(())
     }
 
     pub fn client(&self, cluster: &str) -> &kube::Client {
@@ -240,9 +262,12 @@ impl World {
         let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "e2e-controller");
         settings.poll_interval = Duration::from_millis(100);
         let clusters = Arc::new(Clusters::new(self.east.clone(), CONTROLLER_NAMESPACE));
+        let tls_dir = ferry_testkit::pki::controller_tls_dir(&self.base.join("controller-tls"))
+            .expect("controller certificate");
+        let tls = ferry_controller::agent::grpc::client_tls(&tls_dir).expect("controller TLS");
         let ctx = ferry_controller::context(
             self.east.clone(),
-            Arc::new(GrpcAgent::new(clusters)),
+            Arc::new(GrpcAgent::new(clusters, tls)),
             &settings,
         );
         self.controllers.push(tokio::spawn(async move {
@@ -472,8 +497,9 @@ fn start_daemon(
         .arg("--crictl")
         .arg(crictl)
         .args(extra_args)
-        .stdout(std::fs::File::create(kube.dir().join("ferry-node.log"))?)
-        .stderr(std::fs::File::create(kube.dir().join("ferry-node.err"))?);
+        // Appended: a restarted daemon's log follows its predecessor's.
+        .stdout(append(&kube.dir().join("ferry-node.log"))?)
+        .stderr(append(&kube.dir().join("ferry-node.err"))?);
     if ferry_runtime {
         cmd.arg("--restore-runc-root").arg(kube.ferry_runc_root());
     }
@@ -494,6 +520,14 @@ fn start_daemon(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(child)
+}
+
+fn append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 fn ensure_ok(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {

@@ -5,8 +5,13 @@
 //! Pod's gate stays closed until everything is staged and the app container's `create`
 //! restores at once instead of waiting out the transfer (which the kubelet would cut
 //! off, killing the copy being restored).
+//!
+//! The same slow link makes a fault land where it should: the source daemon is killed
+//! (SIGKILL, with its children) while it streams the checkpoint, and restarted. It
+//! finds the frozen pod again from its state dir; the Migration rolls back and the
+//! source runs on: exactly one copy, never a frozen one nobody resumes.
 use anyhow::{Context, Result, bail, ensure};
-use ferry_crds::Phase;
+use ferry_crds::{Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -27,34 +32,51 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     };
     let mut w = World::start(dir.path(), opts).await?;
     w.start_controller();
-    let r = scenario(&w).await;
-    if r.is_err() {
-        eprintln!("logs kept in {}", dir.keep().display());
+    let long = long_transfer(&w).await;
+    let crash = source_daemon_killed_mid_transfer(&w).await;
+    for (name, r) in [("long transfer", &long), ("source daemon killed", &crash)] {
+        match r {
+            Ok(()) => eprintln!("scenario ok: {name}"),
+            Err(e) => eprintln!("scenario FAILED: {name}: {e:#}"),
+        }
     }
-    r
+    if long.is_err() || crash.is_err() {
+        eprintln!("logs kept in {}", dir.keep().display());
+        bail!("a scenario failed");
+    }
+    Ok(())
 }
 
-async fn scenario(w: &World) -> Result<()> {
-    let ns = "long";
+/// A counter pod on east-1 whose writable layer holds 20 MiB of random bytes; returns
+/// the blob's md5sum once the counter runs, and shapes west-1's link.
+async fn big_pod(w: &World, ns: &str, pod: &str) -> Result<String> {
     w.namespace(ns).await?;
     let script = "head -c 20971520 /dev/urandom > /data/blob; exec 3>>/data/count.log; i=0; \
         while true; do i=$((i+1)); echo $i; echo $i >&3; usleep 50000; done";
-    w.create_pod(ns, pod_running("big", "east-1", &["app"], script))
+    w.create_pod(ns, pod_running(pod, "east-1", &["app"], script))
         .await?;
     // The blob is complete once the counter prints.
     wait_for(Duration::from_secs(30), "the counter to start", || async {
-        Ok(!numbers(&w.logs("east", ns, "big", "app")?).is_empty())
+        Ok(!numbers(&w.logs("east", ns, pod, "app")?).is_empty())
     })
     .await?;
-    let sum = w.exec("east", ns, "big", "app", &["md5sum", "/data/blob"])?;
+    let sum = w.exec("east", ns, pod, "app", &["md5sum", "/data/blob"])?;
     // Only now: the pod's own start must not depend on the slow link.
     w.node("west-1").lan.shape_ingress(4)?;
     w.apply_migration(
         ns,
-        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: m}\nspec:\n  \
-         workload: {pod: big}\n  target: {cluster: west, node: west-1}\n  strategy: Cold\n",
+        &format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: m}}\nspec:\n  \
+             workload: {{pod: {pod}}}\n  target: {{cluster: west, node: west-1}}\n  strategy: Cold\n"
+        ),
     )
     .await?;
+    Ok(sum)
+}
+
+async fn long_transfer(w: &World) -> Result<()> {
+    let ns = "long";
+    let sum = big_pod(w, ns, "big").await?;
     let m = w
         .follow(ns, "m", Duration::from_secs(300), |m| {
             eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
@@ -105,6 +127,73 @@ async fn scenario(w: &World) -> Result<()> {
     ensure!(
         copies == [("west-1".to_string(), "app".to_string())],
         "running copies: {copies:?}"
+    );
+    Ok(())
+}
+
+async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
+    let ns = "crash";
+    big_pod(w, ns, "victim").await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
+    })
+    .await?;
+    // The freeze comes first, the 20 MiB take ~40 s on this link: 3 s in, the source is
+    // frozen and streaming (or, on a very slow day, still dumping: a fault all the same).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.restart_daemon("east-1")?;
+    let m = w
+        .follow(ns, "m", Duration::from_secs(300), |m| {
+            eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
+        })
+        .await?;
+    let s = m.status.context("no status")?;
+    ensure!(
+        s.phase == Some(Phase::RolledBack),
+        "phase {:?}: {:?}",
+        s.phase,
+        s.failure
+    );
+    let f = s.failure.context("no failure")?;
+    eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
+    let west: Api<Pod> = Api::namespaced(w.west.clone(), ns);
+    ensure!(
+        west.get_opt("victim").await?.is_none(),
+        "the target Pod remains"
+    );
+    let copies = w.running_copies(ns, "victim")?;
+    ensure!(
+        copies == [("east-1".to_string(), "app".to_string())],
+        "running copies: {copies:?}"
+    );
+    // Thawed, not merely listed as running: it counts on, never restarted.
+    let before = numbers(&w.logs("east", ns, "victim", "app")?)
+        .last()
+        .copied()
+        .unwrap_or(0);
+    wait_for(
+        Duration::from_secs(10),
+        "the resumed source to count on",
+        || async {
+            Ok(numbers(&w.logs("east", ns, "victim", "app")?)
+                .last()
+                .copied()
+                .unwrap_or(0)
+                > before)
+        },
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let cs = pods
+        .get("victim")
+        .await?
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    ensure!(
+        cs.iter().all(|c| c.restart_count == 0),
+        "the source restarted: {cs:?}"
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! [`RuntimeError`] becomes a gRPC status.
 use crate::error::RuntimeError;
 use crate::runtime as d;
+use crate::validate;
 use ferry_proto::node::v1 as pb;
 use tonic::{Code, Status};
 
@@ -25,21 +26,37 @@ impl From<RuntimeError> for Status {
     }
 }
 
+fn invalid(why: String) -> RuntimeError {
+    RuntimeError::InvalidArgument(why)
+}
+
+/// A pod reference: the namespace an RFC 1123 label, the pod name an RFC 1123
+/// subdomain, the UID (when given) a lowercase UUID. An empty UID is legitimate: it
+/// asks for the pod by namespace and name (DescribeWorkload of a pod found by name, the
+/// target of a Migration whose target Pod is not created yet).
 pub fn workload_ref(
     w: Option<pb::WorkloadRef>,
     what: &str,
 ) -> Result<d::WorkloadRef, RuntimeError> {
-    let w = w.ok_or_else(|| RuntimeError::InvalidArgument(format!("{what} is missing")))?;
-    if w.namespace.is_empty() || w.pod_name.is_empty() {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "{what} needs namespace and pod_name"
-        )));
-    }
-    Ok(d::WorkloadRef {
+    let w = w.ok_or_else(|| invalid(format!("{what} is missing")))?;
+    let w = d::WorkloadRef {
         namespace: w.namespace,
         pod_name: w.pod_name,
         pod_uid: w.pod_uid,
-    })
+    };
+    check_workload_ref(&w, what)?;
+    Ok(w)
+}
+
+/// The rules of [`workload_ref`], for a reference already converted (runtimes check
+/// again where they build paths from one).
+pub fn check_workload_ref(w: &d::WorkloadRef, what: &str) -> Result<(), RuntimeError> {
+    validate::namespace(&format!("{what}.namespace"), &w.namespace).map_err(invalid)?;
+    validate::pod_name(&format!("{what}.pod_name"), &w.pod_name).map_err(invalid)?;
+    if !w.pod_uid.is_empty() {
+        validate::pod_uid(&format!("{what}.pod_uid"), &w.pod_uid).map_err(invalid)?;
+    }
+    Ok(())
 }
 
 pub fn workload_ref_pb(w: &d::WorkloadRef) -> pb::WorkloadRef {
@@ -50,12 +67,10 @@ pub fn workload_ref_pb(w: &d::WorkloadRef) -> pb::WorkloadRef {
     }
 }
 
+/// A migration id: the Migration's UID, or another RFC 1123 label
+/// ([`validate::migration_id`]).
 pub fn migration_id(id: &str) -> Result<String, RuntimeError> {
-    if id.is_empty() {
-        return Err(RuntimeError::InvalidArgument(
-            "migration_id is empty".into(),
-        ));
-    }
+    validate::migration_id("migration_id", id).map_err(invalid)?;
     Ok(id.to_string())
 }
 
@@ -124,20 +139,34 @@ pub fn description(
             ));
         }
     };
+    let workload = workload_ref(w.workload, "workload.workload")?;
+    let mut containers: Vec<d::ContainerInfo> = Vec::with_capacity(w.containers.len());
+    for (i, c) in w.containers.into_iter().enumerate() {
+        validate::container_name(&format!("workload.containers[{i}].name"), &c.name)
+            .map_err(invalid)?;
+        if !c.id.is_empty() {
+            validate::container_id(&format!("workload.containers[{i}].id"), &c.id)
+                .map_err(invalid)?;
+        }
+        if containers.iter().any(|o| o.name == c.name) {
+            return Err(invalid(format!(
+                "workload.containers[{i}].name {:?} is given twice; container names in a \
+                 pod are unique",
+                c.name
+            )));
+        }
+        containers.push(d::ContainerInfo {
+            name: c.name,
+            id: c.id,
+            pid: c.pid,
+            rss_bytes: c.rss_bytes,
+            writable_bytes: c.writable_bytes,
+        });
+    }
     Ok(d::WorkloadDescription {
-        workload: workload_ref(w.workload, "workload.workload")?,
+        workload,
         kind,
-        containers: w
-            .containers
-            .into_iter()
-            .map(|c| d::ContainerInfo {
-                name: c.name,
-                id: c.id,
-                pid: c.pid,
-                rss_bytes: c.rss_bytes,
-                writable_bytes: c.writable_bytes,
-            })
-            .collect(),
+        containers,
         memory_bytes: w.memory_bytes,
         runtime_spec: w.runtime_spec,
         runtime: w.runtime,
@@ -155,6 +184,46 @@ pub fn criu_options(o: Option<pb::CriuOptions>) -> d::CriuOptions {
 
 pub fn page_servers(v: Vec<pb::PageServer>) -> Vec<(String, String)> {
     v.into_iter().map(|p| (p.container, p.endpoint)).collect()
+}
+
+/// [`page_servers`], validated: each container name an RFC 1123 label, each endpoint
+/// `host:port` (it becomes runc's `--page-server` argument).
+pub fn page_servers_checked(v: Vec<pb::PageServer>) -> Result<Vec<(String, String)>, RuntimeError> {
+    for (i, p) in v.iter().enumerate() {
+        validate::container_name(&format!("page_servers[{i}].container"), &p.container)
+            .map_err(invalid)?;
+        validate::endpoint(&format!("page_servers[{i}].endpoint"), &p.endpoint).map_err(invalid)?;
+    }
+    Ok(page_servers(v))
+}
+
+/// The source's images, validated: the container an RFC 1123 label, the image a
+/// reference that cannot pass for an option of `crictl` (it becomes its argument), the
+/// image id (when known) likewise.
+pub fn images(v: Vec<pb::ContainerImage>) -> Result<Vec<d::ContainerImage>, RuntimeError> {
+    v.into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            validate::container_name(&format!("images[{i}].container"), &c.container)
+                .map_err(invalid)?;
+            validate::image_ref(&format!("images[{i}].image"), &c.image).map_err(invalid)?;
+            if !c.image_id.is_empty() {
+                validate::image_ref(&format!("images[{i}].image_id"), &c.image_id)
+                    .map_err(invalid)?;
+            }
+            Ok(d::ContainerImage {
+                container: c.container,
+                image: c.image,
+                image_id: c.image_id,
+            })
+        })
+        .collect()
+}
+
+/// A peer daemon's `host:port` (StartCheckpointRequest.receive_endpoint).
+pub fn receive_endpoint(s: &str) -> Result<String, RuntimeError> {
+    validate::endpoint("receive_endpoint", s).map_err(invalid)?;
+    Ok(s.to_string())
 }
 
 pub fn page_servers_pb(v: &[(String, String)]) -> Vec<pb::PageServer> {
@@ -248,5 +317,145 @@ mod tests {
             "workload",
         );
         assert!(matches!(r, Err(RuntimeError::InvalidArgument(_))));
+    }
+
+    fn wref(namespace: &str, pod_name: &str, pod_uid: &str) -> Option<pb::WorkloadRef> {
+        Some(pb::WorkloadRef {
+            namespace: namespace.into(),
+            pod_name: pod_name.into(),
+            pod_uid: pod_uid.into(),
+        })
+    }
+
+    const UID: &str = "0b7c5a8e-1f0e-4c2a-9d8e-2f3a4b5c6d7e";
+
+    #[test]
+    fn workload_ref_refuses_a_namespace_that_leaves_a_directory() {
+        let e = workload_ref(wref("../etc", "vm-y", ""), "target").unwrap_err();
+        let status = status_of(&e);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("target.namespace \"../etc\""),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("RFC 1123 label"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn workload_ref_checks_every_field() {
+        let ok = workload_ref(wref("default", "vm-1.web", UID), "target").unwrap();
+        assert_eq!(ok.pod_uid, UID);
+        // No UID: the pod by namespace and name (DescribeWorkload, a target not created yet).
+        assert!(workload_ref(wref("default", "vm-1", ""), "workload").is_ok());
+        for (ns, name, uid, field) in [
+            ("", "p", "", "target.namespace"),
+            ("Default", "p", "", "target.namespace"),
+            ("a/b", "p", "", "target.namespace"),
+            ("n", "", "", "target.pod_name"),
+            ("n", "../../x", "", "target.pod_name"),
+            ("n", "a/b", "", "target.pod_name"),
+            ("n", "p", "../../etc", "target.pod_uid"),
+            ("n", "p", "u1", "target.pod_uid"),
+        ] {
+            match workload_ref(wref(ns, name, uid), "target") {
+                Err(RuntimeError::InvalidArgument(m)) => assert!(m.starts_with(field), "{m}"),
+                r => panic!("{ns:?}/{name:?}/{uid:?}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn migration_ids_are_labels() {
+        assert_eq!(migration_id(UID).unwrap(), UID);
+        assert_eq!(migration_id("vm-live-1").unwrap(), "vm-live-1");
+        for bad in ["", "../x", "a/b", "M", "-x"] {
+            match migration_id(bad) {
+                Err(RuntimeError::InvalidArgument(m)) => {
+                    assert!(m.starts_with("migration_id "), "{m}")
+                }
+                r => panic!("{bad:?}: {r:?}"),
+            }
+        }
+    }
+
+    fn desc(containers: &[(&str, &str)]) -> Option<pb::WorkloadDescription> {
+        Some(pb::WorkloadDescription {
+            workload: wref("default", "web", UID),
+            kind: pb::WorkloadKind::Containers as i32,
+            containers: containers
+                .iter()
+                .map(|(name, id)| pb::ContainerInfo {
+                    name: (*name).into(),
+                    id: (*id).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            runtime: "containers".into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn descriptions_check_container_names() {
+        let id = "f".repeat(64);
+        let d = description(desc(&[("app", &id), ("side-car", "")])).unwrap();
+        assert_eq!(d.containers.len(), 2);
+        for (bad, field) in [
+            (vec![("../x", id.as_str())], "workload.containers[0].name"),
+            (vec![("app", "a/b")], "workload.containers[0].id"),
+            (
+                vec![("app", ""), ("App", "")],
+                "workload.containers[1].name",
+            ),
+            (
+                vec![("app", ""), ("app", "")],
+                "workload.containers[1].name",
+            ),
+        ] {
+            match description(desc(&bad)) {
+                Err(RuntimeError::InvalidArgument(m)) => assert!(m.starts_with(field), "{m}"),
+                r => panic!("{bad:?}: {r:?}"),
+            }
+        }
+        let mut d = desc(&[]).unwrap();
+        d.workload = wref("default", "..", "");
+        assert!(matches!(
+            description(Some(d)),
+            Err(RuntimeError::InvalidArgument(m)) if m.starts_with("workload.workload.pod_name")
+        ));
+    }
+
+    #[test]
+    fn images_page_servers_and_endpoints() {
+        let img = |container: &str, image: &str, image_id: &str| pb::ContainerImage {
+            container: container.into(),
+            image: image.into(),
+            image_id: image_id.into(),
+        };
+        let ok = images(vec![
+            img("app", "busybox:1.36", "sha256:0123"),
+            img("b", "x", ""),
+        ]);
+        assert_eq!(ok.unwrap().len(), 2);
+        assert!(images(vec![img("app", "--config=/x", "")]).is_err());
+        assert!(images(vec![img("a/b", "busybox", "")]).is_err());
+        assert!(images(vec![img("app", "busybox", "-x")]).is_err());
+        let ps = |container: &str, endpoint: &str| pb::PageServer {
+            container: container.into(),
+            endpoint: endpoint.into(),
+        };
+        assert_eq!(
+            page_servers_checked(vec![ps("app", "10.0.0.2:5000")]).unwrap(),
+            vec![("app".to_string(), "10.0.0.2:5000".to_string())]
+        );
+        assert!(page_servers_checked(vec![ps("app", "--root=/x")]).is_err());
+        assert!(page_servers_checked(vec![ps("../x", "10.0.0.2:5000")]).is_err());
+        assert!(receive_endpoint("10.0.0.2:7443").is_ok());
+        assert!(receive_endpoint("10.0.0.2").is_err());
     }
 }

@@ -7,6 +7,9 @@ pub mod convert;
 pub mod error;
 pub mod runtime;
 pub mod server;
+pub mod validate;
+// The control API's mutual TLS: only the controller may call it.
+pub mod control_tls;
 // Containers run by containerd, checkpointed with CRIU and restored by ferry-runtime.
 pub mod containers;
 // Virtual machines: ferry-launcher runs one QEMU guest in a VM pod; the daemon migrates it over QMP.

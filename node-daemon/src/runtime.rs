@@ -324,4 +324,10 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Source: resume the workload. Destination: remove whatever was received or restored.
     fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Whether this runtime holds state for `migration_id` that no running operation
+    /// knows of (recovered after a daemon restart): Abort and Finalize go to it.
+    fn knows(&self, _migration_id: &str) -> bool {
+        false
+    }
 }

@@ -133,7 +133,14 @@ impl NodeService {
     }
 
     fn runtime_of(&self, id: &str) -> Option<Arc<dyn Runtime>> {
-        self.ops.lock().unwrap().get(id).map(|o| o.runtime.clone())
+        let running = self.ops.lock().unwrap().get(id).map(|o| o.runtime.clone());
+        running.or_else(|| self.recovered(id))
+    }
+
+    /// The runtime holding state for a migration no operation knows of: one a previous
+    /// run of this daemon started (its operations died with it).
+    fn recovered(&self, id: &str) -> Option<Arc<dyn Runtime>> {
+        self.runtimes.iter().find(|r| r.knows(id)).cloned()
     }
 
     fn done(id: &str, stage: Stage, r: &Result<(), RuntimeError>) -> pb::Operation {
@@ -216,15 +223,7 @@ impl NodeAgent for NodeService {
             target,
             strategy: cv::strategy(r.strategy)?,
             criu: cv::criu_options(r.criu),
-            images: r
-                .images
-                .into_iter()
-                .map(|i| crate::runtime::ContainerImage {
-                    container: i.container,
-                    image: i.image,
-                    image_id: i.image_id,
-                })
-                .collect(),
+            images: cv::images(r.images)?,
         };
         let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
         let info = runtime.prepare_receiver(plan, sink).await?;
@@ -268,15 +267,13 @@ impl NodeAgent for NodeService {
                 RuntimeError::Unavailable(format!("strategy {strategy:?}: {}", s.reason)).into(),
             );
         }
-        if r.receive_endpoint.is_empty() {
-            return Err(RuntimeError::InvalidArgument("receive_endpoint is empty".into()).into());
-        }
+        let receive_endpoint = cv::receive_endpoint(&r.receive_endpoint)?;
         let plan = CheckpointPlan {
             migration_id: id.clone(),
             workload,
             strategy,
-            receive_endpoint: r.receive_endpoint,
-            page_servers: cv::page_servers(r.page_servers),
+            receive_endpoint,
+            page_servers: cv::page_servers_checked(r.page_servers)?,
             leave_running: r.leave_running,
             criu: cv::criu_options(r.criu),
         };
@@ -348,6 +345,14 @@ impl NodeAgent for NodeService {
         let id = cv::migration_id(&req.get_ref().migration_id)?;
         let op = self.ops.lock().unwrap().remove(&id);
         let Some(mut op) = op else {
+            if let Some(runtime) = self.recovered(&id) {
+                let r = runtime.abort(&id).await.and(Err(RuntimeError::Aborted(
+                    "aborted what a previous run of this daemon started; source resumed / \
+                     destination cleaned"
+                        .into(),
+                )));
+                return Ok(Response::new(Self::done(&id, Stage::Aborting, &r)));
+            }
             return Ok(Response::new(Self::done(
                 &id,
                 Stage::Aborting,

@@ -68,8 +68,8 @@ async fn setup_guest(
     let bin = Path::new(env!("CARGO_BIN_EXE_ferry-node"));
     let a = Daemon::start_with(&lan, labels.0, tmp.path(), bin, extra)?;
     let b = Daemon::start_with(&lan, labels.1, tmp.path(), bin, extra)?;
-    let ca = NodeAgentClient::connect(a.endpoint.clone()).await?;
-    let cb = NodeAgentClient::connect(b.endpoint.clone()).await?;
+    let ca = ferry_testkit::pki::control_client(&a.endpoint).await?;
+    let cb = ferry_testkit::pki::control_client(&b.endpoint).await?;
     let src = VmPod::new("default", "vm-src");
     let guest = Guest::launch(&a.node, launcher(), &a.vm_root, &src, memory_mib, busy)?;
     wait_count_above(&guest.serial(), 2, Duration::from_secs(90)).await?;
@@ -552,7 +552,7 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         bin,
         &["--node-name", "vdx", "--vm-target-wait-secs", "2"],
     )?;
-    let mut c = NodeAgentClient::connect(d.endpoint.clone()).await?;
+    let mut c = ferry_testkit::pki::control_client(&d.endpoint).await?;
     // A VM description without the guest spec cannot receive a guest.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {

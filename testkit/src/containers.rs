@@ -229,7 +229,7 @@ impl Daemon {
             runc: RuncRoot { root: runc_root },
             state_dir,
             vm_root: base.join(format!("vms-{label}")),
-            endpoint: format!("http://{addr}"),
+            endpoint: format!("https://{addr}"),
             _child: child,
         })
     }

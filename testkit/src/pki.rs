@@ -2,12 +2,14 @@
 //! directory laid out like the mounted Secret `ferry-node --tls-dir` reads (`tls.crt`,
 //! `tls.key`, `ca.crt`), with the node's IP in the certificate.
 use anyhow::{Context, Result};
+use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 fn ca() -> &'static CertifiedIssuer<'static, KeyPair> {
     static CA: OnceLock<CertifiedIssuer<'static, KeyPair>> = OnceLock::new();
@@ -21,6 +23,62 @@ fn ca() -> &'static CertifiedIssuer<'static, KeyPair> {
         let key = KeyPair::generate().expect("CA key");
         CertifiedIssuer::self_signed(params, key).expect("CA certificate")
     })
+}
+
+/// The name the controller's certificate carries (`ferry-node --controller-name`'s
+/// default).
+pub const CONTROLLER_NAME: &str = "ferry-controller";
+
+/// Writes `dir/{tls.crt,tls.key,ca.crt}` for the controller (a client certificate
+/// naming [`CONTROLLER_NAME`]); returns `dir`.
+pub fn controller_tls_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut params = CertificateParams::new(vec![CONTROLLER_NAME.to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, CONTROLLER_NAME);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, ca())?;
+    std::fs::write(dir.join("tls.crt"), cert.pem())?;
+    std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
+    std::fs::write(dir.join("ca.crt"), ca().pem())?;
+    Ok(dir.to_path_buf())
+}
+
+/// A control-API client of the daemon at `endpoint` (`https://IP:PORT`) with the
+/// identity in `tls_dir` (see [`controller_tls_dir`]).
+pub async fn control_client_with(
+    endpoint: &str,
+    tls_dir: &Path,
+) -> Result<NodeAgentClient<Channel>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |f: &str| std::fs::read(tls_dir.join(f));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")?))
+        .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?));
+    let channel = Channel::from_shared(endpoint.to_string())?
+        .tls_config(tls)?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    Ok(NodeAgentClient::new(channel))
+}
+
+/// A control-API client with this process's controller identity (made once, in a
+/// temporary directory).
+pub async fn control_client(endpoint: &str) -> Result<NodeAgentClient<Channel>> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = match DIR.get() {
+        Some(d) => d.clone(),
+        None => {
+            let d =
+                std::env::temp_dir().join(format!("ferry-controller-tls-{}", std::process::id()));
+            controller_tls_dir(&d)?;
+            DIR.get_or_init(|| d).clone()
+        }
+    };
+    control_client_with(endpoint, &dir).await
 }
 
 /// Writes `dir/{tls.crt,tls.key,ca.crt}` for a node reachable at `ip`; returns `dir`.

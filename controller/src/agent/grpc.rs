@@ -1,7 +1,9 @@
 //! [`NodeAgent`] over the node daemon's gRPC API. This module is the one place where
 //! proto types turn into domain types and back. A node's daemon announces itself with
-//! the Node annotation `ferry.dev/node-daemon: http://IP:PORT` (the DaemonSet writes it
-//! at start; tests write it for the daemons they run).
+//! the Node annotation `ferry.dev/node-daemon: https://IP:PORT` (the DaemonSet writes it
+//! at start; tests write it for the daemons they run). Every connection is mutual TLS:
+//! the daemon's certificate must chain to the cluster-set CA and name the endpoint's
+//! host; the controller presents its own, which the daemon requires.
 use super::*;
 use crate::clusters::Clusters;
 use ferry_proto::node::v1 as pb;
@@ -11,19 +13,38 @@ use pb::node_agent_client::NodeAgentClient;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 pub const DAEMON_ANNOTATION: &str = "ferry.dev/node-daemon";
 
 pub struct GrpcAgent {
     clusters: Arc<Clusters>,
+    tls: ClientTlsConfig,
     channels: Mutex<HashMap<NodeRef, Channel>>,
 }
 
+/// The controller's side of the control channel's mutual TLS, from a directory laid out
+/// like a mounted kubernetes.io/tls Secret plus the CA: `tls.crt` (naming the
+/// controller, `ferry-controller` unless the daemons are told otherwise), `tls.key`,
+/// `ca.crt` (the CA the daemons' certificates chain to).
+pub fn client_tls(dir: &std::path::Path) -> std::io::Result<ClientTlsConfig> {
+    // tonic's TLS takes the process-wide provider; several may be compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |f: &str| {
+        let p = dir.join(f);
+        std::fs::read(&p)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))
+    };
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")?))
+        .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?)))
+}
+
 impl GrpcAgent {
-    pub fn new(clusters: Arc<Clusters>) -> Self {
+    pub fn new(clusters: Arc<Clusters>, tls: ClientTlsConfig) -> Self {
         GrpcAgent {
             clusters,
+            tls,
             channels: Mutex::default(),
         }
     }
@@ -55,9 +76,24 @@ impl GrpcAgent {
                 node: node.to_string(),
                 message: format!("no ferry node daemon on this node (Node annotation {DAEMON_ANNOTATION} is missing)"),
             })?;
+        if !endpoint.starts_with("https://") {
+            return Err(AgentError::Rejected {
+                node: node.to_string(),
+                message: format!(
+                    "the node's daemon endpoint {endpoint:?} ({DAEMON_ANNOTATION}) is not \
+                     https://: the control channel is mutual TLS only"
+                ),
+            });
+        }
         let channel = Channel::from_shared(endpoint.clone())
             .map_err(|e| unavailable(format!("bad endpoint {endpoint:?}: {e}")))?
+            .tls_config(self.tls.clone())
+            .map_err(|e| unavailable(format!("TLS for {endpoint:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5))
+            // Every call is bounded: a hung daemon must not freeze the Migration (and
+            // with it its own timeouts). The longest calls wait for the kubelet
+            // (PrepareReceiver up to 10 s, Finalize up to 10 s).
+            .timeout(CALL_TIMEOUT)
             .connect_lazy();
         self.channels
             .lock()
@@ -67,10 +103,18 @@ impl GrpcAgent {
     }
 }
 
+/// The deadline of one call to a daemon.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn status_error(node: &NodeRef, migration_id: &str, s: tonic::Status) -> AgentError {
     use tonic::Code;
     let node = node.to_string();
     match s.code() {
+        // tonic reports its own client-side deadline as Cancelled ("Timeout expired").
+        Code::Cancelled => AgentError::Unavailable {
+            node,
+            message: format!("no answer within {CALL_TIMEOUT:?}: {}", s.message()),
+        },
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::ResourceExhausted

@@ -169,6 +169,9 @@ impl<'a> Reconciler<'a> {
                 ),
             };
             self.fail("Timeout", message);
+            if let Some(phase) = before {
+                self.status.phase = Some(state::next(before, &state::timeout_outcome(phase))?);
+            }
             return self.commit(before).await;
         }
         let step = state::decide(&view);
@@ -358,11 +361,7 @@ impl<'a> Reconciler<'a> {
     }
 
     fn reset_for_retry(&mut self) {
-        self.status.attempts += 1;
-        self.status.failure = None;
-        self.status.started_steps.clear();
-        self.status.receiver = None;
-        self.status.progress = None;
+        reset_for_retry(&mut self.status, now());
     }
 
     fn initialize(&mut self) -> Outcome {
@@ -797,5 +796,48 @@ fn placement_reason(e: &placement::PlacementError) -> &'static str {
         P::VirtualNode(_) => "VirtualNode",
         P::SameNode(_) => "SameNode",
         P::NoCandidate => "NoTargetNode",
+    }
+}
+
+/// A new attempt after a rollback: its own clock (the completion timeout applies per
+/// attempt; keeping the first attempt's start would fail a retry at once), no failure,
+/// no steps started, no receiver, progress or step timings of the old attempt.
+fn reset_for_retry(status: &mut MigrationStatus, now: Time) {
+    status.attempts += 1;
+    status.failure = None;
+    status.started_steps.clear();
+    status.receiver = None;
+    status.progress = None;
+    let t = status.timings.get_or_insert_with(Timings::default);
+    t.started_at = Some(now);
+    t.steps.clear();
+    t.downtime_ms = None;
+    t.downtime = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_restarts_the_clock_and_forgets_the_old_attempt() {
+        let first = Time(Timestamp::from_second(1_000).unwrap());
+        let later = Time(Timestamp::from_second(2_000).unwrap());
+        let mut s = MigrationStatus {
+            attempts: 1,
+            started_steps: vec!["prepare".into(), "checkpoint".into()],
+            timings: Some(Timings {
+                started_at: Some(first),
+                downtime_ms: Some(5),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        reset_for_retry(&mut s, later.clone());
+        assert_eq!(s.attempts, 2);
+        assert!(s.started_steps.is_empty());
+        let t = s.timings.unwrap();
+        assert_eq!(t.started_at, Some(later));
+        assert_eq!(t.downtime_ms, None);
     }
 }

@@ -4,6 +4,7 @@ use clap::Parser;
 use ferry_node::containers::criu::Criu;
 use ferry_node::containers::runc::Runc;
 use ferry_node::containers::{ContainerRuntime, ContainersConfig, Cri};
+use ferry_node::control_tls;
 use ferry_node::server::NodeService;
 use ferry_node::transport::Transport;
 use ferry_node::vm::qemu::MigrationTuning;
@@ -15,7 +16,8 @@ use std::sync::Arc;
 #[derive(Parser, Debug)]
 #[command(version, about = "ferry node daemon")]
 struct Args {
-    /// gRPC listen address.
+    /// gRPC listen address of the control API (mutual TLS with the --tls-dir identity;
+    /// only a client certificate naming --controller-name is served).
     #[arg(long, env = "FERRY_NODE_LISTEN", default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
     /// This node's IP that peer daemons reach (page servers and bundle listeners bind here).
@@ -57,10 +59,16 @@ struct Args {
     /// `stateDir` must name the same directory).
     #[arg(long, env = "FERRY_STATE_DIR", default_value = "/var/lib/ferry")]
     state_dir: PathBuf,
-    /// The node's transfer identity, laid out like a mounted kubernetes.io/tls Secret
-    /// plus the CA: tls.crt (must name --advertise-ip), tls.key, ca.crt.
+    /// The node's identity for the control API and transfers, laid out like a mounted
+    /// kubernetes.io/tls Secret plus the CA: tls.crt (must name --advertise-ip), tls.key,
+    /// ca.crt (peers and the controller must present certificates from it).
     #[arg(long, env = "FERRY_TLS_DIR")]
     tls_dir: PathBuf,
+    /// The DNS name the controller's client certificate carries; the control API
+    /// refuses every other certificate (peer daemons included). Node certificates must
+    /// never carry it.
+    #[arg(long, env = "FERRY_CONTROLLER_NAME", default_value = control_tls::CONTROLLER_NAME)]
+    controller_name: String,
     /// Port of the mutual-TLS transfer listener (on --advertise-ip).
     #[arg(long, env = "FERRY_TRANSFER_PORT", default_value_t = 7443)]
     transfer_port: u16,
@@ -132,9 +140,15 @@ async fn main() -> anyhow::Result<()> {
         transport.clone(),
     );
     let svc = NodeService::new(vec![Arc::new(containers), Arc::new(vm)]);
-    tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), "ferry-node serving");
+    let tls = control_tls::server_config(&a.tls_dir).context("the control API's TLS")?;
+    tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), controller = %a.controller_name, "ferry-node serving");
     tonic::transport::Server::builder()
-        .add_service(NodeAgentServer::new(svc))
+        .tls_config(tls)
+        .context("the control API's TLS")?
+        .add_service(NodeAgentServer::with_interceptor(
+            svc,
+            control_tls::only(a.controller_name.clone()),
+        ))
         .serve_with_shutdown(a.listen, async {
             let _ = tokio::signal::ctrl_c().await;
         })

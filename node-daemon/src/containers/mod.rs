@@ -91,10 +91,14 @@ impl ContainerRuntime {
     /// Probes CRIU once so `strategies` answers from memory.
     pub async fn new(cfg: ContainersConfig) -> ContainerRuntime {
         let strategies = cfg.criu.probe().await;
+        // Sources a previous run of this daemon froze and did not finish.
+        let recovered = source::SourceState::recover(&cfg.state_dir.join("out"))
+            .into_iter()
+            .map(|(id, s)| (id, Migration::Source(s)));
         ContainerRuntime {
             cfg,
             strategies,
-            migrations: Mutex::new(HashMap::new()),
+            migrations: Mutex::new(recovered.collect()),
         }
     }
 
@@ -214,6 +218,10 @@ impl Runtime for ContainerRuntime {
             }
         }
         .boxed()
+    }
+
+    fn knows(&self, migration_id: &str) -> bool {
+        self.migrations.lock().unwrap().contains_key(migration_id)
     }
 
     fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {

@@ -127,7 +127,7 @@ pub fn pod_cgroup(containers: &[PodContainer]) -> Result<String, RuntimeError> {
 }
 
 /// The freezer of a cgroup, v1 (`freezer.state`) or v2 (`cgroup.freeze`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Freezer {
     dir: PathBuf,
     v1: bool,

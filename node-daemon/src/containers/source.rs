@@ -27,7 +27,8 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_SIGNAL_WAIT: Duration = Duration::from_secs(10);
 
 pub struct SourceState {
-    containers: Vec<PodContainer>,
+    /// The containers' init pids (finalize waits for the kubelet's stop signal on them).
+    inits: Vec<u32>,
     /// Each container's own freezer: CRIU needs to thaw and refreeze a container's
     /// cgroup while it seizes the tasks, which a frozen parent would prevent.
     freezers: Vec<Freezer>,
@@ -38,6 +39,60 @@ pub struct SourceState {
     serving: Arc<Mutex<Vec<u32>>>,
 }
 
+/// What a source keeps on disk (`<state>/out/<migration>/source.json`) from before the
+/// freeze until finalize or abort, so that a restarted daemon can still resume or end
+/// the frozen copy: its memory of the migration is gone, the frozen pod is not.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SourceRecord {
+    inits: Vec<u32>,
+    freezers: Vec<Freezer>,
+    /// False once a post-copy bundle is out (see [`SourceState::resumable`]).
+    resumable: bool,
+}
+
+const SOURCE_RECORD: &str = "source.json";
+
+fn write_record(dir: &Path, s: &SourceRecord) -> Result<(), RuntimeError> {
+    std::fs::create_dir_all(dir).map_err(RuntimeError::io("creating the migration dir"))?;
+    let tmp = dir.join(format!("{SOURCE_RECORD}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(s).expect("json"))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(SOURCE_RECORD)))
+        .map_err(RuntimeError::io("recording the source state"))
+}
+
+impl SourceState {
+    /// The migrations a previous run of this daemon left as sources: one per record
+    /// under `<state>/out`.
+    pub(super) fn recover(out_dir: &Path) -> Vec<(String, SourceState)> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(out_dir).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read(e.path().join(SOURCE_RECORD)) else {
+                continue;
+            };
+            match serde_json::from_slice::<SourceRecord>(&text) {
+                Ok(r) => {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    tracing::warn!(migration_id = %id, resumable = r.resumable,
+                        "recovered a source migration from before a restart: abort resumes it, finalize ends it");
+                    found.push((
+                        id,
+                        SourceState {
+                            inits: r.inits,
+                            freezers: r.freezers,
+                            resumable: Arc::new(AtomicBool::new(r.resumable)),
+                            serving: Arc::default(),
+                        },
+                    ));
+                }
+                Err(err) => {
+                    tracing::error!(path = %e.path().display(), error = %err, "unreadable source record")
+                }
+            }
+        }
+        found
+    }
+}
+
 /// One pod checkpoint's shared state, handed to each container's dump.
 struct Cut<'a> {
     plan: &'a CheckpointPlan,
@@ -46,6 +101,9 @@ struct Cut<'a> {
     progress: &'a ProgressSink,
     serving: &'a Mutex<Vec<u32>>,
     resumable: &'a AtomicBool,
+    /// For the source record (see [`SourceRecord`]).
+    inits: &'a [u32],
+    freezers: &'a [Freezer],
 }
 
 impl ContainerRuntime {
@@ -120,10 +178,21 @@ impl ContainerRuntime {
             })?;
         let serving = Arc::new(Mutex::new(Vec::new()));
         let resumable = Arc::new(AtomicBool::new(true));
+        let inits: Vec<u32> = containers.iter().map(|c| c.c.pid).collect();
+        let record_inits = inits.clone();
+        // On disk before the freeze: a daemon that dies from here on finds it again.
+        write_record(
+            &dir,
+            &SourceRecord {
+                inits: inits.clone(),
+                freezers: freezers.clone(),
+                resumable: true,
+            },
+        )?;
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             Migration::Source(SourceState {
-                containers: containers.clone(),
+                inits,
                 freezers: freezers.clone(),
                 resumable: resumable.clone(),
                 serving: serving.clone(),
@@ -150,6 +219,8 @@ impl ContainerRuntime {
             progress: &progress,
             serving: &serving,
             resumable: &resumable,
+            inits: &record_inits,
+            freezers: &freezers,
         };
         let result = try_join_all(containers.iter().map(|c| {
             let ps = plan
@@ -317,6 +388,14 @@ impl ContainerRuntime {
         if cut.plan.strategy == Strategy::PostCopy {
             // From here the destination may restore and run the pod.
             cut.resumable.store(false, Ordering::SeqCst);
+            write_record(
+                cut.dir,
+                &SourceRecord {
+                    inits: cut.inits.to_vec(),
+                    freezers: cut.freezers.to_vec(),
+                    resumable: false,
+                },
+            )?;
         }
         let sent = wire::send(
             &self.cfg.transport,
@@ -384,7 +463,7 @@ impl ContainerRuntime {
         s: SourceState,
     ) -> Result<(), RuntimeError> {
         stop_serving(&s.serving);
-        let inits: Vec<u32> = s.containers.iter().map(|c| c.c.pid).collect();
+        let inits = &s.inits;
         let deadline = Instant::now() + STOP_SIGNAL_WAIT;
         while !inits
             .iter()

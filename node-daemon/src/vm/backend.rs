@@ -30,12 +30,14 @@
 use super::launcher::GuestSpec;
 use super::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
 use super::registry::{self, Found, Registry};
+use crate::convert;
 use crate::error::RuntimeError;
 use crate::runtime::{
     CheckpointPlan, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage, Strategy,
     StrategySupport, WorkloadDescription, WorkloadKind, WorkloadRef,
 };
 use crate::transport::{self, Transport};
+use crate::validate;
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -153,6 +155,13 @@ impl VmRuntime {
             .ok_or_else(|| RuntimeError::NotFound(format!("no running VM for pod {w}")))
     }
 
+    /// `<dir>/<name>` in a guest's directory, for creating or removing `name`: inside
+    /// the VM root, in a real directory ([`registry::file_in`]).
+    fn own_file(&self, dir: &Path, name: &str) -> Result<PathBuf, RuntimeError> {
+        registry::file_in(self.registry.root(), dir, name)
+            .map_err(|e| RuntimeError::FailedPrecondition(format!("VM registry: {e}")))
+    }
+
     /// Both ends configure the same tuning (capabilities must match). Live pre-copy
     /// that stalls throttles the guest (auto-converge), which keeps the whole guest at
     /// the source until the end, so rollback stays possible; `PostCopy` (a Migration
@@ -178,8 +187,10 @@ impl VmRuntime {
         plan: CheckpointPlan,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
+        check_plan(&plan.migration_id, &plan.workload, "workload")?;
         let found = self.find_running(&plan.workload).await?;
         let qmp = found.qmp();
+        let sock = self.own_file(&found.dir, registry::OUTGOING_SOCKET)?;
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             VmMigration::Source {
@@ -194,7 +205,7 @@ impl VmRuntime {
             .map_err(qemu_err)?;
         let tuning = self.tuning_for(plan.strategy);
         q.configure(&tuning).await.map_err(qemu_err)?;
-        let sock = OwnedSocket(found.dir.join(registry::OUTGOING_SOCKET));
+        let sock = OwnedSocket(sock);
         let _ = std::fs::remove_file(&sock.0);
         let listener = UnixListener::bind(&sock.0)
             .map_err(RuntimeError::io("binding the migration socket"))?;
@@ -361,14 +372,18 @@ impl VmRuntime {
                 "source guest is {state} after abort, not running"
             )));
         }
-        let _ = std::fs::remove_file(dir.join(registry::OUTGOING_SOCKET));
+        if let Ok(sock) = self.own_file(dir, registry::OUTGOING_SOCKET) {
+            let _ = std::fs::remove_file(sock);
+        }
         Ok(())
     }
 
     /// The source stays paused until its Pod is deleted: its kubelet ends QEMU. A guest
     /// already gone (the Pod deleted before a retried finalize) is fine.
     async fn finalize_source(&self, dir: &Path) -> Result<(), RuntimeError> {
-        let _ = std::fs::remove_file(dir.join(registry::OUTGOING_SOCKET));
+        if let Ok(sock) = self.own_file(dir, registry::OUTGOING_SOCKET) {
+            let _ = std::fs::remove_file(sock);
+        }
         let qmp = dir.join(registry::QMP_SOCKET);
         if !registry::listening(&qmp)
             .await
@@ -406,9 +421,10 @@ impl VmRuntime {
                  describe the source with a ferry-node of the same version"
             ))
         })?;
+        check_plan(&plan.migration_id, &plan.target, "target")?;
         if !plan.target.pod_uid.is_empty() {
             registry::dir_for(self.registry.root(), &plan.target.pod_uid)
-                .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
+                .map_err(|e| RuntimeError::InvalidArgument(format!("target: {e}")))?;
         }
         let (tx, rx) = watch::channel(DestPhase::Waiting);
         let incoming = Incoming {
@@ -550,6 +566,14 @@ async fn reconnect(qmp_socket: &Path) -> Option<QemuBackend> {
     }
 }
 
+/// The request data this runtime builds paths and stream names from, checked here too
+/// (the gRPC layer already did, in `convert`): the migration id names the `<id>.ram`
+/// pipe, the pod's UID its directory under the VM root.
+fn check_plan(migration_id: &str, w: &WorkloadRef, what: &str) -> Result<(), RuntimeError> {
+    convert::migration_id(migration_id)?;
+    convert::check_workload_ref(w, what)
+}
+
 fn ram_pipe(migration_id: &str) -> String {
     format!("{migration_id}.ram")
 }
@@ -645,7 +669,11 @@ impl Incoming {
         }
         q.configure(&self.tuning).await.map_err(qemu_err)?;
         // QEMU (in the pod) creates it; the daemon reaches it through the shared VM root.
-        let sock = found.dir.join(registry::INCOMING_SOCKET);
+        let sock = registry::under(
+            self.registry.root(),
+            found.dir.join(registry::INCOMING_SOCKET),
+        )
+        .map_err(|e| RuntimeError::FailedPrecondition(format!("VM registry: {e}")))?;
         q.migrate_incoming(&format!("unix:{}", sock.display()))
             .await
             .map_err(qemu_err)?;
@@ -670,9 +698,8 @@ impl Incoming {
         let where_ = if self.target.pod_uid.is_empty() {
             self.registry.root().display().to_string()
         } else {
-            self.registry
-                .root()
-                .join(&self.target.pod_uid)
+            registry::dir_for(self.registry.root(), &self.target.pod_uid)
+                .map_err(|e| RuntimeError::InvalidArgument(format!("target: {e}")))?
                 .display()
                 .to_string()
         };
@@ -802,6 +829,9 @@ impl Runtime for VmRuntime {
         plan: &'a CheckpointPlan,
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         async move {
+            check_plan(&plan.migration_id, &plan.workload, "workload")?;
+            validate::endpoint("receive_endpoint", &plan.receive_endpoint)
+                .map_err(RuntimeError::InvalidArgument)?;
             transport::peer(&plan.receive_endpoint)?;
             let found = self.find_running(&plan.workload).await?;
             let q = QemuBackend::connect(&found.qmp(), Duration::from_secs(5))

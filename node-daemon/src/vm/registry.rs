@@ -29,6 +29,7 @@
 //! comes from the environment variables below, set by the Downward API.
 use super::launcher::GuestSpec;
 use crate::runtime::WorkloadRef;
+use crate::validate;
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -101,20 +102,58 @@ pub fn incoming_migration(env_value: Option<&str>) -> Option<String> {
         .map(String::from)
 }
 
-/// The directory of the pod with UID `pod_uid`. A UID is a UUID; anything that could
-/// leave the root is refused.
+/// The directory of the pod with UID `pod_uid`. A UID is a lowercase UUID (as the API
+/// server writes it); anything else is refused, and the joined path is checked to stay
+/// inside the root.
 pub fn dir_for(root: &Path, pod_uid: &str) -> io::Result<PathBuf> {
-    if pod_uid.is_empty()
-        || pod_uid.starts_with('.')
-        || pod_uid.contains(['/', '\0'])
-        || pod_uid.len() > 128
-    {
+    validate::pod_uid("pod UID", pod_uid).map_err(|why| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{why} (it names the pod's directory under the VM root)"),
+        )
+    })?;
+    under(root, root.join(pod_uid))
+}
+
+/// `path`, if it lies inside `root` ([`validate::inside`]): what a VM path built from
+/// request data must do before anything is created or removed there.
+pub fn under(root: &Path, path: PathBuf) -> io::Result<PathBuf> {
+    if validate::inside(root, &path) {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not inside the VM root {}",
+                path.display(),
+                root.display()
+            ),
+        ))
+    }
+}
+
+/// `<dir>/<name>` for creating or removing `name` in a pod's directory: the path must be
+/// inside `root` and `dir` a directory, not a symbolic link (a pod may write into its
+/// directory, and the daemon runs as root).
+pub fn file_in(root: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
+    let path = under(root, dir.join(name))?;
+    if path.parent() != Some(dir) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("pod UID {pod_uid:?} cannot name a directory under the VM root"),
+            format!("{name:?} is not one file name"),
         ));
     }
-    Ok(root.join(pod_uid))
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a directory (a symbolic link or another file)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(path)
 }
 
 /// Writes the record atomically (the daemon may be reading it); returns the directory.
@@ -169,6 +208,8 @@ impl Found {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Missing {
     NoRecord,
+    /// The pod's entry under the VM root is a symbolic link or a file.
+    NotADirectory,
     /// Registered, but QMP refuses connections: QEMU not started yet, or gone.
     NotListening,
     OtherNode(String),
@@ -179,6 +220,7 @@ impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Missing::NoRecord => write!(f, "no {RECORD}"),
+            Missing::NotADirectory => write!(f, "not a directory (a symbolic link or a file)"),
             Missing::NotListening => write!(f, "{RECORD}, but nothing listens on {QMP_SOCKET}"),
             Missing::OtherNode(n) => write!(f, "{RECORD} of node {n:?}"),
             Missing::OtherPod(p) => write!(f, "{RECORD} of pod {p}"),
@@ -245,6 +287,14 @@ impl Registry {
     /// The guest of pod `w` (its UID set), or why there is none.
     pub async fn probe(&self, w: &WorkloadRef) -> io::Result<Result<Found, Missing>> {
         let dir = dir_for(&self.root, &w.pod_uid)?;
+        // A pod can write into the VM root: its directory must be one, not a link
+        // to somewhere else.
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if !m.file_type().is_dir() => return Ok(Err(Missing::NotADirectory)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(Missing::NoRecord)),
+            Err(e) => return Err(e),
+        }
         let Some(rec) = self.read(&dir)? else {
             return Ok(Err(Missing::NoRecord));
         };
@@ -282,6 +332,9 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::vm::launcher::Accel;
+
+    const U1: &str = "0b7c5a8e-1f0e-4c2a-9d8e-2f3a4b5c6d7e";
+    const U2: &str = "5d1e0f9a-7c3b-4e2d-8a6f-1b2c3d4e5f60";
 
     fn rec(uid: &str, node: &str) -> VmRecord {
         VmRecord {
@@ -321,55 +374,49 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let reg = Registry::new(root.path().into(), None);
         assert_eq!(reg.find(&w("")).await.unwrap(), None);
-        assert_eq!(reg.find(&w("u1")).await.unwrap(), None);
-        let _qmp = put(root.path(), &rec("u1", ""), true);
-        let found = reg.find(&w("u1")).await.unwrap().expect("registered");
-        assert_eq!(found.rec, rec("u1", ""));
-        assert_eq!(found.dir, root.path().join("u1"));
+        assert_eq!(reg.find(&w(U1)).await.unwrap(), None);
+        let _qmp = put(root.path(), &rec(U1, ""), true);
+        let found = reg.find(&w(U1)).await.unwrap().expect("registered");
+        assert_eq!(found.rec, rec(U1, ""));
+        assert_eq!(found.dir, root.path().join(U1));
         // Without a UID, by namespace and name.
         assert_eq!(
             reg.find(&w("")).await.unwrap().map(|f| f.dir),
             Some(found.dir)
         );
         // Another UID is another pod.
-        assert!(reg.find(&w("u2")).await.unwrap().is_none());
+        assert!(reg.find(&w(U2)).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn a_record_whose_qmp_refuses_is_stale() {
         let root = tempfile::tempdir().unwrap();
         let reg = Registry::new(root.path().into(), None);
-        put(root.path(), &rec("u1", ""), false);
-        assert_eq!(
-            reg.probe(&w("u1")).await.unwrap(),
-            Err(Missing::NotListening)
-        );
+        put(root.path(), &rec(U1, ""), false);
+        assert_eq!(reg.probe(&w(U1)).await.unwrap(), Err(Missing::NotListening));
         // A socket file that nobody listens on any more (QEMU killed).
         drop(std::os::unix::net::UnixListener::bind(
-            root.path().join("u1").join(QMP_SOCKET),
+            root.path().join(U1).join(QMP_SOCKET),
         ));
-        assert_eq!(
-            reg.probe(&w("u1")).await.unwrap(),
-            Err(Missing::NotListening)
-        );
+        assert_eq!(reg.probe(&w(U1)).await.unwrap(), Err(Missing::NotListening));
         assert!(reg.find(&w("")).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn claims_only_its_own_node() {
         let root = tempfile::tempdir().unwrap();
-        let _a = put(root.path(), &rec("u1", "node-b"), true);
+        let _a = put(root.path(), &rec(U1, "node-b"), true);
         let mine = Registry::new(root.path().into(), Some("node-a".into()));
         assert_eq!(
-            mine.probe(&w("u1")).await.unwrap(),
+            mine.probe(&w(U1)).await.unwrap(),
             Err(Missing::OtherNode("node-b".into()))
         );
         assert!(mine.find(&w("")).await.unwrap().is_none());
         let theirs = Registry::new(root.path().into(), Some("node-b".into()));
-        assert!(theirs.find(&w("u1")).await.unwrap().is_some());
+        assert!(theirs.find(&w(U1)).await.unwrap().is_some());
         // No node name: no check.
         let any = Registry::new(root.path().into(), Some(String::new()));
-        assert!(any.find(&w("u1")).await.unwrap().is_some());
+        assert!(any.find(&w(U1)).await.unwrap().is_some());
     }
 
     #[test]
@@ -379,9 +426,64 @@ mod tests {
             dir_for(root, "0b7c5a8e-1f0e-4c2a-9d8e-2f3a4b5c6d7e").unwrap(),
             root.join("0b7c5a8e-1f0e-4c2a-9d8e-2f3a4b5c6d7e")
         );
-        for bad in ["", ".", "..", "../etc", "a/b", ".hidden"] {
-            assert!(dir_for(root, bad).is_err(), "{bad:?}");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            ".hidden",
+            "u1",
+            "/etc",
+            "0B7C5A8E-1F0E-4C2A-9D8E-2F3A4B5C6D7E",
+            "0b7c5a8e-1f0e-4c2a-9d8e-2f3a4b5c6d/.",
+        ] {
+            let e = dir_for(root, bad).expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            assert!(e.to_string().contains("pod UID"), "{e}");
         }
+    }
+
+    #[test]
+    fn files_are_created_only_in_real_pod_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let dir = dir_for(root, U1).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(
+            file_in(root, &dir, OUTGOING_SOCKET).unwrap(),
+            dir.join(OUTGOING_SOCKET)
+        );
+        for bad in ["..", "../x", "a/b", "/etc/passwd", ""] {
+            assert!(file_in(root, &dir, bad).is_err(), "{bad:?}");
+        }
+        // A directory outside the root, however it was reached.
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert!(file_in(root, elsewhere.path(), OUTGOING_SOCKET).is_err());
+        assert!(file_in(root, &root.join(U1).join(".."), OUTGOING_SOCKET).is_err());
+        // A pod's entry that links elsewhere.
+        let link = root.join(U2);
+        std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+        let e = file_in(root, &link, OUTGOING_SOCKET).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_linked_pod_directory_is_no_guest() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        // A live guest registered elsewhere, linked into the root under another UID.
+        let _qmp = put(elsewhere.path(), &rec(U1, ""), true);
+        std::os::unix::fs::symlink(elsewhere.path().join(U1), root.path().join(U2)).unwrap();
+        let reg = Registry::new(root.path().into(), None);
+        assert_eq!(
+            reg.probe(&w(U2)).await.unwrap(),
+            Err(Missing::NotADirectory)
+        );
+        assert!(reg.find(&w("")).await.unwrap().is_none());
+        // The same guest through its real directory is found.
+        let real = Registry::new(elsewhere.path().into(), None);
+        assert!(real.probe(&w(U1)).await.unwrap().is_ok());
     }
 
     #[test]
