@@ -1,6 +1,6 @@
 //! Choosing the target node and shaping the Pod that receives the workload. Pure
 //! functions over API objects; the reconciler does the reads and writes.
-use ferry_crds::MIGRATION_ANNOTATION;
+use ferry_crds::{CLAIM_ANNOTATION, MIGRATION_ANNOTATION};
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::api::ObjectMeta;
 use std::collections::BTreeMap;
@@ -158,7 +158,10 @@ pub fn target_pod(
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration")
+        // The source's claim is not the target's.
+        .filter(|(k, _)| {
+            k != "kubectl.kubernetes.io/last-applied-configuration" && k != CLAIM_ANNOTATION
+        })
         .collect();
     annotations.insert(MIGRATION_ANNOTATION.into(), migration_uid.into());
     annotations.insert(SOURCE_ANNOTATION.into(), source_id.into());

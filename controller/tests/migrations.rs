@@ -567,3 +567,75 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn of_two_migrations_of_one_pod_exactly_one_proceeds() -> anyhow::Result<()> {
+    let w = World::new("twice").await?;
+    let agent = Arc::new(ScriptedAgent::new(2));
+    // Both are past every other check when they claim the pod.
+    agent.rendezvous_describes(2);
+    let _c = w.controller("a", agent.clone());
+    w.pod("web").await?;
+    let target = w.same_cluster_target();
+    // Created together: both are Pending, and validated, at the same time.
+    let (first, second) = (
+        migration_yaml("first", "web", &target),
+        migration_yaml("second", "web", &target),
+    );
+    let (a, b) = tokio::join!(w.migration(&first), w.migration(&second));
+    a?;
+    b?;
+    let api = w.migrations();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let mut ended = Vec::new();
+        for name in ["first", "second"] {
+            let m = api.get(name).await?;
+            if let Some(p) = m.status.as_ref().and_then(|s| s.phase)
+                && p.is_terminal()
+            {
+                ended.push((name, p, m.status.and_then(|s| s.failure)));
+            }
+        }
+        if ended.len() == 2 {
+            break ended;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not both ended in 60 s: {ended:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let won: Vec<_> = ended
+        .iter()
+        .filter(|(_, p, _)| *p == Phase::Succeeded)
+        .collect();
+    // The loser lost the claim: refused while the winner moves the pod, or (when its
+    // retry comes after the move) because the pod is gone from here.
+    let lost: Vec<_> = ended
+        .iter()
+        .filter(|(_, p, f)| {
+            *p == Phase::Failed
+                && f.as_ref().is_some_and(|f| {
+                    f.phase == Phase::Pending
+                        && (f.reason == "AlreadyMigrating" || f.reason == "PodNotFound")
+                })
+        })
+        .collect();
+    assert!(
+        won.len() == 1 && lost.len() == 1,
+        "exactly one must move the pod, the other be refused: {ended:?}"
+    );
+    assert_eq!(
+        agent.count(Call::StartCheckpoint),
+        1,
+        "only one Migration may freeze the pod"
+    );
+    eprintln!(
+        "{} moved the pod; {} was refused: {}",
+        won[0].0,
+        lost[0].0,
+        lost[0].2.as_ref().unwrap().message
+    );
+    Ok(())
+}

@@ -23,6 +23,9 @@ pub const GROUP: &str = "ferry.dev";
 pub const FINALIZER: &str = "ferry.dev/migration";
 /// Annotation on pods the controller creates at the target: the migration's UID.
 pub const MIGRATION_ANNOTATION: &str = "ferry.dev/migration";
+/// On a source Pod: the Migration moving it, `<name>/<uid>` (claimed with the Pod's
+/// resourceVersion as precondition, so one Migration at a time moves a Pod).
+pub const CLAIM_ANNOTATION: &str = "ferry.dev/claimed-by";
 /// Label on Secrets that hold a kubeconfig of a linked cluster; the value is its name.
 pub const CLUSTER_LABEL: &str = "ferry.dev/cluster";
 

@@ -24,6 +24,8 @@ struct Inner {
     ops: HashMap<(NodeRef, String), (OpStatus, u32)>,
     held: HashSet<Call>,
     failing: HashMap<Call, String>,
+    /// `describe` waits here until this many calls meet (see `rendezvous_describes`).
+    describe_barrier: Option<std::sync::Arc<tokio::sync::Barrier>>,
 }
 
 pub struct ScriptedAgent {
@@ -48,6 +50,13 @@ impl ScriptedAgent {
 
     pub fn release(&self, call: Call) {
         self.inner.lock().unwrap().held.remove(&call);
+    }
+
+    /// The next `n` `describe` calls wait for each other (up to 10 s), so that `n`
+    /// Migrations are inside validation at the same time: races become certain.
+    pub fn rendezvous_describes(&self, n: usize) {
+        self.inner.lock().unwrap().describe_barrier =
+            Some(std::sync::Arc::new(tokio::sync::Barrier::new(n)));
     }
 
     /// Operations started by `call` fail with `message`.
@@ -123,6 +132,10 @@ impl NodeAgent for ScriptedAgent {
     async fn describe(&self, node: &NodeRef, pod: &PodId) -> Result<WorkloadInfo, AgentError> {
         self.record(Call::Describe, node);
         let _ = pod;
+        let barrier = self.inner.lock().unwrap().describe_barrier.clone();
+        if let Some(b) = barrier {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), b.wait()).await;
+        }
         Ok(WorkloadInfo {
             kind: self.kind,
             containers: vec!["main".into()],

@@ -9,8 +9,8 @@ use crate::metrics::{Metrics, PhaseLabels};
 use crate::state::{self, Outcome, STEP_CHECKPOINT, STEP_FINALIZE, STEP_RESTORE, Step, View};
 use crate::{format, placement};
 use ferry_crds::{
-    FINALIZER, Failure, MIGRATION_ANNOTATION, Migration, MigrationStatus, Phase, PhaseTiming,
-    Placement, Progress, Timings, TransferMode,
+    CLAIM_ANNOTATION, FINALIZER, Failure, MIGRATION_ANNOTATION, Migration, MigrationStatus, Phase,
+    PhaseTiming, Placement, Progress, Timings, TransferMode,
 };
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -62,6 +62,9 @@ pub enum Error {
     StillCompleting,
     #[error("Migration has no namespace")]
     NoNamespace,
+    /// A write lost an optimistic-concurrency race twice; the reconcile runs again.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -75,6 +78,7 @@ impl Error {
             Error::Transition(_) => "transition",
             Error::StillCompleting => "still_completing",
             Error::NoNamespace => "no_namespace",
+            Error::Conflict(_) => "conflict",
         }
     }
 }
@@ -496,7 +500,79 @@ impl<'a> Reconciler<'a> {
             uid: None,
             display: format!("{target_display}/{target_node}"),
         });
+        // Last, once nothing else refuses: of two Migrations validated at once, only
+        // the one whose claim the apiserver accepts goes on.
+        if let Some(other) = self.claim(&pod).await? {
+            return Ok(self.invalid(
+                "AlreadyMigrating",
+                format!("Migration {other} is already moving pod {pod_name}"),
+            ));
+        }
         Ok(Outcome::Validated)
+    }
+
+    /// Claims the source Pod for this Migration: the annotation
+    /// [`CLAIM_ANNOTATION`] `<name>/<uid>`, written with the Pod's resourceVersion as
+    /// a precondition (optimistic concurrency on the apiserver, not a cache check).
+    /// Returns the other Migration holding a live claim, if one does. A claim by a
+    /// Migration that finished or no longer exists is stale and taken over. A lost
+    /// race (409 Conflict) is an error: the reconcile runs again and sees the winner.
+    async fn claim(&self, pod: &Pod) -> Result<Option<String>, Error> {
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let me = format!("{}/{}", self.m.name_any(), self.m.uid().unwrap_or_default());
+        let mut pod = pod.clone();
+        // Twice at most: a conflict means the Pod changed; read it again, and if a live
+        // claim made it change, that Migration won.
+        for _ in 0..2 {
+            if let Some(held) = pod.annotations().get(CLAIM_ANNOTATION) {
+                if *held == me {
+                    return Ok(None);
+                }
+                if let Some(other) = self.live_claim(held).await? {
+                    return Ok(Some(other));
+                }
+            }
+            let patch = serde_json::json!({"metadata": {
+                "resourceVersion": pod.resource_version(),
+                "annotations": {CLAIM_ANNOTATION: me},
+            }});
+            match pods
+                .patch(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => return Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    pod = pods.get(&pod.name_any()).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "pod {}/{} keeps changing while this Migration claims it; trying again",
+            self.ns,
+            pod.name_any()
+        )))
+    }
+
+    /// The name of the Migration behind a claim, when it still exists and is unfinished.
+    async fn live_claim(&self, held: &str) -> Result<Option<String>, Error> {
+        let Some((name, uid)) = held.split_once('/') else {
+            return Ok(None);
+        };
+        let api: Api<Migration> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let live = api.get_opt(name).await?.is_some_and(|m| {
+            m.uid().as_deref() == Some(uid)
+                && !m
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(Phase::is_terminal)
+        });
+        Ok(live.then(|| name.to_string()))
     }
 
     /// Another unfinished Migration that already claimed the same Pod.
