@@ -391,10 +391,17 @@ impl VmRuntime {
         {
             return Ok(());
         }
-        let q = QemuBackend::connect(&qmp, QMP_WAIT)
-            .await
-            .map_err(qemu_err)?;
-        match q.run_state().await.map_err(qemu_err)?.as_str() {
+        // The source pod's deletion may end QEMU while we ask: gone is finalized.
+        let state = match QemuBackend::connect(&qmp, QMP_WAIT).await {
+            Ok(q) => q.run_state().await,
+            Err(e) => Err(e),
+        };
+        let state = match state {
+            Ok(s) => s,
+            Err(_) if !registry::listening(&qmp).await.unwrap_or(true) => return Ok(()),
+            Err(e) => return Err(qemu_err(e)),
+        };
+        match state.as_str() {
             "postmigrate" => Ok(()),
             "running" => Err(RuntimeError::FailedPrecondition(
                 "the source guest is running again: two copies may run; \
