@@ -11,7 +11,6 @@ use crate::runtime::*;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
 /// How long the gate container may take to appear once the Pod's sandbox is ready.
@@ -399,44 +398,17 @@ async fn open_gate(root: Runc, pod_uid: String, mut staged: watch::Receiver<usiz
     }
 }
 
+/// Unpacks a received bundle with [`super::unpack`] (nothing in it is trusted), on this
+/// thread with the async body bridged: the stream's digest check runs as it is read.
 async fn unpack(
     dest: &Path,
     body: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<(), RuntimeError> {
-    let args = vec![
-        "-x".to_string(),
-        "--no-same-permissions".into(),
-        "-f".into(),
-        "-".into(),
-        "-C".into(),
-        dest.display().to_string(),
-    ];
-    let mut child = Command::new("tar")
-        .args(&args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(RuntimeError::io("starting tar"))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let copied = tokio::io::copy(body, &mut stdin).await;
-    drop(stdin);
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(RuntimeError::io("waiting for tar"))?;
-    copied.map_err(|e| {
-        RuntimeError::Transfer(format!("receiving bundle into {}: {e}", dest.display()))
-    })?;
-    if !out.status.success() {
-        return Err(RuntimeError::command(
-            "tar",
-            &args,
-            Some(out.status),
-            &out.stderr,
-            String::new(),
-        ));
-    }
-    Ok(())
+    tokio::task::block_in_place(|| {
+        super::unpack::unpack(dest, tokio_util::io::SyncIoBridge::new(body))
+    })
+    .map(|_| ())
+    .map_err(|e| RuntimeError::Transfer(format!("receiving bundle into {}: {e}", dest.display())))
 }
 
 /// The lazy-pages daemon of a received post-copy bundle: it fetches from the source

@@ -28,6 +28,7 @@ pub mod rootfs;
 pub mod runc;
 mod source;
 pub mod staging;
+mod unpack;
 pub mod wire;
 pub mod wrapper;
 
