@@ -107,10 +107,13 @@ impl LeaderElector {
             let mut last_ok = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(retry).await;
-                match self.try_acquire_or_renew().await {
-                    Ok(true) => last_ok = tokio::time::Instant::now(),
-                    Ok(false) => return,
-                    Err(e) => tracing::warn!("renewing lease: {e}"),
+                // Each renewal has its own deadline: a hung apiserver call must not keep
+                // a replica acting past its Lease while another takes over.
+                match tokio::time::timeout(retry, self.try_acquire_or_renew()).await {
+                    Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(false)) => return,
+                    Ok(Err(e)) => tracing::warn!("renewing lease: {e}"),
+                    Err(_) => tracing::warn!("renewing lease: no answer within {retry:?}"),
                 }
                 // Give up before the Lease can expire for the others.
                 if last_ok.elapsed() > self.lease_duration * 2 / 3 {
