@@ -538,6 +538,39 @@ impl Raw {
         run_ok(c, "runc restore", Some(&work.join("restore.log"))).map(drop)
     }
 
+    /// The directories of one by-hand move: the source's images and work dir, their
+    /// copies at the destination, and the copied bundle (created where runc needs it).
+    fn raw_dirs(&self, id: &str) -> Result<RawDirs> {
+        let d = self.dir.join(id);
+        let dirs = RawDirs {
+            img: d.join("img"),
+            work: d.join("work"),
+            img2: d.join("img2"),
+            work2: d.join("work2"),
+            bundle2: d.join("bundle2"),
+            d,
+        };
+        for p in [&dirs.img, &dirs.work, &dirs.work2] {
+            std::fs::create_dir_all(p)?;
+        }
+        Ok(dirs)
+    }
+
+    /// The copy step of a by-hand move: images and bundle to the destination's side,
+    /// the bundle pointed at the destination's cgroup.
+    fn copy_to_destination(
+        &self,
+        id: &str,
+        img: &Path,
+        bundle: &Path,
+        img2: &Path,
+        bundle2: &Path,
+    ) -> Result<()> {
+        cp(img, img2)?;
+        cp(bundle, bundle2)?;
+        self.retarget_cgroup(bundle2, id)
+    }
+
     /// Cold by hand; returns the downtime in ms.
     fn cold(&self, mib: u64, run: usize) -> Result<f64> {
         let id = format!("raw-cold-{mib}-{run}");
@@ -548,17 +581,14 @@ impl Raw {
 
     fn cold_inner(&self, id: &str, mib: u64) -> Result<f64> {
         let bundle = self.start(id, mib)?;
-        let d = self.dir.join(id);
-        let (img, work, img2, work2, bundle2) = (
-            d.join("img"),
-            d.join("work"),
-            d.join("img2"),
-            d.join("work2"),
-            d.join("bundle2"),
-        );
-        for p in [&img, &work, &work2] {
-            std::fs::create_dir_all(p)?;
-        }
+        let RawDirs {
+            img,
+            work,
+            img2,
+            work2,
+            bundle2,
+            ..
+        } = self.raw_dirs(id)?;
         let t0 = Instant::now();
         let mut c = self.runc(&self.src);
         c.args(["checkpoint", "--image-path"])
@@ -567,9 +597,7 @@ impl Raw {
             .arg(&work)
             .arg(id);
         run_ok(c, "runc checkpoint", Some(&work.join("dump.log")))?;
-        cp(&img, &img2)?;
-        cp(&bundle, &bundle2)?;
-        self.retarget_cgroup(&bundle2, id)?;
+        self.copy_to_destination(id, &img, &bundle, &img2, &bundle2)?;
         self.restore(id, &img2, &work2, &bundle2, false)?;
         let downtime = ms(t0);
         self.check_restored(id)?;
@@ -586,17 +614,14 @@ impl Raw {
 
     fn lazy_inner(&self, id: &str, mib: u64) -> Result<(f64, f64)> {
         let bundle = self.start(id, mib)?;
-        let d = self.dir.join(id);
-        let (img, work, img2, work2, bundle2) = (
-            d.join("img"),
-            d.join("work"),
-            d.join("img2"),
-            d.join("work2"),
-            d.join("bundle2"),
-        );
-        for p in [&img, &work, &work2] {
-            std::fs::create_dir_all(p)?;
-        }
+        let RawDirs {
+            d,
+            img,
+            work,
+            img2,
+            work2,
+            bundle2,
+        } = self.raw_dirs(id)?;
         // A port the kernel just called free (on the host; the node's namespace has
         // only ferry-node's and the kubelet's listeners, on fixed ports).
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -627,9 +652,7 @@ impl Raw {
                 log_tail(&dump_log)
             );
         }
-        cp(&img, &img2)?;
-        cp(&bundle, &bundle2)?;
-        self.retarget_cgroup(&bundle2, id)?;
+        self.copy_to_destination(id, &img, &bundle, &img2, &bundle2)?;
         // The destination's userfaultfd daemon; `--daemon` returns once its socket (in
         // the restore's work dir) is ready, and it exits once every page is in.
         let mut lp = self.in_netns(&self.dst, &self.criu);
@@ -686,6 +709,15 @@ impl Raw {
 
 /// A spawned process group (runc and the CRIU it starts); killed on drop unless it
 /// was waited for.
+struct RawDirs {
+    d: PathBuf,
+    img: PathBuf,
+    work: PathBuf,
+    img2: PathBuf,
+    work2: PathBuf,
+    bundle2: PathBuf,
+}
+
 struct Group(Option<Child>);
 
 impl Group {

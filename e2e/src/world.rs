@@ -446,6 +446,36 @@ impl World {
             .context("crictl inspect: no info.pid")
     }
 
+    /// The last count in a counter container's log (0 when none yet).
+    pub fn last_count(&self, cluster: &str, ns: &str, pod: &str, container: &str) -> Result<u64> {
+        Ok(numbers(&self.logs(cluster, ns, pod, container)?)
+            .last()
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// After a move of counter pod `ns/pod` (container `app`) from east-1 to west was
+    /// rolled back: the target Pod is gone, the pod runs once, on east-1, and counts on
+    /// (thawed, not merely listed as running).
+    pub async fn check_runs_once_at_source(&self, ns: &str, pod: &str) -> Result<()> {
+        let west: Api<Pod> = Api::namespaced(self.west.clone(), ns);
+        ensure_ok(west.get_opt(pod).await?.is_none(), || {
+            "the target Pod remains".to_string()
+        })?;
+        let copies = self.running_copies(ns, pod)?;
+        ensure_ok(
+            copies == [("east-1".to_string(), "app".to_string())],
+            || format!("running copies: {copies:?}"),
+        )?;
+        let before = self.last_count("east", ns, pod, "app")?;
+        wait_for(
+            Duration::from_secs(10),
+            "the resumed source to count on",
+            || async { Ok(self.last_count("east", ns, pod, "app")? > before) },
+        )
+        .await
+    }
+
     /// Deletes every pod of a namespace in both clusters (end of a scenario).
     pub async fn clean_namespace(&self, ns: &str) {
         for c in [&self.east, &self.west] {

@@ -32,12 +32,17 @@ pub const CONTROLLER_NAME: &str = "ferry-controller";
 /// Writes `dir/{tls.crt,tls.key,ca.crt}` for the controller (a client certificate
 /// naming [`CONTROLLER_NAME`]); returns `dir`.
 pub fn controller_tls_dir(dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut params = CertificateParams::new(vec![CONTROLLER_NAME.to_string()])?;
     params
         .distinguished_name
         .push(DnType::CommonName, CONTROLLER_NAME);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    write_identity(dir, params)
+}
+
+/// Signs `params` with the test CA and writes `dir/{tls.crt,tls.key,ca.crt}`.
+fn write_identity(dir: &Path, params: CertificateParams) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, ca())?;
     std::fs::write(dir.join("tls.crt"), cert.pem())?;
@@ -83,7 +88,6 @@ pub async fn control_client(endpoint: &str) -> Result<NodeAgentClient<Channel>> 
 
 /// Writes `dir/{tls.crt,tls.key,ca.crt}` for a node reachable at `ip`; returns `dir`.
 pub fn node_tls_dir(dir: &Path, node_name: &str, ip: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut params = CertificateParams::new(vec![node_name.to_string(), ip.to_string()])?;
     params
         .distinguished_name
@@ -92,10 +96,5 @@ pub fn node_tls_dir(dir: &Path, node_name: &str, ip: &str) -> Result<PathBuf> {
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, ca())?;
-    std::fs::write(dir.join("tls.crt"), cert.pem())?;
-    std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
-    std::fs::write(dir.join("ca.crt"), ca().pem())?;
-    Ok(dir.to_path_buf())
+    write_identity(dir, params)
 }

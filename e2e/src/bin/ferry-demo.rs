@@ -103,10 +103,7 @@ async fn main() -> Result<()> {
         .copied()
         .unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let now = numbers(&w.logs("west", NS, "counter", "app")?)
-        .last()
-        .copied()
-        .unwrap_or(0);
+    let now = w.last_count("west", NS, "counter", "app")?;
     say(format!(
         "`kubectl logs` at west-1: the restored container went on from {first} (its source printed {}), now {now}; restarts: 0",
         first.saturating_sub(1)

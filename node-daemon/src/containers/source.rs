@@ -179,7 +179,6 @@ impl ContainerRuntime {
         let serving = Arc::new(Mutex::new(Vec::new()));
         let resumable = Arc::new(AtomicBool::new(true));
         let inits: Vec<u32> = containers.iter().map(|c| c.c.pid).collect();
-        let record_inits = inits.clone();
         // On disk before the freeze: a daemon that dies from here on finds it again.
         write_record(
             &dir,
@@ -192,7 +191,7 @@ impl ContainerRuntime {
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             Migration::Source(SourceState {
-                inits,
+                inits: inits.clone(),
                 freezers: freezers.clone(),
                 resumable: resumable.clone(),
                 serving: serving.clone(),
@@ -219,7 +218,7 @@ impl ContainerRuntime {
             progress: &progress,
             serving: &serving,
             resumable: &resumable,
-            inits: &record_inits,
+            inits: &inits,
             freezers: &freezers,
         };
         let result = try_join_all(containers.iter().map(|c| {
