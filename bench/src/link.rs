@@ -36,6 +36,8 @@ pub async fn link_cases(
     let pki = TestPki::generate()?;
     let node_ip = node.ip().to_string();
     let identity = pki.issue("bench-rx", &[&node_ip])?;
+    let grant = ferry_transfer::Grant::mint("bench-tx");
+    let token = grant.token.clone();
     let ids: Vec<String> = rates
         .iter()
         .flat_map(|r| (0..runs).map(move |run| stream_id(*r, run)))
@@ -54,6 +56,7 @@ pub async fn link_cases(
             .build()?;
         rt.block_on(async move {
             let rx = Receiver::bind(format!("{node_ip}:0"), identity).await?;
+            rx.grant("bench", grant);
             for id in &ids {
                 tokio::spawn(discard(rx.accept_stream(id).await));
             }
@@ -82,7 +85,7 @@ pub async fn link_cases(
         .context("receiver thread did not start")?;
 
     let tx = Sender::new(pki.issue("bench-tx", &[])?)?;
-    let ep = Endpoint::new(ferry_addr.to_string(), ferry_addr.ip().to_string());
+    let ep = Endpoint::new(ferry_addr.to_string(), ferry_addr.ip().to_string()).with_token(token);
     let mut out = Vec::new();
     for &mbit in rates {
         node.shape_ingress(mbit)?;

@@ -176,7 +176,9 @@ async fn direct_cases(block: &'static [u8], len: u64, runs: usize) -> Result<Vec
     let pki = TestPki::generate()?;
     let rx = Receiver::bind("127.0.0.1:0", pki.issue("bench-rx", &["127.0.0.1"])?).await?;
     let tx = Sender::new(pki.issue("bench-tx", &[])?)?;
-    let ep = Endpoint::new(rx.local_addr().to_string(), "bench-rx");
+    let grant = ferry_transfer::Grant::mint("bench-tx");
+    let ep = Endpoint::new(rx.local_addr().to_string(), "bench-rx").with_token(&grant.token);
+    rx.grant("bench", grant);
     let (mut raw, mut stream, mut pipe, mut tls) =
         (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
     // CPU seconds (user + system, whole process: both ends) of each case, best run.

@@ -198,6 +198,7 @@ async fn ferry_migration(
             workload: Some(desc),
             target: Some(pod(&dst_pod)),
             strategy: pb::Strategy::PreCopy as i32,
+            source_peer: a.peer_name(),
             ..Default::default()
         })
         .await?
@@ -223,6 +224,7 @@ async fn ferry_migration(
         strategy: pb::Strategy::PreCopy as i32,
         receive_endpoint: prep.receive_endpoint,
         leave_running: true,
+        token: prep.token,
         ..Default::default()
     })
     .await?;

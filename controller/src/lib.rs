@@ -77,6 +77,7 @@ pub fn context(
         cluster_name: settings.cluster_name.clone(),
         poll_interval: settings.poll_interval,
         target_shape: settings.target_shape.clone(),
+        tokens: Default::default(),
     })
 }
 

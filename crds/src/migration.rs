@@ -314,13 +314,20 @@ pub struct Receiver {
     /// CRIU page servers, one per container (containers only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub page_servers: Vec<PageServer>,
+    /// The migration's transfer token from the destination daemon. Held in memory
+    /// only, never written to the status (anyone who can read Migrations would read
+    /// it): the controller asks the destination again (PrepareReceiver is idempotent).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub token: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PageServer {
     pub container: String,
-    pub endpoint: String,
+    /// The pipe at the receiver's endpoint that reaches this container's page server.
+    pub pipe: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

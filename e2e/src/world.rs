@@ -420,6 +420,24 @@ impl World {
         Ok(out)
     }
 
+    /// Every TCP socket in a node's network namespace (`ss -Htnap`), listening or
+    /// connected, with the processes that hold it.
+    pub fn tcp_sockets(&self, node: &str) -> Result<Vec<TcpSocket>> {
+        let o = self
+            .node(node)
+            .lan
+            .command("ss")
+            .args(["-Htnap"])
+            .output()?;
+        ensure_ok(o.status.success(), || {
+            format!("ss on {node}: {}", String::from_utf8_lossy(&o.stderr))
+        })?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(TcpSocket::parse)
+            .collect())
+    }
+
     /// The host pid of a running container (from its node's CRI).
     pub fn container_pid(&self, node: &str, ns: &str, pod: &str, container: &str) -> Result<u32> {
         let n = self.node(node);
@@ -593,6 +611,41 @@ where
     Ok(())
 }
 
+/// One line of `ss -Htnap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// `LISTEN`, `ESTAB`, ...
+    pub state: String,
+    pub local: String,
+    pub peer: String,
+    /// The `users:((...))` column: the processes holding it (empty when none).
+    pub users: String,
+}
+
+impl TcpSocket {
+    fn parse(line: &str) -> Option<TcpSocket> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 5).then(|| TcpSocket {
+            state: f[0].to_string(),
+            local: f[3].to_string(),
+            peer: f[4].to_string(),
+            users: f.get(5..).map(|r| r.join(" ")).unwrap_or_default(),
+        })
+    }
+
+    /// Whether `program` holds it.
+    pub fn held_by(&self, program: &str) -> bool {
+        self.users.contains(&format!("(\"{program}\","))
+    }
+
+    /// Whether it lives on loopback only (its local address, and its peer unless it
+    /// listens).
+    pub fn on_loopback(&self) -> bool {
+        let lo = |a: &str| a.starts_with("127.") || a.starts_with("[::1]");
+        lo(&self.local) && (self.state == "LISTEN" || lo(&self.peer))
+    }
+}
+
 /// The counts in a text: each line's first number (other lines skipped; a line may
 /// carry more fields after it, see [`stamped`]).
 pub fn numbers(text: &str) -> Vec<u64> {
@@ -643,4 +696,23 @@ pub fn pod_running(name: &str, node: &str, containers: &[&str], script: &str) ->
         "spec": {"nodeSelector": {"kubernetes.io/hostname": node}, "terminationGracePeriodSeconds": 2,
                  "containers": cs}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ss_lines_parse() {
+        let s = super::TcpSocket::parse(
+            r#"ESTAB 0 0 127.0.0.1:5000 127.0.0.1:40000 users:(("criu",pid=12,fd=5))"#,
+        )
+        .unwrap();
+        assert!(s.held_by("criu") && !s.held_by("ferry-node") && s.on_loopback());
+        let s = super::TcpSocket::parse(
+            r#"LISTEN 0 128 10.213.0.2:7443 0.0.0.0:* users:(("ferry-node",pid=7,fd=9))"#,
+        )
+        .unwrap();
+        assert!(s.held_by("ferry-node") && !s.on_loopback());
+        let s = super::TcpSocket::parse("ESTAB 0 0 127.0.0.1:5000 10.0.0.3:1").unwrap();
+        assert!(s.users.is_empty() && !s.on_loopback());
+    }
 }

@@ -10,6 +10,11 @@
 //! (SIGKILL, with its children) while it streams the checkpoint, and restarted. It
 //! finds the frozen pod again from its state dir; the Migration rolls back and the
 //! source runs on: exactly one copy, never a frozen one nobody resumes.
+//!
+//! And it keeps a post-copy's page traffic in view long enough to look at it: 20 MiB of
+//! a shell's memory fetched lazily over that link. Every socket CRIU holds on either
+//! node, listening or connected, is on loopback; the pages cross between the nodes
+//! only inside the daemons' mutual-TLS pipe.
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
@@ -34,13 +39,18 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     w.start_controller();
     let long = long_transfer(&w).await;
     let crash = source_daemon_killed_mid_transfer(&w).await;
-    for (name, r) in [("long transfer", &long), ("source daemon killed", &crash)] {
+    let pages = lazy_pages_stay_inside_mutual_tls(&w).await;
+    for (name, r) in [
+        ("long transfer", &long),
+        ("source daemon killed", &crash),
+        ("lazy pages inside mutual TLS", &pages),
+    ] {
         match r {
             Ok(()) => eprintln!("scenario ok: {name}"),
             Err(e) => eprintln!("scenario FAILED: {name}: {e:#}"),
         }
     }
-    if long.is_err() || crash.is_err() {
+    if long.is_err() || crash.is_err() || pages.is_err() {
         eprintln!("logs kept in {}", dir.keep().display());
         bail!("a scenario failed");
     }
@@ -171,4 +181,110 @@ async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
         "the source restarted: {cs:?}"
     );
     Ok(())
+}
+
+/// Post-copy of a pod whose shell holds 20 MiB in a variable, over the 4 Mbit/s link:
+/// the target runs at once and fetches the pages for ~40 s. While it does, CRIU's page
+/// connections are seen on loopback only (the lazy-pages daemon at the target, the
+/// dump's page server at the source), never between the nodes' addresses; afterwards
+/// the restored shell still holds the whole variable.
+async fn lazy_pages_stay_inside_mutual_tls(w: &World) -> Result<()> {
+    let ns = "pages";
+    const LEN: usize = 20 << 20;
+    w.namespace(ns).await?;
+    // SIGUSR1 makes the shell print the variable's length: a read of restored memory.
+    let script = format!(
+        "x=$(head -c {LEN} /dev/zero | tr '\\0' m); trap 'echo len ${{#x}}' USR1; \
+         exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); echo $i; echo $i >&3; \
+         usleep 50000; done"
+    );
+    w.create_pod(ns, pod_running("mem", "east-1", &["app"], &script))
+        .await?;
+    wait_for(Duration::from_secs(30), "the counter to start", || async {
+        Ok(!numbers(&w.logs("east", ns, "mem", "app")?).is_empty())
+    })
+    .await?;
+    w.node("west-1").lan.shape_ingress(4)?;
+    w.apply_migration(
+        ns,
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {name: m}\nspec:\n  \
+         workload: {pod: mem}\n  target: {cluster: west, node: west-1}\n  strategy: Live\n",
+    )
+    .await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    // Sample both nodes' sockets until CRIU's page connection shows (it lasts as long
+    // as the pages take on this link); every sample must hold the rule.
+    let mut seen = Vec::new();
+    let mut samples = 0;
+    wait_for(Duration::from_secs(120), "CRIU's page connection", || {
+        samples += 1;
+        let found = (|| -> Result<bool> {
+            let mut criu = Vec::new();
+            for node in ["east-1", "west-1"] {
+                for s in w.tcp_sockets(node)? {
+                    if s.held_by("criu") {
+                        ensure!(
+                            s.on_loopback(),
+                            "CRIU holds a socket beyond loopback on {node}: {s:?}"
+                        );
+                        criu.push((node, s));
+                    }
+                }
+            }
+            let connected = criu.iter().any(|(_, s)| s.state == "ESTAB");
+            if connected {
+                seen = criu;
+            }
+            Ok(connected)
+        })();
+        let phase = futures_phase(&migs);
+        async move {
+            let found = found?;
+            if !found && let Some(p) = phase.await? {
+                ensure!(
+                    !matches!(p, Phase::Succeeded | Phase::Failed | Phase::RolledBack),
+                    "the migration ended ({p:?}) before CRIU's page connection was seen"
+                );
+            }
+            Ok(found)
+        }
+    })
+    .await?;
+    eprintln!("[{ns}] after {samples} sample(s), CRIU's sockets: {seen:?}");
+    let m = w
+        .follow(ns, "m", Duration::from_secs(300), |m| {
+            eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
+        })
+        .await?;
+    let s = m.status.context("no status")?;
+    ensure!(
+        s.phase == Some(Phase::Succeeded),
+        "not Succeeded: {:?}",
+        s.failure
+    );
+    let copies = w.running_copies(ns, "mem")?;
+    ensure!(
+        copies == [("west-1".to_string(), "app".to_string())],
+        "running copies: {copies:?}"
+    );
+    w.exec("west", ns, "mem", "app", &["kill", "-USR1", "1"])?;
+    wait_for(
+        Duration::from_secs(30),
+        "the restored shell's answer",
+        || async {
+            Ok(w.logs("west", ns, "mem", "app")?
+                .lines()
+                .any(|l| l.trim() == format!("len {LEN}")))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// The Migration's phase, read when awaited.
+fn futures_phase(
+    migs: &Api<Migration>,
+) -> impl std::future::Future<Output = Result<Option<Phase>>> + use<> {
+    let migs = migs.clone();
+    async move { Ok(migs.get("m").await?.status.and_then(|s| s.phase)) }
 }

@@ -5,7 +5,7 @@
 //! peers reach only the transfer port, never the control API.
 use std::path::Path;
 
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -49,11 +49,8 @@ pub fn only(controller: String) -> impl Fn(Request<()>) -> Result<Request<()>, S
     }
 }
 
-/// Whether the certificate is valid for the DNS name `name`.
+/// Whether the certificate is valid for the DNS name `name` (the check the transfer
+/// listener makes of its peers, too).
 pub fn names(cert: &CertificateDer<'_>, name: &str) -> bool {
-    let Ok(server_name) = ServerName::try_from(name) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(cert)
-        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&server_name).is_ok())
+    ferry_transfer::cert_names(cert, name)
 }

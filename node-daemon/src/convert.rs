@@ -182,19 +182,45 @@ pub fn criu_options(o: Option<pb::CriuOptions>) -> d::CriuOptions {
     }
 }
 
-pub fn page_servers(v: Vec<pb::PageServer>) -> Vec<(String, String)> {
-    v.into_iter().map(|p| (p.container, p.endpoint)).collect()
+/// The page servers of a StartCheckpoint, validated: each container name an RFC 1123
+/// label, each pipe the one the destination opens for that container of this migration
+/// (`relay::pages_pipe`): nothing else is ever dialled.
+pub fn page_servers(
+    migration_id: &str,
+    v: Vec<pb::PageServer>,
+) -> Result<Vec<(String, String)>, RuntimeError> {
+    v.into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            validate::container_name(&format!("page_servers[{i}].container"), &p.container)
+                .map_err(invalid)?;
+            let expected = crate::relay::pages_pipe(migration_id, &p.container);
+            if p.pipe != expected {
+                return Err(invalid(format!(
+                    "page_servers[{i}].pipe is {:?}; the destination serves the pages of \
+                     container {} at {expected:?}",
+                    p.pipe, p.container
+                )));
+            }
+            Ok((p.container, p.pipe))
+        })
+        .collect()
 }
 
-/// [`page_servers`], validated: each container name an RFC 1123 label, each endpoint
-/// `host:port` (it becomes runc's `--page-server` argument).
-pub fn page_servers_checked(v: Vec<pb::PageServer>) -> Result<Vec<(String, String)>, RuntimeError> {
-    for (i, p) in v.iter().enumerate() {
-        validate::container_name(&format!("page_servers[{i}].container"), &p.container)
-            .map_err(invalid)?;
-        validate::endpoint(&format!("page_servers[{i}].endpoint"), &p.endpoint).map_err(invalid)?;
+/// PrepareReceiverRequest.source_peer: required, an IP address or DNS name.
+pub fn source_peer(s: &str) -> Result<String, RuntimeError> {
+    validate::peer_name("source_peer", s).map_err(invalid)?;
+    Ok(s.to_string())
+}
+
+/// StartCheckpointRequest.token: required (PrepareReceiverResponse.token).
+pub fn token(s: &str) -> Result<String, RuntimeError> {
+    if s.is_empty() || s.len() > ferry_transfer::frame::MAX_TOKEN || !s.is_ascii() {
+        return Err(invalid(
+            "token must be PrepareReceiverResponse.token (1 to 128 ASCII characters)".into(),
+        ));
     }
-    Ok(page_servers(v))
+    Ok(s.to_string())
 }
 
 /// The source's images, validated: the container an RFC 1123 label, the image a
@@ -230,7 +256,7 @@ pub fn page_servers_pb(v: &[(String, String)]) -> Vec<pb::PageServer> {
     v.iter()
         .map(|(c, e)| pb::PageServer {
             container: c.clone(),
-            endpoint: e.clone(),
+            pipe: e.clone(),
         })
         .collect()
 }
@@ -445,17 +471,28 @@ mod tests {
         assert!(images(vec![img("app", "--config=/x", "")]).is_err());
         assert!(images(vec![img("a/b", "busybox", "")]).is_err());
         assert!(images(vec![img("app", "busybox", "-x")]).is_err());
-        let ps = |container: &str, endpoint: &str| pb::PageServer {
+        let ps = |container: &str, pipe: &str| pb::PageServer {
             container: container.into(),
-            endpoint: endpoint.into(),
+            pipe: pipe.into(),
         };
         assert_eq!(
-            page_servers_checked(vec![ps("app", "10.0.0.2:5000")]).unwrap(),
-            vec![("app".to_string(), "10.0.0.2:5000".to_string())]
+            page_servers("m-1", vec![ps("app", "m-1/pages/app")]).unwrap(),
+            vec![("app".to_string(), "m-1/pages/app".to_string())]
         );
-        assert!(page_servers_checked(vec![ps("app", "--root=/x")]).is_err());
-        assert!(page_servers_checked(vec![ps("../x", "10.0.0.2:5000")]).is_err());
+        // Another migration's or container's pipe, a host:port, a bad name.
+        assert!(page_servers("m-1", vec![ps("app", "m-2/pages/app")]).is_err());
+        assert!(page_servers("m-1", vec![ps("app", "m-1/pages/db")]).is_err());
+        assert!(page_servers("m-1", vec![ps("app", "10.0.0.2:5000")]).is_err());
+        assert!(page_servers("m-1", vec![ps("../x", "m-1/pages/../x")]).is_err());
         assert!(receive_endpoint("10.0.0.2:7443").is_ok());
         assert!(receive_endpoint("10.0.0.2").is_err());
+        assert!(source_peer("10.0.0.2").is_ok());
+        assert!(source_peer("node-a.example").is_ok());
+        for bad in ["", "10.0.0.2:7443", "a b", "-x/"] {
+            assert!(source_peer(bad).is_err(), "{bad:?}");
+        }
+        assert!(token("").is_err());
+        assert!(token(&"f".repeat(64)).is_ok());
+        assert!(token(&"f".repeat(129)).is_err());
     }
 }

@@ -15,4 +15,6 @@ pub mod containers;
 // Virtual machines: ferry-launcher runs one QEMU guest in a VM pod; the daemon migrates it over QMP.
 pub mod vm;
 // Moving bytes to and from peer daemons (ferry-transfer with the node's TLS identity).
+/// CRIU's page traffic relayed through the daemons' mutual TLS.
+pub mod relay;
 pub mod transport;

@@ -88,6 +88,10 @@ pub struct ReceiverPlan {
     pub criu: CriuOptions,
     /// The images the source containers run (containers).
     pub images: Vec<ContainerImage>,
+    /// The name the source daemon's certificate carries (the only peer that may send).
+    pub source_peer: String,
+    /// The migration's transfer token (this node granted it to `source_peer`).
+    pub token: String,
 }
 
 /// The image one source container runs.
@@ -103,8 +107,10 @@ pub struct ContainerImage {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiverInfo {
     pub receive_endpoint: String,
-    /// (container name, host:port) of a CRIU page server per container.
+    /// (container name, pipe id) of a CRIU page server per container.
     pub page_servers: Vec<(String, String)>,
+    /// The migration's transfer token, granted to the source.
+    pub token: String,
 }
 
 /// Source side.
@@ -114,7 +120,10 @@ pub struct CheckpointPlan {
     pub workload: WorkloadRef,
     pub strategy: Strategy,
     pub receive_endpoint: String,
+    /// (container name, pipe id at `receive_endpoint`) per container (Cold).
     pub page_servers: Vec<(String, String)>,
+    /// The migration's transfer token, from the destination.
+    pub token: String,
     /// Keep the source resumable (frozen, not killed) until finalize or abort.
     pub leave_running: bool,
     pub criu: CriuOptions,

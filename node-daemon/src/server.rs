@@ -5,8 +5,10 @@ use crate::error::RuntimeError;
 use crate::runtime::{
     CheckpointPlan, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage,
 };
+use crate::transport::{self, Transport};
 use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_server::NodeAgent;
+use ferry_transfer::Grant;
 use futures::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,13 +34,18 @@ struct Op {
 
 pub struct NodeService {
     runtimes: Vec<Arc<dyn Runtime>>,
+    /// The node's transfer listener: the service grants each migration's connections
+    /// on it (PrepareReceiver: to the source; StartCheckpoint: to the destination, which
+    /// asks for lazy pages) and revokes them when the migration ends here.
+    transport: Arc<Transport>,
     ops: Mutex<HashMap<String, Op>>,
 }
 
 impl NodeService {
-    pub fn new(runtimes: Vec<Arc<dyn Runtime>>) -> NodeService {
+    pub fn new(runtimes: Vec<Arc<dyn Runtime>>, transport: Arc<Transport>) -> NodeService {
         NodeService {
             runtimes,
+            transport,
             ops: Mutex::new(HashMap::new()),
         }
     }
@@ -208,15 +215,20 @@ impl NodeAgent for NodeService {
             return Ok(Response::new(pb::PrepareReceiverResponse {
                 receive_endpoint: info.receive_endpoint.clone(),
                 page_servers: cv::page_servers_pb(&info.page_servers),
+                token: info.token.clone(),
             }));
         }
         cv::check_transfer(r.transfer.as_ref())?;
+        let source_peer = cv::source_peer(&r.source_peer)?;
         let workload = cv::description(r.workload)?;
         let target = match r.target {
             Some(t) => cv::workload_ref(Some(t), "target")?,
             None => workload.workload.clone(),
         };
         let runtime = self.runtime_named(&workload.runtime)?;
+        // Granted before the runtime prepares: a Cold destination's page relays accept
+        // their pipes from then on (the source dials only after this call returns).
+        let grant = Grant::mint(&source_peer);
         let plan = ReceiverPlan {
             migration_id: id.clone(),
             workload,
@@ -224,9 +236,18 @@ impl NodeAgent for NodeService {
             strategy: cv::strategy(r.strategy)?,
             criu: cv::criu_options(r.criu),
             images: cv::images(r.images)?,
+            source_peer,
+            token: grant.token.clone(),
         };
+        self.transport.receiver.grant(&id, grant);
         let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
-        let info = runtime.prepare_receiver(plan, sink).await?;
+        let info = match runtime.prepare_receiver(plan, sink).await {
+            Ok(info) => info,
+            Err(e) => {
+                self.transport.receiver.revoke(&id);
+                return Err(e.into());
+            }
+        };
         self.ops.lock().unwrap().insert(
             id,
             Op {
@@ -240,6 +261,7 @@ impl NodeAgent for NodeService {
         Ok(Response::new(pb::PrepareReceiverResponse {
             receive_endpoint: info.receive_endpoint,
             page_servers: cv::page_servers_pb(&info.page_servers),
+            token: info.token,
         }))
     }
 
@@ -268,16 +290,27 @@ impl NodeAgent for NodeService {
             );
         }
         let receive_endpoint = cv::receive_endpoint(&r.receive_endpoint)?;
+        let token = cv::token(&r.token)?;
         let plan = CheckpointPlan {
             migration_id: id.clone(),
             workload,
             strategy,
-            receive_endpoint,
-            page_servers: cv::page_servers_checked(r.page_servers)?,
+            page_servers: cv::page_servers(&id, r.page_servers)?,
+            token: token.clone(),
             leave_running: r.leave_running,
             criu: cv::criu_options(r.criu),
+            receive_endpoint,
         };
         runtime.check_checkpoint(&plan).await?;
+        // The destination dials back for lazy pages: the same token, its certificate.
+        let (destination, _) = transport::host_port(&plan.receive_endpoint)?;
+        self.transport.receiver.grant(
+            &id,
+            Grant {
+                token,
+                peer: destination,
+            },
+        );
         let rt = runtime.clone();
         let op = self.spawn_op(
             &id,
@@ -333,6 +366,7 @@ impl NodeAgent for NodeService {
         let r = runtime.finalize(&id).await;
         if r.is_ok() {
             self.ops.lock().unwrap().remove(&id);
+            self.transport.receiver.revoke(&id);
         }
         Ok(Response::new(Self::done(&id, Stage::Finalizing, &r)))
     }
@@ -343,6 +377,8 @@ impl NodeAgent for NodeService {
         req: Request<pb::MigrationRef>,
     ) -> Result<Response<pb::Operation>, Status> {
         let id = cv::migration_id(&req.get_ref().migration_id)?;
+        // No new connection of an aborted migration is admitted.
+        self.transport.receiver.revoke(&id);
         let op = self.ops.lock().unwrap().remove(&id);
         let Some(mut op) = op else {
             if let Some(runtime) = self.recovered(&id) {

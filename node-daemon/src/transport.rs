@@ -1,6 +1,8 @@
 //! The daemon's end of ferry-transfer: one mutual-TLS listener per node for everything
-//! peers send here (container bundles as verified streams, QEMU migration streams as raw
-//! pipes) and a sender for what this node sends.
+//! peers send here (container bundles as verified streams, QEMU migration streams and
+//! CRIU's pages as raw pipes) and a sender for what this node sends. The listener admits
+//! a migration's connections only from the peer it was granted to, with the
+//! migration's token (the server grants at PrepareReceiver and StartCheckpoint).
 //!
 //! Certificates come from a directory laid out like a Kubernetes TLS Secret mounted into
 //! the daemon's pod (`tls.crt`, `tls.key`, `ca.crt`). A node's certificate must name its
@@ -73,9 +75,15 @@ impl Transport {
     }
 }
 
-/// A `receive_endpoint` (`host:port`) as a TLS endpoint: the peer's certificate must
-/// carry the host part.
-pub fn peer(receive_endpoint: &str) -> Result<Endpoint, RuntimeError> {
+/// A peer's transfer endpoint (`host:port`) as a TLS endpoint of one migration: the
+/// peer's certificate must carry the host part, and each connection presents `token`.
+pub fn peer(receive_endpoint: &str, token: &str) -> Result<Endpoint, RuntimeError> {
+    let (host, _) = host_port(receive_endpoint)?;
+    Ok(Endpoint::new(receive_endpoint, host).with_token(token))
+}
+
+/// The host (brackets removed) and port of a `host:port`.
+pub fn host_port(receive_endpoint: &str) -> Result<(String, u16), RuntimeError> {
     let (host, port) = receive_endpoint.rsplit_once(':').ok_or_else(|| {
         RuntimeError::InvalidArgument(format!(
             "receive endpoint {receive_endpoint:?} is not host:port"
@@ -87,7 +95,7 @@ pub fn peer(receive_endpoint: &str) -> Result<Endpoint, RuntimeError> {
         )));
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok(Endpoint::new(receive_endpoint, host))
+    Ok((host.to_string(), port.parse().expect("checked")))
 }
 
 #[cfg(test)]
@@ -96,11 +104,13 @@ mod tests {
 
     #[test]
     fn peer_names_the_host() {
-        let ep = peer("10.213.0.2:7443").unwrap();
+        let ep = peer("10.213.0.2:7443", "t").unwrap();
         assert_eq!(ep.addr, "10.213.0.2:7443");
         assert_eq!(ep.server_name, "10.213.0.2");
-        assert!(peer("10.213.0.2").is_err());
-        assert!(peer(":7443").is_err());
-        assert!(peer("h:notaport").is_err());
+        assert_eq!(ep.token, "t");
+        assert!(peer("10.213.0.2", "t").is_err());
+        assert!(peer(":7443", "t").is_err());
+        assert!(peer("h:notaport", "t").is_err());
+        assert_eq!(host_port("[::1]:7443").unwrap(), ("::1".to_string(), 7443));
     }
 }

@@ -318,6 +318,27 @@ pub fn endpoint(field: &str, s: &str) -> Result<(), String> {
     }
 }
 
+/// The name a peer daemon's certificate must carry: an IP address or a DNS name.
+pub fn peer_name(field: &str, s: &str) -> Result<(), String> {
+    let why = if s.is_empty() {
+        Some("it is empty".to_string())
+    } else if rustls_pki_types::ServerName::try_from(s).is_err() {
+        Some("it is neither an IP address nor a DNS name".into())
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(refuse(
+            field,
+            s,
+            "a peer name",
+            &why,
+            "the IP address or DNS name the source daemon's certificate carries",
+        )),
+    }
+}
+
 /// Whether `path` lies strictly inside `root`, compared component by component without
 /// touching the file system: `path` starts with every component of `root`, and what
 /// follows is at least one plain name, with no `..`, no root or prefix (an absolute

@@ -201,6 +201,7 @@ async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy, target: Target) 
             workload: Some(desc),
             target: Some(pod_ref(&dst)),
             strategy: strategy as i32,
+            source_peer: s._a.peer_name(),
             ..Default::default()
         })
         .await?
@@ -224,6 +225,7 @@ async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy, target: Target) 
         receive_endpoint: prep.receive_endpoint,
         leave_running: true,
         page_servers: prep.page_servers,
+        token: prep.token,
         ..Default::default()
     })
     .await?;
@@ -563,6 +565,7 @@ async fn vm_bad_input_is_refused() -> Result<()> {
             }),
             target: Some(pod("vm-y")),
             strategy: pb::Strategy::PreCopy as i32,
+            source_peer: "10.0.0.1".into(),
             ..Default::default()
         })
         .await
@@ -579,6 +582,7 @@ async fn vm_bad_input_is_refused() -> Result<()> {
                 ..pod("vm-y")
             }),
             strategy: pb::Strategy::PreCopy as i32,
+            source_peer: "10.0.0.1".into(),
             ..Default::default()
         })
         .await
@@ -679,6 +683,7 @@ async fn restore_fails(c: &mut Client, id: &str, target: &VmPod, words: &[&str])
         workload: Some(vm_description("vm-x")),
         target: Some(pod_ref(target)),
         strategy: pb::Strategy::PreCopy as i32,
+        source_peer: "10.0.0.1".into(),
         ..Default::default()
     })
     .await?;

@@ -169,6 +169,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The name this daemon's certificate carries (its node's IP): what the controller
+    /// passes as `PrepareReceiverRequest.source_peer` when this daemon is the source.
+    pub fn peer_name(&self) -> String {
+        self.node.ip().to_string()
+    }
+
     pub fn start(lan: &Lan, label: &str, base: &Path, daemon_bin: &Path) -> Result<Daemon> {
         Self::start_with(lan, label, base, daemon_bin, &[])
     }

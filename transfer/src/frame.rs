@@ -8,7 +8,7 @@
 //!
 //! | type | frame     | body |
 //! |------|-----------|------|
-//! | 1    | Hello     | version u8, mode u8, flags u8, id_len u16, id (UTF-8) |
+//! | 1    | Hello     | version u8, mode u8, flags u8, id_len u16, id (UTF-8), token_len u8, token |
 //! | 2    | HelloAck  | resume_offset u64 |
 //! | 3    | Data      | offset u64, raw_len u32, crc32c u32, codec u8, payload |
 //! | 4    | Ack       | offset u64 (every byte below it is delivered) |
@@ -17,12 +17,13 @@
 //! | 7    | Error     | retryable u8, offset u64, message (UTF-8) |
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+/// 4: Hello carries the migration's token (see `Receiver::grant`).
 /// 3: the whole-stream digest in End is XXH3-128. Version 1 used sha256 and 2 BLAKE3;
 /// both cost more CPU per byte than AES-GCM itself on a 2-core node (BLAKE3 with AVX2:
 /// 0.35 s/GiB per side, XXH3: 0.05-0.07) and capped throughput. The digest checks
 /// ferry's own reassembly (resume, re-sends, queueing) end to end; tampering on the wire
 /// is TLS's job (every record is AEAD-authenticated), so it need not be cryptographic.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Length of the whole-stream digest.
 pub const DIGEST_LEN: usize = 16;
 /// The whole-stream digest carried in End.
@@ -34,6 +35,8 @@ pub const MAX_CHUNK: usize = 8 << 20;
 pub const MAX_FRAME: usize = MAX_CHUNK + 64;
 /// Longest stream id.
 pub const MAX_ID: usize = 512;
+/// Longest token in a Hello.
+pub const MAX_TOKEN: usize = 128;
 const HEADER: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,9 @@ pub enum Frame {
     Hello {
         mode: Mode,
         id: String,
+        /// The secret the receiver granted the migration (`Receiver::grant`); may be empty
+        /// on the wire, and is then refused.
+        token: String,
     },
     HelloAck {
         resume_offset: u64,
@@ -110,7 +116,7 @@ impl Frame {
         out.put_u8(0);
         out.put_u32(0);
         let ty = match self {
-            Frame::Hello { mode, id } => {
+            Frame::Hello { mode, id, token } => {
                 out.put_u8(PROTOCOL_VERSION);
                 out.put_u8(match mode {
                     Mode::Stream => 0,
@@ -119,6 +125,8 @@ impl Frame {
                 out.put_u8(0);
                 out.put_u16(id.len() as u16);
                 out.put_slice(id.as_bytes());
+                out.put_u8(token.len() as u8);
+                out.put_slice(token.as_bytes());
                 1
             }
             Frame::HelloAck { resume_offset } => {
@@ -208,13 +216,19 @@ impl Frame {
                 };
                 let _flags = body.get_u8();
                 let id_len = body.get_u16() as usize;
-                if id_len != body.len() {
-                    return Err(malformed("Hello", "id length does not match the body"));
+                if id_len + 1 > body.len() {
+                    return Err(malformed("Hello", "id length exceeds the body"));
                 }
-                let id = String::from_utf8(body.to_vec())
+                let id = String::from_utf8(body.split_to(id_len).to_vec())
                     .map_err(|_| malformed("Hello", "id is not UTF-8"))?;
                 check_id(&id).map_err(|why| malformed("Hello", why))?;
-                Frame::Hello { mode, id }
+                let token_len = body.get_u8() as usize;
+                if token_len != body.len() || token_len > MAX_TOKEN {
+                    return Err(malformed("Hello", "token length does not match the body"));
+                }
+                let token = String::from_utf8(body.to_vec())
+                    .map_err(|_| malformed("Hello", "token is not UTF-8"))?;
+                Frame::Hello { mode, id, token }
             }
             2 => {
                 exact(&body, 8, "HelloAck")?;
@@ -408,6 +422,12 @@ mod tests {
         roundtrip(Frame::Hello {
             mode: Mode::Pipe,
             id: "m-1/qemu".into(),
+            token: "0123abcd".into(),
+        });
+        roundtrip(Frame::Hello {
+            mode: Mode::Stream,
+            id: "m-1/bundle/app".into(),
+            token: String::new(),
         });
         roundtrip(Frame::HelloAck {
             resume_offset: 1 << 40,

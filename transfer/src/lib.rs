@@ -4,8 +4,10 @@
 //! the byte stream with that id as an `AsyncRead`":
 //!
 //! * **direct** ([`Receiver`], [`Sender`]): a framed protocol over TCP + mutual TLS
-//!   (rustls) between two node daemons. Chunks carry a crc32c, the whole stream a
-//!   sha256 checked before the reader sees end-of-stream; chunks are optionally zstd
+//!   (rustls) between two node daemons. A receiver admits a connection only for an id
+//!   whose migration it [`Receiver::grant`]ed, from the granted peer's certificate with
+//!   the grant's token. Chunks carry a crc32c, the whole stream an
+//!   XXH3-128 digest checked before the reader sees end-of-stream; chunks are optionally zstd
 //!   compressed; the receiver acknowledges chunks and the sender keeps at most
 //!   [`SendOptions::window`] unacknowledged bytes, which it re-sends after a dropped
 //!   connection (resume from the last acknowledged offset). Bandwidth can be capped.
@@ -21,12 +23,15 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ferry_transfer::TransferError> {
-//! use ferry_transfer::{Endpoint, Receiver, SendOptions, Sender, TestPki};
+//! use ferry_transfer::{Endpoint, Grant, Receiver, SendOptions, Sender, TestPki};
 //! let pki = TestPki::generate()?;
 //! let rx = Receiver::bind("127.0.0.1:0", pki.issue("node-b", &["127.0.0.1"])?).await?;
+//! // Only node-a, presenting this token, may send mig-1's streams.
+//! let grant = Grant::mint("node-a");
+//! let ep = Endpoint::new(rx.local_addr().to_string(), "node-b").with_token(&grant.token);
+//! rx.grant("mig-1", grant);
 //! let mut incoming = rx.accept_stream("mig-1/rootfs").await;
 //! let tx = Sender::new(pki.issue("node-a", &[])?)?;
-//! let ep = Endpoint::new(rx.local_addr().to_string(), "node-b");
 //! let data: &[u8] = b"state bytes";
 //! let report = tx.send_stream(&ep, "mig-1/rootfs", data, &SendOptions::default()).await?;
 //! let mut out = Vec::new();
@@ -44,21 +49,34 @@ mod tls;
 use std::time::Duration;
 
 pub use direct::{
-    IncomingStream, OutgoingStream, Pipe, Receiver, ResumeRecord, SendOptions, SendReport, Sender,
+    Grant, IncomingStream, OutgoingStream, Pipe, Receiver, ResumeRecord, SendOptions, SendReport,
+    Sender, scope_of,
 };
 pub use error::{Side, TransferError};
 pub use s3::{
     IncomingObject, ReceiveOptions, S3Config, S3Credentials, S3SendOptions, S3SendReport, S3Store,
     UploadCheckpoint,
 };
-pub use tls::{TestPki, TlsIdentity};
+pub use tls::{TestPki, TlsIdentity, cert_names};
 
-/// Where a peer's receiver listens: a `host:port` to connect to and the name its
-/// certificate must carry (a DNS name or IP address in its subjectAltName).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a peer's receiver listens: a `host:port` to connect to, the name its
+/// certificate must carry (a DNS name or IP address in its subjectAltName), and the
+/// token its [`Grant`] for the migration holds.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: String,
     pub server_name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log the token.
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Endpoint {
@@ -66,7 +84,14 @@ impl Endpoint {
         Self {
             addr: addr.into(),
             server_name: server_name.into(),
+            token: String::new(),
         }
+    }
+
+    /// The same endpoint, presenting `token` in every Hello.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = token.into();
+        self
     }
 }
 

@@ -29,6 +29,16 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
+/// Whether a (chain-verified) certificate is valid for `name`, an IP address or a DNS
+/// name: how a receiver checks which peer a connection comes from.
+pub fn cert_names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&server_name).is_ok())
+}
+
 fn tls_err(what: &str, e: impl std::fmt::Display) -> TransferError {
     TransferError::Tls(format!("{what}: {e}"))
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::{CutMode, Proxy, RandomReader, drain, random_digest, random_xxh3};
 use ferry_transfer::{
-    Endpoint, Receiver, RetryPolicy, SendOptions, Sender, Side, TestPki, TlsIdentity, TransferError,
+    Endpoint, Grant, Receiver, RetryPolicy, SendOptions, Sender, Side, TestPki, TlsIdentity,
+    TransferError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,11 +23,28 @@ async fn pair() -> Pair {
         .await
         .unwrap();
     let tx = Sender::new(pki.issue("node-a", &[]).unwrap()).unwrap();
+    open(&rx);
     Pair { pki, rx, tx }
 }
 
+/// The token the tests' migrations were granted.
+const TOKEN: &str = "test-token-0123456789";
+
+/// Grants the scopes these tests use (`mig-0` … `mig-19`) to node-a with [`TOKEN`].
+fn open(rx: &Receiver) {
+    for i in 0..20 {
+        rx.grant(
+            &format!("mig-{i}"),
+            Grant {
+                token: TOKEN.into(),
+                peer: "node-a".into(),
+            },
+        );
+    }
+}
+
 fn ep(addr: std::net::SocketAddr) -> Endpoint {
-    Endpoint::new(addr.to_string(), "node-b")
+    Endpoint::new(addr.to_string(), "node-b").with_token(TOKEN)
 }
 
 fn quick_retry() -> RetryPolicy {
@@ -353,6 +371,7 @@ async fn client_without_certificate_is_refused() {
         Frame::Hello {
             mode: Mode::Stream,
             id: "mig-9/x".into(),
+            token: TOKEN.into(),
         }
         .encode(&mut hello);
         tls.write_all(&hello).await?;
@@ -383,6 +402,7 @@ async fn restarted_receiver_that_lost_state_fails_loudly() {
         .unwrap();
     let addr = rx.local_addr();
     let tx = Sender::new(pki.issue("node-a", &[]).unwrap()).unwrap();
+    open(&rx);
     let mut incoming = rx.accept_stream("mig-10/x").await;
     let opts = SendOptions {
         window: 4 << 20,
@@ -409,6 +429,9 @@ async fn restarted_receiver_that_lost_state_fails_loudly() {
     for _ in 0..50 {
         match Receiver::bind(addr, pki.issue("node-b", &["127.0.0.1"]).unwrap()).await {
             Ok(r) => {
+                // Granted again (as a restarted daemon's PrepareReceiver would): the
+                // refusal must come from the lost offsets, not from a missing grant.
+                open(&r);
                 rx2 = Some(r);
                 break;
             }
@@ -420,4 +443,76 @@ async fn restarted_receiver_that_lost_state_fails_loudly() {
     eprintln!("{err}");
     assert_eq!(err.side(), Some(Side::Receiver));
     assert!(err.to_string().contains("lost state"), "{err}");
+}
+
+/// A certificate of the right CA is not enough: a sender needs its migration's grant
+/// (scope, token and its own certificate name). Each refusal is immediate (not retried)
+/// and names the reason, and none of the refused bytes reach a reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_granted_peer_with_the_token_may_send() {
+    let p = pair().await;
+    let addr = p.rx.local_addr();
+    let mut incoming = p.rx.accept_stream("mig-12/x").await;
+    let quick = SendOptions {
+        retry: quick_retry(),
+        ..Default::default()
+    };
+    let refused = |e: TransferError, why: &str| {
+        let text = e.to_string();
+        assert!(text.contains(why), "expected {why:?} in: {text}");
+    };
+    // Wrong token, from the granted peer.
+    let started = Instant::now();
+    let e =
+        p.tx.send_stream(
+            &Endpoint::new(addr.to_string(), "node-b").with_token("guess"),
+            "mig-12/x",
+            &b"forged"[..],
+            &quick,
+        )
+        .await
+        .unwrap_err();
+    refused(e, "wrong token");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a refusal was retried"
+    );
+    // The right token from another node of the same CA (as a peer that read the token
+    // from a leaked log or another migration's request would hold it).
+    let stranger = Sender::new(p.pki.issue("node-c", &[]).unwrap()).unwrap();
+    let e = stranger
+        .send_stream(&ep(addr), "mig-12/x", &b"forged"[..], &quick)
+        .await
+        .unwrap_err();
+    refused(e, "does not name it");
+    let e = stranger
+        .connect_pipe(&ep(addr), "mig-12/pages", &quick_retry())
+        .await
+        .unwrap_err();
+    refused(e, "does not name it");
+    // A scope nobody granted, and one revoked.
+    let e =
+        p.tx.send_stream(&ep(addr), "mig-99/x", &b"forged"[..], &quick)
+            .await
+            .unwrap_err();
+    refused(e, "no migration on this node expects");
+    p.rx.revoke("mig-13");
+    let e =
+        p.tx.connect_pipe(&ep(addr), "mig-13/pages", &quick_retry())
+            .await
+            .unwrap_err();
+    refused(e, "no migration on this node expects");
+    // Nothing of the refused senders reached the reader; the granted one still can.
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_millis(300), incoming.read(&mut b)).await;
+    assert!(r.is_err(), "a refused sender's bytes were delivered");
+    let granted = ep(addr);
+    let send =
+        p.tx.send_stream(&granted, "mig-12/x", &b"granted"[..], &quick);
+    let (sent, got) = tokio::join!(send, async {
+        let mut out = Vec::new();
+        incoming.read_to_end(&mut out).await.map(|_| out)
+    });
+    sent.unwrap();
+    assert_eq!(got.unwrap(), b"granted");
 }

@@ -20,6 +20,7 @@ fn valid_frames(rng: &mut SmallRng) -> BytesMut {
                     Mode::Pipe
                 },
                 id: format!("mig-{}/part", rng.random::<u16>()),
+                token: format!("{:x}", rng.random::<u64>()),
             },
             1 => Frame::HelloAck {
                 resume_offset: rng.random(),

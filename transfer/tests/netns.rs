@@ -63,6 +63,13 @@ async fn link_pulled_mid_stream_resumes() {
             let rx = Receiver::bind(format!("{node_ip}:0"), identity)
                 .await
                 .unwrap();
+            rx.grant(
+                "mig-11",
+                ferry_transfer::Grant {
+                    token: "t-11".into(),
+                    peer: "node-tx".into(),
+                },
+            );
             let incoming = rx.accept_stream("mig-11/memory").await;
             addr_tx.send(rx.local_addr()).unwrap();
             tokio::time::timeout(Duration::from_secs(120), drain(incoming)).await
@@ -96,7 +103,7 @@ async fn link_pulled_mid_stream_resumes() {
     };
     let report = tx
         .send_stream(
-            &Endpoint::new(addr.to_string(), addr.ip().to_string()),
+            &Endpoint::new(addr.to_string(), addr.ip().to_string()).with_token("t-11"),
             "mig-11/memory",
             reader,
             &opts,

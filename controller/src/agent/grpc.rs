@@ -20,7 +20,9 @@ pub const DAEMON_ANNOTATION: &str = "ferry.dev/node-daemon";
 pub struct GrpcAgent {
     clusters: Arc<Clusters>,
     tls: ClientTlsConfig,
-    channels: Mutex<HashMap<NodeRef, Channel>>,
+    /// Per node: the channel to its daemon and the endpoint's host (the name the
+    /// daemon's certificate carries).
+    channels: Mutex<HashMap<NodeRef, (Channel, String)>>,
 }
 
 /// The controller's side of the control channel's mutual TLS, from a directory laid out
@@ -50,8 +52,16 @@ impl GrpcAgent {
     }
 
     async fn client(&self, node: &NodeRef) -> Result<NodeAgentClient<Channel>, AgentError> {
-        if let Some(ch) = self.channels.lock().await.get(node) {
-            return Ok(NodeAgentClient::new(ch.clone()));
+        Ok(self.daemon(node).await?.0)
+    }
+
+    /// A client of the node's daemon and the host of its endpoint.
+    async fn daemon(
+        &self,
+        node: &NodeRef,
+    ) -> Result<(NodeAgentClient<Channel>, String), AgentError> {
+        if let Some((ch, host)) = self.channels.lock().await.get(node) {
+            return Ok((NodeAgentClient::new(ch.clone()), host.clone()));
         }
         let unavailable = |message: String| AgentError::Unavailable {
             node: node.to_string(),
@@ -85,6 +95,10 @@ impl GrpcAgent {
                 ),
             });
         }
+        let host = endpoint_host(&endpoint).ok_or_else(|| AgentError::Rejected {
+            node: node.to_string(),
+            message: format!("the node's daemon endpoint {endpoint:?} has no host"),
+        })?;
         let channel = Channel::from_shared(endpoint.clone())
             .map_err(|e| unavailable(format!("bad endpoint {endpoint:?}: {e}")))?
             .tls_config(self.tls.clone())
@@ -98,9 +112,17 @@ impl GrpcAgent {
         self.channels
             .lock()
             .await
-            .insert(node.clone(), channel.clone());
-        Ok(NodeAgentClient::new(channel))
+            .insert(node.clone(), (channel.clone(), host.clone()));
+        Ok((NodeAgentClient::new(channel), host))
     }
+}
+
+/// The host of `https://HOST:PORT[/]` (brackets of an IPv6 address removed).
+fn endpoint_host(endpoint: &str) -> Option<String> {
+    let rest = endpoint.strip_prefix("https://")?.trim_end_matches('/');
+    let (host, _port) = rest.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// The deadline of one call to a daemon.
@@ -254,9 +276,8 @@ impl NodeAgent for GrpcAgent {
         // The receiver sizes itself from the source's current description (containers,
         // memory), read now rather than stored, so it matches what will be checkpointed.
         let source = &plan.source_node;
-        let description = self
-            .client(source)
-            .await?
+        let (mut source_client, source_peer) = self.daemon(source).await?;
+        let description = source_client
             .describe_workload(pod_ref(&plan.source))
             .await
             .map_err(|s| status_error(source, "", s))?
@@ -277,6 +298,8 @@ impl NodeAgent for GrpcAgent {
                     image_id: i.image_id.clone(),
                 })
                 .collect(),
+            // Only the source daemon (its certificate names this host) may send.
+            source_peer,
         };
         let r = self
             .client(node)
@@ -292,9 +315,10 @@ impl NodeAgent for GrpcAgent {
                 .into_iter()
                 .map(|p| ferry_crds::PageServer {
                     container: p.container,
-                    endpoint: p.endpoint,
+                    pipe: p.pipe,
                 })
                 .collect(),
+            token: r.token,
         })
     }
 
@@ -316,10 +340,11 @@ impl NodeAgent for GrpcAgent {
                 .iter()
                 .map(|p| pb::PageServer {
                     container: p.container.clone(),
-                    endpoint: p.endpoint.clone(),
+                    pipe: p.pipe.clone(),
                 })
                 .collect(),
             criu: Some(criu(plan)),
+            token: receiver.token.clone(),
         };
         let r = self.client(node).await?.start_checkpoint(req).await;
         Ok(op_status(
@@ -388,6 +413,20 @@ impl NodeAgent for GrpcAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_host_is_the_name_the_certificate_carries() {
+        assert_eq!(
+            endpoint_host("https://10.0.0.2:7070").as_deref(),
+            Some("10.0.0.2")
+        );
+        assert_eq!(
+            endpoint_host("https://[fd00::2]:7070/").as_deref(),
+            Some("fd00::2")
+        );
+        assert_eq!(endpoint_host("https://:7070"), None);
+        assert_eq!(endpoint_host("http://10.0.0.2:7070"), None);
+    }
 
     fn plan(kind: WorkloadKind, strategy: Strategy, allow_post_copy: bool) -> Plan {
         let pod = PodId {

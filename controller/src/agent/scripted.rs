@@ -160,6 +160,7 @@ impl NodeAgent for ScriptedAgent {
         Ok(Receiver {
             endpoint: format!("scripted://{node}/{}", plan.migration_id),
             page_servers: vec![],
+            token: format!("token-of-{}", plan.migration_id),
         })
     }
 

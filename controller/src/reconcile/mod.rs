@@ -42,6 +42,9 @@ pub struct Context {
     pub poll_interval: Duration,
     /// How target Pods are shaped.
     pub target_shape: placement::TargetShape,
+    /// Each prepared Migration's transfer token (by UID) until its checkpoint starts:
+    /// memory only, never the status (see `ferry_crds::Receiver::token`).
+    pub tokens: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -763,7 +766,19 @@ impl<'a> Reconciler<'a> {
     /// the dump instead of waiting for this controller to notice that it finished.
     async fn start_checkpoint(&mut self) -> Result<Outcome, Error> {
         let plan = self.plan().await?;
-        let receiver = self.status.receiver.clone().unwrap_or_default();
+        let mut receiver = self.status.receiver.clone().unwrap_or_default();
+        let uid = self.m.uid().unwrap_or_default();
+        let remembered = self.ctx.tokens.lock().unwrap().get(&uid).cloned();
+        match remembered {
+            Some(token) => receiver.token = token,
+            // The status never holds the token and this controller has not seen it (it
+            // restarted): ask the destination again (it answers a repeated
+            // PrepareReceiver with what it prepared, token included).
+            None => match self.refresh_receiver(&plan).await? {
+                Ok(r) => receiver = r,
+                Err(outcome) => return Ok(outcome),
+            },
+        }
         let op = self
             .ctx
             .agent
@@ -773,6 +788,7 @@ impl<'a> Reconciler<'a> {
             return self.observe(op, "CheckpointFailed", Outcome::CheckpointDone);
         }
         self.mark_started(STEP_CHECKPOINT);
+        self.ctx.tokens.lock().unwrap().remove(&uid);
         let outcome = self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)?;
         if outcome == Outcome::StepFailed {
             return Ok(outcome);

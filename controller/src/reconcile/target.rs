@@ -11,6 +11,7 @@
 //!   the source (`Abort`): never two copies running, and the source always resumes.
 use super::*;
 use crate::agent::ContainerImage;
+use ferry_crds::Receiver;
 use k8s_openapi::api::core::v1::PodStatus;
 
 /// How long a target Pod may take to get its sandbox (or, for a VM, its launcher).
@@ -225,6 +226,8 @@ impl Reconciler<'_> {
             .await
         {
             Ok(receiver) => {
+                let token = receiver.token.clone();
+                self.ctx.tokens.lock().unwrap().insert(uid.clone(), token);
                 self.status.receiver = Some(receiver);
                 self.status.progress = Some(Progress {
                     last_progress_at: Some(now()),
@@ -234,6 +237,32 @@ impl Reconciler<'_> {
             }
             Err(e) if e.is_transient() => Err(e.into()),
             Err(e) => Ok(self.step_failed("PrepareFailed", e.to_string())),
+        }
+    }
+
+    /// The destination's receiver with its token, which only memory holds: a repeated
+    /// PrepareReceiver (idempotent at the daemon), planned as the first one was.
+    pub(super) async fn refresh_receiver(
+        &mut self,
+        plan: &Plan,
+    ) -> Result<Result<Receiver, Outcome>, Error> {
+        let source: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let Some(source_pod) = source.get_opt(&self.m.spec.workload.pod).await? else {
+            return Ok(Err(
+                self.step_failed("PodNotFound", "the source pod disappeared")
+            ));
+        };
+        let mut plan = plan.clone();
+        plan.images = images_of(&source_pod);
+        match self
+            .ctx
+            .agent
+            .prepare_receiver(&self.target_node(), &plan)
+            .await
+        {
+            Ok(r) => Ok(Ok(r)),
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => Ok(Err(self.step_failed("PrepareFailed", e.to_string()))),
         }
     }
 
@@ -383,6 +412,7 @@ impl Reconciler<'_> {
     /// long.
     pub(super) async fn undo(&mut self) -> Result<(), Error> {
         let id = self.m.uid().unwrap_or_default();
+        self.ctx.tokens.lock().unwrap().remove(&id);
         if self.status.target.is_some() {
             match self.ctx.agent.abort(&self.target_node(), &id).await {
                 Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}

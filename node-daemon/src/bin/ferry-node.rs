@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         },
         transport.clone(),
     );
-    let svc = NodeService::new(vec![Arc::new(containers), Arc::new(vm)]);
+    let svc = NodeService::new(vec![Arc::new(containers), Arc::new(vm)], transport.clone());
     let tls = control_tls::server_config(&a.tls_dir).context("the control API's TLS")?;
     tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), controller = %a.controller_name, "ferry-node serving");
     tonic::transport::Server::builder()

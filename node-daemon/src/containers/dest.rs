@@ -7,7 +7,9 @@ use super::staging::{self, RestorePlan, StageDir};
 use super::wire::{BundleHeader, BundleListener};
 use super::{ContainerRuntime, Migration, free_port, kill_all, parse_host_port, wait_gone};
 use crate::error::RuntimeError;
+use crate::relay::{self, Relay};
 use crate::runtime::*;
+use crate::transport::{self, Transport};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +29,9 @@ pub struct DestState {
     page_server_pids: Vec<u32>,
     /// Post-copy: the `criu lazy-pages` daemons (they exit once all pages are in).
     lazy_pids: Arc<Mutex<Vec<u32>>>,
+    /// The page relays (Cold: pipe → local page server; Live: local lazy-pages →
+    /// pipe to the source), ended with the migration.
+    relays: Arc<Mutex<Vec<Relay>>>,
     /// Receives, unpacks and marks ready; aborted with the migration.
     receiving: tokio::task::AbortHandle,
     gate: tokio::task::AbortHandle,
@@ -68,6 +73,7 @@ impl ContainerRuntime {
         let mut stages = Vec::new();
         let mut page_servers = Vec::new();
         let mut pids = Vec::new();
+        let relays = Arc::new(Mutex::new(Vec::new()));
         for c in &plan.workload.containers {
             let stage = StageDir::new(&self.cfg.state_dir, uid, &c.name).ok_or_else(|| {
                 RuntimeError::InvalidArgument(format!(
@@ -89,10 +95,11 @@ impl ContainerRuntime {
                 .mark(staging::PLAN, &serde_json::to_vec(&rp).expect("json"))
                 .map_err(RuntimeError::io("writing the restore plan"))?;
             if !lazy {
-                let port = free_port(&self.cfg.advertise_ip)?;
+                // On loopback only: the source's pages arrive through the relay.
+                let port = free_port("127.0.0.1")?;
                 let opts = PageServerOpts {
                     images_dir: stage.path(staging::IMAGES),
-                    address: self.cfg.advertise_ip.clone(),
+                    address: "127.0.0.1".into(),
                     port,
                     pidfile: stage.path(staging::WORK).join("page-server.pid"),
                     log_file: stage.path(staging::WORK).join("page-server.log"),
@@ -105,7 +112,10 @@ impl ContainerRuntime {
                         return Err(e);
                     }
                 }
-                page_servers.push((c.name.clone(), format!("{}:{port}", self.cfg.advertise_ip)));
+                let pipe = relay::pages_pipe(&plan.migration_id, &c.name);
+                let r = relay::inbound(self.cfg.transport.clone(), pipe.clone(), port);
+                relays.lock().unwrap().push(r);
+                page_servers.push((c.name.clone(), pipe));
             }
             stages.push(stage);
         }
@@ -119,19 +129,22 @@ impl ContainerRuntime {
         let info = ReceiverInfo {
             receive_endpoint: listener.endpoint(),
             page_servers,
+            token: plan.token.clone(),
         };
         let (tx, rx) = mpsc::channel(names.len());
         let (staged_tx, staged_rx) = watch::channel(0usize);
         let lazy_pids = Arc::new(Mutex::new(Vec::new()));
-        let receiving = tokio::spawn(receive(
-            listener,
-            stages.clone(),
-            self.cfg.criu.clone(),
-            lazy.then(|| lazy_pids.clone()),
-            tx,
-            staged_tx,
-        ))
-        .abort_handle();
+        let lazy_ctx = lazy.then(|| LazyCtx {
+            criu: self.cfg.criu.clone(),
+            pids: lazy_pids.clone(),
+            transport: self.cfg.transport.clone(),
+            migration_id: plan.migration_id.clone(),
+            source_peer: plan.source_peer.clone(),
+            token: plan.token.clone(),
+            relays: relays.clone(),
+        });
+        let receiving =
+            tokio::spawn(receive(listener, stages.clone(), lazy_ctx, tx, staged_tx)).abort_handle();
         // The gate opens now when the containers' creates can safely wait for the
         // state (it is small enough to arrive well within the kubelet's runtime request
         // timeout); otherwise once everything is staged. The writable layers always
@@ -155,6 +168,7 @@ impl ContainerRuntime {
                 stages,
                 page_server_pids: pids,
                 lazy_pids,
+                relays,
                 receiving,
                 gate,
                 arrivals: Some(rx),
@@ -265,6 +279,7 @@ impl ContainerRuntime {
         let lazy: Vec<u32> = d.lazy_pids.lock().unwrap().drain(..).collect();
         wait_gone(&lazy, Duration::from_secs(10)).await;
         kill_all(&lazy);
+        d.relays.lock().unwrap().clear();
         for st in &d.stages {
             st.drop_payload(false);
         }
@@ -279,6 +294,7 @@ impl ContainerRuntime {
         d.gate.abort();
         kill_all(&d.page_server_pids);
         kill_all(&d.lazy_pids.lock().unwrap().drain(..).collect::<Vec<_>>());
+        d.relays.lock().unwrap().clear();
         for st in &d.stages {
             // CRIU's logs stay for the post-mortem of a failed migration.
             st.drop_payload(true);
@@ -286,13 +302,25 @@ impl ContainerRuntime {
     }
 }
 
+/// What a post-copy destination needs to start a container's lazy-pages daemon.
+#[derive(Clone)]
+struct LazyCtx {
+    criu: super::criu::Criu,
+    pids: Arc<Mutex<Vec<u32>>>,
+    transport: Arc<Transport>,
+    migration_id: String,
+    /// The only peer the lazy pages are fetched from (what the controller named).
+    source_peer: String,
+    token: String,
+    relays: Arc<Mutex<Vec<Relay>>>,
+}
+
 /// Accepts one bundle per stage, unpacks it and marks the stage ready (Live: after
 /// starting its lazy-pages daemon).
 async fn receive(
     mut listener: BundleListener,
     stages: Vec<StageDir>,
-    criu: super::criu::Criu,
-    lazy_pids: Option<Arc<Mutex<Vec<u32>>>>,
+    lazy: Option<LazyCtx>,
     tx: mpsc::Sender<Result<Arrival, RuntimeError>>,
     staged: watch::Sender<usize>,
 ) {
@@ -318,11 +346,10 @@ async fn receive(
                 .await;
             return;
         };
-        let (tx, staged, criu, lazy_pids) =
-            (tx.clone(), staged.clone(), criu.clone(), lazy_pids.clone());
+        let (tx, staged, lazy) = (tx.clone(), staged.clone(), lazy.clone());
         unpacks.spawn(async move {
             let start = unix_ms();
-            let r = stage_bundle(&stage, &header, &mut body, &criu, lazy_pids.as_deref()).await;
+            let r = stage_bundle(&stage, &header, &mut body, lazy.as_ref()).await;
             if r.is_ok() {
                 staged.send_modify(|n| *n += 1);
             }
@@ -344,15 +371,28 @@ async fn stage_bundle(
     stage: &StageDir,
     _header: &BundleHeader,
     body: &mut (impl tokio::io::AsyncRead + Unpin),
-    criu: &super::criu::Criu,
-    lazy_pids: Option<&Mutex<Vec<u32>>>,
+    lazy: Option<&LazyCtx>,
 ) -> Result<(), RuntimeError> {
     unpack(&stage.dir, body).await?;
-    if let Some(pids) = lazy_pids {
-        // The userfaultfd daemon must listen in the restore's work dir first.
-        let opts = lazy_pages_opts(&stage.path(staging::IMAGES), &stage.path(staging::WORK))?;
-        let pid = criu.start_lazy_pages(&opts).await?;
-        pids.lock().unwrap().push(pid);
+    if let Some(lazy) = lazy {
+        // The userfaultfd daemon must listen in the restore's work dir first. It asks
+        // the source for pages through a relay: loopback here, the pipe between nodes.
+        let images = stage.path(staging::IMAGES);
+        let source = lazy_source(&images, &lazy.source_peer)?;
+        let pipe = relay::lazy_pipe(&lazy.migration_id, &stage.container());
+        let peer = transport::peer(&source, &lazy.token)?;
+        let (local, relay) = relay::outbound(lazy.transport.clone(), peer, pipe).await?;
+        lazy.relays.lock().unwrap().push(relay);
+        let opts = LazyPagesOpts {
+            images_dir: images,
+            work_dir: stage.path(staging::WORK),
+            source_address: local.ip().to_string(),
+            source_port: local.port(),
+            pidfile: stage.path(staging::WORK).join("lazy-pages.pid"),
+            log_file: stage.path(staging::WORK).join("lazy-pages.log"),
+        };
+        let pid = lazy.criu.start_lazy_pages(&opts).await?;
+        lazy.pids.lock().unwrap().push(pid);
     }
     stage
         .mark(staging::READY, b"")
@@ -411,29 +451,47 @@ async fn unpack(
     .map_err(|e| RuntimeError::Transfer(format!("receiving bundle into {}: {e}", dest.display())))
 }
 
-/// The lazy-pages daemon of a received post-copy bundle: it fetches from the source
-/// address the bundle names, and listens in `work` (the restore's work dir).
-fn lazy_pages_opts(images: &Path, work: &Path) -> Result<LazyPagesOpts, RuntimeError> {
+/// Where the source serves a post-copy bundle's pages: the transfer endpoint the bundle
+/// names, accepted only on the host the controller named as the source (a bundle
+/// cannot send this node's page requests anywhere else).
+fn lazy_source(images: &Path, source_peer: &str) -> Result<String, RuntimeError> {
     let file = images.join(LAZY_SOURCE_FILE);
     let text = std::fs::read_to_string(&file).map_err(|e| {
         RuntimeError::FailedPrecondition(format!(
-            "post-copy bundle lacks the source's lazy page server ({}): {e}",
+            "post-copy bundle lacks the source's transfer endpoint ({}): {e}",
             file.display()
         ))
     })?;
-    let (address, port) = parse_host_port(text.trim()).ok_or_else(|| {
+    let endpoint = text.trim();
+    let bad = || {
         RuntimeError::FailedPrecondition(format!(
-            "bad lazy page server address {:?} in {}",
-            text.trim(),
-            file.display()
+            "post-copy bundle names {endpoint:?} as its page source; this migration's \
+             source is {source_peer}"
         ))
-    })?;
-    Ok(LazyPagesOpts {
-        images_dir: images.to_path_buf(),
-        work_dir: work.to_path_buf(),
-        source_address: address,
-        source_port: port,
-        pidfile: work.join("lazy-pages.pid"),
-        log_file: work.join("lazy-pages.log"),
-    })
+    };
+    match parse_host_port(endpoint) {
+        Some((host, _)) if host == source_peer => Ok(endpoint.to_string()),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lazy_source_must_be_the_named_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |s: &str| std::fs::write(dir.path().join(LAZY_SOURCE_FILE), s).unwrap();
+        write("10.0.0.1:7443\n");
+        assert_eq!(
+            lazy_source(dir.path(), "10.0.0.1").unwrap(),
+            "10.0.0.1:7443"
+        );
+        assert!(lazy_source(dir.path(), "10.0.0.9").is_err());
+        write("10.0.0.1");
+        assert!(lazy_source(dir.path(), "10.0.0.1").is_err());
+        write("--root=/x:1");
+        assert!(lazy_source(dir.path(), "10.0.0.1").is_err());
+    }
 }

@@ -170,10 +170,15 @@ impl Runc {
     /// Starts runc without waiting (a lazy-pages checkpoint keeps serving pages after the
     /// dump): stdout and stderr piped, in its own process group so [`kill_group`] also
     /// stops the CRIU it started.
-    pub fn spawn(&self, args: &[String]) -> Result<tokio::process::Child, RuntimeError> {
-        tracing::debug!(runc = %self.binary.display(), ?args, "runc (spawned)");
+    pub fn spawn(
+        &self,
+        args: &[String],
+        env: &[(&str, &Path)],
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        tracing::debug!(runc = %self.binary.display(), ?args, ?env, "runc (spawned)");
         Command::new(&self.binary)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -7,7 +7,9 @@ use super::staging;
 use super::wire::{self, BundleHeader};
 use super::{ContainerRuntime, Migration, free_port, rootfs};
 use crate::error::RuntimeError;
+use crate::relay;
 use crate::runtime::*;
+use crate::transport;
 use futures::future::try_join_all;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-/// Written into a post-copy bundle's `images/`: `host:port` of the source's lazy page
-/// server (CRIU ignores files it does not know in an images dir).
+/// Written into a post-copy bundle's `images/`: `host:port` of the source daemon's
+/// transfer listener, where the destination opens the lazy pages pipe
+/// (`relay::lazy_pipe`) to the source's lazy page server (CRIU ignores files it does
+/// not know in an images dir).
 pub const LAZY_SOURCE_FILE: &str = "ferry-lazy-source";
 
 /// How long freezing the pod cgroup may take.
@@ -269,14 +273,25 @@ impl ContainerRuntime {
             std::fs::create_dir_all(d).map_err(RuntimeError::io("creating checkpoint dir"))?;
         }
         let lazy = plan.strategy == Strategy::PostCopy;
-        let lazy_server = if lazy {
-            Some(format!(
-                "{}:{}",
-                self.cfg.advertise_ip,
-                free_port(&self.cfg.advertise_ip)?
-            ))
+        // CRIU's page connection stays on this node's loopback; the daemons carry it
+        // (relay.rs). Live: this dump's lazy page server listens there and the
+        // destination's pipe is relayed to it; Cold: CRIU connects to a relay port that
+        // dials the destination's page server pipe.
+        let transport = &self.cfg.transport;
+        let (page_addr, relay) = if lazy {
+            let port = free_port("127.0.0.1")?;
+            let pipe = relay::lazy_pipe(&plan.migration_id, &name);
+            (
+                format!("127.0.0.1:{port}"),
+                relay::inbound(transport.clone(), pipe, port),
+            )
         } else {
-            None
+            let pipe = page_server.ok_or_else(|| {
+                RuntimeError::InvalidArgument(format!("no page server given for container {name}"))
+            })?;
+            let peer = transport::peer(&plan.receive_endpoint, &plan.token)?;
+            let (addr, relay) = relay::outbound(transport.clone(), peer, pipe).await?;
+            (addr.to_string(), relay)
         };
         let opts = CheckpointOpts {
             image_path: images.clone(),
@@ -288,7 +303,7 @@ impl ContainerRuntime {
             ext_unix_sk: plan.criu.external_unix_sockets,
             // Live: where this node serves the pages; Cold: the destination's page
             // server that receives them while CRIU dumps.
-            page_server: lazy_server.clone().or(page_server),
+            page_server: Some(page_addr),
             lazy_pages: lazy,
             // runc writes one byte to its stdout when the lazy page server is up.
             status_fd: lazy.then_some(1),
@@ -297,20 +312,24 @@ impl ContainerRuntime {
         let dump_log = work.join("dump.log");
         let started = Instant::now();
         let dump_start = unix_ms();
-        let serving = match &lazy_server {
-            None => {
-                c.runc
-                    .run(args.clone(), Some(&dump_log))
-                    .await
-                    .map_err(|e| with_hint(e, &dump_log))?;
-                None
+        let (serving, lazy_relay) = if lazy {
+            let child = self.lazy_dump(c, &args, &dump_log, cut.serving).await?;
+            std::fs::write(images.join(LAZY_SOURCE_FILE), transport.endpoint())
+                .map_err(RuntimeError::io("writing lazy source address"))?;
+            (Some(child), Some(relay))
+        } else {
+            c.runc
+                .run(args.clone(), Some(&dump_log))
+                .await
+                .map_err(|e| with_hint(e, &dump_log))?;
+            // The dump ends after the page server acknowledged its last pages, so the
+            // relay only has the connection's close left to carry.
+            match relay.finish(Duration::from_secs(5)).await {
+                Some(Ok((pages, _))) => cut.progress.add_bytes(pages),
+                Some(Err(e)) => tracing::warn!(container = %name, error = %e, "page relay"),
+                None => tracing::warn!(container = %name, "page relay still open after the dump"),
             }
-            Some(server) => {
-                let child = self.lazy_dump(c, &args, &dump_log, cut.serving).await?;
-                std::fs::write(images.join(LAZY_SOURCE_FILE), server)
-                    .map_err(RuntimeError::io("writing lazy source address"))?;
-                Some(child)
-            }
+            (None, None)
         };
         let dumped = started.elapsed();
         cut.progress.step(format!("dump/{name}"), dump_start);
@@ -350,6 +369,12 @@ impl ContainerRuntime {
             let r = c.runc.finish(child, &args, Some(&dump_log)).await;
             if let Some(pgid) = pgid {
                 cut.serving.lock().unwrap().retain(|p| *p != pgid);
+            }
+            // CRIU's served pages, counted on their way through the relay.
+            if let Some(relay) = lazy_relay
+                && let Some(Ok((pages, _))) = relay.finish(Duration::from_secs(2)).await
+            {
+                cut.progress.add_bytes(pages);
             }
             r?;
             cut.progress.step(format!("pages/{name}"), send_start);
@@ -399,6 +424,7 @@ impl ContainerRuntime {
         let sent = wire::send(
             &self.cfg.transport,
             &cut.plan.receive_endpoint,
+            &cut.plan.token,
             &header,
             &mut out,
         )
@@ -429,7 +455,15 @@ impl ContainerRuntime {
         dump_log: &Path,
         serving: &Mutex<Vec<u32>>,
     ) -> Result<tokio::process::Child, RuntimeError> {
-        let mut child = c.runc.spawn(args)?;
+        // CRIU's RPC (how runc drives it) takes only the port of a lazy page server and
+        // listens on every address; an options file (read before the RPC request, and
+        // not overridden by it for lazy dumps) keeps it on loopback, where the relay
+        // reaches it (relay.rs). The e2e test lists CRIU's sockets to hold this.
+        let work = dump_log.parent().unwrap_or(Path::new("."));
+        let conf = work.join("criu-lazy.conf");
+        std::fs::write(&conf, "address 127.0.0.1\n")
+            .map_err(RuntimeError::io("writing the lazy dump's CRIU options"))?;
+        let mut child = c.runc.spawn(args, &[("CRIU_CONFIG_FILE", &conf)])?;
         if let Some(pgid) = child.id() {
             serving.lock().unwrap().push(pgid);
         }

@@ -6,8 +6,8 @@
 //! the reader sees the end, resume after a dropped connection. The stream starts with a
 //! JSON header line ([`BundleHeader`]).
 //!
-//! Memory pages do not go through here: the source's CRIU sends them straight to a CRIU
-//! page server on the destination while it dumps (see `runc_backend.rs`).
+//! Memory pages do not go through here: CRIU sends them to a CRIU page server while it
+//! dumps, through the daemons' page relays (`relay.rs`).
 use crate::error::RuntimeError;
 use crate::transport::{self, Transport};
 use ferry_transfer::{IncomingStream, SendOptions};
@@ -37,10 +37,11 @@ fn stream_id(migration_id: &str, container: &str) -> String {
 pub async fn send(
     transport: &Transport,
     endpoint: &str,
+    token: &str,
     header: &BundleHeader,
     body: &mut (impl AsyncRead + Unpin),
 ) -> Result<u64, RuntimeError> {
-    let ep = transport::peer(endpoint)?;
+    let ep = transport::peer(endpoint, token)?;
     let mut line = serde_json::to_vec(header).expect("header serializes");
     line.push(b'\n');
     let id = stream_id(&header.migration_id, &header.container);

@@ -197,7 +197,7 @@ impl VmRuntime {
                 dir: found.dir.clone(),
             },
         );
-        let ep = transport::peer(&plan.receive_endpoint)?;
+        let ep = transport::peer(&plan.receive_endpoint, &plan.token)?;
 
         // QEMU migrates into a socket in its pod's directory, which this daemon forwards.
         let q = QemuBackend::connect(&qmp, QMP_WAIT)
@@ -475,6 +475,7 @@ impl VmRuntime {
         Ok(ReceiverInfo {
             receive_endpoint: self.transport.endpoint(),
             page_servers: Vec::new(),
+            token: plan.token.clone(),
         })
     }
 
@@ -582,7 +583,8 @@ fn check_plan(migration_id: &str, w: &WorkloadRef, what: &str) -> Result<(), Run
 }
 
 fn ram_pipe(migration_id: &str) -> String {
-    format!("{migration_id}.ram")
+    // Under the migration's scope: only its granted source may open it.
+    format!("{migration_id}/ram")
 }
 
 /// Takes the pipe `id` if a source connected (or connects within a while) and closes
@@ -839,7 +841,7 @@ impl Runtime for VmRuntime {
             check_plan(&plan.migration_id, &plan.workload, "workload")?;
             validate::endpoint("receive_endpoint", &plan.receive_endpoint)
                 .map_err(RuntimeError::InvalidArgument)?;
-            transport::peer(&plan.receive_endpoint)?;
+            transport::peer(&plan.receive_endpoint, &plan.token)?;
             let found = self.find_running(&plan.workload).await?;
             let q = QemuBackend::connect(&found.qmp(), Duration::from_secs(5))
                 .await

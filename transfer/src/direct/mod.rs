@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use pipe::Pipe;
-pub use receiver::{IncomingStream, Receiver};
+pub use receiver::{Grant, IncomingStream, Receiver, scope_of};
 pub use sender::{OutgoingStream, Sender};
 
 use crate::RetryPolicy;
@@ -122,7 +122,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use crate::{Endpoint, Receiver, RetryPolicy, Sender, TestPki};
+    use crate::{Endpoint, Grant, Receiver, RetryPolicy, Sender, TestPki};
 
     /// Both ends of a real connection agree on AES-128-GCM (cheaper per byte than the
     /// AES-256 that ring's default order would pick), on TLS 1.3.
@@ -133,10 +133,12 @@ mod tests {
             .await
             .unwrap();
         let tx = Sender::new(pki.issue("tx", &[]).unwrap()).unwrap();
-        let ep = Endpoint::new(rx.local_addr().to_string(), "rx");
-        let accepted = rx.accept_pipe("suite");
+        let grant = Grant::mint("tx");
+        let ep = Endpoint::new(rx.local_addr().to_string(), "rx").with_token(&grant.token);
+        rx.grant("suite", grant);
+        let accepted = rx.accept_pipe("suite/p");
         let out = tx
-            .connect_pipe(&ep, "suite", &RetryPolicy::default())
+            .connect_pipe(&ep, "suite/p", &RetryPolicy::default())
             .await
             .unwrap();
         let inp = accepted.await.unwrap();

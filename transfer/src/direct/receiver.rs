@@ -38,6 +38,8 @@ pub struct Receiver {
 
 struct Shared {
     acceptor: TlsAcceptor,
+    /// Scope (an id's first `/`-separated segment: the migration) → who may send.
+    grants: Mutex<HashMap<String, Grant>>,
     streams: Mutex<HashMap<String, Arc<Slot>>>,
     pipes: Mutex<HashMap<String, PipeSlot>>,
     shutdown: CancellationToken,
@@ -91,6 +93,7 @@ impl Receiver {
             })?;
         let shared = Arc::new(Shared {
             acceptor: TlsAcceptor::from(identity.server.clone()),
+            grants: Mutex::default(),
             streams: Mutex::default(),
             pipes: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -147,6 +150,106 @@ impl Receiver {
     pub fn forget(&self, id: &str) {
         self.shared.streams.lock().unwrap().remove(id);
     }
+
+    /// Lets `grant.peer`, presenting `grant.token`, send the streams and pipes whose ids
+    /// start with `scope/` (a migration's). Every other connection is refused after the
+    /// handshake, with an Error frame that names the reason: the CA alone admits no one.
+    /// A later grant of the same scope replaces the earlier one.
+    pub fn grant(&self, scope: &str, grant: Grant) {
+        self.shared
+            .grants
+            .lock()
+            .unwrap()
+            .insert(scope.to_string(), grant);
+    }
+
+    /// Ends a scope's grant and forgets its streams' resume state; connections already
+    /// serving it run on.
+    pub fn revoke(&self, scope: &str) {
+        self.shared.grants.lock().unwrap().remove(scope);
+        let prefix = format!("{scope}/");
+        self.shared
+            .streams
+            .lock()
+            .unwrap()
+            .retain(|id, _| !id.starts_with(&prefix));
+        self.shared
+            .pipes
+            .lock()
+            .unwrap()
+            .retain(|id, _| !id.starts_with(&prefix));
+    }
+}
+
+/// Who may send one scope's streams and pipes: the holder of a secret, and only from
+/// one certificate name. Both are needed: the token alone would admit anyone who read
+/// it (it travels through the controller), the name alone any migration of that peer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The secret the sender puts in its Hello ([`crate::Endpoint::token`]).
+    pub token: String,
+    /// An IP address or DNS name the sender's (CA-verified) certificate must carry.
+    pub peer: String,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log the token.
+        f.debug_struct("Grant")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Grant {
+    /// A grant for `peer` with a fresh 256-bit token.
+    pub fn mint(peer: impl Into<String>) -> Grant {
+        let bytes: [u8; 32] = rand::random();
+        Grant {
+            token: crate::hex(&bytes),
+            peer: peer.into(),
+        }
+    }
+}
+
+/// The scope of a stream or pipe id: its first `/`-separated segment.
+pub fn scope_of(id: &str) -> &str {
+    id.split_once('/').map_or(id, |(scope, _)| scope)
+}
+
+impl Shared {
+    /// Whether the connection may open `id`: a grant for its scope, the grant's token
+    /// (compared in constant time), and a client certificate that names the grant's peer.
+    fn authorize(
+        &self,
+        id: &str,
+        token: &str,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Result<(), String> {
+        let scope = scope_of(id);
+        let Some(grant) = self.grants.lock().unwrap().get(scope).cloned() else {
+            return Err(format!(
+                "no migration on this node expects {id:?} (nothing granted for {scope:?})"
+            ));
+        };
+        if !constant_time_eq(grant.token.as_bytes(), token.as_bytes()) {
+            return Err(format!("wrong token for {scope:?}"));
+        }
+        let leaf = certs
+            .and_then(|c| c.first())
+            .ok_or("no client certificate")?;
+        if !crate::tls::cert_names(leaf, &grant.peer) {
+            return Err(format!(
+                "{scope:?} is granted to {}; this client certificate does not name it",
+                grant.peer
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Drop for Receiver {
@@ -230,15 +333,29 @@ async fn handle_conn(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), String> 
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake refused: {e}"))?;
+    let certs = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
     let mut tls = TlsStream::Server(tls);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame_exact(&mut tls))
         .await
         .map_err(|_| "no Hello within the handshake timeout".to_string())?
         .map_err(|e| format!("reading Hello: {e}"))?;
+    if let Frame::Hello { id, token, .. } = &hello
+        && let Err(why) = shared.authorize(id, token, certs.as_deref())
+    {
+        let refusal = Frame::Error {
+            retryable: false,
+            offset: 0,
+            message: format!("refused: {why}"),
+        };
+        let _ = write_frame(&mut tls, &refusal).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        return Err(format!("refused a sender: {why}"));
+    }
     match hello {
         Frame::Hello {
             mode: Mode::Pipe,
             id,
+            ..
         } => {
             write_frame(&mut tls, &Frame::HelloAck { resume_offset: 0 })
                 .await
@@ -250,6 +367,7 @@ async fn handle_conn(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), String> 
         Frame::Hello {
             mode: Mode::Stream,
             id,
+            ..
         } => {
             let slot = shared.slot(&id);
             let token = {

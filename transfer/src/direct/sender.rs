@@ -67,12 +67,22 @@ impl Sender {
                 &Frame::Hello {
                     mode,
                     id: id.to_string(),
+                    token: ep.token.clone(),
                 },
             )
             .await?;
             // With TLS 1.3 a refused client certificate surfaces here, on first read.
             match read_frame_exact(&mut tls).await? {
                 Frame::HelloAck { resume_offset } => Ok((tls, resume_offset)),
+                // Not granted (wrong token, peer or scope): retrying will not help.
+                Frame::Error {
+                    retryable: false,
+                    message,
+                    ..
+                } => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("receiver refused: {message}"),
+                )),
                 Frame::Error { message, .. } => {
                     Err(io::Error::other(format!("receiver refused: {message}")))
                 }
@@ -99,7 +109,14 @@ impl Sender {
             .sleep(tokio::time::sleep)
             // A bad name or a refused certificate (rustls errors are InvalidData) will not
             // get better by retrying; refused connections and timeouts might.
-            .when(|e| !matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData))
+            .when(|e| {
+                !matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput
+                        | io::ErrorKind::InvalidData
+                        | io::ErrorKind::PermissionDenied
+                )
+            })
             .notify(|e, d| warn!(error = %e, delay = ?d, endpoint = %ep.addr, "connect failed; retrying"))
             .await
     }
