@@ -113,6 +113,8 @@ pub struct OpStatus {
     pub message: String,
     /// The daemon's timed steps so far, each with the daemon's node.
     pub steps: Vec<ferry_crds::StepTiming>,
+    /// Source: past the point of no return (post-copy handed the workload over).
+    pub committed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +157,10 @@ pub trait NodeAgent: Send + Sync {
     async fn start_restore(&self, node: &NodeRef, plan: &Plan) -> Result<OpStatus, AgentError>;
     /// Source, once the target runs the workload: remove the source copy.
     async fn finalize(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
+    /// Source, before a rollback: stop the migration without resuming. `true`: it is
+    /// past the point of no return (the target's copy is the only one that can go on);
+    /// `false`: it will never hand over, and may be rolled back.
+    async fn fence(&self, node: &NodeRef, migration_id: &str) -> Result<bool, AgentError>;
     /// Stop the migration: the source resumes, the destination cleans up.
     async fn abort(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
     async fn operation(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;

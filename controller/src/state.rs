@@ -30,6 +30,9 @@ pub enum Step {
     RollBack,
     /// The Migration is being deleted before it finished: roll back, end Cancelled.
     Cancel,
+    /// A failure past the point of no return: nothing can be rolled back (the source
+    /// cannot resume), so the Migration fails as it stands.
+    GiveUp,
     /// Terminal phase: nothing to do.
     Done,
 }
@@ -42,6 +45,8 @@ pub struct View {
     pub failed: bool,
     pub rolled_back: bool,
     pub deleting: bool,
+    /// Past the point of no return (post-copy handed the workload to the target).
+    pub committed: bool,
     /// Time since the migration started (None before it started).
     pub elapsed: Option<Duration>,
     /// Time since bytes last moved while copying (None when not copying).
@@ -60,7 +65,7 @@ impl View {
 pub fn timed_out(v: &View) -> Option<&'static str> {
     let phase = v.phase?;
     // Once the target runs the workload, finishing is always better than rolling back.
-    if phase.is_terminal() || phase == Phase::Completing || v.failed {
+    if phase.is_terminal() || phase == Phase::Completing || v.committed || v.failed {
         return None;
     }
     if v.elapsed.is_some_and(|e| e > v.completion_timeout) {
@@ -98,10 +103,15 @@ pub fn decide(v: &View) -> Step {
     if phase == Phase::Completing {
         return Step::Complete;
     }
-    if v.deleting {
+    // Past the point of no return only going forward keeps the workload: deleting the
+    // Migration waits, and a failure cannot be rolled back.
+    if v.committed && v.failed {
+        return Step::GiveUp;
+    }
+    if v.deleting && !v.committed {
         return Step::Cancel;
     }
-    if v.failed && !v.rolled_back {
+    if v.failed && !v.rolled_back && !v.committed {
         return Step::RollBack;
     }
     match phase {
@@ -141,6 +151,11 @@ pub enum Outcome {
         retry: bool,
     },
     Cancelled,
+    /// A rollback or cancel found the source past the point of no return: nothing was
+    /// undone, the migration goes on forward.
+    Committed,
+    /// Past the point of no return, a step failed: the workload cannot be recovered.
+    Lost,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -182,6 +197,8 @@ pub fn next(from: Option<Phase>, outcome: &Outcome) -> Result<Phase, IllegalTran
         (Some(P::Restoring), O::RestoreDone) => P::Completing,
         (Some(P::Completing), O::InProgress { .. }) => P::Completing,
         (Some(P::Completing), O::Completed) => P::Succeeded,
+        (Some(p @ (P::Checkpointing | P::Transferring | P::Restoring)), O::Committed) => p,
+        (Some(P::Checkpointing | P::Transferring | P::Restoring), O::Lost) => P::Failed,
         // A failure keeps the phase it happened in until the rollback finished.
         (
             Some(p @ (P::Preparing | P::Checkpointing | P::Transferring | P::Restoring)),
@@ -352,6 +369,29 @@ mod tests {
             v.failed = true;
             assert_eq!(decide(&v), Step::RollBack, "{p:?} rolls back");
         }
+    }
+
+    #[test]
+    fn past_the_point_of_no_return_only_forward() {
+        for (phase, forward) in [
+            (Phase::Transferring, Step::AwaitCheckpoint),
+            (Phase::Restoring, Step::AwaitRestore),
+        ] {
+            let mut v = view(Some(phase));
+            v.started_steps = vec![STEP_CHECKPOINT.into(), STEP_RESTORE.into()];
+            v.committed = true;
+            v.deleting = true;
+            assert_eq!(decide(&v), forward, "{phase:?}: deleting waits");
+            v.elapsed = Some(Duration::from_secs(10_000));
+            assert_eq!(timed_out(&v), None, "{phase:?}: no timeout rolls back");
+            v.failed = true;
+            assert_eq!(decide(&v), Step::GiveUp, "{phase:?}: no rollback");
+            assert_eq!(next(Some(phase), &Outcome::Lost), Ok(Phase::Failed));
+            // A rollback that found the source committed keeps the phase.
+            assert_eq!(next(Some(phase), &Outcome::Committed), Ok(phase));
+        }
+        assert!(next(Some(Phase::Pending), &Outcome::Committed).is_err());
+        assert!(next(Some(Phase::Succeeded), &Outcome::Lost).is_err());
     }
 
     #[test]

@@ -461,6 +461,92 @@ async fn deleting_mid_flight_cancels_and_keeps_the_source() -> anyhow::Result<()
     Ok(())
 }
 
+/// Past the point of no return (post-copy handed the workload over), deleting the
+/// Migration does not cancel: the migration completes, then the Migration goes; nothing
+/// was aborted anywhere.
+#[tokio::test]
+async fn deleting_past_the_point_of_no_return_completes_forward() -> anyhow::Result<()> {
+    let w = World::new("committed-delete").await?;
+    let agent = Arc::new(ScriptedAgent::new(2));
+    agent.commit_when_transferring();
+    agent.hold(Call::StartCheckpoint);
+    let _c = w.controller("a", agent.clone());
+    w.pod("web").await?;
+    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target()))
+        .await?;
+    let m = w.wait_phase("m1", Phase::Transferring).await?;
+    let status = m.status.unwrap();
+    assert!(
+        status.committed,
+        "the status says it is past the point of no return"
+    );
+    let target_pod = status.target.unwrap().pod;
+    w.migrations()
+        .delete("m1", &DeleteParams::default())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = w.migrations().get("m1").await?;
+    assert!(
+        m.metadata.deletion_timestamp.is_some(),
+        "deleted, but held by its finalizer while it completes"
+    );
+    agent.release(Call::StartCheckpoint);
+    wait_for(
+        Duration::from_secs(30),
+        "Migration gone once complete",
+        || async { Ok(w.migrations().get_opt("m1").await?.is_none()) },
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), &w.ns);
+    assert!(
+        pods.get_opt(&target_pod).await?.is_some(),
+        "the target runs on"
+    );
+    assert!(
+        pods.get_opt("web").await?.is_none(),
+        "the source was removed"
+    );
+    assert_eq!(agent.count(Call::Abort), 0, "nothing was aborted");
+    assert_eq!(
+        agent.count(Call::Fence),
+        0,
+        "the status said committed: no cancel was even attempted"
+    );
+    Ok(())
+}
+
+/// A failure past the point of no return is not rolled back (the source cannot resume;
+/// removing the target would leave no copy at all): the Migration fails and says why.
+#[tokio::test]
+async fn a_failure_past_the_point_of_no_return_fails_without_rollback() -> anyhow::Result<()> {
+    let w = World::new("committed-fail").await?;
+    let agent = Arc::new(ScriptedAgent::new(2));
+    agent.commit_when_transferring();
+    agent.fail(Call::StartRestore, "restore failed: no page source");
+    let _c = w.controller("a", agent.clone());
+    w.pod("web").await?;
+    w.migration(&migration_yaml("m1", "web", &w.same_cluster_target()))
+        .await?;
+    let m = w.wait_phase("m1", Phase::Failed).await?;
+    let status = m.status.unwrap();
+    let failure = status.failure.unwrap();
+    assert_eq!(failure.reason, "RestoreFailed");
+    assert!(
+        failure.message.contains("no page source")
+            && failure.message.contains("point of no return"),
+        "{}",
+        failure.message
+    );
+    assert!(!failure.rolled_back);
+    assert_eq!(agent.count(Call::Abort), 0, "nothing was rolled back");
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), &w.ns);
+    assert!(
+        pods.get_opt(&status.target.unwrap().pod).await?.is_some(),
+        "the target Pod is left for inspection"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_restarted_controller_resumes_without_repeating_finished_steps() -> anyhow::Result<()> {
     let w = World::new("restart").await?;

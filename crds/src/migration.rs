@@ -238,6 +238,11 @@ pub struct MigrationStatus {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// Past the point of no return: post-copy handed the workload to the target, whose
+    /// copy is the only one that can go on. From here the migration completes forward:
+    /// no rollback, no retry, and deleting the Migration waits for the end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub committed: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]

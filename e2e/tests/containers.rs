@@ -297,7 +297,10 @@ fn check_cut(
 }
 
 /// A corrupted checkpoint: the restore fails, the target Pod is removed, the source
-/// thawed, exactly one copy (the source) runs.
+/// thawed, exactly one copy (the source) runs. The daemons corrupt what they stage for
+/// this namespace (`ferry-node --test-corrupt-staged-namespace`, test-only fault
+/// injection): a test racing to overwrite the staged files before the restore read
+/// them lost that race on a loaded machine.
 async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
     let ns = "rollback";
     w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
@@ -308,48 +311,7 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
         &migration("m", "counter", "{cluster: west, node: west-1}", "Cold"),
     )
     .await?;
-    // Corrupt this target Pod's staged images on west-1 as soon as they are there,
-    // before its container restores them (the wrapper waits for `ready`).
-    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let uid = loop {
-        if let Some(uid) = migs
-            .get("m")
-            .await?
-            .status
-            .and_then(|s| s.target)
-            .and_then(|t| t.uid)
-        {
-            break uid;
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no target Pod uid after 60s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let state = w.node("west-1").state_dir.join("restore").join(uid);
-    let corrupt = tokio::task::spawn_blocking(move || -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            for e in walk(&state) {
-                if e.file_name().is_some_and(|n| n == "images")
-                    && let Some(f) = std::fs::read_dir(&e)?
-                        .flatten()
-                        .find(|f| f.file_name().to_string_lossy().starts_with("pstree"))
-                {
-                    std::fs::write(f.path(), b"garbage")?;
-                    return Ok(());
-                }
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("no staged images appeared under {}", state.display());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
     let m = w.follow(ns, "m", Duration::from_secs(180), |_| {}).await?;
-    corrupt.await??;
     let s = m.status.clone().context("status")?;
     ensure!(
         s.phase == Some(Phase::RolledBack),
@@ -374,20 +336,6 @@ fn nix_kill(pid: u32) -> Result<()> {
         .status()?;
     ensure!(st.success(), "kill -9 {pid}");
     Ok(())
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.push(e.path());
-                stack.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 /// Bad input: nothing is frozen, the Migration fails in Preparing with a reason a
@@ -489,7 +437,11 @@ async fn containers_move_between_real_nodes() -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-e2e-")
         .tempdir_in("/tmp")?;
-    let mut w = World::start(dir.path(), WorldOptions::default()).await?;
+    let opts = WorldOptions {
+        daemon_args: vec!["--test-corrupt-staged-namespace".into(), "rollback".into()],
+        ..Default::default()
+    };
+    let mut w = World::start(dir.path(), opts).await?;
     w.start_controller();
     for ns in [
         "cold-across",

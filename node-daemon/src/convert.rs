@@ -293,6 +293,7 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
                 duration_ms: s.duration_ms,
             })
             .collect(),
+        committed: p.committed,
     }
 }
 

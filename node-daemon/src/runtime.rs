@@ -163,6 +163,8 @@ pub struct Progress {
     pub message: String,
     /// What this side did so far, in the order the steps ended.
     pub steps: Vec<Step>,
+    /// Source: past the point of no return (see [`Handover`]).
+    pub committed: bool,
 }
 
 /// One timed step of an operation (the per-step breakdown of a migration's downtime).
@@ -242,6 +244,11 @@ impl ProgressSink {
 
     pub fn downtime_ms(&self, ms: u64) {
         self.update(|p| p.downtime_ms = ms);
+    }
+
+    /// The source passed its point of no return ([`Handover::commit`]).
+    pub fn committed(&self) {
+        self.update(|p| p.committed = true);
     }
 
     pub fn finish(&self, result: &Result<(), RuntimeError>) {
@@ -331,6 +338,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Source, after success: remove the source copy. Destination: forget the staging.
     fn finalize<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
+    /// Source: make sure the workload is never handed over from now on, unless it was
+    /// already (post-copy): `Ok(true)` then, and nothing changes. Called before the
+    /// controller removes the target copy of a rollback; the caller stops the running
+    /// operation afterwards when this answers `Ok(false)`.
+    fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>>;
+
     /// Source: resume the workload. Destination: remove whatever was received or restored.
     fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
@@ -338,5 +351,72 @@ pub trait Runtime: Send + Sync + 'static {
     /// knows of (recovered after a daemon restart): Abort and Finalize go to it.
     fn knows(&self, _migration_id: &str) -> bool {
         false
+    }
+}
+
+/// The source's point of no return, decided once between the migration's own work
+/// ([`Handover::commit`], right before post-copy hands the workload to the destination)
+/// and a rollback ([`Handover::fence`]): whichever comes first wins, so a source either
+/// hands over or stays resumable, never both.
+#[derive(Debug, Default)]
+pub struct Handover(std::sync::atomic::AtomicU8);
+
+const RESUMABLE: u8 = 0;
+const COMMITTED: u8 = 1;
+const FENCED: u8 = 2;
+
+impl Handover {
+    /// A handover in the state a record says (`resumable: false` is committed).
+    pub fn recovered(resumable: bool) -> Handover {
+        Handover(std::sync::atomic::AtomicU8::new(if resumable {
+            RESUMABLE
+        } else {
+            COMMITTED
+        }))
+    }
+
+    /// The migration hands the workload over: true unless a rollback fenced it first.
+    pub fn commit(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        matches!(
+            self.0
+                .compare_exchange(RESUMABLE, COMMITTED, SeqCst, SeqCst),
+            Ok(_) | Err(COMMITTED)
+        )
+    }
+
+    /// A rollback fences the source: true when it was already committed.
+    pub fn fence(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        matches!(
+            self.0.compare_exchange(RESUMABLE, FENCED, SeqCst, SeqCst),
+            Err(COMMITTED)
+        )
+    }
+
+    /// Whether the source may still resume.
+    pub fn resumable(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) != COMMITTED
+    }
+}
+
+#[cfg(test)]
+mod handover_tests {
+    use super::Handover;
+
+    #[test]
+    fn the_first_of_commit_and_fence_wins() {
+        let h = Handover::default();
+        assert!(h.resumable());
+        assert!(!h.fence(), "fenced before any handover");
+        assert!(!h.commit(), "a fenced source must not hand over");
+        assert!(h.resumable());
+        let h = Handover::default();
+        assert!(h.commit());
+        assert!(h.commit(), "committing twice (several containers) is fine");
+        assert!(h.fence(), "a fence after the handover reports it");
+        assert!(!h.resumable());
+        assert!(!Handover::recovered(false).resumable());
+        assert!(Handover::recovered(true).resumable());
     }
 }

@@ -372,6 +372,39 @@ impl NodeAgent for NodeService {
     }
 
     #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
+    async fn fence(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let id = cv::migration_id(&req.get_ref().migration_id)?;
+        let Some(runtime) = self.runtime_of(&id) else {
+            return Ok(Response::new(pb::FenceResponse {
+                committed: false,
+                message: "nothing of this migration here".into(),
+            }));
+        };
+        let committed = runtime.fence(&id).await?;
+        if committed {
+            tracing::warn!("fence: past the point of no return; the migration must complete");
+            return Ok(Response::new(pb::FenceResponse {
+                committed,
+                message: "post-copy handed the workload over: the source cannot resume".into(),
+            }));
+        }
+        // Fenced: the running operation can no longer hand anything over; stop it too
+        // (its undo is Abort's).
+        if let Some(op) = self.ops.lock().unwrap().get_mut(&id)
+            && let Some(t) = op.task.take()
+        {
+            t.abort();
+        }
+        Ok(Response::new(pb::FenceResponse {
+            committed,
+            message: "fenced: the source stays resumable and will not hand over".into(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]
     async fn abort(
         &self,
         req: Request<pb::MigrationRef>,

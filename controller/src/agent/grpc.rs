@@ -227,6 +227,7 @@ fn op_status(node: &NodeRef, op: pb::Operation) -> OpStatus {
         bytes_done: op.bytes_done,
         bytes_total: op.bytes_total,
         downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
+        committed: op.committed,
         message: op.message,
         steps: op
             .steps
@@ -379,6 +380,19 @@ impl NodeAgent for GrpcAgent {
             node,
             r.map_err(|s| status_error(node, id, s))?.into_inner(),
         ))
+    }
+
+    async fn fence(&self, node: &NodeRef, id: &str) -> Result<bool, AgentError> {
+        let r = self
+            .client(node)
+            .await?
+            .fence(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await;
+        Ok(r.map_err(|s| status_error(node, id, s))?
+            .into_inner()
+            .committed)
     }
 
     async fn abort(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {

@@ -13,6 +13,7 @@ pub enum Call {
     StartCheckpoint,
     StartRestore,
     Finalize,
+    Fence,
     Abort,
     Operation,
 }
@@ -26,6 +27,8 @@ struct Inner {
     failing: HashMap<Call, String>,
     /// `describe` waits here until this many calls meet (see `rendezvous_describes`).
     describe_barrier: Option<std::sync::Arc<tokio::sync::Barrier>>,
+    /// Source checkpoints pass the point of no return once transferring.
+    commits: bool,
 }
 
 pub struct ScriptedAgent {
@@ -57,6 +60,12 @@ impl ScriptedAgent {
     pub fn rendezvous_describes(&self, n: usize) {
         self.inner.lock().unwrap().describe_barrier =
             Some(std::sync::Arc::new(tokio::sync::Barrier::new(n)));
+    }
+
+    /// From now on, source checkpoints report the point of no return from their start
+    /// (as a post-copy does once its bundle is out), and Fence answers committed.
+    pub fn commit_when_transferring(&self) {
+        self.inner.lock().unwrap().commits = true;
     }
 
     /// Operations started by `call` fail with `message`.
@@ -107,6 +116,8 @@ impl ScriptedAgent {
             downtime_ms: None,
             message: failing.unwrap_or_default(),
             steps: Vec::new(),
+            // A post-copy hands the workload over as soon as its bundle is out.
+            committed: call == Call::StartCheckpoint && inner.commits,
         };
         inner.ops.insert(key, (op.clone(), self.polls_per_op));
         op
@@ -191,9 +202,32 @@ impl NodeAgent for ScriptedAgent {
         Ok(self.start(Call::Finalize, node, id, OpStage::Finalizing))
     }
 
+    async fn fence(&self, node: &NodeRef, id: &str) -> Result<bool, AgentError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.calls.push((Call::Fence, node.clone()));
+        Ok(inner
+            .ops
+            .get(&(node.clone(), id.to_string()))
+            .is_some_and(|(op, _)| op.committed))
+    }
+
     async fn abort(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
+        let committed = self
+            .inner
+            .lock()
+            .unwrap()
+            .ops
+            .get(&(node.clone(), id.to_string()))
+            .is_some_and(|(op, _)| op.committed);
         let mut op = self.start(Call::Abort, node, id, OpStage::Aborting);
-        op.state = OpState::Aborted;
+        if committed {
+            // As the daemon: a source past the point of no return cannot resume.
+            op.state = OpState::Failed;
+            op.committed = true;
+            op.message = "post-copy already handed the pod to the destination".into();
+        } else {
+            op.state = OpState::Aborted;
+        }
         let mut inner = self.inner.lock().unwrap();
         inner
             .ops

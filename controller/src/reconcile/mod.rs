@@ -23,6 +23,7 @@ use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use target::Undone;
 use tracing::{Instrument, info, info_span, warn};
 
 mod target;
@@ -146,6 +147,7 @@ impl<'a> Reconciler<'a> {
             failed: s.failure.is_some(),
             rolled_back: s.failure.as_ref().is_some_and(|f| f.rolled_back),
             deleting: self.deleting,
+            committed: s.committed,
             elapsed: s
                 .timings
                 .as_ref()
@@ -195,6 +197,7 @@ impl<'a> Reconciler<'a> {
             Step::Complete => Some(self.complete().await?),
             Step::RollBack => Some(self.roll_back().await?),
             Step::Cancel => Some(self.cancel().await?),
+            Step::GiveUp => Some(self.give_up()),
         };
         if let Some(outcome) = outcome {
             let next = state::next(before, &outcome)?;
@@ -739,6 +742,10 @@ impl<'a> Reconciler<'a> {
             Err(e) => return Ok(self.step_failed(reason, e.to_string())),
         };
         self.record_progress(&op);
+        if op.committed && !self.status.committed {
+            info!("past the point of no return: the migration can only complete forward");
+            self.status.committed = true;
+        }
         Ok(match op.state {
             OpState::Running => Outcome::InProgress {
                 transferring: op.stage == OpStage::Transferring,
@@ -818,7 +825,15 @@ impl<'a> Reconciler<'a> {
             .agent
             .operation(&self.source_node(), &self.m.uid().unwrap_or_default())
             .await;
-        self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)
+        let outcome = self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)?;
+        if outcome == Outcome::StepFailed && self.status.committed {
+            // The target holds the only copy that can go on; whether it does is its
+            // restore's to say.
+            let f = self.status.failure.take();
+            warn!(failure = ?f, "the source failed past the point of no return; the target's restore decides");
+            return Ok(Outcome::CheckpointDone);
+        }
+        Ok(outcome)
     }
 
     async fn start_restore(&mut self) -> Result<Outcome, Error> {
@@ -844,7 +859,9 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn roll_back(&mut self) -> Result<Outcome, Error> {
-        self.undo().await?;
+        if self.undo().await? == Undone::Committed {
+            return Ok(self.committed_instead());
+        }
         let retry = self.status.attempts < self.m.spec.failure_policy.max_retries;
         if !retry && let Some(f) = self.status.failure.as_mut() {
             f.rolled_back = true;
@@ -853,10 +870,36 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn cancel(&mut self) -> Result<Outcome, Error> {
-        if self.status.phase.is_some_and(|p| p != Phase::Pending) {
-            self.undo().await?;
+        if self.status.phase.is_some_and(|p| p != Phase::Pending)
+            && self.undo().await? == Undone::Committed
+        {
+            return Ok(self.committed_instead());
         }
         Ok(Outcome::Cancelled)
+    }
+
+    /// A rollback or cancel found the source past the point of no return: nothing was
+    /// undone; the migration goes on forward (and a deletion waits for it).
+    fn committed_instead(&mut self) -> Outcome {
+        self.status.committed = true;
+        if let Some(f) = self.status.failure.take() {
+            warn!(reason = %f.reason, "not rolled back: past the point of no return ({})", f.message);
+        }
+        Outcome::Committed
+    }
+
+    /// A failure past the point of no return: the source cannot resume, so the
+    /// Migration fails as it stands, both Pods left for inspection.
+    fn give_up(&mut self) -> Outcome {
+        if let Some(f) = self.status.failure.as_mut() {
+            f.message = format!(
+                "{} (past the point of no return: post-copy had handed the workload to the \
+                 target, so the source could not be resumed; the source Pod stays frozen and \
+                 the target Pod as it is)",
+                f.message
+            );
+        }
+        Outcome::Lost
     }
 }
 

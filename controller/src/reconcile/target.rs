@@ -410,9 +410,25 @@ impl Reconciler<'_> {
     /// never runs twice; the source is resumed even when the target cannot be
     /// confirmed gone within [`TARGET_GONE_TIMEOUT`], so it never runs zero times for
     /// long.
-    pub(super) async fn undo(&mut self) -> Result<(), Error> {
+    pub(super) async fn undo(&mut self) -> Result<Undone, Error> {
         let id = self.m.uid().unwrap_or_default();
         self.ctx.tokens.lock().unwrap().remove(&id);
+        // Fence first: a source that already handed the workload over (post-copy) must
+        // not lose its target, and one that did not must never hand it over while the
+        // target is being removed. Unknown to its daemon: nothing was started there.
+        if self.status.source.is_some()
+            && self
+                .status
+                .started_steps
+                .iter()
+                .any(|s| s == STEP_CHECKPOINT)
+        {
+            match self.ctx.agent.fence(&self.source_node(), &id).await {
+                Ok(true) => return Ok(Undone::Committed),
+                Ok(false) | Err(AgentError::UnknownMigration { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         if self.status.target.is_some() {
             match self.ctx.agent.abort(&self.target_node(), &id).await {
                 Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
@@ -424,11 +440,20 @@ impl Reconciler<'_> {
         }
         if self.status.source.is_some() {
             match self.ctx.agent.abort(&self.source_node(), &id).await {
+                // What Abort answered counts: a source that did not resume is not rolled
+                // back (retried instead).
+                Ok(op) if op.state == OpState::Failed => {
+                    return Err(AgentError::Rejected {
+                        node: self.source_node().to_string(),
+                        message: format!("the source did not resume: {}", op.message),
+                    }
+                    .into());
+                }
                 Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(Undone::Undone)
     }
 
     async fn delete_target_pod(&self) -> Result<(), Error> {
@@ -460,4 +485,13 @@ impl Reconciler<'_> {
         warn!(pod = %t.pod, "the target Pod is not gone after {TARGET_GONE_TIMEOUT:?}; resuming the source anyway");
         Ok(())
     }
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Undone {
+    /// Target removed, source resumed.
+    Undone,
+    /// Nothing: the source is past the point of no return.
+    Committed,
 }

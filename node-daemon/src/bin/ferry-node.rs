@@ -41,6 +41,11 @@ struct Args {
     /// timeout bounds a create's wait: pick a size the link moves well within it).
     #[arg(long, env = "FERRY_EARLY_RELEASE_MIB", default_value_t = 1024)]
     early_release_mib: u64,
+    /// Test-only fault injection, never for production: after unpacking a bundle for a
+    /// target pod in this namespace, overwrite its staged pstree.img, so that its
+    /// restore fails for real (the e2e rollback test needs that failure every time).
+    #[arg(long, env = "FERRY_TEST_CORRUPT_STAGED_NAMESPACE", hide = true)]
+    test_corrupt_staged_namespace: Option<String>,
     /// This node's CRI endpoint, to check that an incoming pod's images are here.
     #[arg(
         long,
@@ -119,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         advertise_ip: a.advertise_ip.clone(),
         transport: transport.clone(),
         early_release_bytes: a.early_release_mib << 20,
+        test_corrupt_staged_namespace: a.test_corrupt_staged_namespace.clone(),
         cri: (!a.crictl.as_os_str().is_empty()).then(|| Cri {
             crictl: a.crictl.clone(),
             endpoint: a.cri_endpoint.clone(),

@@ -143,8 +143,17 @@ impl ContainerRuntime {
             token: plan.token.clone(),
             relays: relays.clone(),
         });
-        let receiving =
-            tokio::spawn(receive(listener, stages.clone(), lazy_ctx, tx, staged_tx)).abort_handle();
+        let corrupt = self.cfg.test_corrupt_staged_namespace.as_deref()
+            == Some(plan.target.namespace.as_str());
+        let receiving = tokio::spawn(receive(
+            listener,
+            stages.clone(),
+            lazy_ctx,
+            corrupt,
+            tx,
+            staged_tx,
+        ))
+        .abort_handle();
         // The gate opens now when the containers' creates can safely wait for the
         // state (it is small enough to arrive well within the kubelet's runtime request
         // timeout); otherwise once everything is staged. The writable layers always
@@ -321,6 +330,7 @@ async fn receive(
     mut listener: BundleListener,
     stages: Vec<StageDir>,
     lazy: Option<LazyCtx>,
+    corrupt: bool,
     tx: mpsc::Sender<Result<Arrival, RuntimeError>>,
     staged: watch::Sender<usize>,
 ) {
@@ -349,7 +359,7 @@ async fn receive(
         let (tx, staged, lazy) = (tx.clone(), staged.clone(), lazy.clone());
         unpacks.spawn(async move {
             let start = unix_ms();
-            let r = stage_bundle(&stage, &header, &mut body, lazy.as_ref()).await;
+            let r = stage_bundle(&stage, &header, &mut body, lazy.as_ref(), corrupt).await;
             if r.is_ok() {
                 staged.send_modify(|n| *n += 1);
             }
@@ -372,8 +382,16 @@ async fn stage_bundle(
     _header: &BundleHeader,
     body: &mut (impl tokio::io::AsyncRead + Unpin),
     lazy: Option<&LazyCtx>,
+    corrupt: bool,
 ) -> Result<(), RuntimeError> {
     unpack(&stage.dir, body).await?;
+    if corrupt {
+        let pstree = stage.path(staging::IMAGES).join("pstree.img");
+        tracing::warn!(path = %pstree.display(), "test fault injection: corrupting the staged images");
+        std::fs::write(&pstree, b"garbage").map_err(RuntimeError::io(
+            "test fault injection: corrupting pstree.img",
+        ))?;
+    }
     if let Some(lazy) = lazy {
         // The userfaultfd daemon must listen in the restore's work dir first. It asks
         // the source for pages through a relay: loopback here, the pipe between nodes.

@@ -66,6 +66,9 @@ pub struct ContainersConfig {
     /// crictl and this node's CRI endpoint, to check that the target node holds the
     /// source's images before anything is frozen. None: not checked.
     pub cri: Option<Cri>,
+    /// Test-only fault injection (`ferry-node --test-corrupt-staged-namespace`): bundles
+    /// staged for target pods in this namespace get a corrupted pstree.img.
+    pub test_corrupt_staged_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +226,16 @@ impl Runtime for ContainerRuntime {
 
     fn knows(&self, migration_id: &str) -> bool {
         self.migrations.lock().unwrap().contains_key(migration_id)
+    }
+
+    fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>> {
+        async move {
+            Ok(match self.migrations.lock().unwrap().get(migration_id) {
+                Some(Migration::Source(s)) => s.fence(),
+                _ => false,
+            })
+        }
+        .boxed()
     }
 
     fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {

@@ -12,7 +12,6 @@ use crate::runtime::*;
 use crate::transport;
 use futures::future::try_join_all;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -36,9 +35,9 @@ pub struct SourceState {
     /// Each container's own freezer: CRIU needs to thaw and refreeze a container's
     /// cgroup while it seizes the tasks, which a frozen parent would prevent.
     freezers: Vec<Freezer>,
-    /// False once a post-copy bundle is out: the destination may run the pod, so the
-    /// source must never resume.
-    resumable: Arc<AtomicBool>,
+    /// Committed once a post-copy bundle is out (the destination may run the pod, so
+    /// the source must never resume); fenced by a rollback before that.
+    handover: Arc<Handover>,
     /// Process groups of post-copy `runc checkpoint`s still serving pages.
     serving: Arc<Mutex<Vec<u32>>>,
 }
@@ -65,6 +64,11 @@ fn write_record(dir: &Path, s: &SourceRecord) -> Result<(), RuntimeError> {
 }
 
 impl SourceState {
+    /// See [`Handover::fence`].
+    pub(super) fn fence(&self) -> bool {
+        self.handover.fence()
+    }
+
     /// The migrations a previous run of this daemon left as sources: one per record
     /// under `<state>/out`.
     pub(super) fn recover(out_dir: &Path) -> Vec<(String, SourceState)> {
@@ -83,7 +87,7 @@ impl SourceState {
                         SourceState {
                             inits: r.inits,
                             freezers: r.freezers,
-                            resumable: Arc::new(AtomicBool::new(r.resumable)),
+                            handover: Arc::new(Handover::recovered(r.resumable)),
                             serving: Arc::default(),
                         },
                     ));
@@ -104,7 +108,7 @@ struct Cut<'a> {
     frozen_at_ms: u64,
     progress: &'a ProgressSink,
     serving: &'a Mutex<Vec<u32>>,
-    resumable: &'a AtomicBool,
+    handover: &'a Handover,
     /// For the source record (see [`SourceRecord`]).
     inits: &'a [u32],
     freezers: &'a [Freezer],
@@ -181,7 +185,7 @@ impl ContainerRuntime {
                 RuntimeError::FailedPrecondition("a container has no cgroup path".into())
             })?;
         let serving = Arc::new(Mutex::new(Vec::new()));
-        let resumable = Arc::new(AtomicBool::new(true));
+        let handover = Arc::new(Handover::default());
         let inits: Vec<u32> = containers.iter().map(|c| c.c.pid).collect();
         // On disk before the freeze: a daemon that dies from here on finds it again.
         write_record(
@@ -197,7 +201,7 @@ impl ContainerRuntime {
             Migration::Source(SourceState {
                 inits: inits.clone(),
                 freezers: freezers.clone(),
-                resumable: resumable.clone(),
+                handover: handover.clone(),
                 serving: serving.clone(),
             }),
         );
@@ -221,7 +225,7 @@ impl ContainerRuntime {
             frozen_at_ms,
             progress: &progress,
             serving: &serving,
-            resumable: &resumable,
+            handover: &handover,
             inits: &inits,
             freezers: &freezers,
         };
@@ -244,7 +248,7 @@ impl ContainerRuntime {
             }
             Err(e) => {
                 stop_serving(&serving);
-                if !resumable.load(Ordering::SeqCst) {
+                if !handover.resumable() {
                     tracing::error!(error = %e, "post-copy failed after a bundle was sent; source left frozen");
                     return Err(e);
                 }
@@ -410,8 +414,16 @@ impl ContainerRuntime {
             frozen_at_ms: cut.frozen_at_ms,
         };
         if cut.plan.strategy == Strategy::PostCopy {
-            // From here the destination may restore and run the pod.
-            cut.resumable.store(false, Ordering::SeqCst);
+            // From here the destination may restore and run the pod: the point of no
+            // return, unless a rollback fenced this source first.
+            if !cut.handover.commit() {
+                return Err(RuntimeError::Aborted(
+                    "fenced by a rollback before the post-copy handover; the source stays \
+                     resumable"
+                        .into(),
+                ));
+            }
+            cut.progress.committed();
             write_record(
                 cut.dir,
                 &SourceRecord {
@@ -534,7 +546,7 @@ impl ContainerRuntime {
         s: SourceState,
     ) -> Result<(), RuntimeError> {
         stop_serving(&s.serving);
-        if !s.resumable.load(Ordering::SeqCst) {
+        if !s.handover.resumable() {
             // Put it back: a later finalize must still end the frozen copy.
             self.migrations
                 .lock()

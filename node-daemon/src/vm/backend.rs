@@ -26,12 +26,14 @@
 //!    `abort`: the source cancels the migration (or resumes a paused guest); the
 //!    destination stops its task and refuses the pipe, and the controller deletes the
 //!    target Pod. Once post-copy has started the source no longer holds the whole guest,
-//!    so abort refuses to resume it (see `abort_source`).
+//!    so abort refuses to resume it (see `abort_source`). The switch is the point of no
+//!    return: `fence` (before a rollback) and the switch race on one `Handover`.
 use super::launcher::GuestSpec;
 use super::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
 use super::registry::{self, Found, Registry};
 use crate::convert;
 use crate::error::RuntimeError;
+use crate::runtime::Handover;
 use crate::runtime::{
     CheckpointPlan, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage, Strategy,
     StrategySupport, WorkloadDescription, WorkloadKind, WorkloadRef,
@@ -99,8 +101,12 @@ enum DestPhase {
 }
 
 enum VmMigration {
-    /// The source guest's registry directory (`<root>/<pod-uid>`).
-    Source { dir: PathBuf },
+    /// The source guest's registry directory (`<root>/<pod-uid>`) and its point of no
+    /// return (the post-copy switch).
+    Source {
+        dir: PathBuf,
+        handover: Arc<Handover>,
+    },
     Dest {
         phase: watch::Receiver<DestPhase>,
         task: tokio::task::JoinHandle<()>,
@@ -135,11 +141,11 @@ impl VmRuntime {
 
     /// A failed finalize or abort on the source leaves its entry in place, so that the
     /// controller's retry finds the paused guest again.
-    fn put_back_source(&self, migration_id: &str, dir: PathBuf) {
-        self.migrations
-            .lock()
-            .unwrap()
-            .insert(migration_id.to_string(), VmMigration::Source { dir });
+    fn put_back_source(&self, migration_id: &str, dir: PathBuf, handover: Arc<Handover>) {
+        self.migrations.lock().unwrap().insert(
+            migration_id.to_string(),
+            VmMigration::Source { dir, handover },
+        );
     }
 
     async fn find(&self, w: &WorkloadRef) -> Result<Option<Found>, RuntimeError> {
@@ -191,10 +197,12 @@ impl VmRuntime {
         let found = self.find_running(&plan.workload).await?;
         let qmp = found.qmp();
         let sock = self.own_file(&found.dir, registry::OUTGOING_SOCKET)?;
+        let handover = Arc::new(Handover::default());
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             VmMigration::Source {
                 dir: found.dir.clone(),
+                handover: handover.clone(),
             },
         );
         let ep = transport::peer(&plan.receive_endpoint, &plan.token)?;
@@ -249,8 +257,19 @@ impl VmRuntime {
         let mut q = q;
         let mut reconnects = 0;
         let result = loop {
+            let may_switch = |s: Switch| {
+                if s != Switch::PostCopy {
+                    return true;
+                }
+                // The destination will hold part of the guest's memory from here on.
+                let ok = handover.commit();
+                if ok {
+                    progress.committed();
+                }
+                ok
+            };
             let r = q
-                .follow(&tuning, POLL, FOLLOW_LIMIT, |p| {
+                .follow_guarded(&tuning, POLL, FOLLOW_LIMIT, may_switch, |p| {
                     progress.set_bytes(p.transferred_bytes, p.total_bytes);
                     if p.switched_to.is_some() && announced != p.switched_to {
                         announced = p.switched_to;
@@ -885,10 +904,10 @@ impl Runtime for VmRuntime {
         async move {
             let m = self.migrations.lock().unwrap().remove(migration_id);
             match m {
-                Some(VmMigration::Source { dir }) => {
+                Some(VmMigration::Source { dir, handover }) => {
                     let r = self.finalize_source(&dir).await;
                     if r.is_err() {
-                        self.put_back_source(migration_id, dir);
+                        self.put_back_source(migration_id, dir, handover);
                     }
                     r?;
                 }
@@ -901,14 +920,24 @@ impl Runtime for VmRuntime {
         .boxed()
     }
 
+    fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>> {
+        async move {
+            Ok(match self.migrations.lock().unwrap().get(migration_id) {
+                Some(VmMigration::Source { handover, .. }) => handover.fence(),
+                _ => false,
+            })
+        }
+        .boxed()
+    }
+
     fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
         async move {
             let m = self.migrations.lock().unwrap().remove(migration_id);
             match m {
-                Some(VmMigration::Source { dir }) => {
+                Some(VmMigration::Source { dir, handover }) => {
                     let r = self.abort_source(&dir).await;
                     if r.is_err() {
-                        self.put_back_source(migration_id, dir);
+                        self.put_back_source(migration_id, dir, handover);
                     }
                     r
                 }

@@ -343,6 +343,21 @@ impl QemuBackend {
         t: &MigrationTuning,
         poll: Duration,
         timeout: Duration,
+        on_progress: impl FnMut(&MigrationProgress),
+    ) -> Result<MigrationProgress, QemuError> {
+        self.follow_guarded(t, poll, timeout, |_| true, on_progress)
+            .await
+    }
+
+    /// [`QemuBackend::follow`], asking `may_switch` right before a switch: the
+    /// post-copy switch is the source's point of no return, which a rollback may have
+    /// fenced (`Handover`); a refused switch is not made and pre-copy goes on.
+    pub async fn follow_guarded(
+        &self,
+        t: &MigrationTuning,
+        poll: Duration,
+        timeout: Duration,
+        mut may_switch: impl FnMut(Switch) -> bool,
         mut on_progress: impl FnMut(&MigrationProgress),
     ) -> Result<MigrationProgress, QemuError> {
         let limit_ms = t.downtime_limit.as_millis() as u64;
@@ -354,7 +369,9 @@ impl QemuBackend {
             p.switched_to = switched;
             if switched.is_none() && t.policy != ConvergencePolicy::None {
                 history.push(p.clone());
-                if let Some(s) = decide(t.policy, &t.stall, limit_ms, &history) {
+                if let Some(s) = decide(t.policy, &t.stall, limit_ms, &history)
+                    && may_switch(s)
+                {
                     tracing::info!(
                         switch = s.as_str(),
                         passes = p.dirty_sync_count,
