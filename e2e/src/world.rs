@@ -275,6 +275,16 @@ impl World {
         }));
     }
 
+    /// Kills the controller (its tasks end where they are, as a killed process would)
+    /// and starts a new one: it must pick every Migration up from its status.
+    pub async fn restart_controller(&mut self) {
+        for c in self.controllers.drain(..) {
+            c.abort();
+            let _ = c.await;
+        }
+        self.start_controller();
+    }
+
     /// A fresh namespace in both clusters.
     pub async fn namespace(&self, ns: &str) -> Result<()> {
         for client in [&self.east, &self.west] {

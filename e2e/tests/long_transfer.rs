@@ -9,7 +9,8 @@
 //! The same slow link makes a fault land where it should: the source daemon is killed
 //! (SIGKILL, with its children) while it streams the checkpoint, and restarted. It
 //! finds the frozen pod again from its state dir; the Migration rolls back and the
-//! source runs on: exactly one copy, never a frozen one nobody resumes.
+//! source runs on: exactly one copy, never a frozen one nobody resumes. The controller
+//! killed and restarted there instead: the move completes, once, intact.
 //!
 //! And it keeps a post-copy's page traffic in view long enough to look at it: 20 MiB of
 //! a shell's memory fetched lazily over that link. Every socket CRIU holds on either
@@ -41,17 +42,19 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     let long = long_transfer(&w).await;
     let crash = source_daemon_killed_mid_transfer(&w).await;
     let pages = lazy_pages_stay_inside_mutual_tls(&w).await;
+    let restart = controller_restarted_mid_transfer(&mut w).await;
     for (name, r) in [
         ("long transfer", &long),
         ("source daemon killed", &crash),
         ("lazy pages inside mutual TLS", &pages),
+        ("controller restarted mid-transfer", &restart),
     ] {
         match r {
             Ok(()) => eprintln!("scenario ok: {name}"),
             Err(e) => eprintln!("scenario FAILED: {name}: {e:#}"),
         }
     }
-    if long.is_err() || crash.is_err() || pages.is_err() {
+    if long.is_err() || crash.is_err() || pages.is_err() || restart.is_err() {
         eprintln!("logs kept in {}", dir.keep().display());
         bail!("a scenario failed");
     }
@@ -88,6 +91,33 @@ async fn big_pod(w: &World, ns: &str, pod: &str) -> Result<String> {
 async fn long_transfer(w: &World) -> Result<()> {
     let ns = "long";
     let sum = big_pod(w, ns, "big").await?;
+    moved_intact(w, ns, "big", &sum).await
+}
+
+/// The controller is killed while the source streams the checkpoint (frozen, ~40 s on
+/// this link) and a new one started: it polls the running operations from the status
+/// (never starting a step twice) and the move completes, once, intact.
+async fn controller_restarted_mid_transfer(w: &mut World) -> Result<()> {
+    let ns = "restart";
+    let sum = big_pod(w, ns, "big").await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(matches!(
+            migs.get("m").await?.status.and_then(|s| s.phase),
+            Some(Phase::Checkpointing | Phase::Transferring)
+        ))
+    })
+    .await?;
+    w.restart_controller().await;
+    let phase = migs.get("m").await?.status.and_then(|s| s.phase);
+    eprintln!("[{ns}] controller restarted in {phase:?}");
+    moved_intact(w, ns, "big", &sum).await
+}
+
+/// Follows the Migration `m` to Succeeded: the transfer outlasted the kubelet's runtime
+/// request timeout, the target's container runs unrestarted, its log continues the
+/// count, its writable layer is intact, and it is the only running copy.
+async fn moved_intact(w: &World, ns: &str, pod: &str, sum: &str) -> Result<()> {
     let m = w
         .follow(ns, "m", Duration::from_secs(300), |m| {
             eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
@@ -114,7 +144,7 @@ async fn long_transfer(w: &World) -> Result<()> {
         receive.duration_ms, t.downtime_ms
     );
     let pods: Api<Pod> = Api::namespaced(w.west.clone(), ns);
-    let target = pods.get("big").await?;
+    let target = pods.get(pod).await?;
     let cs = target
         .status
         .and_then(|s| s.container_statuses)
@@ -125,16 +155,16 @@ async fn long_transfer(w: &World) -> Result<()> {
             && cs[0].state.as_ref().is_some_and(|s| s.running.is_some()),
         "target container: {cs:?}"
     );
-    let first = *numbers(&w.logs("west", ns, "big", "app")?)
+    let first = *numbers(&w.logs("west", ns, pod, "app")?)
         .first()
         .context("empty target log")?;
     ensure!(first > 1, "the target's log starts at {first}: restarted");
-    let moved = w.exec("west", ns, "big", "app", &["md5sum", "/data/blob"])?;
+    let moved = w.exec("west", ns, pod, "app", &["md5sum", "/data/blob"])?;
     ensure!(
         moved == sum,
         "the writable layer changed: {sum:?} -> {moved:?}"
     );
-    let copies = w.running_copies(ns, "big")?;
+    let copies = w.running_copies(ns, pod)?;
     ensure!(
         copies == [("west-1".to_string(), "app".to_string())],
         "running copies: {copies:?}"
