@@ -82,20 +82,15 @@ pub fn peer(receive_endpoint: &str, token: &str) -> Result<Endpoint, RuntimeErro
     Ok(Endpoint::new(receive_endpoint, host).with_token(token))
 }
 
-/// The host (brackets removed) and port of a `host:port`.
-pub fn host_port(receive_endpoint: &str) -> Result<(String, u16), RuntimeError> {
-    let (host, port) = receive_endpoint.rsplit_once(':').ok_or_else(|| {
-        RuntimeError::InvalidArgument(format!(
-            "receive endpoint {receive_endpoint:?} is not host:port"
-        ))
-    })?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "receive endpoint {receive_endpoint:?} is not host:port"
-        )));
-    }
+/// The host (brackets removed) and port (1 to 65535) of a `host:port`.
+pub fn host_port(endpoint: &str) -> Result<(String, u16), RuntimeError> {
+    let bad = || RuntimeError::InvalidArgument(format!("endpoint {endpoint:?} is not host:port"));
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok((host.to_string(), port.parse().expect("checked")))
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 && !host.is_empty() => Ok((host.to_string(), port)),
+        _ => Err(bad()),
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +107,11 @@ mod tests {
         assert!(peer(":7443", "t").is_err());
         assert!(peer("h:notaport", "t").is_err());
         assert_eq!(host_port("[::1]:7443").unwrap(), ("::1".to_string(), 7443));
+        assert_eq!(
+            host_port("10.213.0.2:4000").unwrap(),
+            ("10.213.0.2".to_string(), 4000)
+        );
+        assert!(host_port("h:0").is_err());
+        assert!(host_port("[]:80").is_err());
     }
 }

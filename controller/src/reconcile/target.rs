@@ -217,17 +217,9 @@ impl Reconciler<'_> {
         if let Err(why) = self.await_target_ready(&pods, &t.pod).await? {
             return Ok(self.step_failed("TargetNotReady", why));
         }
-        let mut plan = self.plan().await?;
-        plan.images = images_of(&source_pod);
-        match self
-            .ctx
-            .agent
-            .prepare_receiver(&self.target_node(), &plan)
-            .await
-        {
+        let plan = self.plan().await?;
+        match self.prepare_receiver(plan, &source_pod).await? {
             Ok(receiver) => {
-                let token = receiver.token.clone();
-                self.ctx.tokens.lock().unwrap().insert(uid.clone(), token);
                 self.status.receiver = Some(receiver);
                 self.status.progress = Some(Progress {
                     last_progress_at: Some(now()),
@@ -235,8 +227,31 @@ impl Reconciler<'_> {
                 });
                 Ok(Outcome::TargetReady)
             }
+            Err(outcome) => Ok(outcome),
+        }
+    }
+
+    /// PrepareReceiver at the target for the source Pod's images; the token it answers
+    /// is remembered in memory only (`Context::tokens`) until the checkpoint starts.
+    async fn prepare_receiver(
+        &mut self,
+        mut plan: Plan,
+        source_pod: &Pod,
+    ) -> Result<Result<Receiver, Outcome>, Error> {
+        plan.images = images_of(source_pod);
+        match self
+            .ctx
+            .agent
+            .prepare_receiver(&self.target_node(), &plan)
+            .await
+        {
+            Ok(r) => {
+                let uid = self.m.uid().unwrap_or_default();
+                self.ctx.tokens.lock().unwrap().insert(uid, r.token.clone());
+                Ok(Ok(r))
+            }
             Err(e) if e.is_transient() => Err(e.into()),
-            Err(e) => Ok(self.step_failed("PrepareFailed", e.to_string())),
+            Err(e) => Ok(Err(self.step_failed("PrepareFailed", e.to_string()))),
         }
     }
 
@@ -252,18 +267,7 @@ impl Reconciler<'_> {
                 self.step_failed("PodNotFound", "the source pod disappeared")
             ));
         };
-        let mut plan = plan.clone();
-        plan.images = images_of(&source_pod);
-        match self
-            .ctx
-            .agent
-            .prepare_receiver(&self.target_node(), &plan)
-            .await
-        {
-            Ok(r) => Ok(Ok(r)),
-            Err(e) if e.is_transient() => Err(e.into()),
-            Err(e) => Ok(Err(self.step_failed("PrepareFailed", e.to_string()))),
-        }
+        self.prepare_receiver(plan.clone(), &source_pod).await
     }
 
     /// Waits (bounded) until the target's kubelet made the sandbox (containers) or runs

@@ -5,7 +5,7 @@ use super::runc::Runc;
 use super::source::LAZY_SOURCE_FILE;
 use super::staging::{self, RestorePlan, StageDir};
 use super::wire::{BundleHeader, BundleListener};
-use super::{ContainerRuntime, Migration, free_port, kill_all, parse_host_port, wait_gone};
+use super::{ContainerRuntime, Migration, free_port, kill_all, wait_gone};
 use crate::error::RuntimeError;
 use crate::relay::{self, Relay};
 use crate::runtime::*;
@@ -487,8 +487,8 @@ fn lazy_source(images: &Path, source_peer: &str) -> Result<String, RuntimeError>
              source is {source_peer}"
         ))
     };
-    match parse_host_port(endpoint) {
-        Some((host, _)) if host == source_peer => Ok(endpoint.to_string()),
+    match transport::host_port(endpoint) {
+        Ok((host, _)) if host == source_peer => Ok(endpoint.to_string()),
         _ => Err(bad()),
     }
 }

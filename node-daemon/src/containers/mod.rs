@@ -254,14 +254,6 @@ impl Runtime for ContainerRuntime {
     }
 }
 
-/// `host:port` (IPv4 or a name; `[v6]:port`) into its parts.
-fn parse_host_port(s: &str) -> Option<(String, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port: u16 = port.parse().ok()?;
-    (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
-}
-
 fn free_port(ip: &str) -> Result<u16, RuntimeError> {
     // Small race between closing and CRIU binding; acceptable on a node we own.
     let l = std::net::TcpListener::bind((ip, 0))
@@ -302,17 +294,6 @@ async fn wait_gone(pids: &[u32], timeout: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_ports_parse() {
-        assert_eq!(
-            parse_host_port("10.213.0.2:4000"),
-            Some(("10.213.0.2".into(), 4000))
-        );
-        assert_eq!(parse_host_port("[::1]:80"), Some(("::1".into(), 80)));
-        assert_eq!(parse_host_port("10.0.0.1"), None);
-        assert_eq!(parse_host_port("h:0"), None);
-    }
 
     #[test]
     fn alive_sees_running_not_missing() {
