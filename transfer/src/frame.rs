@@ -37,6 +37,9 @@ pub const MAX_FRAME: usize = MAX_CHUNK + 64;
 pub const MAX_ID: usize = 512;
 /// Longest token in a Hello.
 pub const MAX_TOKEN: usize = 128;
+/// Longest Error message, in bytes: longer ones are cut when sent, refused when read
+/// (so that every frame the decoder accepts re-encodes to itself).
+pub const MAX_MESSAGE: usize = 4096;
 const HEADER: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,9 +173,13 @@ impl Frame {
             } => {
                 out.put_u8(*retryable as u8);
                 out.put_u64(*offset);
-                // Messages are diagnostics: cut rather than fail on huge ones.
-                let m = &message.as_bytes()[..message.len().min(4096)];
-                out.put_slice(m);
+                // Messages are diagnostics: cut (at a character boundary) rather than
+                // fail on huge ones.
+                let mut cut = message.len().min(MAX_MESSAGE);
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                out.put_slice(&message.as_bytes()[..cut]);
                 7
             }
         };
@@ -286,7 +293,11 @@ impl Frame {
                 need(&body, 9, "Error")?;
                 let retryable = body.get_u8() != 0;
                 let offset = body.get_u64();
+                // Bounded as decoded: invalid UTF-8 grows into U+FFFD (3 bytes each).
                 let message = String::from_utf8_lossy(&body).into_owned();
+                if message.len() > MAX_MESSAGE {
+                    return Err(malformed("Error", "message too long"));
+                }
                 Frame::Error {
                     retryable,
                     offset,
@@ -450,6 +461,42 @@ mod tests {
             offset: 3,
             message: "crc".into(),
         });
+    }
+
+    #[test]
+    fn error_messages_are_cut_when_sent_and_bounded_when_read() {
+        let mut b = BytesMut::new();
+        Frame::Error {
+            retryable: false,
+            offset: 0,
+            message: "é".repeat(MAX_MESSAGE),
+        }
+        .encode(&mut b);
+        match Frame::decode(&mut b).unwrap() {
+            Some(Frame::Error { message, .. }) => {
+                assert!(message.len() <= MAX_MESSAGE && message.chars().all(|c| c == 'é'))
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut b = BytesMut::new();
+        b.put_u8(7);
+        b.put_u32((9 + MAX_MESSAGE + 1) as u32);
+        b.put_bytes(0, 9);
+        b.put_bytes(b'x', MAX_MESSAGE + 1);
+        assert!(matches!(
+            Frame::decode(&mut b),
+            Err(FrameError::Malformed { .. })
+        ));
+        // Short on the wire, too long once invalid bytes became U+FFFD.
+        let mut b = BytesMut::new();
+        b.put_u8(7);
+        b.put_u32((9 + MAX_MESSAGE / 2) as u32);
+        b.put_bytes(0, 9);
+        b.put_bytes(0xff, MAX_MESSAGE / 2);
+        assert!(matches!(
+            Frame::decode(&mut b),
+            Err(FrameError::Malformed { .. })
+        ));
     }
 
     #[test]
