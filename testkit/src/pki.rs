@@ -73,14 +73,19 @@ pub async fn control_client_with(
 /// A control-API client with this process's controller identity (made once, in a
 /// temporary directory).
 pub async fn control_client(endpoint: &str) -> Result<NodeAgentClient<Channel>> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = match DIR.get() {
-        Some(d) => d.clone(),
-        None => {
-            let d =
-                std::env::temp_dir().join(format!("ferry-controller-tls-{}", std::process::id()));
-            controller_tls_dir(&d)?;
-            DIR.get_or_init(|| d).clone()
+    // Made under a lock: two tests of one process asking at once would otherwise both
+    // write the directory, and one's key could end up beside the other's certificate.
+    static DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let dir = {
+        let mut dir = DIR.lock().expect("controller TLS lock");
+        match &*dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = std::env::temp_dir()
+                    .join(format!("ferry-controller-tls-{}", std::process::id()));
+                controller_tls_dir(&d)?;
+                dir.insert(d).clone()
+            }
         }
     };
     control_client_with(endpoint, &dir).await
