@@ -9,7 +9,9 @@
 //! The same slow link makes a fault land where it should: the source daemon is killed
 //! (SIGKILL, with its children) while it streams the checkpoint, and restarted. It
 //! finds the frozen pod again from its state dir; the Migration rolls back and the
-//! source runs on: exactly one copy, never a frozen one nobody resumes. The controller
+//! source runs on: exactly one copy, never a frozen one nobody resumes. The destination
+//! daemon killed there instead: it forgets the migration, the rollback deletes the target
+//! Pod and thaws the source. The controller
 //! killed and restarted there instead: the move completes, once, intact.
 //!
 //! And it keeps a post-copy's page traffic in view long enough to look at it: 20 MiB of
@@ -41,11 +43,13 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     w.start_controller();
     let long = long_transfer(&w).await;
     let crash = source_daemon_killed_mid_transfer(&w).await;
+    let dest_crash = destination_daemon_killed_mid_transfer(&w).await;
     let pages = lazy_pages_stay_inside_mutual_tls(&w).await;
     let restart = controller_restarted_mid_transfer(&mut w).await;
     for (name, r) in [
         ("long transfer", &long),
         ("source daemon killed", &crash),
+        ("destination daemon killed", &dest_crash),
         ("lazy pages inside mutual TLS", &pages),
         ("controller restarted mid-transfer", &restart),
     ] {
@@ -54,7 +58,8 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
             Err(e) => eprintln!("scenario FAILED: {name}: {e:#}"),
         }
     }
-    if long.is_err() || crash.is_err() || pages.is_err() || restart.is_err() {
+    if long.is_err() || crash.is_err() || dest_crash.is_err() || pages.is_err() || restart.is_err()
+    {
         eprintln!("logs kept in {}", dir.keep().display());
         bail!("a scenario failed");
     }
@@ -200,6 +205,51 @@ async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
     eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
     w.check_runs_once_at_source(ns, "victim").await?;
     // And it was never restarted.
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let cs = pods
+        .get("victim")
+        .await?
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    ensure!(
+        cs.iter().all(|c| c.restart_count == 0),
+        "the source restarted: {cs:?}"
+    );
+    Ok(())
+}
+
+/// The destination daemon is killed (SIGKILL, with its children) while it receives the
+/// checkpoint, and restarted. It forgets the migration it was receiving (its grants and
+/// streams live in memory), so the source's resumed stream is refused and the Migration
+/// rolls back: the target Pod is deleted, the source thawed, exactly one copy runs on,
+/// never restarted.
+async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
+    let ns = "crash-dest";
+    big_pod(w, ns, "victim").await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
+    })
+    .await?;
+    // As above: 3 s into a ~40 s transfer, the target is receiving.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.restart_daemon("west-1")?;
+    let m = w
+        .follow(ns, "m", Duration::from_secs(300), |m| {
+            eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
+        })
+        .await?;
+    let s = m.status.context("no status")?;
+    ensure!(
+        s.phase == Some(Phase::RolledBack),
+        "phase {:?}: {:?}",
+        s.phase,
+        s.failure
+    );
+    let f = s.failure.context("no failure")?;
+    eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
+    w.check_runs_once_at_source(ns, "victim").await?;
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
     let cs = pods
         .get("victim")
