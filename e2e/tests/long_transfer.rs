@@ -221,8 +221,8 @@ async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
 
 /// The destination daemon is killed (SIGKILL, with its children) while it receives the
 /// checkpoint, and restarted. It forgets the migration it was receiving (its grants and
-/// streams live in memory), so the source's resumed stream is refused and the Migration
-/// rolls back: the target Pod is deleted, the source thawed, exactly one copy runs on,
+/// streams live in memory), so the source's resumed stream is refused, its checkpoint
+/// fails at once and the Migration rolls back: the target Pod is deleted, the source thawed, exactly one copy runs on,
 /// never restarted.
 async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
     let ns = "crash-dest";
@@ -249,6 +249,14 @@ async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
     );
     let f = s.failure.context("no failure")?;
     eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
+    // The source's checkpoint fails on the refusal itself, not on the controller's
+    // progress timeout.
+    ensure!(
+        f.reason == "CheckpointFailed",
+        "rolled back for {}, not for the failed send: {}",
+        f.reason,
+        f.message
+    );
     w.check_runs_once_at_source(ns, "victim").await?;
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
     let cs = pods

@@ -404,13 +404,14 @@ impl ContainerRuntime {
             .args(&args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            // A cancelled operation (Abort drops this future) leaves no tar behind.
+            .kill_on_drop(true)
             .spawn()
             .map_err(RuntimeError::io("starting tar"))?;
         let mut out = child.stdout.take().expect("piped");
         let header = BundleHeader {
             migration_id: cut.plan.migration_id.clone(),
             container: c.name().to_string(),
-            container_id: c.c.id.clone(),
             frozen_at_ms: cut.frozen_at_ms,
         };
         if cut.plan.strategy == Strategy::PostCopy {
@@ -441,6 +442,14 @@ impl ContainerRuntime {
             &mut out,
         )
         .await;
+        // A failed send leaves tar blocked writing into a pipe nobody reads: close the
+        // read end and end it, or waiting for it would hang the operation (a
+        // destination that restarted and forgot the migration was only noticed by the
+        // controller's progress timeout).
+        drop(out);
+        if sent.is_err() {
+            let _ = child.start_kill();
+        }
         let status = child
             .wait_with_output()
             .await
