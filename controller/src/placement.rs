@@ -1,5 +1,6 @@
 //! Choosing the target node and shaping the Pod that receives the workload. Pure
 //! functions over API objects; the reconciler does the reads and writes.
+pub use ferry_crds::INCOMING_ANNOTATION;
 use ferry_crds::{CLAIM_ANNOTATION, MIGRATION_ANNOTATION};
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::api::ObjectMeta;
@@ -10,9 +11,6 @@ const LIQO_NODE_TYPE_LABEL: &str = "liqo.io/type";
 
 /// Annotation on the target Pod naming the Pod it continues, `cluster/namespace/name`.
 pub const SOURCE_ANNOTATION: &str = "ferry.dev/source";
-/// Annotation on a VM target Pod: its launcher (env `FERRY_INCOMING`, from the Downward
-/// API) starts QEMU waiting for this migration instead of booting the guest.
-pub const INCOMING_ANNOTATION: &str = "ferry.dev/incoming";
 /// The init container of a container target Pod: it holds the app containers back
 /// until the node daemon opens it (must match ferry-node's staging contract).
 pub const GATE_CONTAINER: &str = "ferry-restore-gate";

@@ -9,9 +9,11 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+mod admission;
 mod migration;
 mod policy;
 
+pub use admission::{RESTORE_ROLE, RESTORE_VERB, admission_yaml};
 pub use migration::*;
 pub use policy::*;
 
@@ -23,6 +25,9 @@ pub const GROUP: &str = "ferry.dev";
 pub const FINALIZER: &str = "ferry.dev/migration";
 /// Annotation on pods the controller creates at the target: the migration's UID.
 pub const MIGRATION_ANNOTATION: &str = "ferry.dev/migration";
+/// Annotation on a VM target Pod: its launcher (env `FERRY_INCOMING`, from the Downward
+/// API) starts QEMU waiting for this migration's guest state instead of booting.
+pub const INCOMING_ANNOTATION: &str = "ferry.dev/incoming";
 /// On a source Pod: the Migration moving it, `<name>/<uid>` (claimed with the Pod's
 /// resourceVersion as precondition, so one Migration at a time moves a Pod).
 pub const CLAIM_ANNOTATION: &str = "ferry.dev/claimed-by";

@@ -65,11 +65,16 @@ impl Drop for World {
 }
 
 async fn apply_crds(env: &TestEnv, cluster: &str) -> Result<()> {
+    // As installed with ferry: the CRDs and the policy guarding the restore markers.
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/crds.yaml");
-    let out = env.kubectl(cluster).args(["apply", "-f", crds]).output()?;
+    let admission = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/admission.yaml");
+    let out = env
+        .kubectl(cluster)
+        .args(["apply", "-f", crds, "-f", admission])
+        .output()?;
     if !out.status.success() {
         bail!(
-            "installing CRDs in {cluster}: {}",
+            "installing CRDs and admission policy in {cluster}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

@@ -21,16 +21,18 @@ pub fn env() -> &'static TestEnv {
     let _guard = SETUP.lock().unwrap();
     ENV.get_or_init(|| {
         let env = TestEnv::start(&["east", "west"]).expect("start control planes");
+        // As installed with ferry: the CRDs and the policy guarding the restore markers.
         let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/crds.yaml");
+        let admission = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/yaml/admission.yaml");
         for cluster in ["east", "west"] {
             let out = env
                 .kubectl(cluster)
-                .args(["apply", "-f", crds])
+                .args(["apply", "-f", crds, "-f", admission])
                 .output()
                 .expect("kubectl");
             assert!(
                 out.status.success(),
-                "installing CRDs: {}",
+                "installing CRDs and admission policy: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             let out = env

@@ -16,17 +16,21 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 
-/// Sent before each container's bundle.
+/// Sent before each container's bundle. Nothing in it names anything on the
+/// destination: the runc id and the runtime config come from the target Pod's own
+/// container (containerd's create), never from the sender.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct BundleHeader {
     pub migration_id: String,
     /// CRI container name.
     pub container: String,
-    /// runc id on the source (reused on the destination, under another root).
-    pub container_id: String,
     /// When the source froze the pod (Unix ms), so the destination can measure downtime.
     pub frozen_at_ms: u64,
 }
+
+/// A header line longer than this is refused before it is parsed (a real one is ~150 B).
+const MAX_HEADER: u64 = 4096;
 
 fn stream_id(migration_id: &str, container: &str) -> String {
     format!("{migration_id}/bundle/{container}")
@@ -84,9 +88,10 @@ impl BundleListener {
             ids.push(id.clone());
             let (transport, tx) = (transport.clone(), tx.clone());
             let container = container.clone();
+            let mid = migration_id.to_string();
             tasks.spawn(async move {
                 let stream = transport.receiver.accept_stream(&id).await;
-                let _ = tx.send(read_header(stream, &container).await).await;
+                let _ = tx.send(read_header(stream, &mid, &container).await).await;
             });
         }
         BundleListener {
@@ -110,22 +115,40 @@ impl BundleListener {
     }
 }
 
-async fn read_header(stream: IncomingStream, container: &str) -> Arrival {
+async fn read_header(stream: IncomingStream, migration_id: &str, container: &str) -> Arrival {
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
+    let mut line = Vec::new();
+    (&mut reader)
+        .take(MAX_HEADER + 1)
+        .read_until(b'\n', &mut line)
         .await
         .map_err(|e| RuntimeError::Transfer(format!("receiving the bundle of {container}: {e}")))?;
-    let header: BundleHeader = serde_json::from_str(line.trim())
+    let header = parse_header(&line, migration_id, container)
         .map_err(|e| RuntimeError::Transfer(format!("bad bundle header for {container}: {e}")))?;
-    if header.container != container {
-        return Err(RuntimeError::Transfer(format!(
-            "the stream for {container} carries the bundle of {}",
-            header.container
-        )));
-    }
     Ok((header, reader))
+}
+
+/// The header line as received (with its newline), checked against what this node
+/// expects on that stream.
+fn parse_header(line: &[u8], migration_id: &str, container: &str) -> Result<BundleHeader, String> {
+    let Some(json) = line.strip_suffix(b"\n") else {
+        return Err(if line.len() as u64 > MAX_HEADER {
+            format!("no end of line within {MAX_HEADER} bytes")
+        } else {
+            "the stream ended inside the header".into()
+        });
+    };
+    let header: BundleHeader = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if header.migration_id != migration_id {
+        return Err(format!(
+            "it belongs to migration {:?}, not {migration_id:?}",
+            header.migration_id
+        ));
+    }
+    if header.container != container {
+        return Err(format!("it carries the bundle of {:?}", header.container));
+    }
+    Ok(header)
 }
 
 impl Drop for BundleListener {
@@ -133,6 +156,59 @@ impl Drop for BundleListener {
         self.tasks.abort_all();
         for id in &self.ids {
             self.transport.receiver.forget(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(v: serde_json::Value) -> Vec<u8> {
+        let mut l = serde_json::to_vec(&v).unwrap();
+        l.push(b'\n');
+        l
+    }
+
+    #[test]
+    fn a_header_is_what_the_stream_was_granted_for_or_refused() {
+        let good = serde_json::json!({"migration_id": "m1", "container": "app", "frozen_at_ms": 7});
+        assert_eq!(
+            parse_header(&line(good.clone()), "m1", "app"),
+            Ok(BundleHeader {
+                migration_id: "m1".into(),
+                container: "app".into(),
+                frozen_at_ms: 7
+            })
+        );
+        let cases = [
+            (line(good.clone()), "m2", "app", "belongs to migration"),
+            (line(good.clone()), "m1", "db", "carries the bundle of"),
+            (
+                line(
+                    serde_json::json!({"migration_id": "m1", "container": "app", "frozen_at_ms": 7, "container_id": "x"}),
+                ),
+                "m1",
+                "app",
+                "unknown field",
+            ),
+            (
+                b"{\"migration_id\": \"m1\"".to_vec(),
+                "m1",
+                "app",
+                "ended inside",
+            ),
+            (
+                vec![b' '; MAX_HEADER as usize + 1],
+                "m1",
+                "app",
+                "no end of line",
+            ),
+            (b"not json\n".to_vec(), "m1", "app", "expected"),
+        ];
+        for (l, mid, c, why) in cases {
+            let e = parse_header(&l, mid, c).expect_err(why);
+            assert!(e.contains(why), "{why:?} not in {e:?}");
         }
     }
 }
