@@ -37,7 +37,7 @@ enum Target {
 
 struct Setup {
     _lan: Lan,
-    _a: Daemon,
+    a: Daemon,
     b: Daemon,
     ca: Client,
     cb: Client,
@@ -75,7 +75,7 @@ async fn setup_guest(
     wait_count_above(&guest.serial(), 2, Duration::from_secs(90)).await?;
     Ok(Setup {
         _lan: lan,
-        _a: a,
+        a,
         b,
         ca,
         cb,
@@ -201,7 +201,7 @@ async fn start(s: &mut Setup, id: &str, strategy: pb::Strategy, target: Target) 
             workload: Some(desc),
             target: Some(pod_ref(&dst)),
             strategy: strategy as i32,
-            source_peer: s._a.peer_name(),
+            source_peer: s.a.peer_name(),
             ..Default::default()
         })
         .await?
@@ -495,6 +495,49 @@ async fn abort_mid_migration_resumes_the_source() -> Result<()> {
         "the destination daemon must not remove the target pod's files"
     );
     // Aborting again is harmless, and the source can migrate afterwards.
+    s.ca.describe_workload(s.src_ref()).await?;
+    Ok(())
+}
+
+/// The source daemon crashes (SIGKILL) in the middle of a Cold move, whose guest it
+/// paused, and comes back. Its memory of the migration is gone, the paused guest is
+/// not: the controller's Abort must still resume it (from the daemon's record), or
+/// nothing would run at all.
+#[tokio::test]
+async fn source_daemon_restarted_mid_cold_move_still_resumes_the_guest() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vdg", "vdh"), &["--vm-max-bandwidth", "4000000"]).await?;
+    let id = "vm-crash-1";
+    start(&mut s, id, pb::Strategy::Cold, Target::BeforePrepare).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
+        ensure!(Instant::now() < deadline, "migration never got going");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let paused_at = last_count(&s.guest.serial()).unwrap_or(0);
+    s.a.restart()?;
+    s.ca = ferry_testkit::pki::control_client(&s.a.endpoint).await?;
+    ensure!(
+        s.ca.get_operation(mig(id)).await.is_err(),
+        "a restarted daemon has no operation to report"
+    );
+    // What the controller does when the source lost its operation: abort both ends.
+    s.cb.abort(mig(id)).await?;
+    let ab = s.ca.abort(mig(id)).await?.into_inner();
+    ensure!(
+        ab.state == pb::OperationState::Aborted as i32 && ab.message.contains("previous run"),
+        "the restarted source must abort what its previous run started: {ab:?}"
+    );
+    wait_count_above(&s.guest.serial(), paused_at + 2, Duration::from_secs(30))
+        .await
+        .context("the source guest did not run on after the abort")?;
+    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    // Done once: a second abort finds nothing, and the guest can be migrated again.
+    let again = s.ca.abort(mig(id)).await?.into_inner();
+    ensure!(
+        again.message.contains("nothing to abort"),
+        "second abort: {again:?}"
+    );
     s.ca.describe_workload(s.src_ref()).await?;
     Ok(())
 }

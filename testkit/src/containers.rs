@@ -165,7 +165,11 @@ pub struct Daemon {
     /// Where launchers on this node register their VMs (`ferry-node --vm-root`).
     pub vm_root: PathBuf,
     pub endpoint: String,
-    _child: ChildGuard,
+    child: ChildGuard,
+    /// How it was started, for [`Daemon::restart`].
+    args: Vec<std::ffi::OsString>,
+    bin: PathBuf,
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -196,49 +200,80 @@ impl Daemon {
             label,
             &node.ip().to_string(),
         )?;
-        let mut cmd = in_node(&node, daemon_bin);
-        cmd.arg("--listen")
-            .arg(format!("{}:7070", node.ip()))
-            .arg("--advertise-ip")
-            .arg(node.ip().to_string())
-            .arg("--runc-root")
-            .arg(&runc_root)
-            .arg("--criu")
-            .arg(&criu)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--tls-dir")
-            .arg(tls_dir)
-            .arg("--vm-root")
-            .arg(base.join(format!("vms-{label}")))
-            .args(extra_args)
-            // The daemon logs to stdout: keep it beside its state for post-mortems.
-            .stdout(std::fs::File::create(
-                base.join(format!("ferry-node-{label}.log")),
-            )?);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
-        }
-        let child = ChildGuard::spawn(&format!("ferry-node-{label}"), cmd)?;
-        let addr = format!("{}:7070", node.ip());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200))
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("ferry-node on {label} not listening on {addr} after 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--listen".into(),
+            format!("{}:7070", node.ip()).into(),
+            "--advertise-ip".into(),
+            node.ip().to_string().into(),
+            "--runc-root".into(),
+            runc_root.clone().into(),
+            "--criu".into(),
+            criu.into(),
+            "--state-dir".into(),
+            state_dir.clone().into(),
+            "--tls-dir".into(),
+            tls_dir.into(),
+            "--vm-root".into(),
+            base.join(format!("vms-{label}")).into(),
+        ];
+        args.extend(extra_args.iter().map(Into::into));
+        // The daemon logs to stdout: keep it beside its state for post-mortems.
+        let log = base.join(format!("ferry-node-{label}.log"));
+        let child = spawn_daemon(&node, daemon_bin, &args, &log)?;
         Ok(Daemon {
+            endpoint: format!("https://{}:7070", node.ip()),
             node,
             runc: RuncRoot { root: runc_root },
             state_dir,
             vm_root: base.join(format!("vms-{label}")),
-            endpoint: format!("https://{addr}"),
-            _child: child,
+            child,
+            args,
+            bin: daemon_bin.to_path_buf(),
+            log,
         })
     }
+
+    /// Kills the daemon (SIGKILL, its process group: a crash) and starts it again with
+    /// the same flags and state dir; returns once it listens. It logs on after the
+    /// previous run's lines.
+    pub fn restart(&mut self) -> Result<()> {
+        self.child.kill();
+        self.child = spawn_daemon(&self.node, &self.bin, &self.args, &self.log)?;
+        Ok(())
+    }
+}
+
+fn spawn_daemon(
+    node: &Node,
+    bin: &Path,
+    args: &[std::ffi::OsString],
+    log: &Path,
+) -> Result<ChildGuard> {
+    let mut cmd = in_node(node, bin);
+    cmd.args(args).stdout(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?,
+    );
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    let label = log
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("ferry-node");
+    let child = ChildGuard::spawn(label, cmd)?;
+    let addr = format!("{}:7070", node.ip());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)).is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("{label} not listening on {addr} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
 }
 
 /// A unique cgroup parent; removed (in every controller hierarchy) on drop.

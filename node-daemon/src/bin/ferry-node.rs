@@ -142,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 max_bandwidth: a.vm_max_bandwidth,
                 ..Default::default()
             },
+            state_dir: a.state_dir.clone(),
         },
         transport.clone(),
     );

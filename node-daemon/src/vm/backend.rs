@@ -30,6 +30,7 @@
 //!    return: `fence` (before a rollback) and the switch race on one `Handover`.
 use super::launcher::GuestSpec;
 use super::qemu::{ConvergencePolicy, MigrationTuning, QemuBackend, QemuError, Switch};
+use super::record::{Records, SourceRecord};
 use super::registry::{self, Found, Registry};
 use crate::convert;
 use crate::error::RuntimeError;
@@ -80,6 +81,8 @@ pub struct VmConfig {
     pub target_wait: Duration,
     /// Applied to every outgoing migration (max-bandwidth is always explicit).
     pub tuning: MigrationTuning,
+    /// The daemon's own directory for records of outgoing migrations (`record.rs`).
+    pub state_dir: PathBuf,
 }
 
 impl VmConfig {
@@ -119,6 +122,7 @@ pub struct VmRuntime {
     tuning: MigrationTuning,
     transport: Arc<Transport>,
     migrations: Mutex<HashMap<String, VmMigration>>,
+    records: Records,
 }
 
 fn qemu_err(e: QemuError) -> RuntimeError {
@@ -130,12 +134,26 @@ fn qemu_err(e: QemuError) -> RuntimeError {
 
 impl VmRuntime {
     pub fn new(cfg: VmConfig, transport: Arc<Transport>) -> VmRuntime {
+        let records = Records::new(cfg.state_dir.join("vm-out"));
+        // Sources a previous run of this daemon left mid-migration: their guests run
+        // (or wait, paused) in their Pods; Abort or Finalize still reach them.
+        let migrations = records
+            .load()
+            .into_iter()
+            .map(|(id, r)| {
+                tracing::warn!(migration_id = %id, dir = %r.dir.display(), resumable = r.resumable,
+                    "recovered an outgoing VM migration from before a restart: abort resumes the guest, finalize leaves it");
+                let handover = Arc::new(Handover::recovered(r.resumable));
+                (id, VmMigration::Source { dir: r.dir, handover })
+            })
+            .collect();
         VmRuntime {
             registry: Registry::new(cfg.vm_root, cfg.node_name),
             target_wait: cfg.target_wait,
             tuning: cfg.tuning,
             transport,
-            migrations: Mutex::new(HashMap::new()),
+            migrations: Mutex::new(migrations),
+            records,
         }
     }
 
@@ -198,6 +216,15 @@ impl VmRuntime {
         let qmp = found.qmp();
         let sock = self.own_file(&found.dir, registry::OUTGOING_SOCKET)?;
         let handover = Arc::new(Handover::default());
+        let record = |resumable| SourceRecord {
+            dir: found.dir.clone(),
+            resumable,
+        };
+        // On disk before QEMU is touched: whatever happens to this daemon from here on,
+        // its next run can still resume or end this source.
+        self.records
+            .write(&plan.migration_id, &record(true))
+            .map_err(RuntimeError::io("recording the outgoing migration"))?;
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
             VmMigration::Source {
@@ -265,6 +292,11 @@ impl VmRuntime {
                 let ok = handover.commit();
                 if ok {
                     progress.committed();
+                    if let Err(e) = self.records.write(&plan.migration_id, &record(false)) {
+                        // A restart would then offer a resume the guest cannot do; the
+                        // abort itself still refuses (QEMU reports post-copy).
+                        tracing::error!(error = %e, "recording the post-copy switch");
+                    }
                 }
                 ok
             };
@@ -910,6 +942,7 @@ impl Runtime for VmRuntime {
                         self.put_back_source(migration_id, dir, handover);
                     }
                     r?;
+                    self.records.remove(migration_id);
                 }
                 // The guest runs on in the target Pod; only the relay ends.
                 Some(VmMigration::Dest { task, .. }) => task.abort(),
@@ -918,6 +951,10 @@ impl Runtime for VmRuntime {
             Ok(())
         }
         .boxed()
+    }
+
+    fn knows(&self, migration_id: &str) -> bool {
+        self.migrations.lock().unwrap().contains_key(migration_id)
     }
 
     fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>> {
@@ -938,6 +975,8 @@ impl Runtime for VmRuntime {
                     let r = self.abort_source(&dir).await;
                     if r.is_err() {
                         self.put_back_source(migration_id, dir, handover);
+                    } else {
+                        self.records.remove(migration_id);
                     }
                     r
                 }

@@ -7,6 +7,7 @@ pub mod accel_probe;
 mod backend;
 pub mod launcher;
 pub mod qemu;
+mod record;
 pub mod registry;
 
 pub use backend::{INCOMING_READY, VmConfig, VmRuntime};
