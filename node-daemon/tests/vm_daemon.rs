@@ -542,6 +542,42 @@ async fn source_daemon_restarted_mid_cold_move_still_resumes_the_guest() -> Resu
     Ok(())
 }
 
+/// The destination daemon crashes (SIGKILL) mid pre-copy and comes back: the relay it
+/// ran is gone, so the source's checkpoint fails; the restarted destination has nothing
+/// to abort; the source's Abort resumes its guest, which never stopped counting.
+#[tokio::test]
+async fn destination_daemon_restarted_mid_copy_leaves_the_source_running() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(("vdi", "vdj"), &["--vm-max-bandwidth", "4000000"]).await?;
+    let id = "vm-crash-2";
+    start(&mut s, id, pb::Strategy::PreCopy, Target::BeforePrepare).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
+        ensure!(Instant::now() < deadline, "migration never got going");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.b.restart()?;
+    s.cb = ferry_testkit::pki::control_client(&s.b.endpoint).await?;
+    let cp = wait_op(&mut s.ca, id, Duration::from_secs(60)).await?;
+    ensure!(
+        cp.state == pb::OperationState::Failed as i32,
+        "the source's checkpoint must fail once its relay's far end is gone: {cp:?}"
+    );
+    // What the controller does on failure: abort both ends (the target Pod is then
+    // deleted; here its launcher is simply left to exit).
+    s.cb.abort(mig(id)).await?;
+    let ab = s.ca.abort(mig(id)).await?.into_inner();
+    ensure!(
+        ab.state == pb::OperationState::Aborted as i32,
+        "source abort: {ab:?}"
+    );
+    let n = last_count(&s.guest.serial()).unwrap_or(0);
+    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
+    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    s.ca.describe_workload(s.src_ref()).await?;
+    Ok(())
+}
+
 /// Writes a registry record as a launcher would and, with `listen`, holds its QMP
 /// socket open the way a running QEMU does (no QEMU needed to be found).
 fn fake_vm(
