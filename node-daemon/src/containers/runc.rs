@@ -5,6 +5,7 @@ use crate::error::RuntimeError;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::process::Command;
 
 /// One entry of `runc list --format json`.
@@ -133,27 +134,53 @@ impl Runc {
     }
 
     /// Runs runc with `args`; on failure the error carries stderr and, when `criu_log`
-    /// names a CRIU log, an excerpt of it.
-    pub async fn run(
+    /// names a CRIU log, an excerpt of it. runc runs in its own process group, which is
+    /// killed (runc and the CRIU it started) if this future is dropped before runc
+    /// exits: an aborted operation leaves no dump holding the frozen pod's tasks.
+    /// `limit` bounds the call; a call that takes longer is killed the same way.
+    pub async fn run_within(
         &self,
         args: Vec<String>,
         criu_log: Option<&Path>,
+        limit: Option<Duration>,
     ) -> Result<Vec<u8>, RuntimeError> {
         tracing::debug!(runc = %self.binary.display(), ?args, "runc");
-        let out = Command::new(&self.binary)
+        let spawn_err = |e: std::io::Error| {
+            RuntimeError::command(
+                &self.binary.display().to_string(),
+                &args,
+                None,
+                e.to_string().as_bytes(),
+                String::new(),
+            )
+        };
+        let child = Command::new(&self.binary)
             .args(&args)
             .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| {
-                RuntimeError::command(
-                    &self.binary.display().to_string(),
-                    &args,
-                    None,
-                    e.to_string().as_bytes(),
-                    String::new(),
-                )
-            })?;
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(spawn_err)?;
+        let group = GroupGuard(child.id());
+        let wait = child.wait_with_output();
+        let out = match limit {
+            None => wait.await,
+            Some(limit) => match tokio::time::timeout(limit, wait).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(RuntimeError::command(
+                        "runc",
+                        &args,
+                        None,
+                        format!("did not finish within {limit:?}; killed").as_bytes(),
+                        criu_log.map(criu::log_excerpt).unwrap_or_default(),
+                    ));
+                }
+            },
+        }
+        .map_err(spawn_err)?;
+        group.disarm();
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -165,6 +192,17 @@ impl Runc {
             &out.stderr,
             log,
         ))
+    }
+
+    /// [`Runc::run_within`] without a limit of its own (checkpoints and restores, whose
+    /// length scales with the workload: the controller's progress and completion
+    /// timeouts bound them, and its Abort drops, and so kills, them).
+    pub async fn run(
+        &self,
+        args: Vec<String>,
+        criu_log: Option<&Path>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        self.run_within(args, criu_log, None).await
     }
 
     /// Starts runc without waiting (a lazy-pages checkpoint keeps serving pages after the
@@ -223,7 +261,9 @@ impl Runc {
         if !self.root.exists() {
             return Ok(Vec::new());
         }
-        let out = self.run(self.list_args(), None).await?;
+        let out = self
+            .run_within(self.list_args(), None, Some(SHORT_CALL))
+            .await?;
         let text = String::from_utf8_lossy(&out);
         // runc prints `null` for an empty root.
         if text.trim() == "null" || text.trim().is_empty() {
@@ -235,22 +275,47 @@ impl Runc {
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
-        self.run(self.simple_args("pause", id, &[]), None)
+        self.run_within(self.simple_args("pause", id, &[]), None, Some(SHORT_CALL))
             .await
             .map(drop)
     }
 
     pub async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
-        self.run(self.simple_args("resume", id, &[]), None)
+        self.run_within(self.simple_args("resume", id, &[]), None, Some(SHORT_CALL))
             .await
             .map(drop)
     }
 
     /// `runc delete --force`: kills what is left and removes the state.
     pub async fn delete_force(&self, id: &str) -> Result<(), RuntimeError> {
-        self.run(self.simple_args("delete", id, &["--force"]), None)
-            .await
-            .map(drop)
+        self.run_within(
+            self.simple_args("delete", id, &["--force"]),
+            None,
+            Some(SHORT_CALL),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// How long `runc list`, `pause`, `resume` and `delete` may take: they do no copying,
+/// so one that takes longer is stuck (a freezer that cannot freeze, a task in D state).
+pub const SHORT_CALL: Duration = Duration::from_secs(60);
+
+/// Kills a process group when dropped, unless disarmed once its leader exited.
+struct GroupGuard(Option<u32>);
+
+impl GroupGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            kill_group(pgid);
+        }
     }
 }
 
@@ -278,6 +343,84 @@ pub fn rss_bytes(pid: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The recorded pids that still run.
+    fn alive(pids: &Path) -> Vec<i32> {
+        std::fs::read_to_string(pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            // A zombie is dead (killed, not yet reaped by whoever inherited it).
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit(')')
+                            .next()
+                            .map(|r| !r.trim_start().starts_with('Z'))
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// Whether every recorded pid is gone within 5 s.
+    async fn gone(pids: &Path) -> bool {
+        for _ in 0..100 {
+            if alive(pids).is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// A "runc" that starts a helper (as runc starts CRIU) and then hangs: a call over
+    /// its limit, or dropped, ends both.
+    #[tokio::test]
+    async fn a_call_past_its_limit_or_dropped_kills_runc_and_its_children() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = tmp.path().join("runc");
+        let pids = tmp.path().join("pids");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nsleep 1000 & echo $! >> {p}\necho $$ >> {p}\nwait\n",
+                p = pids.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let r = Runc::new(&fake, tmp.path());
+        let e = r
+            .run_within(vec!["pause".into()], None, Some(Duration::from_millis(500)))
+            .await
+            .expect_err("a hung runc must not succeed");
+        assert!(e.to_string().contains("did not finish within"), "{e}");
+        assert!(gone(&pids).await, "left running: {:?}", alive(&pids));
+
+        std::fs::remove_file(&pids).unwrap();
+        let call = tokio::spawn(async move { r.run(vec!["checkpoint".into()], None).await });
+        for _ in 0..100 {
+            if alive(&pids).len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            alive(&pids).len(),
+            2,
+            "the fake runc and its helper started"
+        );
+        call.abort();
+        let _ = call.await;
+        assert!(
+            gone(&pids).await,
+            "left running after abort: {:?}",
+            alive(&pids)
+        );
+    }
 
     #[test]
     fn checkpoint_args_carry_every_option() {
