@@ -20,7 +20,7 @@
 //! only inside the daemons' mutual-TLS pipe. Deleting that Migration while the pages
 //! flow does not cancel it: past post-copy's point of no return it completes forward.
 use anyhow::{Context, Result, bail, ensure};
-use ferry_crds::{Migration, Phase};
+use ferry_crds::{Failure, Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -178,7 +178,31 @@ async fn moved_intact(w: &World, ns: &str, pod: &str, sum: &str) -> Result<()> {
 }
 
 async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
-    let ns = "crash";
+    daemon_killed_mid_transfer(w, "crash", "east-1").await?;
+    Ok(())
+}
+
+/// The destination daemon is killed the same way while it receives the checkpoint. It
+/// forgets the migration it was receiving (its grants and streams live in memory), so
+/// the source's resumed stream is refused, its checkpoint fails at once and the
+/// Migration rolls back: the target Pod is deleted, the source thawed.
+async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
+    let f = daemon_killed_mid_transfer(w, "crash-dest", "west-1").await?;
+    // The source's checkpoint fails on the refusal itself, not on the controller's
+    // progress timeout.
+    ensure!(
+        f.reason == "CheckpointFailed",
+        "rolled back for {}, not for the failed send: {}",
+        f.reason,
+        f.message
+    );
+    Ok(())
+}
+
+/// Kills `node`'s daemon (SIGKILL, with its children) 3 s into the checkpoint of a big
+/// pod and restarts it; the Migration must roll back, the source run on exactly once,
+/// never restarted. Returns why it rolled back.
+async fn daemon_killed_mid_transfer(w: &World, ns: &str, node: &str) -> Result<Failure> {
     big_pod(w, ns, "victim").await?;
     let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
     wait_for(Duration::from_secs(60), "Checkpointing", || async {
@@ -186,9 +210,10 @@ async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
     })
     .await?;
     // The freeze comes first, the 20 MiB take ~40 s on this link: 3 s in, the source is
-    // frozen and streaming (or, on a very slow day, still dumping: a fault all the same).
+    // frozen and streaming to the receiving target (or, on a very slow day, still
+    // dumping: a fault all the same).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    w.restart_daemon("east-1")?;
+    w.restart_daemon(node)?;
     let m = w
         .follow(ns, "m", Duration::from_secs(300), |m| {
             eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
@@ -216,60 +241,7 @@ async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {
         cs.iter().all(|c| c.restart_count == 0),
         "the source restarted: {cs:?}"
     );
-    Ok(())
-}
-
-/// The destination daemon is killed (SIGKILL, with its children) while it receives the
-/// checkpoint, and restarted. It forgets the migration it was receiving (its grants and
-/// streams live in memory), so the source's resumed stream is refused, its checkpoint
-/// fails at once and the Migration rolls back: the target Pod is deleted, the source thawed, exactly one copy runs on,
-/// never restarted.
-async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
-    let ns = "crash-dest";
-    big_pod(w, ns, "victim").await?;
-    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "Checkpointing", || async {
-        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
-    })
-    .await?;
-    // As above: 3 s into a ~40 s transfer, the target is receiving.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    w.restart_daemon("west-1")?;
-    let m = w
-        .follow(ns, "m", Duration::from_secs(300), |m| {
-            eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
-        })
-        .await?;
-    let s = m.status.context("no status")?;
-    ensure!(
-        s.phase == Some(Phase::RolledBack),
-        "phase {:?}: {:?}",
-        s.phase,
-        s.failure
-    );
-    let f = s.failure.context("no failure")?;
-    eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
-    // The source's checkpoint fails on the refusal itself, not on the controller's
-    // progress timeout.
-    ensure!(
-        f.reason == "CheckpointFailed",
-        "rolled back for {}, not for the failed send: {}",
-        f.reason,
-        f.message
-    );
-    w.check_runs_once_at_source(ns, "victim").await?;
-    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    let cs = pods
-        .get("victim")
-        .await?
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
-    ensure!(
-        cs.iter().all(|c| c.restart_count == 0),
-        "the source restarted: {cs:?}"
-    );
-    Ok(())
+    Ok(f)
 }
 
 /// Post-copy of a pod whose shell holds 20 MiB in a variable, over the 4 Mbit/s link:

@@ -109,6 +109,27 @@ impl Setup {
     fn src_ref(&self) -> pb::WorkloadRef {
         pod_ref(&self.guest.pod)
     }
+
+    /// Waits until the source has moved 1 MiB of migration `id`: the copy is under way.
+    async fn copying(&mut self, id: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while op(&mut self.ca, id).await?.bytes_done < 1 << 20 {
+            ensure!(Instant::now() < deadline, "migration never got going");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// The source guest runs on: it counts on, its QEMU lives, its daemon describes it.
+    async fn source_runs_on(&mut self) -> Result<()> {
+        let n = last_count(&self.guest.serial()).unwrap_or(0);
+        wait_count_above(&self.guest.serial(), n + 2, Duration::from_secs(30))
+            .await
+            .context("the source guest stopped counting")?;
+        ensure!(!self.guest.guard.exited(), "source QEMU must keep running");
+        self.ca.describe_workload(self.src_ref()).await?;
+        Ok(())
+    }
 }
 
 fn pod_ref(p: &VmPod) -> pb::WorkloadRef {
@@ -457,14 +478,11 @@ async fn destination_dies(labels: (&str, &str), after_bytes: u64, target: Target
     // What the controller does on failure: abort both ends.
     s.cb.abort(mig(id)).await?;
     s.ca.abort(mig(id)).await?;
-    let n = last_count(&s.guest.serial()).unwrap_or(0);
-    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
-    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    s.source_runs_on().await?;
     ensure!(
         dst_dir.join(registry::RECORD).exists(),
         "the destination daemon must not remove the target pod's files"
     );
-    s.ca.describe_workload(s.src_ref()).await?;
     Ok(())
 }
 
@@ -476,26 +494,18 @@ async fn abort_mid_migration_resumes_the_source() -> Result<()> {
     let mut s = setup(("vde", "vdf"), &["--vm-max-bandwidth", "4000000"]).await?;
     let id = "vm-abort-1";
     start(&mut s, id, pb::Strategy::PreCopy, Target::BeforePrepare).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
-        ensure!(Instant::now() < deadline, "migration never got going");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.copying(id).await?;
     let ab = s.ca.abort(mig(id)).await?.into_inner();
     ensure!(
         ab.state == pb::OperationState::Aborted as i32,
         "source abort: {ab:?}"
     );
     s.cb.abort(mig(id)).await?;
-    let n = last_count(&s.guest.serial()).unwrap_or(0);
-    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
-    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
+    s.source_runs_on().await?;
     ensure!(
         s.target().dir.join(registry::RECORD).exists(),
         "the destination daemon must not remove the target pod's files"
     );
-    // Aborting again is harmless, and the source can migrate afterwards.
-    s.ca.describe_workload(s.src_ref()).await?;
     Ok(())
 }
 
@@ -509,11 +519,7 @@ async fn source_daemon_restarted_mid_cold_move_still_resumes_the_guest() -> Resu
     let mut s = setup(("vdg", "vdh"), &["--vm-max-bandwidth", "4000000"]).await?;
     let id = "vm-crash-1";
     start(&mut s, id, pb::Strategy::Cold, Target::BeforePrepare).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
-        ensure!(Instant::now() < deadline, "migration never got going");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.copying(id).await?;
     let paused_at = last_count(&s.guest.serial()).unwrap_or(0);
     s.a.restart()?;
     s.ca = ferry_testkit::pki::control_client(&s.a.endpoint).await?;
@@ -551,11 +557,7 @@ async fn destination_daemon_restarted_mid_copy_leaves_the_source_running() -> Re
     let mut s = setup(("vdi", "vdj"), &["--vm-max-bandwidth", "4000000"]).await?;
     let id = "vm-crash-2";
     start(&mut s, id, pb::Strategy::PreCopy, Target::BeforePrepare).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while op(&mut s.ca, id).await?.bytes_done < 1 << 20 {
-        ensure!(Instant::now() < deadline, "migration never got going");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.copying(id).await?;
     s.b.restart()?;
     s.cb = ferry_testkit::pki::control_client(&s.b.endpoint).await?;
     let cp = wait_op(&mut s.ca, id, Duration::from_secs(60)).await?;
@@ -571,10 +573,7 @@ async fn destination_daemon_restarted_mid_copy_leaves_the_source_running() -> Re
         ab.state == pb::OperationState::Aborted as i32,
         "source abort: {ab:?}"
     );
-    let n = last_count(&s.guest.serial()).unwrap_or(0);
-    wait_count_above(&s.guest.serial(), n + 2, Duration::from_secs(30)).await?;
-    ensure!(!s.guest.guard.exited(), "source QEMU must keep running");
-    s.ca.describe_workload(s.src_ref()).await?;
+    s.source_runs_on().await?;
     Ok(())
 }
 
