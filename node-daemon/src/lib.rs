@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 // The workload-generic runtime trait, its errors and the gRPC layer around it.
+pub mod atomic;
 pub mod convert;
 pub mod error;
 pub mod runtime;

@@ -56,10 +56,7 @@ struct SourceRecord {
 const SOURCE_RECORD: &str = "source.json";
 
 fn write_record(dir: &Path, s: &SourceRecord) -> Result<(), RuntimeError> {
-    std::fs::create_dir_all(dir).map_err(RuntimeError::io("creating the migration dir"))?;
-    let tmp = dir.join(format!("{SOURCE_RECORD}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(s).expect("json"))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(SOURCE_RECORD)))
+    crate::atomic::write_file(dir, SOURCE_RECORD, &serde_json::to_vec(s).expect("json"))
         .map_err(RuntimeError::io("recording the source state"))
 }
 

@@ -136,10 +136,7 @@ impl StageDir {
 
     /// Writes a marker atomically (tmp + rename), so the other side never reads half.
     pub fn mark(&self, marker: &str, body: &[u8]) -> io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join(format!(".{marker}.tmp"));
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(tmp, self.dir.join(marker))
+        crate::atomic::write_file(&self.dir, marker, body)
     }
 
     pub fn read(&self, marker: &str) -> Option<String> {

@@ -28,20 +28,18 @@ impl Records {
         Records { dir }
     }
 
-    fn path(&self, migration_id: &str) -> PathBuf {
-        self.dir.join(format!("{migration_id}.json"))
+    fn name(migration_id: &str) -> String {
+        format!("{migration_id}.json")
     }
 
     /// Replaces the record atomically (a crash leaves the old or the new one).
     pub fn write(&self, migration_id: &str, r: &SourceRecord) -> io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join(format!(".{migration_id}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(r).expect("record serializes"))?;
-        std::fs::rename(&tmp, self.path(migration_id))
+        let body = serde_json::to_vec(r).expect("record serializes");
+        crate::atomic::write_file(&self.dir, &Self::name(migration_id), &body)
     }
 
     pub fn remove(&self, migration_id: &str) {
-        let _ = std::fs::remove_file(self.path(migration_id));
+        let _ = std::fs::remove_file(self.dir.join(Self::name(migration_id)));
     }
 
     /// Every record a previous run left, by migration id; unreadable ones are logged
@@ -97,7 +95,7 @@ mod tests {
             },
         )
         .unwrap();
-        std::fs::write(tmp.path().join("vm-out/.m-3.tmp"), b"{").unwrap();
+        std::fs::write(tmp.path().join("vm-out/.m-3.json.tmp"), b"{").unwrap();
         std::fs::write(tmp.path().join("vm-out/bad.json"), b"{").unwrap();
         std::fs::write(tmp.path().join("vm-out/..json"), b"{}").unwrap();
         let mut got = rs.load();

@@ -159,13 +159,8 @@ pub fn file_in(root: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
 /// Writes the record atomically (the daemon may be reading it); returns the directory.
 pub fn register(root: &Path, rec: &VmRecord) -> io::Result<PathBuf> {
     let dir = dir_for(root, &rec.pod_uid)?;
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{RECORD}.tmp"));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(rec).map_err(io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, dir.join(RECORD))?;
+    let body = serde_json::to_vec_pretty(rec).map_err(io::Error::other)?;
+    crate::atomic::write_file(&dir, RECORD, &body)?;
     Ok(dir)
 }
 
