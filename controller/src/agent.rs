@@ -115,6 +115,8 @@ pub struct OpStatus {
     pub steps: Vec<ferry_crds::StepTiming>,
     /// Source: past the point of no return (post-copy handed the workload over).
     pub committed: bool,
+    /// Abort at a destination: no copy of the workload runs there, nor can one start.
+    pub no_copy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

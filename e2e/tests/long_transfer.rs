@@ -12,7 +12,12 @@
 //! source runs on: exactly one copy, never a frozen one nobody resumes. The destination
 //! daemon killed there instead: it forgets the migration, the rollback deletes the target
 //! Pod and thaws the source. The controller
-//! killed and restarted there instead: the move completes, once, intact.
+//! killed and restarted there instead: the move completes, once, intact. West's
+//! kube-apiserver stopped there (SIGSTOP) until the controller is completing: the
+//! target's kubelet restores without it; the controller restarted there, in Completing,
+//! picks it up; the move completes once west answers.
+//! Stopped there and the Migration deleted meanwhile: the source runs again while west
+//! still answers nothing.
 //!
 //! And it keeps a post-copy's page traffic in view long enough to look at it: 20 MiB of
 //! a shell's memory fetched lazily over that link. Every socket CRIU holds on either
@@ -20,6 +25,7 @@
 //! only inside the daemons' mutual-TLS pipe. Deleting that Migration while the pages
 //! flow does not cancel it: past post-copy's point of no return it completes forward.
 use anyhow::{Context, Result, bail, ensure};
+use ferry_controller::placement::GATE_CONTAINER;
 use ferry_crds::{Failure, Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
 use k8s_openapi::api::core::v1::Pod;
@@ -46,20 +52,31 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     let dest_crash = destination_daemon_killed_mid_transfer(&w).await;
     let pages = lazy_pages_stay_inside_mutual_tls(&w).await;
     let restart = controller_restarted_mid_transfer(&mut w).await;
-    for (name, r) in [
-        ("long transfer", &long),
-        ("source daemon killed", &crash),
-        ("destination daemon killed", &dest_crash),
-        ("lazy pages inside mutual TLS", &pages),
-        ("controller restarted mid-transfer", &restart),
-    ] {
+    let outage = target_apiserver_stopped_into_completing(&mut w).await;
+    let outage_cancel = deleted_while_the_target_apiserver_is_stopped(&w).await;
+    let results = [
+        ("long transfer", long),
+        ("source daemon killed", crash),
+        ("destination daemon killed", dest_crash),
+        ("lazy pages inside mutual TLS", pages),
+        ("controller restarted mid-transfer", restart),
+        ("target apiserver stopped into Completing", outage),
+        (
+            "deleted while the target apiserver is stopped",
+            outage_cancel,
+        ),
+    ];
+    let mut failed = false;
+    for (name, r) in &results {
         match r {
             Ok(()) => eprintln!("scenario ok: {name}"),
-            Err(e) => eprintln!("scenario FAILED: {name}: {e:#}"),
+            Err(e) => {
+                failed = true;
+                eprintln!("scenario FAILED: {name}: {e:#}");
+            }
         }
     }
-    if long.is_err() || crash.is_err() || dest_crash.is_err() || pages.is_err() || restart.is_err()
-    {
+    if failed {
         eprintln!("logs kept in {}", dir.keep().display());
         bail!("a scenario failed");
     }
@@ -117,6 +134,111 @@ async fn controller_restarted_mid_transfer(w: &mut World) -> Result<()> {
     let phase = migs.get("m").await?.status.and_then(|s| s.phase);
     eprintln!("[{ns}] controller restarted in {phase:?}");
     moved_intact(w, ns, "big", &sum).await
+}
+
+/// West's kube-apiserver stops (SIGSTOP: it answers nothing) while the source streams
+/// its checkpoint, and stays stopped until the controller is in Completing, waiting for
+/// west's kubelet to report the restored container running. Meanwhile the transfer
+/// ends and west-1's kubelet restores the container without its apiserver; Completing's
+/// calls to west time out and are retried. The controller is restarted there too (in
+/// Completing, with the target unreachable through its apiserver). Once west answers
+/// again the move completes, once, intact.
+async fn target_apiserver_stopped_into_completing(w: &mut World) -> Result<()> {
+    let ns = "outage";
+    let sum = big_pod(w, ns, "big").await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
+    })
+    .await?;
+    let stopped = w.env.stop_apiserver("west")?;
+    wait_for(
+        Duration::from_secs(180),
+        "Completing while west's apiserver is stopped",
+        || async {
+            let p = migs.get("m").await?.status.and_then(|s| s.phase);
+            ensure!(
+                !p.is_some_and(|p| p.is_terminal()),
+                "ended while west's apiserver was stopped: {p:?}"
+            );
+            Ok(p == Some(Phase::Completing))
+        },
+    )
+    .await?;
+    w.restart_controller().await;
+    // The new controller reads Completing from the status and waits on west too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = migs.get("m").await?.status.and_then(|s| s.phase);
+    ensure!(
+        p == Some(Phase::Completing),
+        "after the controller restart, with west's apiserver stopped: {p:?}"
+    );
+    drop(stopped);
+    eprintln!("[{ns}] controller restarted in Completing; west's apiserver continued");
+    moved_intact(w, ns, "big", &sum).await?;
+    west_1_ready(w).await
+}
+
+/// West's kube-apiserver stops while the source streams its checkpoint, and the
+/// Migration is deleted meanwhile. Nothing was restored at the target, which its daemon
+/// vouches for (it decided "abort" before any restore began), so the source resumes at
+/// once, while west still answers nothing: the outage does not keep the workload
+/// frozen. Once west answers again, the target Pod goes and the Migration with it.
+async fn deleted_while_the_target_apiserver_is_stopped(w: &World) -> Result<()> {
+    let ns = "outage-cancel";
+    big_pod(w, ns, "victim").await?;
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
+    })
+    .await?;
+    // Frozen and streaming (the freeze comes first; 20 MiB take ~40 s on this link).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped = w.env.stop_apiserver("west")?;
+    migs.delete("m", &Default::default()).await?;
+    let before = w.last_count("east", ns, "victim", "app")?;
+    wait_for(
+        Duration::from_secs(60),
+        "the source to count on while west's apiserver is stopped",
+        || async {
+            // The target Pod's gate (pause, never the workload) stays until west can
+            // delete the Pod; the workload's container runs at the source only.
+            let copies = w.running_copies(ns, "victim")?;
+            ensure!(
+                copies
+                    .iter()
+                    .all(|(node, c)| node == "east-1" || c == GATE_CONTAINER),
+                "running copies: {copies:?}"
+            );
+            Ok(w.last_count("east", ns, "victim", "app")? > before)
+        },
+    )
+    .await?;
+    eprintln!("[{ns}] the source runs again while west's apiserver is stopped");
+    drop(stopped);
+    wait_for(
+        Duration::from_secs(120),
+        "the deleted Migration to go",
+        || async { Ok(migs.get_opt("m").await?.is_none()) },
+    )
+    .await?;
+    w.check_runs_once_at_source(ns, "victim").await?;
+    west_1_ready(w).await
+}
+
+/// After an outage of west's apiserver: west-1 is Ready again (its kubelet renewed its
+/// lease), so that what follows can target it.
+async fn west_1_ready(w: &World) -> Result<()> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(w.west.clone());
+    wait_for(Duration::from_secs(60), "west-1 Ready", || async {
+        let n = nodes.get("west-1").await?;
+        Ok(n.status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await
 }
 
 /// Follows the Migration `m` to Succeeded: the transfer outlasted the kubelet's runtime

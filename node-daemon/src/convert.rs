@@ -294,6 +294,7 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
             })
             .collect(),
         committed: p.committed,
+        no_copy: false,
     }
 }
 

@@ -344,14 +344,29 @@ pub trait Runtime: Send + Sync + 'static {
     /// operation afterwards when this answers `Ok(false)`.
     fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>>;
 
-    /// Source: resume the workload. Destination: remove whatever was received or restored.
-    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// Source: resume the workload. Destination: remove whatever was received or
+    /// restored, and say whether a copy may run here ([`Left`]).
+    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<Left, RuntimeError>>;
 
     /// Whether this runtime holds state for `migration_id` that no running operation
     /// knows of (recovered after a daemon restart): Abort and Finalize go to it.
     fn knows(&self, _migration_id: &str) -> bool {
         false
     }
+}
+
+/// What an Abort leaves on its node, for the controller's rollback order: a
+/// destination that can vouch that no copy of the workload runs there lets the source
+/// resume at once, without waiting for the target Pod to be deleted through its
+/// (perhaps unreachable) apiserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// No copy runs here, and none can start for this migration: every restore was
+    /// refused before it began.
+    NoCopy,
+    /// A copy runs here (a resumed source), or may (a destination whose restore had
+    /// begun, or whose state this daemon cannot vouch for).
+    MayRun,
 }
 
 /// The source's point of no return, decided once between the migration's own work

@@ -3,7 +3,8 @@
 use crate::convert::{self as cv};
 use crate::error::RuntimeError;
 use crate::runtime::{
-    CheckpointPlan, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage,
+    CheckpointPlan, Left, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime,
+    Stage,
 };
 use crate::transport::{self, Transport};
 use ferry_proto::node::v1 as pb;
@@ -148,6 +149,17 @@ impl NodeService {
     /// run of this daemon started (its operations died with it).
     fn recovered(&self, id: &str) -> Option<Arc<dyn Runtime>> {
         self.runtimes.iter().find(|r| r.knows(id)).cloned()
+    }
+
+    /// Abort's answer: Aborted with `what`, or Failed with why; `no_copy` when the
+    /// runtime vouches that no copy of the workload runs on this node.
+    fn aborted(id: &str, r: Result<Left, RuntimeError>, what: &str) -> pb::Operation {
+        let no_copy = matches!(r, Ok(Left::NoCopy));
+        let r = r.and(Err(RuntimeError::Aborted(what.into())));
+        pb::Operation {
+            no_copy,
+            ..Self::done(id, Stage::Aborting, &r)
+        }
     }
 
     fn done(id: &str, stage: Stage, r: &Result<(), RuntimeError>) -> pb::Operation {
@@ -415,17 +427,18 @@ impl NodeAgent for NodeService {
         let op = self.ops.lock().unwrap().remove(&id);
         let Some(mut op) = op else {
             if let Some(runtime) = self.recovered(&id) {
-                let r = runtime.abort(&id).await.and(Err(RuntimeError::Aborted(
+                let r = runtime.abort(&id).await;
+                return Ok(Response::new(Self::aborted(
+                    &id,
+                    r,
                     "aborted what a previous run of this daemon started; source resumed / \
-                     destination cleaned"
-                        .into(),
+                     destination cleaned",
                 )));
-                return Ok(Response::new(Self::done(&id, Stage::Aborting, &r)));
             }
-            return Ok(Response::new(Self::done(
+            return Ok(Response::new(Self::aborted(
                 &id,
-                Stage::Aborting,
-                &Err(RuntimeError::Aborted("nothing to abort".into())),
+                Ok(Left::MayRun),
+                "nothing to abort",
             )));
         };
         // Stop work in flight first, then undo what it did.
@@ -433,10 +446,11 @@ impl NodeAgent for NodeService {
             t.abort();
         }
         let r = op.runtime.abort(&id).await;
-        let r = r.and(Err(RuntimeError::Aborted(
-            "aborted; source resumed / destination cleaned".into(),
-        )));
-        Ok(Response::new(Self::done(&id, Stage::Aborting, &r)))
+        Ok(Response::new(Self::aborted(
+            &id,
+            r,
+            "aborted; source resumed / destination cleaned",
+        )))
     }
 
     #[tracing::instrument(skip_all, fields(migration_id = %req.get_ref().migration_id))]

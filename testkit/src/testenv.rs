@@ -144,12 +144,68 @@ impl TestEnv {
         client_for(&self.cluster(name).kubeconfig).await
     }
 
+    /// Stops cluster `name`'s kube-apiserver (SIGSTOP) until the guard is dropped
+    /// (SIGCONT): meanwhile it accepts connections and answers nothing, as an apiserver
+    /// whose host froze. Its kubelets, controllers and clients all wait on it.
+    pub fn stop_apiserver(&self, name: &str) -> Result<StoppedApiserver> {
+        let pki = self
+            .cluster(name)
+            .kubeconfig
+            .parent()
+            .context("kubeconfig has no directory")?
+            .join("pki");
+        let want = format!("--cert-dir={}", pki.display());
+        let mut found = None;
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_apiserver = args.first().is_some_and(|a| a.ends_with(b"kube-apiserver"));
+            if is_apiserver && args.contains(&want.as_bytes()) {
+                found = Some(pid);
+            }
+        }
+        let pid = found.with_context(|| format!("no kube-apiserver of {name} ({want})"))?;
+        signal(pid, "STOP")?;
+        Ok(StoppedApiserver { pid })
+    }
+
     /// `kubectl` (the testenv build) against one cluster.
     pub fn kubectl(&self, name: &str) -> Command {
         let mut cmd = Command::new(bin_dir().expect("checked at start").join("kubectl"));
         cmd.arg("--kubeconfig").arg(&self.cluster(name).kubeconfig);
         cmd
     }
+}
+
+/// A stopped kube-apiserver ([`TestEnv::stop_apiserver`]); continued when dropped.
+pub struct StoppedApiserver {
+    pid: u32,
+}
+
+impl Drop for StoppedApiserver {
+    fn drop(&mut self) {
+        if let Err(e) = signal(self.pid, "CONT") {
+            tracing::warn!("continuing kube-apiserver {}: {e:#}", self.pid);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let out = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "kill -{sig} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {

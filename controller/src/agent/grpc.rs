@@ -101,7 +101,10 @@ impl GrpcAgent {
         })?;
         let channel = Channel::from_shared(endpoint.clone())
             .map_err(|e| unavailable(format!("bad endpoint {endpoint:?}: {e}")))?
-            .tls_config(self.tls.clone())
+            // The daemon must prove it is this Node's: its certificate names the Node.
+            // The annotation is only where to dial; whoever may patch Nodes cannot send
+            // the controller (and with it a workload's state) to another node's daemon.
+            .tls_config(self.tls.clone().domain_name(node.node.clone()))
             .map_err(|e| unavailable(format!("TLS for {endpoint:?}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5))
             // Every call is bounded: a hung daemon must not freeze the Migration (and
@@ -143,7 +146,7 @@ fn status_error(node: &NodeRef, migration_id: &str, s: tonic::Status) -> AgentEr
         | Code::Aborted
         | Code::Unknown => AgentError::Unavailable {
             node,
-            message: s.message().to_string(),
+            message: with_causes(&s),
         },
         Code::NotFound if !migration_id.is_empty() && s.message().contains(migration_id) => {
             AgentError::UnknownMigration {
@@ -156,6 +159,19 @@ fn status_error(node: &NodeRef, migration_id: &str, s: tonic::Status) -> AgentEr
             message: format!("{:?}: {}", s.code(), s.message()),
         },
     }
+}
+
+/// A status's message with the errors beneath it (a failed handshake says why only
+/// there, e.g. "certificate not valid for name").
+fn with_causes(s: &tonic::Status) -> String {
+    let mut message = s.message().to_string();
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        cause = e.source();
+    }
+    message
 }
 
 fn pod_ref(p: &PodId) -> pb::WorkloadRef {
@@ -228,6 +244,7 @@ fn op_status(node: &NodeRef, op: pb::Operation) -> OpStatus {
         bytes_total: op.bytes_total,
         downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
         committed: op.committed,
+        no_copy: op.no_copy,
         message: op.message,
         steps: op
             .steps

@@ -118,6 +118,8 @@ impl ScriptedAgent {
             steps: Vec::new(),
             // A post-copy hands the workload over as soon as its bundle is out.
             committed: call == Call::StartCheckpoint && inner.commits,
+            // Unsure, as a daemon that cannot vouch: the rollback removes the target first.
+            no_copy: false,
         };
         inner.ops.insert(key, (op.clone(), self.polls_per_op));
         op

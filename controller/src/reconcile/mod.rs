@@ -71,6 +71,9 @@ pub enum Error {
     /// A write lost an optimistic-concurrency race twice; the reconcile runs again.
     #[error("{0}")]
     Conflict(String),
+    /// An apiserver call did not answer in time; the reconcile runs again.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -85,6 +88,7 @@ impl Error {
             Error::StillCompleting => "still_completing",
             Error::NoNamespace => "no_namespace",
             Error::Conflict(_) => "conflict",
+            Error::Timeout(_) => "timeout",
         }
     }
 }

@@ -7,8 +7,12 @@
 //! - Completing: wait until the target's kubelet reports every container running, then
 //!   delete the source Pod (UID precondition), then let the source daemon end the
 //!   frozen copy (`Finalize`) and the target daemon drop its staging.
-//! - Rollback: delete the target Pod and wait until its kubelet removed it, then resume
-//!   the source (`Abort`): never two copies running, and the source always resumes.
+//! - Rollback: abort at the target; unless its daemon vouches that no copy runs there
+//!   (every restore refused before it began), delete the target Pod and wait until its
+//!   kubelet removed it; then resume the source (`Abort`); a vouched-for target's Pod
+//!   is deleted after. Never two copies running, and the source always resumes; a
+//!   target apiserver that does not answer delays the source only when the target
+//!   may run a copy.
 use super::*;
 use crate::agent::ContainerImage;
 use ferry_crds::Receiver;
@@ -21,6 +25,27 @@ const TARGET_RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long rollback waits for the target Pod to be gone before resuming the source.
 const TARGET_GONE_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(50);
+/// How long one call to the target cluster's apiserver may take in Completing and
+/// rollback: a stopped apiserver answers nothing, and kube's own read timeout is
+/// minutes, during which a reconcile could neither time out nor be cancelled.
+const TARGET_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One call to the target cluster's apiserver, bounded by [`TARGET_CALL_TIMEOUT`].
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(TARGET_CALL_TIMEOUT, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(unanswered(what)),
+    }
+}
+
+fn unanswered(what: &str) -> Error {
+    Error::Timeout(format!(
+        "{what}: the target cluster's apiserver did not answer within {TARGET_CALL_TIMEOUT:?}"
+    ))
+}
 
 /// Why a target Pod cannot become ready, when its status already says so.
 fn stuck(status: &PodStatus) -> Option<String> {
@@ -344,7 +369,7 @@ impl Reconciler<'_> {
             let t = self.status.target.clone().expect("validated");
             let deadline = Instant::now() + TARGET_RUNNING_TIMEOUT;
             loop {
-                match pods.get_opt(&t.pod).await? {
+                match bounded("reading the target Pod", pods.get_opt(&t.pod)).await? {
                     Some(p) if all_running(&p) => break,
                     Some(_) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                     other => {
@@ -411,9 +436,11 @@ impl Reconciler<'_> {
 
     /// Removes the target copy (daemon state, then the Pod, waiting until its kubelet
     /// removed it) and resumes the source. The target goes first so that the workload
-    /// never runs twice; the source is resumed even when the target cannot be
-    /// confirmed gone within [`TARGET_GONE_TIMEOUT`], so it never runs zero times for
-    /// long.
+    /// never runs twice, unless its daemon vouched that no copy runs there (then the
+    /// source resumes first and the Pod goes after: an unanswering target apiserver
+    /// does not keep the workload frozen). The source is resumed even when the target
+    /// cannot be confirmed gone within [`TARGET_GONE_TIMEOUT`], so it never runs zero
+    /// times for long.
     pub(super) async fn undo(&mut self) -> Result<Undone, Error> {
         let id = self.m.uid().unwrap_or_default();
         self.ctx.tokens.lock().unwrap().remove(&id);
@@ -433,14 +460,21 @@ impl Reconciler<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
+        // A target that vouches that no copy runs there (every restore refused before it
+        // began) lets the source resume at once; otherwise the target Pod goes first, so
+        // that the workload never runs twice.
+        let mut target_clear = self.status.target.is_none();
         if self.status.target.is_some() {
             match self.ctx.agent.abort(&self.target_node(), &id).await {
-                Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
+                Ok(op) => target_clear = op.no_copy,
+                Err(AgentError::UnknownMigration { .. }) => {}
                 Err(e) => warn!(
                     "aborting at the target: {e}; deleting the target pod and resuming the source anyway"
                 ),
             }
-            self.delete_target_pod().await?;
+            if !target_clear {
+                self.delete_target_pod().await?;
+            }
         }
         if self.status.source.is_some() {
             match self.ctx.agent.abort(&self.source_node(), &id).await {
@@ -457,6 +491,11 @@ impl Reconciler<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
+        if target_clear {
+            // No copy ran there; the source runs again whether or not the target's
+            // apiserver answers now (a failure here retries the rollback).
+            self.delete_target_pod().await?;
+        }
         Ok(Undone::Undone)
     }
 
@@ -467,21 +506,20 @@ impl Reconciler<'_> {
         let pods = self.target_pods().await?;
         let uid = self.m.uid().unwrap_or_default();
         let ours = |p: &Pod| p.annotations().get(MIGRATION_ANNOTATION) == Some(&uid);
-        match pods.get_opt(&t.pod).await? {
+        match bounded("reading the target Pod", pods.get_opt(&t.pod)).await? {
             Some(p) if ours(&p) => {}
             _ => return Ok(()),
         }
-        match pods
-            .delete(&t.pod, &DeleteParams::default().grace_period(1))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let dp = DeleteParams::default().grace_period(1);
+        match tokio::time::timeout(TARGET_CALL_TIMEOUT, pods.delete(&t.pod, &dp)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(unanswered("deleting the target Pod")),
         }
         let deadline = Instant::now() + TARGET_GONE_TIMEOUT;
         while Instant::now() < deadline {
-            match pods.get_opt(&t.pod).await? {
+            match bounded("reading the target Pod", pods.get_opt(&t.pod)).await? {
                 Some(p) if ours(&p) => tokio::time::sleep(POLL).await,
                 _ => return Ok(()),
             }

@@ -294,8 +294,15 @@ impl ContainerRuntime {
         }
     }
 
-    pub(super) async fn abort_dest(&self, d: DestState) {
+    /// Ends the receiving side. [`Left::NoCopy`] when every container's restore was
+    /// refused before it began (this Abort decided first), so no copy runs here.
+    pub(super) async fn abort_dest(&self, d: DestState) -> Left {
+        let mut left = Left::NoCopy;
         for st in &d.stages {
+            match st.decide(staging::Decision::Abort) {
+                Ok(staging::Decision::Abort) => {}
+                Ok(staging::Decision::Restore) | Err(_) => left = Left::MayRun,
+            }
             // A create still waiting fails now; a later one never starts fresh.
             let _ = st.mark(staging::ABORTED, b"");
         }
@@ -308,6 +315,7 @@ impl ContainerRuntime {
             // CRIU's logs stay for the post-mortem of a failed migration.
             st.drop_payload(true);
         }
+        left
     }
 }
 

@@ -238,16 +238,17 @@ impl Runtime for ContainerRuntime {
         .boxed()
     }
 
-    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<Left, RuntimeError>> {
         async move {
             let entry = self.migrations.lock().unwrap().remove(migration_id);
             match entry {
-                Some(Migration::Source(s)) => self.abort_source(migration_id, s).await,
-                Some(Migration::Dest(d)) => {
-                    self.abort_dest(d).await;
-                    Ok(())
-                }
-                None => Ok(()),
+                Some(Migration::Source(s)) => self
+                    .abort_source(migration_id, s)
+                    .await
+                    .map(|()| Left::MayRun),
+                Some(Migration::Dest(d)) => Ok(self.abort_dest(d).await),
+                // Unknown (e.g. after a restart): its stages, if any, cannot be vouched for.
+                None => Ok(Left::MayRun),
             }
         }
         .boxed()

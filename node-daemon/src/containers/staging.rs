@@ -13,10 +13,16 @@
 //!     waiting          a create waits for this checkpoint          (wrapper)
 //!     ready            staging complete: the wrapper may restore   (daemon)
 //!     aborted          the migration ended: fail the create        (daemon)
+//!     decision         "restore" or "abort", whoever comes first     (wrapper / daemon)
 //!     restored         {"pid", "startedUnixMs", "atUnixMs"} once `runc restore` ran (wrapper)
 //!     failed           why the restore failed; later creates fail too (wrapper)
 //!     consumed         the checkpoint was used: a later create is a fresh start (wrapper)
 //! ```
+//!
+//! `decision` is created once (see [`StageDir::decide`]): the wrapper writes "restore"
+//! right before `runc restore`, the daemon's Abort "abort". Whichever wins holds, so an
+//! Abort that wins knows no copy of this container ran or will run here, and the
+//! controller may resume the source without waiting for the target Pod to go.
 //!
 //! A container marked as a migration target (pod annotation [`MIGRATION_ANNOTATION`],
 //! passed into its OCI config by containerd's `pod_annotations`) is restored only from
@@ -47,6 +53,7 @@ pub const ABORTED: &str = "aborted";
 pub const RESTORED: &str = "restored";
 pub const FAILED: &str = "failed";
 pub const CONSUMED: &str = "consumed";
+pub const DECISION: &str = "decision";
 pub const IMAGES: &str = "images";
 pub const WORK: &str = "work";
 pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
@@ -93,6 +100,22 @@ pub struct Restored {
     pub at_unix_ms: u64,
 }
 
+/// Whether a staged container is restored or its migration aborted (see `decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Restore,
+    Abort,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Restore => "restore",
+            Decision::Abort => "abort",
+        }
+    }
+}
+
 /// One container's staging directory.
 #[derive(Debug, Clone)]
 pub struct StageDir {
@@ -137,6 +160,22 @@ impl StageDir {
     /// Writes a marker atomically (tmp + rename), so the other side never reads half.
     pub fn mark(&self, marker: &str, body: &[u8]) -> io::Result<()> {
         crate::atomic::write_file(&self.dir, marker, body)
+    }
+
+    /// Decides this container's fate once: `want` if no decision was made yet, else the
+    /// one made before (by the other side, or by an earlier call).
+    pub fn decide(&self, want: Decision) -> io::Result<Decision> {
+        if crate::atomic::create_once(&self.dir, DECISION, want.as_str().as_bytes())? {
+            return Ok(want);
+        }
+        match self.read(DECISION).as_deref() {
+            Some("restore") => Ok(Decision::Restore),
+            Some("abort") => Ok(Decision::Abort),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: unreadable decision {other:?}", self.dir.display()),
+            )),
+        }
     }
 
     pub fn read(&self, marker: &str) -> Option<String> {
@@ -204,5 +243,16 @@ mod tests {
         std::fs::create_dir_all(st.path(IMAGES)).unwrap();
         st.drop_payload(false);
         assert!(!st.path(IMAGES).exists() && st.has(READY) && st.has(PLAN));
+    }
+
+    #[test]
+    fn the_first_decision_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StageDir::new(d.path(), "u", "c").unwrap();
+        assert_eq!(st.decide(Decision::Restore).unwrap(), Decision::Restore);
+        assert_eq!(st.decide(Decision::Abort).unwrap(), Decision::Restore);
+        let other = StageDir::new(d.path(), "u", "d").unwrap();
+        assert_eq!(other.decide(Decision::Abort).unwrap(), Decision::Abort);
+        assert_eq!(other.decide(Decision::Restore).unwrap(), Decision::Abort);
     }
 }

@@ -266,6 +266,22 @@ fn create(cfg: &WrapperConfig, call: &RuncCall) -> Outcome {
             return Fail(e);
         }
     };
+    // The last word before the restore, against the daemon's Abort: whichever decides
+    // first holds, so an Abort that won knows this container never runs here.
+    match st.decide(staging::Decision::Restore) {
+        Ok(staging::Decision::Restore) => {}
+        Ok(staging::Decision::Abort) => {
+            return Fail(format!(
+                "migration {} was aborted; not restoring",
+                m.migration_id
+            ));
+        }
+        Err(e) => {
+            let e = format!("deciding to restore: {e}");
+            let _ = st.mark(staging::FAILED, e.as_bytes());
+            return Fail(e);
+        }
+    }
     let waited = started.elapsed();
     let restore_start = crate::runtime::unix_ms();
     match restore(cfg, call, &m, &plan) {

@@ -34,11 +34,11 @@ use super::record::{Records, SourceRecord};
 use super::registry::{self, Found, Registry};
 use crate::convert;
 use crate::error::RuntimeError;
-use crate::runtime::Handover;
 use crate::runtime::{
     CheckpointPlan, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime, Stage, Strategy,
     StrategySupport, WorkloadDescription, WorkloadKind, WorkloadRef,
 };
+use crate::runtime::{Handover, Left};
 use crate::transport::{self, Transport};
 use crate::validate;
 use futures::future::{BoxFuture, FutureExt};
@@ -967,7 +967,9 @@ impl Runtime for VmRuntime {
         .boxed()
     }
 
-    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    /// Always [`Left::MayRun`]: a destination's guest is its launcher's, which the
+    /// controller ends by deleting the target Pod.
+    fn abort<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<Left, RuntimeError>> {
         async move {
             let m = self.migrations.lock().unwrap().remove(migration_id);
             match m {
@@ -978,16 +980,16 @@ impl Runtime for VmRuntime {
                     } else {
                         self.records.remove(migration_id);
                     }
-                    r
+                    r.map(|()| Left::MayRun)
                 }
                 // Nothing here to remove or kill: the target Pod's guest is its
                 // kubelet's, and the controller deletes that Pod.
                 Some(VmMigration::Dest { task, .. }) => {
                     task.abort();
                     reject_pipe(&self.transport, &ram_pipe(migration_id));
-                    Ok(())
+                    Ok(Left::MayRun)
                 }
-                None => Ok(()),
+                None => Ok(Left::MayRun),
             }
         }
         .boxed()
