@@ -136,6 +136,27 @@ async fn controller_restarted_mid_transfer(w: &mut World) -> Result<()> {
     moved_intact(w, ns, "big", &sum).await
 }
 
+/// Waits until Migration `ns/m` is in Checkpointing; returns its Api.
+async fn until_checkpointing(w: &World, ns: &str) -> Result<Api<Migration>> {
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "Checkpointing", || async {
+        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
+    })
+    .await?;
+    Ok(migs)
+}
+
+/// A big pod `ns/victim` moving (Migration `m`), 3 s into its checkpoint. The freeze
+/// comes first, the 20 MiB take ~40 s on this link: 3 s in, the source is frozen and
+/// streaming to the receiving target (or, on a very slow day, still dumping: a fault
+/// all the same).
+async fn frozen_mid_transfer(w: &World, ns: &str) -> Result<Api<Migration>> {
+    big_pod(w, ns, "victim").await?;
+    let migs = until_checkpointing(w, ns).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(migs)
+}
+
 /// West's kube-apiserver stops (SIGSTOP: it answers nothing) while the source streams
 /// its checkpoint, and stays stopped until the controller is in Completing, waiting for
 /// west's kubelet to report the restored container running. Meanwhile the transfer
@@ -146,11 +167,7 @@ async fn controller_restarted_mid_transfer(w: &mut World) -> Result<()> {
 async fn target_apiserver_stopped_into_completing(w: &mut World) -> Result<()> {
     let ns = "outage";
     let sum = big_pod(w, ns, "big").await?;
-    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "Checkpointing", || async {
-        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
-    })
-    .await?;
+    let migs = until_checkpointing(w, ns).await?;
     let stopped = w.env.stop_apiserver("west")?;
     wait_for(
         Duration::from_secs(180),
@@ -186,14 +203,7 @@ async fn target_apiserver_stopped_into_completing(w: &mut World) -> Result<()> {
 /// frozen. Once west answers again, the target Pod goes and the Migration with it.
 async fn deleted_while_the_target_apiserver_is_stopped(w: &World) -> Result<()> {
     let ns = "outage-cancel";
-    big_pod(w, ns, "victim").await?;
-    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "Checkpointing", || async {
-        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
-    })
-    .await?;
-    // Frozen and streaming (the freeze comes first; 20 MiB take ~40 s on this link).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let migs = frozen_mid_transfer(w, ns).await?;
     let stopped = w.env.stop_apiserver("west")?;
     migs.delete("m", &Default::default()).await?;
     let before = w.last_count("east", ns, "victim", "app")?;
@@ -325,16 +335,7 @@ async fn destination_daemon_killed_mid_transfer(w: &World) -> Result<()> {
 /// pod and restarts it; the Migration must roll back, the source run on exactly once,
 /// never restarted. Returns why it rolled back.
 async fn daemon_killed_mid_transfer(w: &World, ns: &str, node: &str) -> Result<Failure> {
-    big_pod(w, ns, "victim").await?;
-    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "Checkpointing", || async {
-        Ok(migs.get("m").await?.status.and_then(|s| s.phase) == Some(Phase::Checkpointing))
-    })
-    .await?;
-    // The freeze comes first, the 20 MiB take ~40 s on this link: 3 s in, the source is
-    // frozen and streaming to the receiving target (or, on a very slow day, still
-    // dumping: a fault all the same).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    frozen_mid_transfer(w, ns).await?;
     w.restart_daemon(node)?;
     let m = w
         .follow(ns, "m", Duration::from_secs(300), |m| {

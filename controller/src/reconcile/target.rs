@@ -37,14 +37,10 @@ async fn bounded<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(TARGET_CALL_TIMEOUT, call).await {
         Ok(r) => Ok(r?),
-        Err(_) => Err(unanswered(what)),
+        Err(_) => Err(Error::Timeout(format!(
+            "{what}: the target cluster's apiserver did not answer within {TARGET_CALL_TIMEOUT:?}"
+        ))),
     }
-}
-
-fn unanswered(what: &str) -> Error {
-    Error::Timeout(format!(
-        "{what}: the target cluster's apiserver did not answer within {TARGET_CALL_TIMEOUT:?}"
-    ))
 }
 
 /// Why a target Pod cannot become ready, when its status already says so.
@@ -511,11 +507,10 @@ impl Reconciler<'_> {
             _ => return Ok(()),
         }
         let dp = DeleteParams::default().grace_period(1);
-        match tokio::time::timeout(TARGET_CALL_TIMEOUT, pods.delete(&t.pod, &dp)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(kube::Error::Api(e))) if e.code == 404 => return Ok(()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(unanswered("deleting the target Pod")),
+        match bounded("deleting the target Pod", pods.delete(&t.pod, &dp)).await {
+            Ok(_) => {}
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(e),
         }
         let deadline = Instant::now() + TARGET_GONE_TIMEOUT;
         while Instant::now() < deadline {
