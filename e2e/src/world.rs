@@ -687,11 +687,15 @@ pub fn counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::V
 }
 
 /// A counter Pod whose lines (log and /data/count.log) are `count unix-ms`, the time
-/// read by the container itself just before it writes the line (busybox's adjtimex
-/// gives microseconds): which lines the source wrote before its freeze shows the cut.
+/// read by the container itself just before it writes the line: which lines the source
+/// wrote before its freeze shows the cut. busybox's `date` has no sub-second format, so
+/// the time comes from adjtimex(2), whose `tv_usec` holds nanoseconds when the kernel's
+/// STA_NANO status bit (8192) is set (an NTP daemon sets it on some machines): reading
+/// it as microseconds put stamps up to 1000 s late on a fresh CI machine.
 pub fn stamped_counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::Value {
     let script = "exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); \
-        set -- $(busybox adjtimex | busybox grep time.tv_); ms=$(($2 * 1000 + $4 / 1000)); \
+        ms=$(busybox adjtimex | busybox awk '/status:/{n=and($2,8192)} /tv_sec/{s=$2} \
+        /tv_usec/{u=$2} END{printf \"%.0f\", s*1000 + (n ? int(u/1000000) : int(u/1000))}'); \
         echo $i $ms; echo $i $ms >&3; usleep 50000; done";
     pod_running(name, node, containers, script)
 }

@@ -11,7 +11,7 @@ use ferry_proto::node::v1 as pb;
 use ferry_proto::node::v1::node_agent_server::NodeAgent;
 use ferry_transfer::Grant;
 use futures::Stream;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -40,6 +40,34 @@ pub struct NodeService {
     /// asks for lazy pages) and revokes them when the migration ends here.
     transport: Arc<Transport>,
     ops: Mutex<HashMap<String, Op>>,
+    /// Migrations whose PrepareReceiver is running now.
+    preparing: Mutex<HashSet<String>>,
+}
+
+/// A migration's claim on its PrepareReceiver; released when the call ends.
+struct Preparing<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl<'a> Preparing<'a> {
+    fn claim(set: &'a Mutex<HashSet<String>>, id: &str) -> Result<Preparing<'a>, RuntimeError> {
+        if !set.lock().unwrap().insert(id.to_string()) {
+            return Err(RuntimeError::Unavailable(format!(
+                "a PrepareReceiver for migration {id} is already running here; retry when it answers"
+            )));
+        }
+        Ok(Preparing {
+            set,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.id);
+    }
 }
 
 impl NodeService {
@@ -48,6 +76,7 @@ impl NodeService {
             runtimes,
             transport,
             ops: Mutex::new(HashMap::new()),
+            preparing: Default::default(),
         }
     }
 
@@ -127,13 +156,18 @@ impl NodeService {
             .instrument(span),
         );
         let op = cv::operation_pb(&rx.borrow());
-        self.ops.lock().unwrap().insert(
+        let mut ops = self.ops.lock().unwrap();
+        // What PrepareReceiver answered outlives its op: a controller that restarted
+        // before it recorded the restore's start asks for the receiver again, and must
+        // get the same token, not a fresh grant that refuses the source's next pipe.
+        let receiver = ops.get(id).and_then(|o| o.receiver.clone());
+        ops.insert(
             id.to_string(),
             Op {
                 kind,
                 runtime,
                 progress: rx,
-                receiver: None,
+                receiver,
                 task: Some(task),
             },
         );
@@ -217,6 +251,10 @@ impl NodeAgent for NodeService {
     ) -> Result<Response<pb::PrepareReceiverResponse>, Status> {
         let r = req.into_inner();
         let id = cv::migration_id(&r.migration_id)?;
+        // One PrepareReceiver per migration at a time: two (a restarted controller's
+        // repeat while its predecessor's call still runs) would each mint a grant, and
+        // the source would be handed the token the later grant replaced.
+        let _preparing = Preparing::claim(&self.preparing, &id)?;
         if let Some(info) = self
             .ops
             .lock()

@@ -129,6 +129,18 @@ async fn only_the_named_source_with_the_migrations_token_may_send() -> Result<()
         .await?
         .into_inner();
     assert_eq!(again.token, one.token);
+    // And the same token once the restore started: a controller that restarted before it
+    // recorded the start asks again, and the source's next pipe must still get through.
+    c.start_restore(pb::StartRestoreRequest {
+        migration_id: "m-two".into(),
+        target: None,
+    })
+    .await?;
+    let restoring = c
+        .prepare_receiver(prepare("m-two", "00000000-0000-4000-8000-000000000002"))
+        .await?
+        .into_inner();
+    assert_eq!(restoring.token, two.token);
 
     let sender = |name: &str, ip: &str| -> Result<Sender> {
         let dir = ferry_testkit::pki::node_tls_dir(&tmp.path().join(name), name, ip)?;
@@ -171,6 +183,8 @@ async fn only_the_named_source_with_the_migrations_token_may_send() -> Result<()
     source
         .connect_pipe(&ep(&one.token), "m-one/ram", &once)
         .await?;
+    let ep_two = Endpoint::new(two.receive_endpoint.clone(), host).with_token(&two.token);
+    source.connect_pipe(&ep_two, "m-two/ram", &once).await?;
     // Aborted: nothing of m-one is admitted any more.
     c.abort(pb::MigrationRef {
         migration_id: "m-one".into(),
