@@ -108,6 +108,8 @@ pub struct OpStatus {
     pub state: OpState,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// What the daemon sent on the network (after compression).
+    pub wire_bytes: u64,
     /// Measured by the side that paused the workload.
     pub downtime_ms: Option<u64>,
     pub message: String,

@@ -127,10 +127,13 @@ pub struct Transfer {
     /// Bucket settings; required when mode is ObjectStore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStore>,
-    /// Compress state with zstd on the wire.
+    /// Compress state with zstd (level 1) on the wire: container bundles, CRIU's page
+    /// pipes and the VM migration stream. `status.progress.wireBytes` shows the effect.
     #[serde(default)]
     pub compress: bool,
-    /// Bandwidth cap in MiB/s; 0 or unset means no cap.
+    /// Bandwidth cap in MiB/s on what the source sends, shared by all of the
+    /// migration's streams and pipes (VMs: QEMU's max-bandwidth and
+    /// max-postcopy-bandwidth); 0 or unset means no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub bandwidth_limit_mi_bps: Option<u32>,
@@ -341,6 +344,10 @@ pub struct Progress {
     pub bytes_transferred: u64,
     /// 0 while unknown.
     pub bytes_total: u64,
+    /// Bytes the sending daemon put on the network for it, after compression
+    /// (`transfer.compress`): below bytesTransferred when compression paid off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes: Option<u64>,
     /// e.g. `512Mi/1Gi (50%)`, for `kubectl get`.
     pub display: String,
     /// When the byte count last grew (for timeouts.progressSeconds).

@@ -686,6 +686,17 @@ pub fn counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::V
     pod_running(name, node, containers, script)
 }
 
+/// A counter Pod (as [`counter_pod`]) whose shell also holds `mib` MiB of one repeated
+/// byte in memory: state worth moving, and as compressible as memory gets.
+pub fn memory_counter_pod(name: &str, node: &str, mib: u32) -> serde_json::Value {
+    let script = format!(
+        "blob=$(busybox head -c {} /dev/zero | busybox tr '\\0' x); \
+         exec 3>>/data/count.log; i=0; while true; do i=$((i+1)); echo $i; echo $i >&3; usleep 50000; done",
+        u64::from(mib) << 20
+    );
+    pod_running(name, node, &["app"], &script)
+}
+
 /// A counter Pod whose lines (log and /data/count.log) are `count unix-ms`, the time
 /// read by the container itself just before it writes the line: which lines the source
 /// wrote before its freeze shows the cut. busybox's `date` has no sub-second format, so

@@ -7,7 +7,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, Phase};
 use ferry_e2e::world::{
-    World, WorldOptions, counter_pod, numbers, stamped, stamped_counter_pod, wait_for,
+    World, WorldOptions, counter_pod, memory_counter_pod, numbers, stamped, stamped_counter_pod,
+    wait_for,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -178,6 +179,69 @@ async fn cold_across_clusters(w: &World) -> Result<()> {
             t.steps
         );
     }
+    Ok(())
+}
+
+/// A Cold move across clusters with `transfer` settings: the pod holds 16 MiB of one
+/// repeated byte, so what it moves is known to be large and compressible.
+async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<(u64, u64, u64)> {
+    w.create_pod(ns, memory_counter_pod("counter", "east-1", 16))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold")
+        + &format!("  transfer: {transfer}\n");
+    let m = run(w, ns, "m", &yaml).await?;
+    check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
+    let s = m.status.context("status")?;
+    let p = s.progress.context("no progress in the status")?;
+    let wire = p.wire_bytes.context("no wireBytes in the status")?;
+    let downtime = s
+        .timings
+        .and_then(|t| t.downtime_ms)
+        .context("no downtime")?;
+    ensure!(
+        p.bytes_transferred >= 16 << 20,
+        "the 16 MiB the pod holds did not move: {p:?}"
+    );
+    eprintln!(
+        "[{ns}] {} KiB moved, {} KiB on the wire, downtime {downtime} ms",
+        p.bytes_transferred >> 10,
+        wire >> 10
+    );
+    Ok((p.bytes_transferred, wire, downtime))
+}
+
+/// `transfer.compress`: the pod arrives intact, and far fewer bytes crossed the network
+/// than it moved.
+async fn compressed_move(w: &World) -> Result<()> {
+    let (moved, wire, _) = shaped_move(w, "compressed", "{compress: true}").await?;
+    ensure!(
+        wire * 4 < moved,
+        "compression: {wire} bytes on the wire for {moved} moved"
+    );
+    Ok(())
+}
+
+/// `transfer.bandwidthLimitMiBps`: uncompressed, the 16+ MiB cannot have crossed within
+/// the downtime faster than the cap (a lower bound: everything of a Cold move is sent
+/// while the pod is frozen; unlimited, this move's downtime is a second or two).
+async fn capped_move(w: &World) -> Result<()> {
+    const MIB_PER_SEC: u64 = 2;
+    let (moved, wire, downtime) = shaped_move(
+        w,
+        "capped",
+        &format!("{{bandwidthLimitMiBps: {MIB_PER_SEC}}}"),
+    )
+    .await?;
+    ensure!(
+        wire >= moved,
+        "uncompressed: {wire} on the wire for {moved} moved"
+    );
+    let floor_ms = wire * 1000 / (MIB_PER_SEC << 20) * 9 / 10;
+    ensure!(
+        downtime >= floor_ms,
+        "{wire} bytes in a {downtime} ms downtime: faster than {MIB_PER_SEC} MiB/s"
+    );
     Ok(())
 }
 
@@ -450,6 +514,8 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         "three-live",
         "rollback",
         "bad-input",
+        "compressed",
+        "capped",
     ] {
         w.namespace(ns).await?;
     }
@@ -461,6 +527,8 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         three_containers(w, "three-live", "Live"),
         corrupted_checkpoint_rolls_back(w),
         bad_targets_fail_in_preparing(w),
+        compressed_move(w),
+        capped_move(w),
     );
     let named = [
         ("cold across clusters", results.0),
@@ -472,6 +540,8 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         ),
         ("corrupted checkpoint rolls back", results.4),
         ("bad targets fail in Preparing", results.5),
+        ("compressed Cold move: fewer bytes on the wire", results.6),
+        ("capped Cold move: no faster than the cap", results.7),
     ];
     let mut failed = 0;
     for (name, r) in &named {

@@ -4,6 +4,7 @@ use crate::error::RuntimeError;
 use crate::runtime as d;
 use crate::validate;
 use ferry_proto::node::v1 as pb;
+use ferry_transfer::{Pacer, Shaping};
 use tonic::{Code, Status};
 
 /// Every typed error's gRPC code, decided here only.
@@ -281,6 +282,7 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
         } as i32,
         bytes_done: p.bytes_done,
         bytes_total: p.bytes_total,
+        wire_bytes: p.wire_bytes,
         downtime_ms: p.downtime_ms,
         elapsed_ms: p.elapsed_ms,
         message: p.message.clone(),
@@ -312,6 +314,21 @@ pub fn check_transfer(t: Option<&pb::TransferSpec>) -> Result<(), RuntimeError> 
         Some(Err(_)) => Err(RuntimeError::InvalidArgument(
             "unknown transfer mode".into(),
         )),
+    }
+}
+
+/// zstd's fastest standard level: a migration's memory is large and its downtime
+/// counts; level 1 already shrinks the zero-filled and repetitive pages that make
+/// compression worth having.
+pub const COMPRESS_LEVEL: i32 = 1;
+
+/// What the migration's transfer settings do to the bytes this side sends: compression
+/// (the peer decompresses: both sides get the same TransferSpec) and one bandwidth cap
+/// for all of its streams and pipes together. Call once per migration per side.
+pub fn shaping(t: Option<&pb::TransferSpec>) -> Shaping {
+    Shaping {
+        zstd_level: t.filter(|t| t.compress).map(|_| COMPRESS_LEVEL),
+        pacer: Pacer::new(t.map_or(0, |t| t.bandwidth_limit_bytes_per_sec)),
     }
 }
 

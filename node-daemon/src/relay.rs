@@ -15,7 +15,7 @@
 //! as root; the owner is read from `/proc/net/tcp`) and closes all others.
 use crate::error::RuntimeError;
 use crate::transport::Transport;
-use ferry_transfer::{Endpoint, RetryPolicy};
+use ferry_transfer::{Carried, Endpoint, RetryPolicy, Shaping};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,8 +31,8 @@ pub fn lazy_pipe(migration_id: &str, container: &str) -> String {
     format!("{migration_id}/lazy/{container}")
 }
 
-/// Bytes relayed each way (local → pipe, pipe → local).
-pub type Relayed = Result<(u64, u64), RuntimeError>;
+/// Bytes relayed each way, as CRIU saw them and on the wire.
+pub type Relayed = Result<Carried, RuntimeError>;
 
 /// One relay at work; dropping it ends it (and closes both of its connections).
 pub struct Relay(JoinHandle<Relayed>);
@@ -60,11 +60,13 @@ impl Drop for Relay {
 
 /// Listens on loopback; the first connection a root process makes is carried through
 /// the pipe `id` to `peer` (dialled only then, so nothing waits on an idle link).
-/// Returns where the local CRIU must connect (`127.0.0.1:port`).
+/// Returns where the local CRIU must connect (`127.0.0.1:port`). Both ends of a pipe
+/// carry it with the migration's `shaping` (compression must match).
 pub async fn outbound(
     transport: Arc<Transport>,
     peer: Endpoint,
     id: String,
+    shaping: Shaping,
 ) -> Result<(SocketAddr, Relay), RuntimeError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
@@ -82,14 +84,14 @@ pub async fn outbound(
             .map_err(|e| {
                 RuntimeError::Transfer(format!("pages pipe {id} to {}: {e}", peer.addr))
             })?;
-        splice(local, pipe, &id).await
+        splice(local, pipe, &id, &shaping).await
     });
     Ok((addr, Relay(task)))
 }
 
 /// Accepts the pipe `id` from the granted peer and carries it to the CRIU that listens
 /// on `127.0.0.1:port`.
-pub fn inbound(transport: Arc<Transport>, id: String, port: u16) -> Relay {
+pub fn inbound(transport: Arc<Transport>, id: String, port: u16, shaping: Shaping) -> Relay {
     Relay(tokio::spawn(async move {
         let pipe = transport
             .receiver
@@ -101,17 +103,22 @@ pub fn inbound(transport: Arc<Transport>, id: String, port: u16) -> Relay {
             .map_err(RuntimeError::io(format!(
                 "connecting pipe {id} to CRIU on 127.0.0.1:{port}"
             )))?;
-        splice(local, pipe, &id).await
+        splice(local, pipe, &id, &shaping).await
     }))
 }
 
-async fn splice(mut local: TcpStream, mut pipe: ferry_transfer::Pipe, id: &str) -> Relayed {
+async fn splice(
+    local: TcpStream,
+    pipe: ferry_transfer::Pipe,
+    id: &str,
+    shaping: &Shaping,
+) -> Relayed {
     local.set_nodelay(true).ok();
-    let r = tokio::io::copy_bidirectional(&mut local, &mut pipe)
+    let c = ferry_transfer::carry(local, pipe, shaping)
         .await
         .map_err(|e| RuntimeError::Transfer(format!("relaying pages pipe {id}: {e}")))?;
-    tracing::debug!(%id, to_peer = r.0, from_peer = r.1, "pages relay done");
-    Ok(r)
+    tracing::debug!(%id, carried = ?c, "pages relay done");
+    Ok(c)
 }
 
 /// The first connection whose socket a root process owns; others are closed.

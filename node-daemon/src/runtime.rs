@@ -6,6 +6,7 @@
 //! [`ProgressSink`]; the server turns that into `Operation` messages.
 pub use crate::containers::staging::CriuOptions;
 use crate::error::RuntimeError;
+use ferry_transfer::Shaping;
 use futures::future::BoxFuture;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -92,6 +93,9 @@ pub struct ReceiverPlan {
     pub source_peer: String,
     /// The migration's transfer token (this node granted it to `source_peer`).
     pub token: String,
+    /// Compression and bandwidth cap of the migration's pipes (the source's choice:
+    /// this side decompresses what it receives in kind).
+    pub shaping: Shaping,
 }
 
 /// The image one source container runs.
@@ -127,6 +131,8 @@ pub struct CheckpointPlan {
     /// Keep the source resumable (frozen, not killed) until finalize or abort.
     pub leave_running: bool,
     pub criu: CriuOptions,
+    /// Compression and bandwidth cap of everything this side sends for the migration.
+    pub shaping: Shaping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -158,6 +164,8 @@ pub struct Progress {
     pub state: OpState,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Bytes sent on the network, after compression (see `bytes_done` for before).
+    pub wire_bytes: u64,
     pub downtime_ms: u64,
     pub elapsed_ms: u64,
     pub message: String,
@@ -217,6 +225,10 @@ impl ProgressSink {
 
     pub fn add_bytes(&self, n: u64) {
         self.update(|p| p.bytes_done += n);
+    }
+
+    pub fn add_wire_bytes(&self, n: u64) {
+        self.update(|p| p.wire_bytes += n);
     }
 
     /// Absolute counters, for backends that learn totals from elsewhere (QEMU).

@@ -288,6 +288,7 @@ impl NodeAgent for NodeService {
             images: cv::images(r.images)?,
             source_peer,
             token: grant.token.clone(),
+            shaping: cv::shaping(r.transfer.as_ref()),
         };
         self.transport.receiver.grant(&id, grant);
         let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
@@ -350,6 +351,7 @@ impl NodeAgent for NodeService {
             leave_running: r.leave_running,
             criu: cv::criu_options(r.criu),
             receive_endpoint,
+            shaping: cv::shaping(r.transfer.as_ref()),
         };
         runtime.check_checkpoint(&plan).await?;
         // The destination dials back for lazy pages: the same token, its certificate.

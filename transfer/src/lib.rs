@@ -49,8 +49,8 @@ mod tls;
 use std::time::Duration;
 
 pub use direct::{
-    Grant, IncomingStream, OutgoingStream, Pipe, Receiver, ResumeRecord, SendOptions, SendReport,
-    Sender, scope_of,
+    Carried, Grant, IncomingStream, Moved, OutgoingStream, Pacer, Pipe, Receiver, ResumeRecord,
+    SendOptions, SendReport, Sender, Shaping, carry, into_pipe, out_of_pipe, scope_of,
 };
 pub use error::{Side, TransferError};
 pub use s3::{

@@ -230,7 +230,7 @@ async fn bandwidth_limit_paces_the_sender() {
     let p = pair().await;
     let reader = tokio::spawn(drain(p.rx.accept_stream("mig-6/x").await));
     let opts = SendOptions {
-        bandwidth_limit: Some(12 << 20),
+        pacer: ferry_transfer::Pacer::new(12 << 20),
         chunk_size: 256 << 10,
         ..Default::default()
     };
@@ -515,4 +515,110 @@ async fn only_the_granted_peer_with_the_token_may_send() {
     });
     sent.unwrap();
     assert_eq!(got.unwrap(), b"granted");
+}
+
+/// Two pipes of one migration carried with `carry`, as the daemons relay CRIU's and
+/// QEMU's sockets: each end's local side is one half of an in-memory duplex.
+async fn carried_pipe(
+    p: &Arc<Pair>,
+    id: &str,
+    client: ferry_transfer::Shaping,
+    server: ferry_transfer::Shaping,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<std::io::Result<ferry_transfer::Carried>>,
+    tokio::task::JoinHandle<std::io::Result<ferry_transfer::Carried>>,
+) {
+    let (p2, id2) = (p.clone(), id.to_string());
+    let (server_app, server_local) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        let pipe = p2.rx.accept_pipe(&id2).await.unwrap();
+        ferry_transfer::carry(server_local, pipe, &server).await
+    });
+    let pipe =
+        p.tx.connect_pipe(&ep(p.rx.local_addr()), id, &quick_retry())
+            .await
+            .unwrap();
+    let (client_app, client_local) = tokio::io::duplex(1 << 20);
+    let client =
+        tokio::spawn(async move { ferry_transfer::carry(client_local, pipe, &client).await });
+    (client_app, server_app, client, server)
+}
+
+/// Compression on a request/response pipe (CRIU's lazy pages, QEMU's post-copy): a
+/// small request gets through at once, 4 MiB of compressible reply arrives complete
+/// while the pipe stays open (nothing is held back for a better ratio), and far fewer
+/// bytes crossed the wire than were carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carry_compresses_a_pipe_without_holding_bytes_back() {
+    let p = Arc::new(pair().await);
+    let zstd = ferry_transfer::Shaping {
+        zstd_level: Some(3),
+        pacer: None,
+    };
+    let (mut client, mut server, c, s) = carried_pipe(&p, "mig-8/lazy", zstd.clone(), zstd).await;
+    let reply = b"page page page page ".repeat(200 << 10);
+    let exchange = async {
+        client.write_all(b"give me pages\n").await?;
+        let mut req = [0u8; 14];
+        server.read_exact(&mut req).await?;
+        assert_eq!(&req, b"give me pages\n");
+        let (mut sr, mut sw) = tokio::io::split(&mut server);
+        let mut got = vec![0u8; reply.len()];
+        let (w, r) = tokio::join!(sw.write_all(&reply), client.read_exact(&mut got));
+        w?;
+        r?;
+        assert!(got == reply, "the reply arrived changed");
+        let mut none = [0u8; 1];
+        // The client ends its side; the server reads the end, then ends its own.
+        client.shutdown().await?;
+        assert_eq!(sr.read(&mut none).await?, 0);
+        sw.shutdown().await?;
+        assert_eq!(client.read(&mut none).await?, 0);
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .expect("a compressed pipe held bytes back (the exchange stalled)")
+        .unwrap();
+    let (c, s) = (c.await.unwrap().unwrap(), s.await.unwrap().unwrap());
+    assert_eq!(s.sent, reply.len() as u64);
+    assert_eq!(c.received, reply.len() as u64);
+    assert_eq!(s.sent_wire, c.received_wire);
+    assert!(s.sent_wire * 20 < s.sent, "{s:?}");
+    assert_eq!((c.sent, s.received), (14, 14));
+}
+
+/// One pacer shared by two pipes caps them together: 2 × 1.5 MiB of random bytes at
+/// 6 MiB/s cannot take less than ~0.5 s (a lower bound, not a benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pacer_caps_a_migrations_pipes_together() {
+    const LEN: u64 = 3 << 19;
+    let p = Arc::new(pair().await);
+    let paced = ferry_transfer::Shaping {
+        zstd_level: None,
+        pacer: ferry_transfer::Pacer::new(6 << 20),
+    };
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for (seed, id) in [(9, "mig-9/pages/a"), (10, "mig-9/pages/b")] {
+        let (mut client, server, c, s) =
+            carried_pipe(&p, id, paced.clone(), Default::default()).await;
+        runs.push(tokio::spawn(async move {
+            let reader = tokio::spawn(drain(server));
+            tokio::io::copy(&mut RandomReader::new(seed, LEN), &mut client).await?;
+            client.shutdown().await?;
+            let got = reader.await.unwrap()?;
+            assert_eq!(got, (LEN, random_digest(seed, LEN)));
+            let (c, s) = (c.await.unwrap()?, s.await.unwrap()?);
+            assert_eq!((c.sent_wire, s.received), (LEN, LEN));
+            std::io::Result::Ok(())
+        }));
+    }
+    for r in runs {
+        r.await.unwrap().unwrap();
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "took {took:?}");
 }

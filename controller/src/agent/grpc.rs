@@ -242,6 +242,7 @@ fn op_status(node: &NodeRef, op: pb::Operation) -> OpStatus {
         state,
         bytes_done: op.bytes_done,
         bytes_total: op.bytes_total,
+        wire_bytes: op.wire_bytes,
         downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
         committed: op.committed,
         no_copy: op.no_copy,

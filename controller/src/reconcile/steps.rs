@@ -77,6 +77,9 @@ impl Reconciler<'_> {
         // Source and target report their own counters; the migration moved the larger.
         p.bytes_transferred = p.bytes_transferred.max(op.bytes_done);
         p.bytes_total = p.bytes_total.max(op.bytes_total);
+        if op.wire_bytes > 0 {
+            p.wire_bytes = Some(p.wire_bytes.unwrap_or(0).max(op.wire_bytes));
+        }
         p.display = format::progress(p.bytes_transferred, p.bytes_total);
         if !op.steps.is_empty() {
             let t = self.status.timings.get_or_insert_with(Timings::default);

@@ -113,7 +113,12 @@ impl ContainerRuntime {
                     }
                 }
                 let pipe = relay::pages_pipe(&plan.migration_id, &c.name);
-                let r = relay::inbound(self.cfg.transport.clone(), pipe.clone(), port);
+                let r = relay::inbound(
+                    self.cfg.transport.clone(),
+                    pipe.clone(),
+                    port,
+                    plan.shaping.clone(),
+                );
                 relays.lock().unwrap().push(r);
                 page_servers.push((c.name.clone(), pipe));
             }
@@ -141,6 +146,7 @@ impl ContainerRuntime {
             migration_id: plan.migration_id.clone(),
             source_peer: plan.source_peer.clone(),
             token: plan.token.clone(),
+            shaping: plan.shaping.clone(),
             relays: relays.clone(),
         });
         let corrupt = self.cfg.test_corrupt_staged_namespace.as_deref()
@@ -329,6 +335,7 @@ struct LazyCtx {
     /// The only peer the lazy pages are fetched from (what the controller named).
     source_peer: String,
     token: String,
+    shaping: ferry_transfer::Shaping,
     relays: Arc<Mutex<Vec<Relay>>>,
 }
 
@@ -407,7 +414,8 @@ async fn stage_bundle(
         let source = lazy_source(&images, &lazy.source_peer)?;
         let pipe = relay::lazy_pipe(&lazy.migration_id, &stage.container());
         let peer = transport::peer(&source, &lazy.token)?;
-        let (local, relay) = relay::outbound(lazy.transport.clone(), peer, pipe).await?;
+        let (local, relay) =
+            relay::outbound(lazy.transport.clone(), peer, pipe, lazy.shaping.clone()).await?;
         lazy.relays.lock().unwrap().push(relay);
         let opts = LazyPagesOpts {
             images_dir: images,

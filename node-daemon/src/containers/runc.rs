@@ -261,9 +261,22 @@ impl Runc {
         if !self.root.exists() {
             return Ok(Vec::new());
         }
-        let out = self
-            .run_within(self.list_args(), None, Some(SHORT_CALL))
-            .await?;
+        // `runc list` fails outright when a container's state dir vanishes while it
+        // reads the root (another Pod on the node being deleted): read it again.
+        let mut attempt = 0;
+        let out = loop {
+            match self
+                .run_within(self.list_args(), None, Some(SHORT_CALL))
+                .await
+            {
+                Err(e) if attempt < 5 && e.to_string().contains("no such file or directory") => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "runc list raced a container's removal");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                r => break r?,
+            }
+        };
         let text = String::from_utf8_lossy(&out);
         // runc prints `null` for an empty root.
         if text.trim() == "null" || text.trim().is_empty() {
@@ -373,6 +386,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// A "runc" whose `list` fails twice as the real one does when a container's state
+    /// dir vanishes mid-read (seen when a Pod beside the migrating one was deleted),
+    /// then answers: `list` reads again; any other failure is not retried.
+    #[tokio::test]
+    async fn list_reads_again_when_a_container_vanished_mid_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = tmp.path().join("runc");
+        let calls = tmp.path().join("calls");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho x >> {c}\nif [ $(wc -l < {c}) -le 2 ]; then\n\
+                 echo 'level=error msg=\"stat /run/runc/k8s.io/abc: no such file or directory\"' >&2\n\
+                 exit 1\nfi\n\
+                 echo '[{{\"id\":\"a\",\"pid\":7,\"status\":\"running\",\"bundle\":\"/b\"}}]'\n",
+                c = calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let r = Runc::new(&fake, tmp.path());
+        let cs = r.list().await.unwrap();
+        assert_eq!(cs.len(), 1);
+        assert_eq!((cs[0].id.as_str(), cs[0].pid), ("a", 7));
+        assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 3);
+
+        std::fs::write(&fake, "#!/bin/sh\necho 'permission denied' >&2\nexit 1\n").unwrap();
+        let e = r.list().await.expect_err("a real failure stays one");
+        assert!(e.to_string().contains("permission denied"), "{e}");
     }
 
     /// A "runc" that starts a helper (as runc starts CRIU) and then hangs: a call over

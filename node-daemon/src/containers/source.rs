@@ -284,14 +284,15 @@ impl ContainerRuntime {
             let pipe = relay::lazy_pipe(&plan.migration_id, &name);
             (
                 format!("127.0.0.1:{port}"),
-                relay::inbound(transport.clone(), pipe, port),
+                relay::inbound(transport.clone(), pipe, port, plan.shaping.clone()),
             )
         } else {
             let pipe = page_server.ok_or_else(|| {
                 RuntimeError::InvalidArgument(format!("no page server given for container {name}"))
             })?;
             let peer = transport::peer(&plan.receive_endpoint, &plan.token)?;
-            let (addr, relay) = relay::outbound(transport.clone(), peer, pipe).await?;
+            let (addr, relay) =
+                relay::outbound(transport.clone(), peer, pipe, plan.shaping.clone()).await?;
             (addr.to_string(), relay)
         };
         let opts = CheckpointOpts {
@@ -326,7 +327,10 @@ impl ContainerRuntime {
             // The dump ends after the page server acknowledged its last pages, so the
             // relay only has the connection's close left to carry.
             match relay.finish(Duration::from_secs(5)).await {
-                Some(Ok((pages, _))) => cut.progress.add_bytes(pages),
+                Some(Ok(c)) => {
+                    cut.progress.add_bytes(c.sent);
+                    cut.progress.add_wire_bytes(c.sent_wire);
+                }
                 Some(Err(e)) => tracing::warn!(container = %name, error = %e, "page relay"),
                 None => tracing::warn!(container = %name, "page relay still open after the dump"),
             }
@@ -357,9 +361,10 @@ impl ContainerRuntime {
         cut.progress.step(format!("rootfs/{name}"), diff_start);
         let send_start = unix_ms();
         let sent = self.send_bundle(cut, c, &cdir).await?;
-        cut.progress.add_bytes(sent);
+        cut.progress.add_bytes(sent.raw);
+        cut.progress.add_wire_bytes(sent.wire);
         cut.progress.step(format!("send/{name}"), send_start);
-        tracing::info!(container = %name, bytes = sent, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
+        tracing::info!(container = %name, bytes = sent.raw, wire = sent.wire, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
         if let Some(child) = serving {
             cut.progress.stage(
                 Stage::Transferring,
@@ -373,9 +378,10 @@ impl ContainerRuntime {
             }
             // CRIU's served pages, counted on their way through the relay.
             if let Some(relay) = lazy_relay
-                && let Some(Ok((pages, _))) = relay.finish(Duration::from_secs(2)).await
+                && let Some(Ok(c)) = relay.finish(Duration::from_secs(2)).await
             {
-                cut.progress.add_bytes(pages);
+                cut.progress.add_bytes(c.sent);
+                cut.progress.add_wire_bytes(c.sent_wire);
             }
             r?;
             cut.progress.step(format!("pages/{name}"), send_start);
@@ -390,7 +396,7 @@ impl ContainerRuntime {
         cut: &Cut<'_>,
         c: &PodContainer,
         cdir: &Path,
-    ) -> Result<u64, RuntimeError> {
+    ) -> Result<ferry_transfer::Moved, RuntimeError> {
         let args: Vec<String> = ["-c", "-f", "-", "--numeric-owner", "-C"]
             .into_iter()
             .map(String::from)
@@ -435,6 +441,7 @@ impl ContainerRuntime {
             &self.cfg.transport,
             &cut.plan.receive_endpoint,
             &cut.plan.token,
+            &cut.plan.shaping,
             &header,
             &mut out,
         )

@@ -10,7 +10,7 @@
 //! dumps, through the daemons' page relays (`relay.rs`).
 use crate::error::RuntimeError;
 use crate::transport::{self, Transport};
-use ferry_transfer::{IncomingStream, SendOptions};
+use ferry_transfer::{IncomingStream, Moved, SendOptions, Shaping};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
@@ -36,27 +36,38 @@ fn stream_id(migration_id: &str, container: &str) -> String {
     format!("{migration_id}/bundle/{container}")
 }
 
-/// Sends one bundle to the daemon at `endpoint`; returns the number of body bytes sent
-/// once the receiver has verified the whole stream.
+/// Sends one bundle to the daemon at `endpoint`; returns the body's bytes (and what
+/// crossed the wire for the whole stream) once the receiver has verified it.
 pub async fn send(
     transport: &Transport,
     endpoint: &str,
     token: &str,
+    shaping: &Shaping,
     header: &BundleHeader,
     body: &mut (impl AsyncRead + Unpin),
-) -> Result<u64, RuntimeError> {
+) -> Result<Moved, RuntimeError> {
     let ep = transport::peer(endpoint, token)?;
     let mut line = serde_json::to_vec(header).expect("header serializes");
     line.push(b'\n');
     let id = stream_id(&header.migration_id, &header.container);
+    // Compressed chunk by chunk (the receiver decodes each frame as it says), paced by
+    // the migration's one pacer together with its page pipes.
+    let opts = SendOptions {
+        zstd_level: shaping.zstd_level,
+        pacer: shaping.pacer.clone(),
+        ..Default::default()
+    };
     let report = transport
         .sender
-        .send_stream(&ep, &id, (&line[..]).chain(body), &SendOptions::default())
+        .send_stream(&ep, &id, (&line[..]).chain(body), &opts)
         .await
         .map_err(|e| {
             RuntimeError::Transfer(format!("sending {} to {endpoint}: {e}", header.container))
         })?;
-    Ok(report.bytes.saturating_sub(line.len() as u64))
+    Ok(Moved {
+        raw: report.bytes.saturating_sub(line.len() as u64),
+        wire: report.wire_bytes_sent,
+    })
 }
 
 /// A bundle's body, after its header line.

@@ -41,12 +41,12 @@ use crate::runtime::{
 use crate::runtime::{Handover, Left};
 use crate::transport::{self, Transport};
 use crate::validate;
+use ferry_transfer::{Moved, Shaping};
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -59,7 +59,6 @@ const TARGET_POLL: Duration = Duration::from_millis(100);
 
 /// How long the relay may take to pass the end of QEMU's stream on after QEMU finished.
 const RELAY_DRAIN: Duration = Duration::from_secs(60);
-const RELAY_BUF: usize = 256 << 10;
 
 /// QMP reconnects tolerated per migration step before the error counts.
 const MAX_RECONNECTS: u32 = 3;
@@ -191,17 +190,24 @@ impl VmRuntime {
     /// the source until the end, so rollback stays possible; `PostCopy` (a Migration
     /// that allows it) switches to post-copy instead, which ends any stall but leaves no
     /// way back once switched.
-    fn tuning_for(&self, strategy: Strategy) -> MigrationTuning {
+    /// A bandwidth cap (`transfer.bandwidthLimitMiBps`) lowers QEMU's own limits, for
+    /// pre-copy and post-copy's background push alike.
+    fn tuning_for(&self, strategy: Strategy, shaping: &Shaping) -> MigrationTuning {
         let policy = match strategy {
             Strategy::Cold => ConvergencePolicy::None,
             Strategy::PreCopy => ConvergencePolicy::AutoConverge,
             Strategy::PostCopy => ConvergencePolicy::PostCopy,
         };
-        MigrationTuning {
+        let mut t = MigrationTuning {
             postcopy_ram: policy.needs_postcopy_ram(),
             policy,
             ..self.tuning.clone()
+        };
+        if let Some(cap) = shaping.pacer.as_ref().map(|p| p.bytes_per_sec()) {
+            t.max_bandwidth = t.max_bandwidth.min(cap);
+            t.max_postcopy_bandwidth = Some(t.max_postcopy_bandwidth.map_or(cap, |b| b.min(cap)));
         }
+        t
     }
 
     // ---- source ----
@@ -238,7 +244,7 @@ impl VmRuntime {
         let q = QemuBackend::connect(&qmp, QMP_WAIT)
             .await
             .map_err(qemu_err)?;
-        let tuning = self.tuning_for(plan.strategy);
+        let tuning = self.tuning_for(plan.strategy, &plan.shaping);
         q.configure(&tuning).await.map_err(qemu_err)?;
         let sock = OwnedSocket(sock);
         let _ = std::fs::remove_file(&sock.0);
@@ -268,7 +274,7 @@ impl VmRuntime {
                 .connect_pipe(&ep, &ram_pipe(&plan.migration_id), &Default::default())
                 .await
                 .map_err(|e| RuntimeError::Transfer(e.to_string()))?;
-            Ok::<_, RuntimeError>(splice(conn, pipe))
+            Ok::<_, RuntimeError>(splice(conn, pipe, &plan.shaping))
         };
         let relay = match forward.await {
             Ok(t) => t,
@@ -332,7 +338,10 @@ impl VmRuntime {
                 let drained = tokio::time::timeout(RELAY_DRAIN, relay.outbound).await;
                 relay.inbound.abort();
                 let why = match drained {
-                    Ok(Ok(Ok(_))) => None,
+                    Ok(Ok(Ok(moved))) => {
+                        progress.add_wire_bytes(moved.wire);
+                        None
+                    }
                     Ok(Ok(Err(e))) => Some(e.to_string()),
                     _ => Some(format!("not done within {RELAY_DRAIN:?}")),
                 };
@@ -489,7 +498,8 @@ impl VmRuntime {
             transport: self.transport.clone(),
             registry: self.registry.clone(),
             wait: self.target_wait,
-            tuning: self.tuning_for(plan.strategy),
+            tuning: self.tuning_for(plan.strategy, &plan.shaping),
+            shaping: plan.shaping.clone(),
             migration_id: plan.migration_id.clone(),
             target: plan.target,
             source_spec: spec,
@@ -658,9 +668,9 @@ fn reject_pipe(transport: &Arc<Transport>, id: &str) {
 struct Relay {
     /// QEMU's socket → pipe; done once QEMU closed its side and every byte was flushed
     /// into the pipe and the pipe shut down.
-    outbound: tokio::task::JoinHandle<std::io::Result<u64>>,
+    outbound: tokio::task::JoinHandle<std::io::Result<Moved>>,
     /// Pipe → QEMU's socket (the return path, or the incoming stream on the destination).
-    inbound: tokio::task::JoinHandle<std::io::Result<u64>>,
+    inbound: tokio::task::JoinHandle<std::io::Result<Moved>>,
 }
 
 /// The destination's relay, stopped with the migration's task.
@@ -673,26 +683,30 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Relays a migration stream between a QEMU socket and a transfer pipe, both ways.
-fn splice(qemu: UnixStream, pipe: ferry_transfer::Pipe) -> Relay {
+/// Relays a migration stream between a QEMU socket and a transfer pipe, both ways,
+/// compressed as the migration says. Not paced here: QEMU paces its own stream
+/// (`tuning_for` caps its max-bandwidth), and knowing the rate is how it plans the
+/// downtime.
+fn splice(qemu: UnixStream, pipe: ferry_transfer::Pipe, shaping: &Shaping) -> Relay {
     let (qemu_r, qemu_w) = qemu.into_split();
     let (pipe_r, pipe_w) = tokio::io::split(pipe);
+    let shaping = Shaping {
+        pacer: None,
+        ..shaping.clone()
+    };
+    let (out, inn) = (shaping.clone(), shaping);
     Relay {
-        outbound: tokio::spawn(copy_then_shutdown(qemu_r, pipe_w)),
-        inbound: tokio::spawn(copy_then_shutdown(pipe_r, qemu_w)),
+        outbound: tokio::spawn(async move {
+            let m = ferry_transfer::into_pipe(qemu_r, pipe_w, &out).await?;
+            tracing::debug!(moved = ?m, "migration stream sent");
+            Ok(m)
+        }),
+        inbound: tokio::spawn(async move {
+            let m = ferry_transfer::out_of_pipe(pipe_r, qemu_w, &inn).await?;
+            tracing::debug!(moved = ?m, "migration stream received");
+            Ok(m)
+        }),
     }
-}
-
-async fn copy_then_shutdown(
-    from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
-) -> std::io::Result<u64> {
-    // Large reads: the stream is hundreds of MiB and every syscall is a TLS record.
-    let mut from = tokio::io::BufReader::with_capacity(RELAY_BUF, from);
-    let n = tokio::io::copy_buf(&mut from, &mut to).await?;
-    to.shutdown().await?;
-    tracing::debug!(bytes = n, "migration stream direction closed");
-    Ok(n)
 }
 
 /// Everything the destination's background task needs.
@@ -701,6 +715,7 @@ struct Incoming {
     registry: Registry,
     wait: Duration,
     tuning: MigrationTuning,
+    shaping: Shaping,
     migration_id: String,
     target: WorkloadRef,
     source_spec: GuestSpec,
@@ -748,7 +763,7 @@ impl Incoming {
             .await
             .map_err(RuntimeError::io("connecting to the incoming QEMU"))?;
         // Runs until QEMU or the source closes; QEMU's own status says how it went.
-        Ok((q, qmp, splice(conn, pipe)))
+        Ok((q, qmp, splice(conn, pipe, &self.shaping)))
     }
 
     /// The target pod's kubelet starts its launcher whenever it gets to it, before or

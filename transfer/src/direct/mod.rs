@@ -6,6 +6,7 @@
 mod pipe;
 mod receiver;
 mod sender;
+mod shape;
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub use pipe::Pipe;
 pub use receiver::{Grant, IncomingStream, Receiver, scope_of};
 pub use sender::{OutgoingStream, Sender};
+pub use shape::{Carried, Moved, Pacer, Shaping, carry, into_pipe, out_of_pipe};
 
 use crate::RetryPolicy;
 use crate::frame::{Frame, MAX_FRAME};
@@ -29,8 +31,9 @@ pub struct SendOptions {
     /// zstd level for chunk compression; `None` sends chunks as they are. A chunk that
     /// does not shrink is sent uncompressed.
     pub zstd_level: Option<i32>,
-    /// Cap on payload bytes per second on the wire; `None` is unlimited.
-    pub bandwidth_limit: Option<u64>,
+    /// Caps payload bytes per second on the wire; share one [`Pacer`] between the
+    /// streams and pipes of a migration to cap them together. `None` is unlimited.
+    pub pacer: Option<std::sync::Arc<Pacer>>,
     /// Reconnect policy after a dropped connection.
     pub retry: RetryPolicy,
     /// A connection that makes no progress (no acknowledgement while data is
@@ -44,7 +47,7 @@ impl Default for SendOptions {
             chunk_size: 1 << 20,
             window: 16 << 20,
             zstd_level: None,
-            bandwidth_limit: None,
+            pacer: None,
             retry: RetryPolicy::default(),
             io_timeout: Duration::from_secs(20),
         }

@@ -3,7 +3,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::Retryable;
 use bytes::{Bytes, BytesMut};
@@ -190,7 +190,6 @@ impl Sender {
         let mut report = SendReport::default();
         let mut first = true;
         let mut stalls = 0usize;
-        let started = Instant::now();
         loop {
             let (tls, resume) = self
                 .connect_retrying(ep, Mode::Stream, id, &opts.retry)
@@ -237,18 +236,7 @@ impl Sender {
             let acked_at_connect = resume.max(out.acked);
             out.ack(resume);
             debug!(resume, "connected");
-            match run_conn(
-                tls,
-                &mut out,
-                &mut reader,
-                resume,
-                opts,
-                &mut report,
-                started,
-                id,
-            )
-            .await
-            {
+            match run_conn(tls, &mut out, &mut reader, resume, opts, &mut report, id).await {
                 Ok(()) => return Ok(report),
                 Err(ConnError::Fatal(e)) => return Err(e),
                 Err(ConnError::Broken(why)) => {
@@ -337,7 +325,6 @@ async fn run_conn<R: AsyncRead + Unpin>(
     resume: u64,
     opts: &SendOptions,
     report: &mut SendReport,
-    started: Instant,
     id: &str,
 ) -> Result<(), ConnError> {
     let (rd, mut wr) = tokio::io::split(tls);
@@ -466,6 +453,12 @@ async fn run_conn<R: AsyncRead + Unpin>(
                 None => (Codec::None, raw.clone()),
             };
             let wire = payload.len() as u64;
+            if let Some(p) = &opts.pacer {
+                // Before the write: the budget is spent when bytes leave, and a
+                // flush makes them leave now rather than in a later burst.
+                let _ = wr.flush().await;
+                p.pace(wire).await;
+            }
             // Header and payload written separately: saves copying each chunk into a
             // frame buffer (TLS copies it into records anyway).
             frame_buf.clear();
@@ -496,13 +489,6 @@ async fn run_conn<R: AsyncRead + Unpin>(
             report.wire_bytes_sent += wire;
             pos += len;
             out.max_sent = out.max_sent.max(pos);
-            if let Some(limit) = opts.bandwidth_limit.filter(|l| *l > 0) {
-                let due = Duration::from_secs_f64(report.wire_bytes_sent as f64 / limit as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    let _ = wr.flush().await;
-                    tokio::time::sleep(wait).await;
-                }
-            }
             continue;
         }
         if !more && !sent_end {
