@@ -146,7 +146,7 @@ async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() ->
     let w = World::new("cli").await?;
     let env = env();
     let bad = format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: bad, namespace: {}}}\nspec:\n  workload: {{pod: web}}\n  target: {{cluster: west}}\n  transfer: {{mode: ObjectStore}}\n  timeouts: {{completionSeconds: 0}}\n",
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: bad, namespace: {}}}\nspec:\n  workload: {{pod: web}}\n  target: {{cluster: west}}\n  transfer: {{mode: ObjectStore, compress: true}}\n  timeouts: {{completionSeconds: 0}}\n",
         w.ns
     );
     let file = tempfile_with(&bad)?;
@@ -163,6 +163,12 @@ async fn kubectl_shows_columns_and_the_apiserver_rejects_invalid_migrations() ->
     );
     assert!(
         stderr.contains("transfer.objectStore (bucket and credentials) is required"),
+        "{stderr}"
+    );
+    // Through a bucket: Cold only, and no settings that apply to Direct alone.
+    assert!(stderr.contains("with strategy Cold only"), "{stderr}");
+    assert!(
+        stderr.contains("transfer.compress and transfer.bandwidthLimitMiBps apply to Direct"),
         "{stderr}"
     );
 

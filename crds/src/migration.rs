@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
     ).message("spec cannot change once the migration has started; delete this Migration and create a new one")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.transfer.mode != 'ObjectStore' || self.strategy == 'Cold'").message("transfer.mode ObjectStore moves containers with strategy Cold only (Live needs the direct connection to the source): set strategy: Cold"))]
 pub struct MigrationSpec {
     /// The workload to move.
     pub workload: WorkloadRef,
@@ -119,6 +120,7 @@ pub enum Strategy {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'ObjectStore' || has(self.objectStore)").message("transfer.objectStore (bucket and credentials) is required when transfer.mode is ObjectStore"))]
+#[x_kube(validation = Rule::new("self.mode != 'ObjectStore' || (!self.compress && !has(self.bandwidthLimitMiBps))").message("transfer.compress and transfer.bandwidthLimitMiBps apply to Direct transfers; through a bucket the state moves as it is: unset them"))]
 pub struct Transfer {
     /// `Direct`: a stream between the two node daemons (mutual TLS).
     /// `ObjectStore`: through an S3-compatible bucket.

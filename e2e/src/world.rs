@@ -229,6 +229,11 @@ impl World {
         })
     }
 
+    /// The LAN's host address: what every node reaches (the apiservers, a MinIO).
+    pub fn host_ip(&self) -> std::net::Ipv4Addr {
+        self._lan.host_ip()
+    }
+
     pub fn node(&self, name: &str) -> &SimNode {
         self.nodes
             .iter()

@@ -10,9 +10,13 @@ use ferry_e2e::world::{
     World, WorldOptions, counter_pod, memory_counter_pod, numbers, stamped, stamped_counter_pod,
     wait_for,
 };
+use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
+
+/// The e2e world's bucket (in the MinIO on the LAN's host address).
+const BUCKET: &str = "ferry-e2e";
 
 fn migration(name: &str, pod: &str, target: &str, strategy: &str) -> String {
     format!(
@@ -242,6 +246,68 @@ async fn capped_move(w: &World) -> Result<()> {
         downtime >= floor_ms,
         "{wire} bytes in a {downtime} ms downtime: faster than {MIB_PER_SEC} MiB/s"
     );
+    Ok(())
+}
+
+/// `transfer.mode: ObjectStore`: a pod on east-2 moves Cold to west-1 through MinIO
+/// while east-2 and west-1 cannot reach each other at all (every packet between them
+/// dropped), and afterwards the bucket holds nothing of it. With wrong credentials the
+/// Migration fails in Preparing saying so, and the pod runs on once at the source.
+async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let ns = "bucket";
+    let secrets: Api<Secret> = Api::namespaced(w.east.clone(), ns);
+    for (name, secret) in [("s3", SECRET_KEY), ("s3-wrong", "not-the-secret")] {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
+        }))?;
+        secrets.create(&Default::default(), &s).await?;
+    }
+    w.node("east-2").lan.block(w.node("west-1").lan.ip())?;
+    w.create_pod(ns, memory_counter_pod("counter", "east-2", 4))
+        .await?;
+    w.create_pod(ns, counter_pod("other", "east-2", &["app"]))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let transfer = |secret: &str| {
+        format!(
+            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
+             prefix: e2e, credentialsSecret: {secret}}}}}\n",
+            minio.endpoint()
+        )
+    };
+    let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold") + &transfer("s3");
+    let m = run(w, ns, "m", &yaml).await?;
+    check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
+    let p = m
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.clone())
+        .context("progress")?;
+    ensure!(
+        p.bytes_transferred >= 4 << 20,
+        "the 4 MiB the pod holds did not move: {p:?}"
+    );
+    let uid = m.metadata.uid.clone().context("uid")?;
+    let left = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
+    ensure!(left.is_empty(), "the bucket still holds {left:?}");
+
+    let yaml =
+        migration("bad", "other", "{cluster: west, node: west-1}", "Cold") + &transfer("s3-wrong");
+    w.apply_migration(ns, &yaml).await?;
+    let bad = w
+        .follow(ns, "bad", Duration::from_secs(180), |_| {})
+        .await?;
+    let s = bad.status.context("status")?;
+    let f = s.failure.clone().context("no failure")?;
+    ensure!(
+        f.reason == "PrepareFailed" && f.message.contains("not usable with the credentials"),
+        "wrong credentials: {:?} {f:?}",
+        s.phase
+    );
+    w.check_runs_once_at_source(ns, "other").await?;
+    eprintln!("[{ns}] wrong credentials: {}", f.message);
     Ok(())
 }
 
@@ -516,9 +582,12 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         "bad-input",
         "compressed",
         "capped",
+        "bucket",
     ] {
         w.namespace(ns).await?;
     }
+    let minio = MinioServer::start_on(w.host_ip())?;
+    minio.create_bucket(BUCKET).await?;
     let w = &w;
     let results = futures::join!(
         cold_across_clusters(w),
@@ -529,6 +598,7 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         bad_targets_fail_in_preparing(w),
         compressed_move(w),
         capped_move(w),
+        through_a_bucket(w, &minio),
     );
     let named = [
         ("cold across clusters", results.0),
@@ -542,6 +612,10 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         ("bad targets fail in Preparing", results.5),
         ("compressed Cold move: fewer bytes on the wire", results.6),
         ("capped Cold move: no faster than the cap", results.7),
+        (
+            "Cold through a bucket, no route between the nodes; wrong credentials",
+            results.8,
+        ),
     ];
     let mut failed = 0;
     for (name, r) in &named {

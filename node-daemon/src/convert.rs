@@ -4,7 +4,8 @@ use crate::error::RuntimeError;
 use crate::runtime as d;
 use crate::validate;
 use ferry_proto::node::v1 as pb;
-use ferry_transfer::{Pacer, Shaping};
+use ferry_transfer::{Pacer, S3Config, S3Credentials, Shaping};
+use std::time::Duration;
 use tonic::{Code, Status};
 
 /// Every typed error's gRPC code, decided here only.
@@ -300,21 +301,77 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
     }
 }
 
-/// The daemons move state directly (mutual-TLS streams); the object-store path of
-/// ferry-transfer is not wired into them yet, so such a request is refused rather than
-/// silently sent another way.
-pub fn check_transfer(t: Option<&pb::TransferSpec>) -> Result<(), RuntimeError> {
-    match t.map(|t| pb::TransferMode::try_from(t.mode)) {
-        None | Some(Ok(pb::TransferMode::Unspecified | pb::TransferMode::Direct)) => Ok(()),
-        Some(Ok(pb::TransferMode::ObjectStore)) => Err(RuntimeError::Unavailable(
-            "transfer mode ObjectStore: this ferry-node moves state only directly between \
-             daemons; use transfer.mode Direct"
-                .into(),
-        )),
-        Some(Err(_)) => Err(RuntimeError::InvalidArgument(
-            "unknown transfer mode".into(),
-        )),
+/// The bucket a migration's state goes through (`transfer.mode: ObjectStore`), or None
+/// (Direct). Compression and the bandwidth cap apply to the direct path only: with a
+/// bucket they are refused rather than ignored.
+pub fn bucket(t: Option<&pb::TransferSpec>) -> Result<Option<S3Config>, RuntimeError> {
+    let Some(t) = t else { return Ok(None) };
+    match pb::TransferMode::try_from(t.mode) {
+        Ok(pb::TransferMode::Unspecified | pb::TransferMode::Direct) => return Ok(None),
+        Ok(pb::TransferMode::ObjectStore) => {}
+        Err(_) => {
+            return Err(RuntimeError::InvalidArgument(
+                "unknown transfer mode".into(),
+            ));
+        }
     }
+    let bad = |m: &str| {
+        Err(RuntimeError::InvalidArgument(format!(
+            "transfer.objectStore: {m}"
+        )))
+    };
+    if t.compress || t.bandwidth_limit_bytes_per_sec > 0 {
+        return Err(RuntimeError::InvalidArgument(
+            "transfer.compress and transfer.bandwidthLimitMiBps apply to Direct transfers; \
+             through a bucket the state moves as it is, at the store's pace: unset them"
+                .into(),
+        ));
+    }
+    let Some(o) = &t.object_store else {
+        return bad("missing (mode ObjectStore needs a bucket)");
+    };
+    let region = if o.region.is_empty() {
+        "us-east-1"
+    } else {
+        o.region.as_str()
+    };
+    // No endpoint: AWS S3 in the region (the CRD documents it so).
+    let aws = format!("https://s3.{region}.amazonaws.com");
+    let endpoint = match o.endpoint.trim_end_matches('/') {
+        "" => aws.as_str(),
+        e => e,
+    };
+    let host = match endpoint.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => rest,
+        _ => return bad(&format!("endpoint {endpoint:?} is not an http(s) URL")),
+    };
+    if o.bucket.is_empty() || o.bucket.len() > 63 {
+        return bad(&format!(
+            "bucket name {:?} is not 1-63 characters",
+            o.bucket
+        ));
+    }
+    if o.access_key_id.is_empty() || o.secret_access_key.is_empty() {
+        return bad("the credentials Secret gave no access key");
+    }
+    Ok(Some(S3Config {
+        endpoint: endpoint.to_string(),
+        region: region.to_string(),
+        bucket: o.bucket.clone(),
+        prefix: o.prefix.clone(),
+        credentials: S3Credentials {
+            access_key: o.access_key_id.clone(),
+            secret_key: o.secret_access_key.clone(),
+            session_token: None,
+        },
+        // AWS serves virtual-host style; MinIO and most others need path style.
+        path_style: !host
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("")
+            .ends_with(".amazonaws.com"),
+        request_timeout: Duration::from_secs(30),
+    }))
 }
 
 /// zstd's fastest standard level: a migration's memory is large and its downtime
@@ -513,5 +570,64 @@ mod tests {
         assert!(token("").is_err());
         assert!(token(&"f".repeat(64)).is_ok());
         assert!(token(&"f".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn a_bucket_is_taken_whole_or_refused_with_the_field() {
+        let store = |endpoint: &str, bucket: &str| pb::ObjectStore {
+            endpoint: endpoint.into(),
+            bucket: bucket.into(),
+            access_key_id: "id".into(),
+            secret_access_key: "secret".into(),
+            ..Default::default()
+        };
+        let spec = |o: pb::ObjectStore| pb::TransferSpec {
+            mode: pb::TransferMode::ObjectStore as i32,
+            object_store: Some(o),
+            ..Default::default()
+        };
+        assert!(bucket(None).unwrap().is_none());
+        let direct = pb::TransferSpec {
+            mode: pb::TransferMode::Direct as i32,
+            compress: true,
+            ..Default::default()
+        };
+        assert!(bucket(Some(&direct)).unwrap().is_none());
+        let minio = bucket(Some(&spec(store("http://10.0.0.1:9000/", "b"))))
+            .unwrap()
+            .unwrap();
+        assert_eq!(minio.endpoint, "http://10.0.0.1:9000");
+        assert!(minio.path_style);
+        assert_eq!(minio.region, "us-east-1");
+        let aws = bucket(Some(&spec(store("", "b")))).unwrap().unwrap();
+        assert_eq!(aws.endpoint, "https://s3.us-east-1.amazonaws.com");
+        assert!(!aws.path_style);
+        let refused = |t: pb::TransferSpec, why: &str| {
+            let e = bucket(Some(&t)).unwrap_err().to_string();
+            assert!(e.contains(why), "{why:?} not in {e}");
+        };
+        refused(spec(store("ftp://x", "b")), "not an http(s) URL");
+        refused(spec(store("http://x", "")), "bucket name");
+        refused(
+            spec(pb::ObjectStore {
+                secret_access_key: String::new(),
+                ..store("http://x", "b")
+            }),
+            "no access key",
+        );
+        refused(
+            pb::TransferSpec {
+                compress: true,
+                ..spec(store("http://x", "b"))
+            },
+            "apply to Direct transfers",
+        );
+        refused(
+            pb::TransferSpec {
+                object_store: None,
+                ..spec(store("http://x", "b"))
+            },
+            "needs a bucket",
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! [`ProgressSink`]; the server turns that into `Operation` messages.
 pub use crate::containers::staging::CriuOptions;
 use crate::error::RuntimeError;
-use ferry_transfer::Shaping;
+use ferry_transfer::{S3Config, Shaping};
 use futures::future::BoxFuture;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -96,6 +96,9 @@ pub struct ReceiverPlan {
     /// Compression and bandwidth cap of the migration's pipes (the source's choice:
     /// this side decompresses what it receives in kind).
     pub shaping: Shaping,
+    /// `transfer.mode: ObjectStore`: the state comes through this bucket, not from the
+    /// source directly.
+    pub bucket: Option<S3Config>,
 }
 
 /// The image one source container runs.
@@ -133,6 +136,9 @@ pub struct CheckpointPlan {
     pub criu: CriuOptions,
     /// Compression and bandwidth cap of everything this side sends for the migration.
     pub shaping: Shaping,
+    /// `transfer.mode: ObjectStore`: the state goes into this bucket, sealed with the
+    /// token, for the destination to fetch.
+    pub bucket: Option<S3Config>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

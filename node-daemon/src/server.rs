@@ -268,7 +268,7 @@ impl NodeAgent for NodeService {
                 token: info.token.clone(),
             }));
         }
-        cv::check_transfer(r.transfer.as_ref())?;
+        let bucket = cv::bucket(r.transfer.as_ref())?;
         let source_peer = cv::source_peer(&r.source_peer)?;
         let workload = cv::description(r.workload)?;
         let target = match r.target {
@@ -289,6 +289,7 @@ impl NodeAgent for NodeService {
             source_peer,
             token: grant.token.clone(),
             shaping: cv::shaping(r.transfer.as_ref()),
+            bucket,
         };
         self.transport.receiver.grant(&id, grant);
         let (sink, rx) = ProgressSink::new(&id, Stage::Prepared);
@@ -326,7 +327,7 @@ impl NodeAgent for NodeService {
         if let Some(op) = self.existing(&id, OpKind::Checkpoint) {
             return Ok(Response::new(op));
         }
-        cv::check_transfer(r.transfer.as_ref())?;
+        let bucket = cv::bucket(r.transfer.as_ref())?;
         let workload = cv::workload_ref(r.workload, "workload")?;
         // Validate synchronously so bad input is an RPC error, not a failed operation.
         let (runtime, _) = self.owner_of(&workload).await?;
@@ -352,6 +353,7 @@ impl NodeAgent for NodeService {
             criu: cv::criu_options(r.criu),
             receive_endpoint,
             shaping: cv::shaping(r.transfer.as_ref()),
+            bucket,
         };
         runtime.check_checkpoint(&plan).await?;
         // The destination dials back for lazy pages: the same token, its certificate.

@@ -722,11 +722,39 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         .await
         .expect_err("must be refused");
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
-    // Object-store transfer is not wired into the daemons: refused, not silently direct.
+    // A VM does not move through a bucket: refused with the reason, not sent directly.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
             migration_id: "bad-2".into(),
+            workload: Some(vm_description("vm-x")),
+            target: Some(pod("vm-y")),
             strategy: pb::Strategy::PreCopy as i32,
+            source_peer: "10.0.0.1".into(),
+            transfer: Some(pb::TransferSpec {
+                mode: pb::TransferMode::ObjectStore as i32,
+                object_store: Some(pb::ObjectStore {
+                    endpoint: "http://10.0.0.9:9000".into(),
+                    bucket: "b".into(),
+                    access_key_id: "k".into(),
+                    secret_access_key: "s".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("must be refused");
+    ensure!(e.code() == tonic::Code::FailedPrecondition, "{e:?}");
+    ensure!(e.message().contains("VMs move only directly"), "{e:?}");
+    // ObjectStore without a bucket: the field is named.
+    let e = c
+        .prepare_receiver(pb::PrepareReceiverRequest {
+            migration_id: "bad-4".into(),
+            workload: Some(vm_description("vm-x")),
+            target: Some(pod("vm-y")),
+            strategy: pb::Strategy::PreCopy as i32,
+            source_peer: "10.0.0.1".into(),
             transfer: Some(pb::TransferSpec {
                 mode: pb::TransferMode::ObjectStore as i32,
                 ..Default::default()
@@ -735,8 +763,8 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         })
         .await
         .expect_err("must be refused");
-    ensure!(e.code() == tonic::Code::Unimplemented, "{e:?}");
-    ensure!(e.message().contains("ObjectStore"), "{e:?}");
+    ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
+    ensure!(e.message().contains("transfer.objectStore"), "{e:?}");
     // No VM registered for the pod: NotFound, naming the pod.
     let e = c
         .describe_workload(pod("no-such-vm"))

@@ -52,9 +52,15 @@ impl MinioServer {
 
     /// Starts MinIO on a free loopback port and waits until it is live.
     pub fn start() -> Result<MinioServer> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts MinIO on a free port of `ip` (e.g. a test LAN's host address, which the
+    /// nodes' network namespaces reach) and waits until it is live.
+    pub fn start_on(ip: std::net::Ipv4Addr) -> Result<MinioServer> {
         let bin = Self::binary()?;
         let dir = tempfile::Builder::new().prefix("ferry-minio-").tempdir()?;
-        let addr = free_port()?;
+        let addr = TcpListener::bind((ip, 0))?.local_addr()?;
         let mut m = MinioServer {
             bin,
             dir,
@@ -204,6 +210,16 @@ impl MinioServer {
 fn free_port() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
+}
+
+/// Objects in `bucket` whose key starts with `prefix` (path style, test credentials).
+pub async fn keys_under(m: &MinioServer, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+    let pages = m.bucket(bucket)?.list(prefix.to_string(), None).await?;
+    Ok(pages
+        .into_iter()
+        .flat_map(|p| p.contents)
+        .map(|o| o.key)
+        .collect())
 }
 
 /// Minimal HTTP/1.0 GET returning the status code (no HTTP client dependency needed).

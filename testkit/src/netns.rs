@@ -157,6 +157,27 @@ impl Node {
         Ok(())
     }
 
+    /// Drops every packet between this node and `peer`, both ways (iptables in this
+    /// node's namespace): the two have no route to each other, the rest of the LAN
+    /// still answers.
+    pub fn block(&self, peer: Ipv4Addr) -> Result<()> {
+        for (chain, flag) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
+            let out = self
+                .command("iptables")
+                .args(["-A", chain, flag, &peer.to_string(), "-j", "DROP"])
+                .output()
+                .context("running iptables")?;
+            if !out.status.success() {
+                bail!(
+                    "iptables -A {chain} {flag} {peer} -j DROP in {}: {}",
+                    self.ns,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Brings the node's link up or down (a cable pull, not a process kill).
     pub fn set_link(&self, up: bool) -> Result<()> {
         ip(&["link", "set", &self.outer, if up { "up" } else { "down" }])

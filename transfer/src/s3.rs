@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use hmac::{Hmac, Mac};
 use s3::Bucket;
 use s3::creds::Credentials;
 use s3::region::Region;
@@ -71,6 +72,8 @@ pub struct S3SendOptions {
     pub parallel: usize,
     /// Per-request retries.
     pub retry: RetryPolicy,
+    /// Seals the manifest with this key (see [`ReceiveOptions::seal_key`]).
+    pub seal_key: Option<Vec<u8>>,
 }
 
 impl Default for S3SendOptions {
@@ -79,6 +82,7 @@ impl Default for S3SendOptions {
             part_size: 16 << 20,
             parallel: 4,
             retry: RetryPolicy::default(),
+            seal_key: None,
         }
     }
 }
@@ -88,6 +92,11 @@ pub struct ReceiveOptions {
     /// Parts downloaded at the same time (ranged GETs, delivered in order).
     pub parallel: usize,
     pub retry: RetryPolicy,
+    /// A key only sender and receiver hold (ferry: the migration's token): the manifest
+    /// must carry a seal made with it, checked before any byte is handed out. Without
+    /// one, whoever may write the bucket may write the stream; with one, changing any
+    /// byte, part hash or size fails the seal or the part's hash.
+    pub seal_key: Option<Vec<u8>>,
 }
 
 impl Default for ReceiveOptions {
@@ -95,6 +104,7 @@ impl Default for ReceiveOptions {
         Self {
             parallel: 4,
             retry: RetryPolicy::default(),
+            seal_key: None,
         }
     }
 }
@@ -131,6 +141,26 @@ struct Manifest {
     parts: Vec<DonePart>,
     /// sha256 over the concatenated per-part sha256s (raw bytes), hex.
     digest: String,
+    /// HMAC-SHA256 of size, part size and digest under the sender's seal key, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<String>,
+}
+
+fn seal_mac(key: &[u8], size: u64, part_size: usize, digest: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("ferry-s3-seal v1 {size} {part_size} {digest}").as_bytes());
+    mac
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    s.len()
+        .is_multiple_of(2)
+        .then(|| {
+            (0..s.len() / 2)
+                .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -299,18 +329,21 @@ impl S3Store {
         let first_part = cp.parts.len() as u32 + 1;
         // Parts are read in order and uploaded `parallel` at a time; `buffered` yields
         // results in part order, so the completed prefix is always known.
+        // Copied out of `opts`: a closure's async block that borrows it cannot be
+        // proven Send for every lifetime, which a caller that spawns this needs.
+        let part_size = opts.part_size;
         let parts = futures::stream::unfold(
             (reader, first_part, cp.offset, false),
-            |(mut reader, n, off, done)| async move {
+            move |(mut reader, n, off, done)| async move {
                 if done {
                     return None;
                 }
-                match read_part(&mut reader, opts.part_size).await {
+                match read_part(&mut reader, part_size).await {
                     Ok(b) if b.is_empty() && n > 1 => None,
                     Ok(b) => {
                         let len = b.len() as u64;
                         // A short part is the last one.
-                        let last = b.len() < opts.part_size;
+                        let last = b.len() < part_size;
                         Some((Ok((n, off, b)), (reader, n + 1, off + len, last)))
                     }
                     Err(e) => Some((Err((off, e)), (reader, n, off, true))),
@@ -389,12 +422,18 @@ impl S3Store {
         .map_err(|e| fail("complete multipart upload", e, &cp))?;
 
         let digest = parts_digest(&cp.parts);
+        let seal = opts.seal_key.as_ref().map(|k| {
+            hex(&seal_mac(k, cp.offset, cp.part_size, &digest)
+                .finalize()
+                .into_bytes())
+        });
         let manifest = Manifest {
             version: 1,
             size: cp.offset,
             part_size: cp.part_size,
             parts: cp.parts.clone(),
             digest: digest.clone(),
+            seal,
         };
         let body = serde_json::to_vec(&manifest).expect("manifest serializes");
         let mkey = self.manifest_key(&cp.id);
@@ -447,6 +486,49 @@ impl S3Store {
         .map_err(|e| s3_err(Side::Sender, "delete", key, 0, e))
     }
 
+    /// Reads a key that does not exist under the prefix: the store answers NoSuchKey
+    /// when the endpoint, bucket and credentials are right, and says what is wrong
+    /// otherwise (403 for credentials, NoSuchBucket). Nothing is written.
+    pub async fn check_access(&self) -> Result<(), TransferError> {
+        let key = self.base(".ferry-access-check");
+        let (code, body) = match self.bucket.get_object(&key).await {
+            Ok(r) => (r.status_code(), r.to_vec()),
+            Err(s3::error::S3Error::HttpFailWithBody(code, body)) => (code, body.into_bytes()),
+            Err(e) => return Err(s3_err(Side::Receiver, "access check", &key, 0, e)),
+        };
+        let text = String::from_utf8_lossy(&body);
+        if (code == 404 && text.contains("NoSuchKey")) || (200..300).contains(&code) {
+            return Ok(());
+        }
+        let reason = match text
+            .split("<Code>")
+            .nth(1)
+            .and_then(|t| t.split('<').next())
+        {
+            Some(what) => format!("HTTP {code} {what}"),
+            None => format!("HTTP {code}"),
+        };
+        Err(s3_err(Side::Receiver, "access check", &key, 0, reason))
+    }
+
+    /// Whether stream `id` is complete in the bucket (its manifest exists).
+    pub async fn has_stream(&self, id: &str) -> Result<bool, TransferError> {
+        let mkey = self.manifest_key(id);
+        match self.bucket.head_object(&mkey).await {
+            Ok((_, code)) if (200..300).contains(&code) => Ok(true),
+            Ok((_, 404)) => Ok(false),
+            Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(false),
+            Ok((_, code)) => Err(s3_err(
+                Side::Receiver,
+                "head manifest",
+                &mkey,
+                0,
+                format!("HTTP {code}"),
+            )),
+            Err(e) => Err(s3_err(Side::Receiver, "head manifest", &mkey, 0, e)),
+        }
+    }
+
     /// Reads stream `id` (downloaded in parallel ranged GETs, delivered in order). Every
     /// part's sha256 is checked before its bytes are handed out, and the reader gets
     /// end-of-stream only after the last part and the stream digest checked out.
@@ -490,6 +572,23 @@ impl S3Store {
                 0,
                 "manifest is inconsistent",
             ));
+        }
+        if let Some(k) = &opts.seal_key {
+            let sealed = manifest.seal.as_deref().and_then(unhex).is_some_and(|s| {
+                seal_mac(k, manifest.size, manifest.part_size, &manifest.digest)
+                    .verify_slice(&s)
+                    .is_ok()
+            });
+            if !sealed {
+                return Err(s3_err(
+                    Side::Receiver,
+                    "check manifest seal",
+                    &mkey,
+                    0,
+                    "the manifest is not sealed with this migration's key: written by \
+                     someone else, or altered in the bucket",
+                ));
+            }
         }
         let (tx, rx) = mpsc::channel(2);
         let bucket = self.bucket.clone();

@@ -137,6 +137,7 @@ async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
         part_size: PART,
         parallel: 4,
         retry: quick_retry(),
+        seal_key: None,
     };
     let (tx, rx) = oneshot::channel();
     let reader = Tripwire {
@@ -243,4 +244,91 @@ async fn corrupted_object_fails_download() {
     let msg = err.to_string();
     assert!(msg.contains("part 2 sha256"), "{msg}");
     assert!(msg.contains("at byte 5242880"), "{msg}");
+}
+
+/// A sealed stream (ferry seals with the migration's token) reads back with the key;
+/// is refused before any byte with another key or when the manifest lost its seal;
+/// `has_stream` tells a finished stream from one not there yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_stream_reads_only_with_its_key() {
+    const LEN: u64 = 6 << 20;
+    let (m, store) = minio().await;
+    assert!(!store.has_stream("mig-4/x").await.unwrap());
+    let key = b"the migration's token".to_vec();
+    let opts = S3SendOptions {
+        part_size: 5 << 20,
+        seal_key: Some(key.clone()),
+        ..Default::default()
+    };
+    store
+        .send_stream("mig-4/x", RandomReader::new(14, LEN), &opts)
+        .await
+        .unwrap();
+    assert!(store.has_stream("mig-4/x").await.unwrap());
+    let with = |k: &[u8]| ReceiveOptions {
+        retry: quick_retry(),
+        seal_key: Some(k.to_vec()),
+        ..Default::default()
+    };
+    let got = drain(store.receive_stream("mig-4/x", &with(&key)).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(got, (LEN, random_digest(14, LEN)));
+
+    let refused = |r: Result<ferry_transfer::IncomingObject, TransferError>| {
+        let e = r.err().expect("must be refused").to_string();
+        assert!(e.contains("not sealed with this migration's key"), "{e}");
+    };
+    refused(store.receive_stream("mig-4/x", &with(b"another key")).await);
+    // Someone with write access to the bucket rewrites the manifest without the seal.
+    let bucket = m.bucket(BUCKET).unwrap();
+    let manifest = bucket
+        .get_object("ferry/mig-4/x/manifest.json")
+        .await
+        .unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(manifest.as_slice()).unwrap();
+    v.as_object_mut().unwrap().remove("seal");
+    bucket
+        .put_object(
+            "ferry/mig-4/x/manifest.json",
+            &serde_json::to_vec(&v).unwrap(),
+        )
+        .await
+        .unwrap();
+    refused(store.receive_stream("mig-4/x", &with(&key)).await);
+}
+
+/// `check_access` passes with the right credentials and bucket and fails, with the
+/// store's answer, with wrong credentials or a missing bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_access_tells_wrong_credentials_and_missing_buckets() {
+    let (m, store) = minio().await;
+    store.check_access().await.unwrap();
+    let cfg = |bucket: &str, secret: &str| S3Config {
+        endpoint: m.endpoint(),
+        region: "us-east-1".into(),
+        bucket: bucket.into(),
+        prefix: "ferry".into(),
+        credentials: S3Credentials {
+            access_key: ACCESS_KEY.into(),
+            secret_key: secret.into(),
+            session_token: None,
+        },
+        path_style: true,
+        request_timeout: Duration::from_secs(30),
+    };
+    let e = S3Store::new(&cfg(BUCKET, "wrong-secret"))
+        .unwrap()
+        .check_access()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403"), "{e}");
+    let e = S3Store::new(&cfg("no-such-bucket", SECRET_KEY))
+        .unwrap()
+        .check_access()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("404") || e.contains("NoSuchBucket"), "{e}");
 }

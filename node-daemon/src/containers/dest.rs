@@ -10,6 +10,7 @@ use crate::error::RuntimeError;
 use crate::relay::{self, Relay};
 use crate::runtime::*;
 use crate::transport::{self, Transport};
+use ferry_transfer::S3Store;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +38,9 @@ pub struct DestState {
     gate: tokio::task::AbortHandle,
     /// One entry per staged bundle.
     arrivals: Option<mpsc::Receiver<Result<Arrival, RuntimeError>>>,
+    /// `transfer.mode: ObjectStore`: the bucket the bundles come through, emptied of
+    /// this migration's streams when it ends here.
+    bucket: Option<(Arc<S3Store>, String)>,
 }
 
 /// A bundle staged for one container.
@@ -70,6 +74,11 @@ impl ContainerRuntime {
         }
         let uid = &plan.target.pod_uid;
         let lazy = plan.strategy == Strategy::PostCopy;
+        let bucket = match &plan.bucket {
+            Some(_) if lazy => return Err(super::source::lazy_needs_direct()),
+            Some(cfg) => Some(Arc::new(super::source::open_bucket(cfg).await?)),
+            None => None,
+        };
         let mut stages = Vec::new();
         let mut page_servers = Vec::new();
         let mut pids = Vec::new();
@@ -94,7 +103,7 @@ impl ContainerRuntime {
             stage
                 .mark(staging::PLAN, &serde_json::to_vec(&rp).expect("json"))
                 .map_err(RuntimeError::io("writing the restore plan"))?;
-            if !lazy {
+            if !lazy && bucket.is_none() {
                 // On loopback only: the source's pages arrive through the relay.
                 let port = free_port("127.0.0.1")?;
                 let opts = PageServerOpts {
@@ -130,7 +139,16 @@ impl ContainerRuntime {
             .iter()
             .map(|c| c.name.clone())
             .collect();
-        let listener = BundleListener::new(&self.cfg.transport, &plan.migration_id, &names);
+        let listener = match &bucket {
+            Some(store) => BundleListener::from_bucket(
+                &self.cfg.transport,
+                store.clone(),
+                &plan.token,
+                &plan.migration_id,
+                &names,
+            ),
+            None => BundleListener::new(&self.cfg.transport, &plan.migration_id, &names),
+        };
         let info = ReceiverInfo {
             receive_endpoint: listener.endpoint(),
             page_servers,
@@ -187,6 +205,7 @@ impl ContainerRuntime {
                 receiving,
                 gate,
                 arrivals: Some(rx),
+                bucket: bucket.map(|b| (b, plan.migration_id.clone())),
             }),
         );
         if early {
@@ -298,6 +317,7 @@ impl ContainerRuntime {
         for st in &d.stages {
             st.drop_payload(false);
         }
+        empty_bucket(d.bucket).await;
     }
 
     /// Ends the receiving side. [`Left::NoCopy`] when every container's restore was
@@ -321,7 +341,32 @@ impl ContainerRuntime {
             // CRIU's logs stay for the post-mortem of a failed migration.
             st.drop_payload(true);
         }
+        empty_bucket(d.bucket).await;
         left
+    }
+}
+
+/// Removes the migration's streams from its bucket (finalize and abort alike: a
+/// workload's memory does not stay in a bucket). Bounded and best effort: a store that
+/// does not answer leaves them, logged, for the bucket's own lifecycle rules.
+async fn empty_bucket(bucket: Option<(Arc<S3Store>, String)>) {
+    let Some((store, migration_id)) = bucket else {
+        return;
+    };
+    let retry = ferry_transfer::RetryPolicy {
+        max_retries: 3,
+        ..Default::default()
+    };
+    let prefix = format!("{migration_id}/");
+    match tokio::time::timeout(
+        Duration::from_secs(30),
+        store.delete_prefix(&prefix, &retry),
+    )
+    .await
+    {
+        Ok(Ok(n)) => tracing::info!(%migration_id, objects = n, "removed the migration's objects"),
+        Ok(Err(e)) => tracing::warn!(%migration_id, error = %e, "could not empty the bucket"),
+        Err(_) => tracing::warn!(%migration_id, "emptying the bucket timed out"),
     }
 }
 

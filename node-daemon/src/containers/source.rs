@@ -10,6 +10,7 @@ use crate::error::RuntimeError;
 use crate::relay;
 use crate::runtime::*;
 use crate::transport;
+use ferry_transfer::{S3Config, S3Store};
 use futures::future::try_join_all;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -109,6 +110,8 @@ struct Cut<'a> {
     /// For the source record (see [`SourceRecord`]).
     inits: &'a [u32],
     freezers: &'a [Freezer],
+    /// `transfer.mode: ObjectStore`: bundles (memory pages included) go here.
+    bucket: Option<Arc<S3Store>>,
 }
 
 impl ContainerRuntime {
@@ -155,6 +158,7 @@ impl ContainerRuntime {
                 )));
             }
             if plan.strategy != Strategy::PostCopy
+                && plan.bucket.is_none()
                 && !plan.page_servers.iter().any(|(n, _)| n == c.name())
             {
                 return Err(RuntimeError::InvalidArgument(format!(
@@ -162,6 +166,12 @@ impl ContainerRuntime {
                     c.name()
                 )));
             }
+        }
+        if let Some(cfg) = &plan.bucket {
+            if plan.strategy == Strategy::PostCopy {
+                return Err(lazy_needs_direct());
+            }
+            open_bucket(cfg).await?;
         }
         Ok(containers)
     }
@@ -173,6 +183,10 @@ impl ContainerRuntime {
     ) -> Result<(), RuntimeError> {
         let dir = self.mig_dir(&plan.migration_id)?;
         let containers = self.validate(&plan).await?;
+        let bucket = match &plan.bucket {
+            Some(cfg) => Some(Arc::new(open_bucket(cfg).await?)),
+            None => None,
+        };
         let pod_freezer = Freezer::for_cgroup(&pod::pod_cgroup(&containers)?);
         let freezers = containers
             .iter()
@@ -225,6 +239,7 @@ impl ContainerRuntime {
             handover: &handover,
             inits: &inits,
             freezers: &freezers,
+            bucket,
         };
         let result = try_join_all(containers.iter().map(|c| {
             let ps = plan
@@ -278,13 +293,22 @@ impl ContainerRuntime {
         // (relay.rs). Live: this dump's lazy page server listens there and the
         // destination's pipe is relayed to it; Cold: CRIU connects to a relay port that
         // dials the destination's page server pipe.
+        // Through a bucket: no page server; CRIU writes the pages among its images, and
+        // they travel in the bundle.
         let transport = &self.cfg.transport;
-        let (page_addr, relay) = if lazy {
+        let (page_addr, relay) = if cut.bucket.is_some() {
+            (None, None)
+        } else if lazy {
             let port = free_port("127.0.0.1")?;
             let pipe = relay::lazy_pipe(&plan.migration_id, &name);
             (
-                format!("127.0.0.1:{port}"),
-                relay::inbound(transport.clone(), pipe, port, plan.shaping.clone()),
+                Some(format!("127.0.0.1:{port}")),
+                Some(relay::inbound(
+                    transport.clone(),
+                    pipe,
+                    port,
+                    plan.shaping.clone(),
+                )),
             )
         } else {
             let pipe = page_server.ok_or_else(|| {
@@ -293,7 +317,7 @@ impl ContainerRuntime {
             let peer = transport::peer(&plan.receive_endpoint, &plan.token)?;
             let (addr, relay) =
                 relay::outbound(transport.clone(), peer, pipe, plan.shaping.clone()).await?;
-            (addr.to_string(), relay)
+            (Some(addr.to_string()), Some(relay))
         };
         let opts = CheckpointOpts {
             image_path: images.clone(),
@@ -305,7 +329,7 @@ impl ContainerRuntime {
             ext_unix_sk: plan.criu.external_unix_sockets,
             // Live: where this node serves the pages; Cold: the destination's page
             // server that receives them while CRIU dumps.
-            page_server: Some(page_addr),
+            page_server: page_addr,
             lazy_pages: lazy,
             // runc writes one byte to its stdout when the lazy page server is up.
             status_fd: lazy.then_some(1),
@@ -318,7 +342,7 @@ impl ContainerRuntime {
             let child = self.lazy_dump(c, &args, &dump_log, cut.serving).await?;
             std::fs::write(images.join(LAZY_SOURCE_FILE), transport.endpoint())
                 .map_err(RuntimeError::io("writing lazy source address"))?;
-            (Some(child), Some(relay))
+            (Some(child), relay)
         } else {
             c.runc
                 .run(args.clone(), Some(&dump_log))
@@ -326,13 +350,17 @@ impl ContainerRuntime {
                 .map_err(|e| with_hint(e, &dump_log))?;
             // The dump ends after the page server acknowledged its last pages, so the
             // relay only has the connection's close left to carry.
-            match relay.finish(Duration::from_secs(5)).await {
-                Some(Ok(c)) => {
-                    cut.progress.add_bytes(c.sent);
-                    cut.progress.add_wire_bytes(c.sent_wire);
+            if let Some(relay) = relay {
+                match relay.finish(Duration::from_secs(5)).await {
+                    Some(Ok(c)) => {
+                        cut.progress.add_bytes(c.sent);
+                        cut.progress.add_wire_bytes(c.sent_wire);
+                    }
+                    Some(Err(e)) => tracing::warn!(container = %name, error = %e, "page relay"),
+                    None => {
+                        tracing::warn!(container = %name, "page relay still open after the dump")
+                    }
                 }
-                Some(Err(e)) => tracing::warn!(container = %name, error = %e, "page relay"),
-                None => tracing::warn!(container = %name, "page relay still open after the dump"),
             }
             (None, None)
         };
@@ -437,20 +465,26 @@ impl ContainerRuntime {
                 },
             )?;
         }
-        let sent = wire::send(
-            &self.cfg.transport,
-            &cut.plan.receive_endpoint,
-            &cut.plan.token,
-            &cut.plan.shaping,
-            &header,
-            &mut out,
-        )
-        .await;
-        // A failed send leaves tar blocked writing into a pipe nobody reads: close the
-        // read end and end it, or waiting for it would hang the operation (a
-        // destination that restarted and forgot the migration was only noticed by the
-        // controller's progress timeout).
-        drop(out);
+        let sent = match &cut.bucket {
+            Some(store) => wire::upload(store, &cut.plan.token, &header, out).await,
+            None => {
+                let sent = wire::send(
+                    &self.cfg.transport,
+                    &cut.plan.receive_endpoint,
+                    &cut.plan.token,
+                    &cut.plan.shaping,
+                    &header,
+                    &mut out,
+                )
+                .await;
+                drop(out);
+                sent
+            }
+        };
+        // A failed send leaves tar blocked writing into a pipe nobody reads: its read
+        // end is closed by now (dropped above, or with the upload's task); end tar too,
+        // or waiting for it would hang the operation (a destination that restarted and
+        // forgot the migration was only noticed by the controller's progress timeout).
         if sent.is_err() {
             let _ = child.start_kill();
         }
@@ -621,4 +655,29 @@ fn with_hint(e: RuntimeError, dump_log: &Path) -> RuntimeError {
         Some(hint) => RuntimeError::FailedPrecondition(format!("{hint}\n{e}")),
         None => e,
     }
+}
+
+/// Live moves a container's memory on demand from the source: no bucket in between.
+pub(super) fn lazy_needs_direct() -> RuntimeError {
+    RuntimeError::FailedPrecondition(
+        "strategy Live fetches a container's memory on demand from the source (CRIU lazy \
+         pages), which needs the direct connection: use strategy Cold with transfer.mode \
+         ObjectStore, or transfer.mode Direct"
+            .into(),
+    )
+}
+
+/// The migration's bucket, checked to answer with these credentials before anything
+/// is frozen or staged.
+pub(super) async fn open_bucket(cfg: &S3Config) -> Result<S3Store, RuntimeError> {
+    let what = || format!("bucket {:?} at {}", cfg.bucket, cfg.endpoint);
+    let store = S3Store::new(cfg)
+        .map_err(|e| RuntimeError::InvalidArgument(format!("object store {}: {e}", what())))?;
+    store.check_access().await.map_err(|e| {
+        RuntimeError::FailedPrecondition(format!(
+            "object store {} is not usable with the credentials of transfer.objectStore: {e}",
+            what()
+        ))
+    })?;
+    Ok(store)
 }

@@ -8,9 +8,14 @@
 //!
 //! Memory pages do not go through here: CRIU sends them to a CRIU page server while it
 //! dumps, through the daemons' page relays (`relay.rs`).
+//!
+//! Through a bucket (`transfer.mode: ObjectStore`) each bundle is instead one S3 stream
+//! with the same id and the same contents (pages included: no page server then),
+//! sealed with the migration's token so that only the source's upload is accepted
+//! (`ferry_transfer::ReceiveOptions::seal_key`); the destination polls for it.
 use crate::error::RuntimeError;
 use crate::transport::{self, Transport};
-use ferry_transfer::{IncomingStream, Moved, SendOptions, Shaping};
+use ferry_transfer::{Moved, ReceiveOptions, S3SendOptions, S3Store, SendOptions, Shaping};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
@@ -31,6 +36,9 @@ pub struct BundleHeader {
 
 /// A header line longer than this is refused before it is parsed (a real one is ~150 B).
 const MAX_HEADER: u64 = 4096;
+
+/// How often the destination asks the bucket whether a bundle is complete there.
+const BUCKET_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn stream_id(migration_id: &str, container: &str) -> String {
     format!("{migration_id}/bundle/{container}")
@@ -70,8 +78,34 @@ pub async fn send(
     })
 }
 
+/// Sends one bundle through the migration's bucket, sealed with `token`; returns the
+/// body's bytes and what was uploaded once the stream is complete there.
+pub async fn upload(
+    store: &S3Store,
+    token: &str,
+    header: &BundleHeader,
+    body: impl AsyncRead + Unpin,
+) -> Result<Moved, RuntimeError> {
+    let mut line = serde_json::to_vec(header).expect("header serializes");
+    line.push(b'\n');
+    let id = stream_id(&header.migration_id, &header.container);
+    let opts = S3SendOptions {
+        seal_key: Some(token.as_bytes().to_vec()),
+        ..Default::default()
+    };
+    let head = line.len() as u64;
+    let report = store
+        .send_stream(&id, std::io::Cursor::new(line).chain(body), &opts)
+        .await
+        .map_err(|e| RuntimeError::Transfer(format!("uploading {}: {e}", header.container)))?;
+    Ok(Moved {
+        raw: report.bytes.saturating_sub(head),
+        wire: report.bytes_uploaded,
+    })
+}
+
 /// A bundle's body, after its header line.
-pub type BundleBody = BufReader<IncomingStream>;
+pub type BundleBody = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
 
 type Arrival = Result<(BundleHeader, BundleBody), RuntimeError>;
 
@@ -102,12 +136,70 @@ impl BundleListener {
             let mid = migration_id.to_string();
             tasks.spawn(async move {
                 let stream = transport.receiver.accept_stream(&id).await;
-                let _ = tx.send(read_header(stream, &mid, &container).await).await;
+                let _ = tx
+                    .send(read_header(Box::new(stream), &mid, &container).await)
+                    .await;
             });
         }
         BundleListener {
             transport: transport.clone(),
             ids,
+            arrivals,
+            tasks,
+        }
+    }
+
+    /// Waits for the bundles of `containers` of `migration_id` to be complete in the
+    /// bucket (polled), sealed with `token`, and reads them from there.
+    pub fn from_bucket(
+        transport: &Arc<Transport>,
+        store: Arc<S3Store>,
+        token: &str,
+        migration_id: &str,
+        containers: &[String],
+    ) -> BundleListener {
+        let (tx, arrivals) = mpsc::channel(containers.len().max(1));
+        let mut tasks = tokio::task::JoinSet::new();
+        for container in containers {
+            let id = stream_id(migration_id, container);
+            let (store, tx, container) = (store.clone(), tx.clone(), container.clone());
+            let mid = migration_id.to_string();
+            let opts = ReceiveOptions {
+                seal_key: Some(token.as_bytes().to_vec()),
+                ..Default::default()
+            };
+            tasks.spawn(async move {
+                let arrival = async {
+                    let mut failures = 0;
+                    loop {
+                        match store.has_stream(&id).await {
+                            Ok(true) => break,
+                            Ok(false) => failures = 0,
+                            // The store's own retries are per request; a bucket that
+                            // keeps failing ends this migration, with its answer.
+                            Err(e) if failures >= 20 => return Err(e),
+                            Err(e) => {
+                                failures += 1;
+                                tracing::warn!(error = %e, %id, "polling the bucket");
+                            }
+                        }
+                        tokio::time::sleep(BUCKET_POLL).await;
+                    }
+                    store.receive_stream(&id, &opts).await
+                };
+                let r = match arrival.await {
+                    Ok(o) => read_header(Box::new(o), &mid, &container).await,
+                    Err(e) => Err(RuntimeError::Transfer(format!(
+                        "fetching the bundle of {container} from the bucket: {e}"
+                    ))),
+                };
+                let _ = tx.send(r).await;
+            });
+        }
+        BundleListener {
+            transport: transport.clone(),
+            // Nothing granted on the transfer port: nothing to forget.
+            ids: Vec::new(),
             arrivals,
             tasks,
         }
@@ -126,7 +218,11 @@ impl BundleListener {
     }
 }
 
-async fn read_header(stream: IncomingStream, migration_id: &str, container: &str) -> Arrival {
+async fn read_header(
+    stream: Box<dyn AsyncRead + Send + Unpin>,
+    migration_id: &str,
+    container: &str,
+) -> Arrival {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     (&mut reader)

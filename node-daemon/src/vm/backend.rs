@@ -482,6 +482,7 @@ impl VmRuntime {
         plan: ReceiverPlan,
         progress: ProgressSink,
     ) -> Result<ReceiverInfo, RuntimeError> {
+        no_bucket(plan.bucket.as_ref())?;
         let spec: GuestSpec = serde_json::from_slice(&plan.workload.runtime_spec).map_err(|e| {
             RuntimeError::InvalidArgument(format!(
                 "the VM's description carries no usable guest spec (runtime_spec: {e}); \
@@ -638,6 +639,20 @@ async fn reconnect(qmp_socket: &Path) -> Option<QemuBackend> {
 /// The request data this runtime builds paths and stream names from, checked here too
 /// (the gRPC layer already did, in `convert`): the migration id names the `<id>.ram`
 /// pipe, the pod's UID its directory under the VM root.
+/// A VM moves only directly: through a bucket its guest would stay paused for the
+/// whole upload and download (QEMU's live migration needs its stream to reach the
+/// other QEMU as it goes), which is a long outage, not a migration.
+fn no_bucket(bucket: Option<&ferry_transfer::S3Config>) -> Result<(), RuntimeError> {
+    match bucket {
+        None => Ok(()),
+        Some(_) => Err(RuntimeError::FailedPrecondition(
+            "VMs move only directly between node daemons (transfer.mode Direct): through a \
+             bucket the guest would be paused for the whole upload and download"
+                .into(),
+        )),
+    }
+}
+
 fn check_plan(migration_id: &str, w: &WorkloadRef, what: &str) -> Result<(), RuntimeError> {
     convert::migration_id(migration_id)?;
     convert::check_workload_ref(w, what)
@@ -904,6 +919,7 @@ impl Runtime for VmRuntime {
         plan: &'a CheckpointPlan,
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         async move {
+            no_bucket(plan.bucket.as_ref())?;
             check_plan(&plan.migration_id, &plan.workload, "workload")?;
             validate::endpoint("receive_endpoint", &plan.receive_endpoint)
                 .map_err(RuntimeError::InvalidArgument)?;
