@@ -496,13 +496,18 @@ impl World {
     /// rolled back: the target Pod is gone, the pod runs once, on east-1, and counts on
     /// (thawed, not merely listed as running).
     pub async fn check_runs_once_at_source(&self, ns: &str, pod: &str) -> Result<()> {
+        self.check_runs_once_on(ns, pod, "east-1").await
+    }
+
+    /// As [`World::check_runs_once_at_source`], for a pod whose source is east `node`.
+    pub async fn check_runs_once_on(&self, ns: &str, pod: &str, node: &str) -> Result<()> {
         let west: Api<Pod> = Api::namespaced(self.west.clone(), ns);
         ensure_ok(west.get_opt(pod).await?.is_none(), || {
             "the target Pod remains".to_string()
         })?;
         let copies = self.running_copies(ns, pod)?;
         ensure_ok(
-            copies == [("east-1".to_string(), "app".to_string())],
+            copies == [(node.to_string(), "app".to_string())],
             || format!("running copies: {copies:?}"),
         )?;
         let before = self.last_count("east", ns, pod, "app")?;

@@ -306,7 +306,7 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
         "wrong credentials: {:?} {f:?}",
         s.phase
     );
-    w.check_runs_once_at_source(ns, "other").await?;
+    w.check_runs_once_on(ns, "other", "east-2").await?;
     eprintln!("[{ns}] wrong credentials: {}", f.message);
     Ok(())
 }
