@@ -506,10 +506,9 @@ impl World {
             "the target Pod remains".to_string()
         })?;
         let copies = self.running_copies(ns, pod)?;
-        ensure_ok(
-            copies == [(node.to_string(), "app".to_string())],
-            || format!("running copies: {copies:?}"),
-        )?;
+        ensure_ok(copies == [(node.to_string(), "app".to_string())], || {
+            format!("running copies: {copies:?}")
+        })?;
         let before = self.last_count("east", ns, pod, "app")?;
         wait_for(
             Duration::from_secs(10),

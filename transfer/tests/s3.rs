@@ -127,7 +127,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Tripwire<R> {
 
 /// MinIO dies mid-upload: the upload retries, then fails with a clear error and a
 /// checkpoint; nothing counts as uploaded. After MinIO is back the upload resumes from
-/// the checkpoint without re-uploading completed parts.
+/// the checkpoint without re-uploading completed parts (encrypted, as ferry uploads:
+/// the checkpoint carries the upload's salt, so the resumed parts share its key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
     const LEN: u64 = 128 << 20;
@@ -138,6 +139,7 @@ async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
         parallel: 4,
         retry: quick_retry(),
         seal_key: None,
+        encryption_key: Some(b"resume secret".to_vec()),
     };
     let (tx, rx) = oneshot::channel();
     let reader = Tripwire {
@@ -192,7 +194,13 @@ async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
     assert_eq!(report.bytes_uploaded, LEN - cp.offset);
     let (n, digest) = drain(
         store
-            .receive_stream("mig-2/rootfs", &ReceiveOptions::default())
+            .receive_stream(
+                "mig-2/rootfs",
+                &ReceiveOptions {
+                    encryption_key: Some(b"resume secret".to_vec()),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap(),
     )
@@ -331,4 +339,73 @@ async fn check_access_tells_wrong_credentials_and_missing_buckets() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("404") || e.contains("NoSuchBucket"), "{e}");
+}
+
+/// Encrypted at rest: what the bucket holds is not the stream (a plaintext marker
+/// repeated through it appears nowhere in the stored object), the stream reads back
+/// only with its secret, and a reader without one, or with another, gets no byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_stream_is_unreadable_in_the_bucket_without_its_key() {
+    const MARKER: &[u8] = b"ferry plaintext marker ";
+    let plain: Vec<u8> = MARKER.iter().copied().cycle().take(7 << 20).collect();
+    let (m, store) = minio().await;
+    let secret = b"the migration's token".to_vec();
+    let opts = S3SendOptions {
+        part_size: 5 << 20,
+        seal_key: Some(secret.clone()),
+        encryption_key: Some(secret.clone()),
+        ..Default::default()
+    };
+    store
+        .send_stream("mig-5/x", &plain[..], &opts)
+        .await
+        .unwrap();
+    let stored = m
+        .bucket(BUCKET)
+        .unwrap()
+        .get_object("ferry/mig-5/x/data")
+        .await
+        .unwrap()
+        .to_vec();
+    // Two parts, each with its 16-byte tag.
+    assert_eq!(stored.len(), plain.len() + 2 * 16);
+    assert!(
+        !stored.windows(MARKER.len()).any(|w| w == MARKER),
+        "the bucket holds plaintext"
+    );
+    let with = |k: Option<&[u8]>| ReceiveOptions {
+        retry: quick_retry(),
+        seal_key: Some(secret.clone()),
+        encryption_key: k.map(<[u8]>::to_vec),
+        ..Default::default()
+    };
+    let mut got = Vec::new();
+    store
+        .receive_stream("mig-5/x", &with(Some(&secret)))
+        .await
+        .unwrap()
+        .read_to_end(&mut got)
+        .await
+        .unwrap();
+    assert!(got == plain, "decrypted stream differs");
+
+    let e = store
+        .receive_stream("mig-5/x", &with(None))
+        .await
+        .err()
+        .expect("an encrypted stream read without a key")
+        .to_string();
+    assert!(e.contains("encrypted at rest and no key"), "{e}");
+    // Another secret (the seal is checked with the right one): no byte comes out.
+    let mut r = store
+        .receive_stream("mig-5/x", &with(Some(b"another secret")))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let e = r
+        .read(&mut buf)
+        .await
+        .expect_err("read with another key")
+        .to_string();
+    assert!(e.contains("does not decrypt with this key"), "{e}");
 }

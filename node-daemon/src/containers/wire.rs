@@ -12,7 +12,9 @@
 //! Through a bucket (`transfer.mode: ObjectStore`) each bundle is instead one S3 stream
 //! with the same id and the same contents (pages included: no page server then),
 //! sealed with the migration's token so that only the source's upload is accepted
-//! (`ferry_transfer::ReceiveOptions::seal_key`); the destination polls for it.
+//! (`ferry_transfer::ReceiveOptions::seal_key`) and encrypted at rest with a key derived
+//! from it (the token reaches the daemons only over the control channel, never the
+//! bucket); the destination polls for it.
 use crate::error::RuntimeError;
 use crate::transport::{self, Transport};
 use ferry_transfer::{Moved, ReceiveOptions, S3SendOptions, S3Store, SendOptions, Shaping};
@@ -78,7 +80,7 @@ pub async fn send(
     })
 }
 
-/// Sends one bundle through the migration's bucket, sealed with `token`; returns the
+/// Sends one bundle through the migration's bucket, sealed and encrypted with `token`; returns the
 /// body's bytes and what was uploaded once the stream is complete there.
 pub async fn upload(
     store: &S3Store,
@@ -91,6 +93,7 @@ pub async fn upload(
     let id = stream_id(&header.migration_id, &header.container);
     let opts = S3SendOptions {
         seal_key: Some(token.as_bytes().to_vec()),
+        encryption_key: Some(token.as_bytes().to_vec()),
         ..Default::default()
     };
     let head = line.len() as u64;
@@ -166,6 +169,7 @@ impl BundleListener {
             let mid = migration_id.to_string();
             let opts = ReceiveOptions {
                 seal_key: Some(token.as_bytes().to_vec()),
+                encryption_key: Some(token.as_bytes().to_vec()),
                 ..Default::default()
             };
             tasks.spawn(async move {

@@ -9,6 +9,10 @@
 //! The stream digest is the sha256 of the concatenated per-part sha256s (not of the
 //! bytes themselves) so that an upload resumed in another process, which never saw
 //! the earlier parts' bytes, can still produce it.
+//!
+//! With an encryption key the parts are stored encrypted ([`at_rest`]): the part hashes
+//! and lengths in the manifest are those of the stored (encrypted) bytes, the manifest's
+//! size that of the stream.
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,6 +33,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, info_span, warn};
 
 use crate::{RetryPolicy, Side, TransferError, hex};
+
+mod at_rest;
+pub use at_rest::Encryption;
+use at_rest::{PartKey, TAG_LEN};
 
 /// Access to a bucket. In a cluster the controller fills it from a Secret.
 #[derive(Clone, Serialize, Deserialize)]
@@ -74,6 +82,9 @@ pub struct S3SendOptions {
     pub retry: RetryPolicy,
     /// Seals the manifest with this key (see [`ReceiveOptions::seal_key`]).
     pub seal_key: Option<Vec<u8>>,
+    /// Encrypts every part with a key derived from this secret (see [`at_rest`]); the
+    /// receiver needs the same secret.
+    pub encryption_key: Option<Vec<u8>>,
 }
 
 impl Default for S3SendOptions {
@@ -83,6 +94,7 @@ impl Default for S3SendOptions {
             parallel: 4,
             retry: RetryPolicy::default(),
             seal_key: None,
+            encryption_key: None,
         }
     }
 }
@@ -97,6 +109,10 @@ pub struct ReceiveOptions {
     /// one, whoever may write the bucket may write the stream; with one, changing any
     /// byte, part hash or size fails the seal or the part's hash.
     pub seal_key: Option<Vec<u8>>,
+    /// The secret the sender encrypted with. With one, a stream stored unencrypted is
+    /// refused (it was not written by a sender holding the secret); without one, an
+    /// encrypted stream is refused (its bytes would be noise).
+    pub encryption_key: Option<Vec<u8>>,
 }
 
 impl Default for ReceiveOptions {
@@ -105,6 +121,7 @@ impl Default for ReceiveOptions {
             parallel: 4,
             retry: RetryPolicy::default(),
             seal_key: None,
+            encryption_key: None,
         }
     }
 }
@@ -114,8 +131,9 @@ impl Default for ReceiveOptions {
 pub struct DonePart {
     pub number: u32,
     pub etag: String,
+    /// Stored bytes (with encryption: the part's bytes and its tag).
     pub len: u64,
-    /// Hex sha256 of the part's bytes.
+    /// Hex sha256 of the part's stored bytes.
     pub sha256: String,
 }
 
@@ -129,8 +147,11 @@ pub struct UploadCheckpoint {
     pub upload_id: String,
     pub part_size: usize,
     pub parts: Vec<DonePart>,
-    /// Bytes covered by `parts`: resume by passing a reader positioned here.
+    /// Stream bytes covered by `parts`: resume by passing a reader positioned here.
     pub offset: u64,
+    /// How the parts are encrypted, when they are (the key is not here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +165,8 @@ struct Manifest {
     /// HMAC-SHA256 of size, part size and digest under the sender's seal key, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<Encryption>,
 }
 
 fn seal_mac(key: &[u8], size: u64, part_size: usize, digest: &str) -> Hmac<Sha256> {
@@ -291,6 +314,7 @@ impl S3Store {
                 part_size: opts.part_size,
                 parts: Vec::new(),
                 offset: 0,
+                encryption: opts.encryption_key.as_ref().map(|_| Encryption::fresh()),
             };
             self.upload_from(cp, reader, opts).await
         }
@@ -327,6 +351,24 @@ impl S3Store {
         let key = cp.key.clone();
         let upload_id = cp.upload_id.clone();
         let first_part = cp.parts.len() as u32 + 1;
+        let part_key = match (&cp.encryption, &opts.encryption_key) {
+            (None, _) => None,
+            (Some(enc), Some(secret)) => {
+                Some(PartKey::derive(secret, &cp.id, enc).ok_or_else(|| {
+                    TransferError::Invalid(format!("unknown at-rest cipher {:?}", enc.cipher))
+                })?)
+            }
+            (Some(_), None) => {
+                return Err(TransferError::Invalid(
+                    "the upload is encrypted: resuming it needs its encryption key".into(),
+                ));
+            }
+        };
+        let overhead = if part_key.is_some() {
+            TAG_LEN as u64
+        } else {
+            0
+        };
         // Parts are read in order and uploaded `parallel` at a time; `buffered` yields
         // results in part order, so the completed prefix is always known.
         // Copied out of `opts`: a closure's async block that borrows it cannot be
@@ -352,13 +394,17 @@ impl S3Store {
         );
         let mut uploads = Box::pin(parts)
             .map(|p| {
-                let (key, upload_id) = (&key, &upload_id);
+                let (key, upload_id, part_key) = (&key, &upload_id, &part_key);
                 async move {
                     let (n, off, bytes) = p.map_err(|(off, e)| (off, format!("reading the source: {e}"), Side::Sender))?;
+                    let mut bytes = bytes.to_vec();
+                    if let Some(k) = part_key {
+                        k.seal(n, &mut bytes);
+                    }
                     let sha = hex(&Sha256::digest(&bytes));
                     let len = bytes.len() as u64;
                     let part = (|| async {
-                        self.bucket.put_multipart_chunk(bytes.to_vec(), key, n, upload_id, "application/octet-stream").await
+                        self.bucket.put_multipart_chunk(bytes.clone(), key, n, upload_id, "application/octet-stream").await
                     })
                     .retry(opts.retry.backoff())
                     .sleep(tokio::time::sleep)
@@ -372,7 +418,7 @@ impl S3Store {
         while let Some(r) = uploads.next().await {
             match r {
                 Ok(p) => {
-                    cp.offset += p.len;
+                    cp.offset += p.len - overhead;
                     cp.parts.push(p);
                 }
                 Err((off, reason, side)) => {
@@ -434,6 +480,7 @@ impl S3Store {
             parts: cp.parts.clone(),
             digest: digest.clone(),
             seal,
+            encryption: cp.encryption.clone(),
         };
         let body = serde_json::to_vec(&manifest).expect("manifest serializes");
         let mkey = self.manifest_key(&cp.id);
@@ -562,8 +609,14 @@ impl S3Store {
         })?;
         let manifest: Manifest = serde_json::from_slice(&body)
             .map_err(|e| s3_err(Side::Receiver, "parse manifest", &mkey, 0, e))?;
+        let overhead = if manifest.encryption.is_some() {
+            TAG_LEN as u64
+        } else {
+            0
+        };
         if parts_digest(&manifest.parts) != manifest.digest
-            || manifest.parts.iter().map(|p| p.len).sum::<u64>() != manifest.size
+            || manifest.parts.iter().map(|p| p.len).sum::<u64>()
+                != manifest.size + overhead * manifest.parts.len() as u64
         {
             return Err(s3_err(
                 Side::Receiver,
@@ -590,6 +643,23 @@ impl S3Store {
                 ));
             }
         }
+        let refuse = |why: &str| Err(s3_err(Side::Receiver, "check encryption", &mkey, 0, why));
+        let part_key = match (&manifest.encryption, &opts.encryption_key) {
+            (None, None) => None,
+            (Some(enc), Some(secret)) => match PartKey::derive(secret, id, enc) {
+                Some(k) => Some(k),
+                None => return refuse(&format!("unknown at-rest cipher {:?}", enc.cipher)),
+            },
+            (Some(_), None) => {
+                return refuse("the stream is encrypted at rest and no key was given");
+            }
+            (None, Some(_)) => {
+                return refuse(
+                    "the stream is stored unencrypted, though its sender encrypts: written by \
+                     someone else, or replaced in the bucket",
+                );
+            }
+        };
         let (tx, rx) = mpsc::channel(2);
         let bucket = self.bucket.clone();
         let key = self.data_key(id);
@@ -605,19 +675,32 @@ impl S3Store {
                 }
                 let mut parts = futures::stream::iter(ranges)
                     .map(|(off, p)| {
-                        let (bucket, key, retry) = (&bucket, &key, &opts.retry);
+                        let (bucket, key, retry, part_key) =
+                            (&bucket, &key, &opts.retry, &part_key);
                         async move {
-                            fetch_part(bucket, key, off, &p, retry)
-                                .await
-                                .map(|b| (off, b))
+                            let stored = fetch_part(bucket, key, off, &p, retry).await?;
+                            let sha = Sha256::digest(&stored);
+                            let Some(k) = part_key else {
+                                return Ok((sha, stored));
+                            };
+                            match k.open(p.number, stored.to_vec()) {
+                                Some(plain) => Ok((sha, Bytes::from(plain))),
+                                None => Err(s3_err(
+                                    Side::Receiver,
+                                    "decrypt part",
+                                    key,
+                                    off,
+                                    format!("part {} does not decrypt with this key", p.number),
+                                )),
+                            }
                         }
                     })
                     .buffered(opts.parallel.max(1));
                 let mut hashes = Sha256::new();
                 while let Some(r) = parts.next().await {
                     match r {
-                        Ok((_, b)) => {
-                            hashes.update(Sha256::digest(&b));
+                        Ok((sha, b)) => {
+                            hashes.update(sha);
                             if tx.send(Ok(b)).await.is_err() {
                                 return; // reader gone
                             }
