@@ -25,6 +25,16 @@ pub fn progress(done: u64, total: u64) -> String {
     format!("{}/{} ({:.0}%)", bytes(done), bytes(total), pct)
 }
 
+/// `done/total (pct%) at rate/s` while moving; the rate is left out once it is done.
+pub fn progress_at(done: u64, total: u64, bytes_per_second: Option<u64>) -> String {
+    match bytes_per_second {
+        Some(r) if total == 0 || done < total => {
+            format!("{} {}/s", progress(done, total), bytes(r))
+        }
+        _ => progress(done, total),
+    }
+}
+
 /// `850ms`, `1.25s`, `2m5s`.
 pub fn millis(ms: u64) -> String {
     match ms {
@@ -45,6 +55,16 @@ mod tests {
         assert_eq!(bytes(3 << 29), "1.5Gi");
         assert_eq!(progress(512 << 20, 1 << 30), "512Mi/1Gi (50%)");
         assert_eq!(progress(7 << 20, 0), "7Mi");
+        assert_eq!(
+            progress_at(512 << 20, 1 << 30, Some(40 << 20)),
+            "512Mi/1Gi (50%) 40Mi/s"
+        );
+        assert_eq!(progress_at(7 << 20, 0, Some(1 << 20)), "7Mi 1Mi/s");
+        assert_eq!(
+            progress_at(1 << 30, 1 << 30, Some(40 << 20)),
+            "1Gi/1Gi (100%)"
+        );
+        assert_eq!(progress_at(1 << 20, 1 << 30, None), "1Mi/1Gi (0%)");
         assert_eq!(millis(42), "42ms");
         assert_eq!(millis(1250), "1.25s");
         assert_eq!(millis(125_000), "2m5s");

@@ -37,6 +37,8 @@ pub struct Settings {
     pub watch_namespace: Option<String>,
     /// How target Pods are shaped (RuntimeClass, gate image).
     pub target_shape: placement::TargetShape,
+    /// How long a failed migration's objects stay in its bucket before they are removed.
+    pub failed_object_retention: Duration,
 }
 
 impl Settings {
@@ -49,6 +51,7 @@ impl Settings {
             poll_interval: Duration::from_secs(1),
             watch_namespace: None,
             target_shape: placement::TargetShape::default(),
+            failed_object_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -78,6 +81,7 @@ pub fn context(
         poll_interval: settings.poll_interval,
         target_shape: settings.target_shape.clone(),
         tokens: Default::default(),
+        failed_object_retention: settings.failed_object_retention,
     })
 }
 

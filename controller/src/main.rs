@@ -37,6 +37,10 @@ struct Args {
     /// Kubeconfig file (default: in-cluster or KUBECONFIG).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
+    /// Seconds a failed migration's objects stay in its bucket (transfer.mode
+    /// ObjectStore) for a post-mortem before they are removed; 0 removes them at once.
+    #[arg(long, default_value = "86400")]
+    failed_object_retention: u64,
     /// The controller's identity towards the node daemons (mutual TLS): tls.crt naming
     /// `ferry-controller`, tls.key, and ca.crt, the CA of the daemons' certificates.
     #[arg(long, env = "FERRY_TLS_DIR")]
@@ -78,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
     };
     settings.lease_duration = Duration::from_secs(args.lease_seconds);
     settings.watch_namespace = args.watch_namespace.clone();
+    settings.failed_object_retention = Duration::from_secs(args.failed_object_retention);
     let clusters = Arc::new(Clusters::new(client.clone(), &args.namespace));
     let tls = ferry_controller::agent::grpc::client_tls(&args.tls_dir)
         .context("the control channel's TLS (--tls-dir)")?;

@@ -248,6 +248,38 @@ pub struct MigrationStatus {
     /// no rollback, no retry, and deleting the Migration waits for the end.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub committed: bool,
+    /// What this migration put in its bucket (transfer.mode ObjectStore), from the
+    /// first upload until the objects are removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<StoredObjects>,
+}
+
+/// A migration's objects in its bucket. Removed when it succeeds or is cancelled;
+/// after a failure kept for the controller's `--failed-object-retention` (for a
+/// post-mortem; they are encrypted with the migration's token, which the controller
+/// forgets, so keeping them does not expose the workload's memory), then removed;
+/// removed at once when the Migration is deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredObjects {
+    pub state: ObjectsState,
+    /// e.g. `s3://bucket/prefix/<migration-uid>/`.
+    pub location: String,
+    /// Retained: when the controller removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_after: Option<Time>,
+    /// What the last removal did or why it failed (it is retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ObjectsState {
+    /// The migration uses them (or a removal is still to succeed).
+    Stored,
+    /// Kept after a failure until removeAfter.
+    Retained,
+    Removed,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
@@ -355,6 +387,15 @@ pub struct Progress {
     /// When the byte count last grew (for timeouts.progressSeconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_at: Option<Time>,
+    /// Bytes per second over the last second or more of the transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    /// The sample the rate is measured from: bytesTransferred at rateSampledAtMs (Unix
+    /// milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_sampled_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_sampled_at_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -362,6 +403,9 @@ pub struct Progress {
 pub struct Timings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// startedAt in Unix milliseconds (Kubernetes times have whole seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
     /// Time the workload was not running, measured by the node daemons.
@@ -399,6 +443,12 @@ pub struct StepTiming {
 pub struct PhaseTiming {
     pub phase: Phase,
     pub entered_at: Time,
+    /// enteredAt in Unix milliseconds (enteredAt has whole seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_at_ms: Option<u64>,
+    /// How long the migration was in this phase, once it left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Why the migration failed and in which phase.

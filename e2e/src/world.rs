@@ -51,6 +51,7 @@ pub struct World {
     pub vm_root: PathBuf,
     daemon_bin: PathBuf,
     daemon_args: Vec<String>,
+    failed_object_retention: Option<Duration>,
     controllers: Vec<tokio::task::JoinHandle<()>>,
     _lan: Lan,
 }
@@ -125,6 +126,8 @@ pub struct WorldOptions {
     pub runtime_request_timeout: Option<Duration>,
     /// Extra `ferry-node` arguments for every node's daemon.
     pub daemon_args: Vec<String>,
+    /// The controller's `failed_object_retention` (default: the controller's).
+    pub failed_object_retention: Option<Duration>,
 }
 
 impl World {
@@ -224,6 +227,7 @@ impl World {
             vm_root,
             daemon_bin,
             daemon_args: opts.daemon_args,
+            failed_object_retention: opts.failed_object_retention,
             controllers: Vec::new(),
             _lan: lan,
         })
@@ -271,6 +275,9 @@ impl World {
     pub fn start_controller(&mut self) {
         let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "e2e-controller");
         settings.poll_interval = Duration::from_millis(100);
+        if let Some(r) = self.failed_object_retention {
+            settings.failed_object_retention = r;
+        }
         let clusters = Arc::new(Clusters::new(self.east.clone(), CONTROLLER_NAMESPACE));
         let tls_dir = ferry_testkit::pki::controller_tls_dir(&self.base.join("controller-tls"))
             .expect("controller certificate");
@@ -340,16 +347,31 @@ impl World {
         timeout: Duration,
         mut on_change: impl FnMut(&Migration),
     ) -> Result<Migration> {
+        let mut last = None;
+        self.follow_each(ns, name, timeout, |m| {
+            let phase = m.status.as_ref().and_then(|s| s.phase);
+            if phase != last {
+                on_change(m);
+                last = phase;
+            }
+        })
+        .await
+    }
+
+    /// Like [`World::follow`], calling `on_read` with every read (every 50 ms).
+    pub async fn follow_each(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+        mut on_read: impl FnMut(&Migration),
+    ) -> Result<Migration> {
         let api: Api<Migration> = Api::namespaced(self.east.clone(), ns);
         let deadline = Instant::now() + timeout;
-        let mut last = None;
         loop {
             let m = api.get(name).await?;
             let phase = m.status.as_ref().and_then(|s| s.phase);
-            if phase != last {
-                on_change(&m);
-                last = phase;
-            }
+            on_read(&m);
             if phase.is_some_and(Phase::is_terminal) {
                 return Ok(m);
             }

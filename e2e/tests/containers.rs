@@ -5,7 +5,7 @@
 //! One world (2 clusters × 2 nodes, one controller) for all scenarios: they run
 //! concurrently, each in its own namespace, and every failure is reported.
 use anyhow::{Context, Result, bail, ensure};
-use ferry_crds::{Migration, Phase};
+use ferry_crds::{Migration, ObjectsState, Phase};
 use ferry_e2e::world::{
     World, WorldOptions, counter_pod, memory_counter_pod, numbers, stamped, stamped_counter_pod,
     wait_for,
@@ -186,15 +186,43 @@ async fn cold_across_clusters(w: &World) -> Result<()> {
     Ok(())
 }
 
+/// What a shaped move reported.
+struct Shaped {
+    moved: u64,
+    wire: u64,
+    downtime_ms: u64,
+    /// The highest status.progress while the migration was still under way (bytes,
+    /// bytes per second): what `kubectl get` showed during the move.
+    midway: Option<(u64, u64)>,
+}
+
 /// A Cold move across clusters with `transfer` settings: the pod holds 16 MiB of one
 /// repeated byte, so what it moves is known to be large and compressible.
-async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<(u64, u64, u64)> {
+async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<Shaped> {
     w.create_pod(ns, memory_counter_pod("counter", "east-1", 16))
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold")
         + &format!("  transfer: {transfer}\n");
-    let m = run(w, ns, "m", &yaml).await?;
+    w.apply_migration(ns, &yaml).await?;
+    let mut midway: Option<(u64, u64)> = None;
+    let mut last = None;
+    let m = w
+        .follow_each(ns, "m", Duration::from_secs(180), |m| {
+            let Some(s) = &m.status else { return };
+            if s.phase != last {
+                eprintln!("[{ns}] m: {:?}", s.phase);
+                last = s.phase;
+            }
+            let moving = matches!(s.phase, Some(Phase::Checkpointing | Phase::Transferring));
+            if let Some(p) = s.progress.as_ref().filter(|_| moving)
+                && let Some(rate) = p.bytes_per_second
+            {
+                let (b, r) = midway.unwrap_or_default();
+                midway = Some((b.max(p.bytes_transferred), r.max(rate)));
+            }
+        })
+        .await?;
     check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
     let s = m.status.context("status")?;
     let p = s.progress.context("no progress in the status")?;
@@ -208,17 +236,23 @@ async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<(u64, u64, u
         "the 16 MiB the pod holds did not move: {p:?}"
     );
     eprintln!(
-        "[{ns}] {} KiB moved, {} KiB on the wire, downtime {downtime} ms",
+        "[{ns}] {} KiB moved, {} KiB on the wire, downtime {downtime} ms; midway (bytes, \
+         bytes/s): {midway:?}",
         p.bytes_transferred >> 10,
         wire >> 10
     );
-    Ok((p.bytes_transferred, wire, downtime))
+    Ok(Shaped {
+        moved: p.bytes_transferred,
+        wire,
+        downtime_ms: downtime,
+        midway,
+    })
 }
 
 /// `transfer.compress`: the pod arrives intact, and far fewer bytes crossed the network
 /// than it moved.
 async fn compressed_move(w: &World) -> Result<()> {
-    let (moved, wire, _) = shaped_move(w, "compressed", "{compress: true}").await?;
+    let Shaped { moved, wire, .. } = shaped_move(w, "compressed", "{compress: true}").await?;
     ensure!(
         wire * 4 < moved,
         "compression: {wire} bytes on the wire for {moved} moved"
@@ -228,10 +262,17 @@ async fn compressed_move(w: &World) -> Result<()> {
 
 /// `transfer.bandwidthLimitMiBps`: uncompressed, the 16+ MiB cannot have crossed within
 /// the downtime faster than the cap (a lower bound: everything of a Cold move is sent
-/// while the pod is frozen; unlimited, this move's downtime is a second or two).
+/// while the pod is frozen; unlimited, this move's downtime is a second or two). The
+/// move takes seconds, so the status shows bytes and a rate while it is under way:
+/// CRIU's pages are counted as they pass the relays, not after the dump.
 async fn capped_move(w: &World) -> Result<()> {
     const MIB_PER_SEC: u64 = 2;
-    let (moved, wire, downtime) = shaped_move(
+    let Shaped {
+        moved,
+        wire,
+        downtime_ms: downtime,
+        midway,
+    } = shaped_move(
         w,
         "capped",
         &format!("{{bandwidthLimitMiBps: {MIB_PER_SEC}}}"),
@@ -245,6 +286,11 @@ async fn capped_move(w: &World) -> Result<()> {
     ensure!(
         downtime >= floor_ms,
         "{wire} bytes in a {downtime} ms downtime: faster than {MIB_PER_SEC} MiB/s"
+    );
+    let (bytes, rate) = midway.context("no progress rate in the status while it moved")?;
+    ensure!(
+        bytes > 0 && rate > 0,
+        "the status showed no bytes moving while the pages went: {bytes} bytes, {rate} B/s"
     );
     Ok(())
 }
@@ -289,6 +335,7 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
         p.bytes_transferred >= 4 << 20,
         "the 4 MiB the pod holds did not move: {p:?}"
     );
+    let m = objects_end(w, ns, "m", ObjectsState::Removed).await?;
     let uid = m.metadata.uid.clone().context("uid")?;
     let left = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
     ensure!(left.is_empty(), "the bucket still holds {left:?}");
@@ -307,8 +354,30 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
         s.phase
     );
     w.check_runs_once_on(ns, "other", "east-2").await?;
+    ensure!(
+        s.objects.is_none(),
+        "nothing was uploaded, yet: {:?}",
+        s.objects
+    );
     eprintln!("[{ns}] wrong credentials: {}", f.message);
     Ok(())
+}
+
+/// Waits until the Migration's `status.objects` reaches `state`.
+async fn objects_end(w: &World, ns: &str, name: &str, state: ObjectsState) -> Result<Migration> {
+    let api: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = api.get(name).await?;
+        let o = m.status.as_ref().and_then(|s| s.objects.clone());
+        if o.as_ref().is_some_and(|o| o.state == state) {
+            return Ok(m);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("status.objects of {name} is not {state:?} after 60 s: {o:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn live_within_cluster(w: &World) -> Result<()> {
@@ -460,6 +529,69 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
     Ok(())
 }
 
+/// A Cold move through a bucket whose restore fails (the daemons corrupt what they
+/// stage in this namespace): rolled back, the pod runs once at the source, and the
+/// migration's objects stay in the bucket for the post-mortem, encrypted (the pod's
+/// memory is 4 MiB of one byte, and tar pads with zeros: the stored objects have no
+/// run of 64 equal bytes), then the controller removes them after its retention.
+async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServer) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let ns = "rollback";
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "s3"},
+        "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": SECRET_KEY}
+    }))?;
+    Api::<Secret>::namespaced(w.east.clone(), ns)
+        .create(&Default::default(), &s)
+        .await?;
+    w.create_pod(ns, memory_counter_pod("held", "east-1", 4))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let yaml = migration("kept", "held", "{cluster: west, node: west-1}", "Cold")
+        + &format!(
+            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
+             prefix: e2e, credentialsSecret: s3}}}}\n",
+            minio.endpoint()
+        );
+    let m = run(w, ns, "kept", &yaml).await?;
+    let phase = m.status.as_ref().and_then(|s| s.phase);
+    ensure!(
+        phase == Some(Phase::RolledBack),
+        "phase {phase:?}: {:?}",
+        m.status
+    );
+    w.check_runs_once_on(ns, "held", "east-1").await?;
+    let m = objects_end(w, ns, "kept", ObjectsState::Retained).await?;
+    let uid = m.metadata.uid.clone().context("uid")?;
+    let keys = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
+    let data: Vec<_> = keys.iter().filter(|k| k.ends_with("/data")).collect();
+    ensure!(!data.is_empty(), "nothing retained in the bucket: {keys:?}");
+    for key in data {
+        let bytes = ferry_testkit::minio::object(minio, BUCKET, key).await?;
+        let longest = bytes
+            .chunk_by(|a, b| a == b)
+            .map(<[u8]>::len)
+            .max()
+            .unwrap_or(0);
+        ensure!(
+            longest < 64,
+            "{key} ({} bytes) has a run of {longest} equal bytes: stored in the clear?",
+            bytes.len()
+        );
+        eprintln!(
+            "[{ns}] retained {key}: {} bytes, longest run {longest}",
+            bytes.len()
+        );
+    }
+    objects_end(w, ns, "kept", ObjectsState::Removed).await?;
+    let left = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
+    ensure!(
+        left.is_empty(),
+        "still in the bucket after the retention: {left:?}"
+    );
+    Ok(())
+}
+
 fn nix_kill(pid: u32) -> Result<()> {
     let st = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -569,6 +701,8 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         .tempdir_in("/tmp")?;
     let opts = WorldOptions {
         daemon_args: vec!["--test-corrupt-staged-namespace".into(), "rollback".into()],
+        // Long enough to look at what a failure kept, short enough to see it go.
+        failed_object_retention: Some(Duration::from_secs(30)),
         ..Default::default()
     };
     let mut w = World::start(dir.path(), opts).await?;
@@ -594,7 +728,10 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         live_within_cluster(w),
         three_containers(w, "three-cold", "Cold"),
         three_containers(w, "three-live", "Live"),
-        corrupted_checkpoint_rolls_back(w),
+        async {
+            corrupted_checkpoint_rolls_back(w).await?;
+            failed_through_a_bucket_keeps_its_objects(w, &minio).await
+        },
         bad_targets_fail_in_preparing(w),
         compressed_move(w),
         capped_move(w),
@@ -608,7 +745,10 @@ async fn containers_move_between_real_nodes() -> Result<()> {
             "three containers, Live within a cluster, one cut",
             results.3,
         ),
-        ("corrupted checkpoint rolls back", results.4),
+        (
+            "corrupted checkpoint rolls back (direct; through a bucket, objects kept then removed)",
+            results.4,
+        ),
         ("bad targets fail in Preparing", results.5),
         ("compressed Cold move: fewer bytes on the wire", results.6),
         ("capped Cold move: no faster than the cap", results.7),

@@ -5,7 +5,6 @@ use crate::runtime as d;
 use crate::validate;
 use ferry_proto::node::v1 as pb;
 use ferry_transfer::{Pacer, S3Config, S3Credentials, Shaping};
-use std::time::Duration;
 use tonic::{Code, Status};
 
 /// Every typed error's gRPC code, decided here only.
@@ -285,7 +284,7 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
         bytes_total: p.bytes_total,
         wire_bytes: p.wire_bytes,
         downtime_ms: p.downtime_ms,
-        elapsed_ms: p.elapsed_ms,
+        elapsed_ms: p.elapsed_now(d::unix_ms()),
         message: p.message.clone(),
         steps: p
             .steps
@@ -330,48 +329,15 @@ pub fn bucket(t: Option<&pb::TransferSpec>) -> Result<Option<S3Config>, RuntimeE
     let Some(o) = &t.object_store else {
         return bad("missing (mode ObjectStore needs a bucket)");
     };
-    let region = if o.region.is_empty() {
-        "us-east-1"
-    } else {
-        o.region.as_str()
+    let credentials = S3Credentials {
+        access_key: o.access_key_id.clone(),
+        secret_key: o.secret_access_key.clone(),
+        session_token: None,
     };
-    // No endpoint: AWS S3 in the region (the CRD documents it so).
-    let aws = format!("https://s3.{region}.amazonaws.com");
-    let endpoint = match o.endpoint.trim_end_matches('/') {
-        "" => aws.as_str(),
-        e => e,
-    };
-    let host = match endpoint.split_once("://") {
-        Some(("http" | "https", rest)) if !rest.is_empty() => rest,
-        _ => return bad(&format!("endpoint {endpoint:?} is not an http(s) URL")),
-    };
-    if o.bucket.is_empty() || o.bucket.len() > 63 {
-        return bad(&format!(
-            "bucket name {:?} is not 1-63 characters",
-            o.bucket
-        ));
+    match S3Config::locate(&o.endpoint, &o.region, &o.bucket, &o.prefix, credentials) {
+        Ok(cfg) => Ok(Some(cfg)),
+        Err(m) => bad(&m),
     }
-    if o.access_key_id.is_empty() || o.secret_access_key.is_empty() {
-        return bad("the credentials Secret gave no access key");
-    }
-    Ok(Some(S3Config {
-        endpoint: endpoint.to_string(),
-        region: region.to_string(),
-        bucket: o.bucket.clone(),
-        prefix: o.prefix.clone(),
-        credentials: S3Credentials {
-            access_key: o.access_key_id.clone(),
-            secret_key: o.secret_access_key.clone(),
-            session_token: None,
-        },
-        // AWS serves virtual-host style; MinIO and most others need path style.
-        path_style: !host
-            .split(['/', ':'])
-            .next()
-            .unwrap_or("")
-            .ends_with(".amazonaws.com"),
-        request_timeout: Duration::from_secs(30),
-    }))
 }
 
 /// zstd's fastest standard level: a migration's memory is large and its downtime
@@ -386,6 +352,7 @@ pub fn shaping(t: Option<&pb::TransferSpec>) -> Shaping {
     Shaping {
         zstd_level: t.filter(|t| t.compress).map(|_| COMPRESS_LEVEL),
         pacer: Pacer::new(t.map_or(0, |t| t.bandwidth_limit_bytes_per_sec)),
+        on_sent: None,
     }
 }
 

@@ -173,12 +173,28 @@ pub struct Progress {
     /// Bytes sent on the network, after compression (see `bytes_done` for before).
     pub wire_bytes: u64,
     pub downtime_ms: u64,
+    /// Time since the operation started, as of the last update; readers of a running
+    /// operation use [`Progress::elapsed_now`], which advances between updates too.
     pub elapsed_ms: u64,
+    pub started_unix_ms: u64,
     pub message: String,
     /// What this side did so far, in the order the steps ended.
     pub steps: Vec<Step>,
     /// Source: past the point of no return (see [`Handover`]).
     pub committed: bool,
+}
+
+impl Progress {
+    /// Elapsed time as of `now_unix_ms`: still advancing while the operation runs
+    /// (a CRIU dump or an upload may go for seconds between two byte counts).
+    pub fn elapsed_now(&self, now_unix_ms: u64) -> u64 {
+        match self.state {
+            OpState::Running if self.started_unix_ms > 0 => now_unix_ms
+                .saturating_sub(self.started_unix_ms)
+                .max(self.elapsed_ms),
+            _ => self.elapsed_ms,
+        }
+    }
 }
 
 /// One timed step of an operation (the per-step breakdown of a migration's downtime).
@@ -202,6 +218,7 @@ impl ProgressSink {
         let (tx, rx) = watch::channel(Progress {
             migration_id: migration_id.to_string(),
             stage,
+            started_unix_ms: unix_ms(),
             ..Default::default()
         });
         (
@@ -235,6 +252,26 @@ impl ProgressSink {
 
     pub fn add_wire_bytes(&self, n: u64) {
         self.update(|p| p.wire_bytes += n);
+    }
+
+    /// `raw` bytes moved as `wire` bytes on the network, counted as they go.
+    pub fn add_moved(&self, raw: u64, wire: u64) {
+        self.update(|p| {
+            p.bytes_done += raw;
+            p.wire_bytes += wire;
+        });
+    }
+
+    /// `shaping` that also counts what it sends into this operation's progress, for
+    /// page pipes whose length nobody knows beforehand.
+    pub fn metered(&self, shaping: &ferry_transfer::Shaping) -> ferry_transfer::Shaping {
+        let me = self.clone();
+        ferry_transfer::Shaping {
+            on_sent: Some(ferry_transfer::OnSent(std::sync::Arc::new(move |m| {
+                me.add_moved(m.raw, m.wire)
+            }))),
+            ..shaping.clone()
+        }
     }
 
     /// Absolute counters, for backends that learn totals from elsewhere (QEMU).
@@ -451,5 +488,24 @@ mod handover_tests {
         assert!(!h.resumable());
         assert!(!Handover::recovered(false).resumable());
         assert!(Handover::recovered(true).resumable());
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::{OpState, Progress};
+
+    #[test]
+    fn a_running_operation_ages_between_updates_and_a_finished_one_stops() {
+        let mut p = Progress {
+            state: OpState::Running,
+            started_unix_ms: 1_000,
+            elapsed_ms: 10,
+            ..Default::default()
+        };
+        assert_eq!(p.elapsed_now(6_000), 5_000);
+        p.state = OpState::Succeeded;
+        p.elapsed_ms = 4_200;
+        assert_eq!(p.elapsed_now(60_000), 4_200);
     }
 }

@@ -222,6 +222,17 @@ pub async fn keys_under(m: &MinioServer, bucket: &str, prefix: &str) -> Result<V
         .collect())
 }
 
+/// The bytes of object `key` as the bucket holds them.
+pub async fn object(m: &MinioServer, bucket: &str, key: &str) -> Result<Vec<u8>> {
+    let r = m.bucket(bucket)?.get_object(key).await?;
+    anyhow::ensure!(
+        r.status_code() == 200,
+        "GET {key}: HTTP {}",
+        r.status_code()
+    );
+    Ok(r.to_vec())
+}
+
 /// Minimal HTTP/1.0 GET returning the status code (no HTTP client dependency needed).
 fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;

@@ -49,8 +49,9 @@ mod tls;
 use std::time::Duration;
 
 pub use direct::{
-    Carried, Grant, IncomingStream, Moved, OutgoingStream, Pacer, Pipe, Receiver, ResumeRecord,
-    SendOptions, SendReport, Sender, Shaping, carry, into_pipe, out_of_pipe, scope_of,
+    Carried, Grant, IncomingStream, Moved, OnSent, OutgoingStream, Pacer, Pipe, Receiver,
+    ResumeRecord, SendOptions, SendReport, Sender, Shaping, carry, into_pipe, out_of_pipe,
+    scope_of,
 };
 pub use error::{Side, TransferError};
 pub use s3::{

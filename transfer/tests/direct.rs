@@ -549,15 +549,26 @@ async fn carried_pipe(
 /// Compression on a request/response pipe (CRIU's lazy pages, QEMU's post-copy): a
 /// small request gets through at once, 4 MiB of compressible reply arrives complete
 /// while the pipe stays open (nothing is held back for a better ratio), and far fewer
-/// bytes crossed the wire than were carried.
+/// bytes crossed the wire than were carried. The sending side's `on_sent` counts the
+/// reply while the pipe is still open (progress for pages nobody announced).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carry_compresses_a_pipe_without_holding_bytes_back() {
     let p = Arc::new(pair().await);
     let zstd = ferry_transfer::Shaping {
         zstd_level: Some(3),
-        pacer: None,
+        ..Default::default()
     };
-    let (mut client, mut server, c, s) = carried_pipe(&p, "mig-8/lazy", zstd.clone(), zstd).await;
+    let counted = Arc::new(std::sync::Mutex::new(ferry_transfer::Moved::default()));
+    let meter = counted.clone();
+    let server_shaping = ferry_transfer::Shaping {
+        on_sent: Some(ferry_transfer::OnSent(Arc::new(move |m| {
+            let mut c = meter.lock().unwrap();
+            c.raw += m.raw;
+            c.wire += m.wire;
+        }))),
+        ..zstd.clone()
+    };
+    let (mut client, mut server, c, s) = carried_pipe(&p, "mig-8/lazy", zstd, server_shaping).await;
     let reply = b"page page page page ".repeat(200 << 10);
     let exchange = async {
         client.write_all(b"give me pages\n").await?;
@@ -570,6 +581,10 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
         w?;
         r?;
         assert!(got == reply, "the reply arrived changed");
+        // Counted before the pipe ends (the count follows the write it reports).
+        while counted.lock().unwrap().raw < reply.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut none = [0u8; 1];
         // The client ends its side; the server reads the end, then ends its own.
         client.shutdown().await?;
@@ -588,6 +603,8 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
     assert_eq!(s.sent_wire, c.received_wire);
     assert!(s.sent_wire * 20 < s.sent, "{s:?}");
     assert_eq!((c.sent, s.received), (14, 14));
+    let counted = *counted.lock().unwrap();
+    assert_eq!((counted.raw, counted.wire), (s.sent, s.sent_wire));
 }
 
 /// One pacer shared by two pipes caps them together: 2 × 1.5 MiB of random bytes at
@@ -597,8 +614,8 @@ async fn one_pacer_caps_a_migrations_pipes_together() {
     const LEN: u64 = 3 << 19;
     let p = Arc::new(pair().await);
     let paced = ferry_transfer::Shaping {
-        zstd_level: None,
         pacer: ferry_transfer::Pacer::new(6 << 20),
+        ..Default::default()
     };
     let started = Instant::now();
     let mut runs = Vec::new();

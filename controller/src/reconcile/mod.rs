@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use target::Undone;
 use tracing::{Instrument, info, info_span, warn};
 
+mod objects;
 mod steps;
 mod target;
 mod validate;
@@ -48,6 +49,8 @@ pub struct Context {
     /// Each prepared Migration's transfer token (by UID) until its checkpoint starts:
     /// memory only, never the status (see `ferry_crds::Receiver::token`).
     pub tokens: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// How long a failed migration's objects stay in its bucket (`objects.rs`).
+    pub failed_object_retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +137,21 @@ fn ms_since(t: &Time) -> u64 {
     (Timestamp::now().as_millisecond() - t.0.as_millisecond()).max(0) as u64
 }
 
+/// Unix milliseconds (status times have whole seconds; these fields keep the rest).
+fn now_ms() -> u64 {
+    Timestamp::now().as_millisecond().max(0) as u64
+}
+
+/// Milliseconds since the migration's attempt started, from the precise field when
+/// there is one.
+fn attempt_ms(t: &Timings) -> Option<u64> {
+    match (t.started_at_ms, &t.started_at) {
+        (Some(ms), _) => Some(now_ms().saturating_sub(ms)),
+        (None, Some(at)) => Some(ms_since(at)),
+        (None, None) => None,
+    }
+}
+
 impl<'a> Reconciler<'a> {
     fn new(m: &'a Migration, ctx: &'a Context, deleting: bool) -> Self {
         Reconciler {
@@ -157,8 +175,8 @@ impl<'a> Reconciler<'a> {
             elapsed: s
                 .timings
                 .as_ref()
-                .and_then(|t| t.started_at.as_ref())
-                .map(|t| Duration::from_millis(ms_since(t))),
+                .and_then(attempt_ms)
+                .map(Duration::from_millis),
             since_progress: s
                 .progress
                 .as_ref()
@@ -192,7 +210,11 @@ impl<'a> Reconciler<'a> {
         let step = state::decide(&view);
         tracing::debug!(?step, phase = ?before, "step");
         let outcome = match step {
-            Step::Done => return Ok(Action::await_change()),
+            Step::Done => {
+                let again = self.tend_objects().await;
+                let action = self.commit(before).await?;
+                return Ok(again.map(Action::requeue).unwrap_or(action));
+            }
             Step::Initialize => Some(self.initialize()),
             Step::Validate => Some(self.validate().await?),
             Step::PrepareTarget => Some(self.prepare_target().await?),
@@ -244,7 +266,16 @@ impl<'a> Reconciler<'a> {
             )
             .await?;
         }
+        let objects_to_tend = self
+            .status
+            .objects
+            .as_ref()
+            .is_some_and(|o| o.state == ferry_crds::ObjectsState::Stored);
         Ok(match phase {
+            // Objects of a finished migration: the next reconcile removes or keeps them.
+            Some(p) if p.is_terminal() && objects_to_tend => {
+                Action::requeue(Duration::from_millis(50))
+            }
             Some(p) if p.is_terminal() => Action::await_change(),
             _ if phase != before => Action::requeue(Duration::from_millis(50)),
             _ => Action::requeue(self.ctx.poll_interval),
@@ -253,13 +284,10 @@ impl<'a> Reconciler<'a> {
 
     async fn entered(&mut self, phase: Phase, from: Option<Phase>) {
         let timings = self.status.timings.get_or_insert_with(Timings::default);
-        timings.phases.push(PhaseTiming {
-            phase,
-            entered_at: now(),
-        });
+        enter_phase(timings, phase, now(), now_ms());
         if phase.is_terminal() {
             timings.completed_at = Some(now());
-            timings.total_ms = timings.started_at.as_ref().map(ms_since);
+            timings.total_ms = attempt_ms(timings);
             self.ctx
                 .metrics
                 .finished
@@ -383,6 +411,7 @@ impl<'a> Reconciler<'a> {
     fn initialize(&mut self) -> Outcome {
         self.status.timings = Some(Timings {
             started_at: Some(now()),
+            started_at_ms: Some(now_ms()),
             ..Default::default()
         });
         Outcome::Initialized
@@ -423,6 +452,21 @@ fn placement_reason(e: &placement::PlacementError) -> &'static str {
 /// A new attempt after a rollback: its own clock (the completion timeout applies per
 /// attempt; keeping the first attempt's start would fail a retry at once), no failure,
 /// no steps started, no receiver, progress or step timings of the old attempt.
+/// Records entering `phase` at `at` / `at_ms`, closing the duration of the phase before.
+fn enter_phase(t: &mut Timings, phase: Phase, at: Time, at_ms: u64) {
+    if let Some(prev) = t.phases.last_mut()
+        && let Some(entered) = prev.entered_at_ms
+    {
+        prev.duration_ms = Some(at_ms.saturating_sub(entered));
+    }
+    t.phases.push(PhaseTiming {
+        phase,
+        entered_at: at,
+        entered_at_ms: Some(at_ms),
+        duration_ms: None,
+    });
+}
+
 fn reset_for_retry(status: &mut MigrationStatus, now: Time) {
     status.attempts += 1;
     status.failure = None;
@@ -430,6 +474,7 @@ fn reset_for_retry(status: &mut MigrationStatus, now: Time) {
     status.receiver = None;
     status.progress = None;
     let t = status.timings.get_or_insert_with(Timings::default);
+    t.started_at_ms = Some(now.0.as_millisecond().max(0) as u64);
     t.started_at = Some(now);
     t.steps.clear();
     t.downtime_ms = None;
@@ -459,6 +504,20 @@ mod tests {
         assert!(s.started_steps.is_empty());
         let t = s.timings.unwrap();
         assert_eq!(t.started_at, Some(later));
+        assert_eq!(t.started_at_ms, Some(2_000_000));
         assert_eq!(t.downtime_ms, None);
+    }
+
+    #[test]
+    fn each_phase_gets_its_duration_in_milliseconds_when_the_next_begins() {
+        let at = Time(Timestamp::from_second(1_000).unwrap());
+        let mut t = Timings::default();
+        enter_phase(&mut t, Phase::Preparing, at.clone(), 1_000_000);
+        enter_phase(&mut t, Phase::Checkpointing, at.clone(), 1_000_180);
+        enter_phase(&mut t, Phase::Succeeded, at, 1_000_250);
+        let d: Vec<_> = t.phases.iter().map(|p| p.duration_ms).collect();
+        // The same second for all three; the milliseconds tell them apart.
+        assert_eq!(d, [Some(180), Some(70), None]);
+        assert_eq!(t.phases[2].entered_at_ms, Some(1_000_250));
     }
 }

@@ -80,7 +80,8 @@ impl Reconciler<'_> {
         if op.wire_bytes > 0 {
             p.wire_bytes = Some(p.wire_bytes.unwrap_or(0).max(op.wire_bytes));
         }
-        p.display = format::progress(p.bytes_transferred, p.bytes_total);
+        sample_rate(p, now_ms());
+        p.display = format::progress_at(p.bytes_transferred, p.bytes_total, p.bytes_per_second);
         if !op.steps.is_empty() {
             let t = self.status.timings.get_or_insert_with(Timings::default);
             for step in &op.steps {
@@ -165,6 +166,7 @@ impl Reconciler<'_> {
             return self.observe(op, "CheckpointFailed", Outcome::CheckpointDone);
         }
         self.mark_started(STEP_CHECKPOINT);
+        self.objects_stored();
         self.ctx.tokens.lock().unwrap().remove(&uid);
         let outcome = self.observe(op, "CheckpointFailed", Outcome::CheckpointDone)?;
         if outcome == Outcome::StepFailed {
@@ -270,5 +272,48 @@ impl Reconciler<'_> {
             );
         }
         Outcome::Lost
+    }
+}
+
+/// How long a rate sample must span: shorter windows see the bursts of a pipe's
+/// buffering, not its rate.
+const RATE_WINDOW_MS: u64 = 1000;
+
+/// Updates `bytes_per_second` from the bytes moved since the last sample once the
+/// sample is at least [`RATE_WINDOW_MS`] old, and starts a new sample.
+fn sample_rate(p: &mut Progress, now_ms: u64) {
+    let (Some(at), Some(bytes)) = (p.rate_sampled_at_ms, p.rate_sampled_bytes) else {
+        p.rate_sampled_at_ms = Some(now_ms);
+        p.rate_sampled_bytes = Some(p.bytes_transferred);
+        return;
+    };
+    let span = now_ms.saturating_sub(at);
+    if span < RATE_WINDOW_MS {
+        return;
+    }
+    let moved = p.bytes_transferred.saturating_sub(bytes);
+    p.bytes_per_second = Some(moved * 1000 / span);
+    p.rate_sampled_at_ms = Some(now_ms);
+    p.rate_sampled_bytes = Some(p.bytes_transferred);
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_measured_over_a_second_or_more() {
+        let mut p = Progress::default();
+        sample_rate(&mut p, 10_000);
+        assert_eq!(p.bytes_per_second, None);
+        p.bytes_transferred = 5 << 20;
+        sample_rate(&mut p, 10_400); // too soon: no rate from 400 ms of bursts
+        assert_eq!(p.bytes_per_second, None);
+        p.bytes_transferred = 20 << 20;
+        sample_rate(&mut p, 12_000);
+        assert_eq!(p.bytes_per_second, Some(10 << 20));
+        // Stalled: the rate falls to zero once a window passes without bytes.
+        sample_rate(&mut p, 13_500);
+        assert_eq!(p.bytes_per_second, Some(0));
     }
 }

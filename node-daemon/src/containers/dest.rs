@@ -10,7 +10,6 @@ use crate::error::RuntimeError;
 use crate::relay::{self, Relay};
 use crate::runtime::*;
 use crate::transport::{self, Transport};
-use ferry_transfer::S3Store;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,9 +37,6 @@ pub struct DestState {
     gate: tokio::task::AbortHandle,
     /// One entry per staged bundle.
     arrivals: Option<mpsc::Receiver<Result<Arrival, RuntimeError>>>,
-    /// `transfer.mode: ObjectStore`: the bucket the bundles come through, emptied of
-    /// this migration's streams when it ends here.
-    bucket: Option<(Arc<S3Store>, String)>,
 }
 
 /// A bundle staged for one container.
@@ -205,7 +201,6 @@ impl ContainerRuntime {
                 receiving,
                 gate,
                 arrivals: Some(rx),
-                bucket: bucket.map(|b| (b, plan.migration_id.clone())),
             }),
         );
         if early {
@@ -317,7 +312,6 @@ impl ContainerRuntime {
         for st in &d.stages {
             st.drop_payload(false);
         }
-        empty_bucket(d.bucket).await;
     }
 
     /// Ends the receiving side. [`Left::NoCopy`] when every container's restore was
@@ -341,32 +335,7 @@ impl ContainerRuntime {
             // CRIU's logs stay for the post-mortem of a failed migration.
             st.drop_payload(true);
         }
-        empty_bucket(d.bucket).await;
         left
-    }
-}
-
-/// Removes the migration's streams from its bucket (finalize and abort alike: a
-/// workload's memory does not stay in a bucket). Bounded and best effort: a store that
-/// does not answer leaves them, logged, for the bucket's own lifecycle rules.
-async fn empty_bucket(bucket: Option<(Arc<S3Store>, String)>) {
-    let Some((store, migration_id)) = bucket else {
-        return;
-    };
-    let retry = ferry_transfer::RetryPolicy {
-        max_retries: 3,
-        ..Default::default()
-    };
-    let prefix = format!("{migration_id}/");
-    match tokio::time::timeout(
-        Duration::from_secs(30),
-        store.delete_prefix(&prefix, &retry),
-    )
-    .await
-    {
-        Ok(Ok(n)) => tracing::info!(%migration_id, objects = n, "removed the migration's objects"),
-        Ok(Err(e)) => tracing::warn!(%migration_id, error = %e, "could not empty the bucket"),
-        Err(_) => tracing::warn!(%migration_id, "emptying the bucket timed out"),
     }
 }
 

@@ -307,7 +307,7 @@ impl ContainerRuntime {
                     transport.clone(),
                     pipe,
                     port,
-                    plan.shaping.clone(),
+                    cut.progress.metered(&plan.shaping),
                 )),
             )
         } else {
@@ -315,8 +315,13 @@ impl ContainerRuntime {
                 RuntimeError::InvalidArgument(format!("no page server given for container {name}"))
             })?;
             let peer = transport::peer(&plan.receive_endpoint, &plan.token)?;
-            let (addr, relay) =
-                relay::outbound(transport.clone(), peer, pipe, plan.shaping.clone()).await?;
+            let (addr, relay) = relay::outbound(
+                transport.clone(),
+                peer,
+                pipe,
+                cut.progress.metered(&plan.shaping),
+            )
+            .await?;
             (Some(addr.to_string()), Some(relay))
         };
         let opts = CheckpointOpts {
@@ -349,13 +354,11 @@ impl ContainerRuntime {
                 .await
                 .map_err(|e| with_hint(e, &dump_log))?;
             // The dump ends after the page server acknowledged its last pages, so the
-            // relay only has the connection's close left to carry.
+            // relay only has the connection's close left to carry. Its pages were
+            // counted as they went (`ProgressSink::metered`).
             if let Some(relay) = relay {
                 match relay.finish(Duration::from_secs(5)).await {
-                    Some(Ok(c)) => {
-                        cut.progress.add_bytes(c.sent);
-                        cut.progress.add_wire_bytes(c.sent_wire);
-                    }
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(container = %name, error = %e, "page relay"),
                     None => {
                         tracing::warn!(container = %name, "page relay still open after the dump")
@@ -404,12 +407,9 @@ impl ContainerRuntime {
             if let Some(pgid) = pgid {
                 cut.serving.lock().unwrap().retain(|p| *p != pgid);
             }
-            // CRIU's served pages, counted on their way through the relay.
-            if let Some(relay) = lazy_relay
-                && let Some(Ok(c)) = relay.finish(Duration::from_secs(2)).await
-            {
-                cut.progress.add_bytes(c.sent);
-                cut.progress.add_wire_bytes(c.sent_wire);
+            // CRIU's served pages were counted on their way through the relay.
+            if let Some(relay) = lazy_relay {
+                let _ = relay.finish(Duration::from_secs(2)).await;
             }
             r?;
             cut.progress.step(format!("pages/{name}"), send_start);

@@ -97,10 +97,24 @@ pub async fn upload(
         ..Default::default()
     };
     let head = line.len() as u64;
-    let report = store
+    let sent = store
         .send_stream(&id, std::io::Cursor::new(line).chain(body), &opts)
-        .await
-        .map_err(|e| RuntimeError::Transfer(format!("uploading {}: {e}", header.container)))?;
+        .await;
+    if let Err(e) = &sent
+        && let Some(cp) = e.checkpoint()
+    {
+        // The bundle is not resumed (the migration rolls back): release the parts the
+        // store keeps for an unfinished upload, which no listing shows.
+        let c = &header.container;
+        match tokio::time::timeout(std::time::Duration::from_secs(10), store.abort_upload(cp)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(a)) => tracing::warn!(container = %c, "abandoning the upload: {a}"),
+            Err(_) => tracing::warn!(container = %c, "abandoning the upload timed out"),
+        }
+    }
+    let report =
+        sent.map_err(|e| RuntimeError::Transfer(format!("uploading {}: {e}", header.container)))?;
     Ok(Moved {
         raw: report.bytes.saturating_sub(head),
         wire: report.bytes_uploaded,

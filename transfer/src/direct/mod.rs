@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub use pipe::Pipe;
 pub use receiver::{Grant, IncomingStream, Receiver, scope_of};
 pub use sender::{OutgoingStream, Sender};
-pub use shape::{Carried, Moved, Pacer, Shaping, carry, into_pipe, out_of_pipe};
+pub use shape::{Carried, Moved, OnSent, Pacer, Shaping, carry, into_pipe, out_of_pipe};
 
 use crate::RetryPolicy;
 use crate::frame::{Frame, MAX_FRAME};

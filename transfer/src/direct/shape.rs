@@ -62,6 +62,19 @@ pub struct Shaping {
     pub zstd_level: Option<i32>,
     /// Caps what this side writes into the network.
     pub pacer: Option<Arc<Pacer>>,
+    /// Told of each chunk this side writes into a pipe, as it goes: progress for
+    /// streams whose length nobody knows beforehand (CRIU's pages).
+    pub on_sent: Option<OnSent>,
+}
+
+/// A callback for [`Shaping::on_sent`]: the chunk's bytes as read and as written.
+#[derive(Clone)]
+pub struct OnSent(pub Arc<dyn Fn(Moved) + Send + Sync>);
+
+impl std::fmt::Debug for OnSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnSent")
+    }
 }
 
 /// Bytes [`carry`] moved, each way: as the local side saw them and on the wire.
@@ -139,6 +152,14 @@ pub async fn into_pipe(
             }
             to.write_all(out).await?;
             to.flush().await?;
+        }
+        if let Some(OnSent(f)) = &shaping.on_sent
+            && (n > 0 || !out.is_empty())
+        {
+            f(Moved {
+                raw: n as u64,
+                wire: out.len() as u64,
+            });
         }
         raw += n as u64;
         wire += out.len() as u64;

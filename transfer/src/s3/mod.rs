@@ -72,6 +72,51 @@ pub struct S3Config {
     pub request_timeout: Duration,
 }
 
+impl S3Config {
+    /// The config for `bucket` at `endpoint` as a Migration names them: no endpoint is
+    /// AWS S3 in `region` (default `us-east-1`), virtual-host style there and path
+    /// style elsewhere (MinIO and most other stores need it). Err: what is wrong, for a
+    /// message naming the field.
+    pub fn locate(
+        endpoint: &str,
+        region: &str,
+        bucket: &str,
+        prefix: &str,
+        credentials: S3Credentials,
+    ) -> Result<S3Config, String> {
+        let region = if region.is_empty() {
+            "us-east-1"
+        } else {
+            region
+        };
+        let aws = format!("https://s3.{region}.amazonaws.com");
+        let endpoint = match endpoint.trim_end_matches('/') {
+            "" => aws.as_str(),
+            e => e,
+        };
+        let host = match endpoint.split_once("://") {
+            Some(("http" | "https", rest)) if !rest.is_empty() => rest,
+            _ => return Err(format!("endpoint {endpoint:?} is not an http(s) URL")),
+        };
+        if bucket.is_empty() || bucket.len() > 63 {
+            return Err(format!("bucket name {bucket:?} is not 1-63 characters"));
+        }
+        if credentials.access_key.is_empty() || credentials.secret_key.is_empty() {
+            return Err("the credentials Secret gave no access key".into());
+        }
+        let host = host.split(['/', ':']).next().unwrap_or("");
+        Ok(S3Config {
+            endpoint: endpoint.to_string(),
+            region: region.to_string(),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            credentials,
+            path_style: !host.ends_with(".amazonaws.com"),
+            request_timeout: Duration::from_secs(30),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct S3SendOptions {
     /// Bytes per multipart part; S3 requires at least 5 MiB (except the last part).
