@@ -29,10 +29,12 @@
 //! case: this kernel lacks the soft-dirty tracking CRIU's pre-dump needs (see
 //! docs/containers.md).
 use crate::Measurement;
+use crate::bucket;
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions};
 use ferry_testkit::containers::{CgroupGuard, RuncRoot};
+use ferry_testkit::minio::MinioServer;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Read;
@@ -151,6 +153,8 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
     .await?;
     world.start_controller();
     let w = &world;
+    let minio = MinioServer::start_on(w.host_ip())?;
+    minio.create_bucket(bucket::BUCKET).await?;
     // Declared after the world, so dropped before it: its containers and cgroups go
     // while the nodes' namespaces still exist.
     let raw = Raw::new(w, &dir.join("raw"), &memhog)?;
@@ -160,6 +164,7 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
     let mut out = Vec::new();
     let mut ferry_first = true;
     for &mib in sizes {
+        let mut direct_cold = (f64::NAN, f64::NAN);
         for strategy in [Strategy::Cold, Strategy::Live] {
             let (mut ferry, mut base) = (Best::new(), Best::new());
             for run in 0..runs {
@@ -168,7 +173,7 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
                 ferry_first = !ferry_first;
                 for side_is_ferry in order {
                     if side_is_ferry {
-                        let (d, t, steps) = ferry_run(w, strategy, mib, run).await?;
+                        let (d, t, steps) = ferry_run(w, strategy, mib, run, None).await?;
                         eprintln!(
                             "[bench] ferry {strategy:?} {mib} MiB run {run}: \
                              downtime {d:.0} ms, total {t:.0} ms"
@@ -187,8 +192,30 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
                     }
                 }
             }
+            if strategy == Strategy::Cold {
+                direct_cold = (ferry.downtime_ms, ferry.total_ms);
+            }
             out.extend(measurements(strategy, mib, runs, &ferry, &base));
         }
+        // Cold through the bucket, beside this run's Direct Cold and a plain PUT + GET.
+        let mut store = Best::new();
+        for run in 0..runs {
+            let (d, t, steps) = ferry_run(w, Strategy::Cold, mib, run, Some(&minio)).await?;
+            eprintln!(
+                "[bench] ferry Cold through the bucket {mib} MiB run {run}: \
+                 downtime {d:.0} ms, total {t:.0} ms"
+            );
+            store.add(d, t, steps);
+        }
+        let (put, get) = bucket::put_get(&minio, mib).await?;
+        eprintln!("[bench] MinIO PUT {mib} MiB {put:.0} ms, GET {get:.0} ms");
+        out.extend(bucket::measurements(
+            mib,
+            runs,
+            (store.downtime_ms, store.total_ms),
+            direct_cold,
+            (put, get),
+        ));
     }
     drop(raw);
     drop(world);
@@ -273,24 +300,36 @@ fn memhog_pod(mib: u64) -> serde_json::Value {
 }
 
 /// One Migration through the controller: (downtime ms, total ms, steps if reported).
+/// With `bucket`, through that MinIO (`transfer.mode: ObjectStore`).
 async fn ferry_run(
     w: &World,
     strategy: Strategy,
     mib: u64,
     run: usize,
+    bucket: Option<&MinioServer>,
 ) -> Result<(f64, f64, Option<serde_json::Value>)> {
-    let ns = format!("{}-{mib}-{run}", format!("{strategy:?}").to_lowercase());
+    let via = if bucket.is_some() { "-bucket" } else { "" };
+    let ns = format!(
+        "{}{via}-{mib}-{run}",
+        format!("{strategy:?}").to_lowercase()
+    );
     w.namespace(&ns).await?;
+    if bucket.is_some() {
+        bucket::create_secret(w, &ns).await?;
+    }
     w.create_pod(&ns, memhog_pod(mib)).await?;
     // Running means started; wait until the heap is in, as the baseline does.
     tokio::task::block_in_place(|| {
         wait_resident(mib, || w.container_pid(SOURCE_NODE, &ns, "memhog", "hog"))
     })?;
-    let yaml = format!(
+    let mut yaml = format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: m}}\nspec:\n  \
          workload: {{pod: memhog}}\n  target: {{cluster: west, node: {TARGET_NODE}}}\n  \
          strategy: {strategy:?}\n"
     );
+    if let Some(minio) = bucket {
+        yaml += &bucket::transfer_yaml(minio);
+    }
     w.apply_migration(&ns, &yaml).await?;
     let m = w.follow(&ns, "m", MIGRATION_TIMEOUT, |_| {}).await?;
     let result = timings(&m).with_context(|| format!("{strategy:?} migration of {mib} MiB"));

@@ -3,6 +3,7 @@
 //! machine is shared and noisy: absolute numbers from different runs do not compare.
 #![forbid(unsafe_code)]
 
+mod bucket;
 pub mod containers;
 pub mod link;
 pub mod transfer;

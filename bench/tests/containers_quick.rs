@@ -1,6 +1,7 @@
 //! The container benchmark in quick mode: a 64 MiB memhog Pod moved Cold and Live by
 //! ferry's controller between real nodes, beside the same container moved by hand with
-//! runc + CRIU. Proves every case runs and yields numbers; asserts nothing about speed.
+//! runc + CRIU, and moved Cold through a MinIO bucket beside the Direct move and a plain
+//! PUT + GET. Proves every case runs and yields numbers; asserts nothing about speed.
 #[test]
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
@@ -20,7 +21,11 @@ fn containers_bench_quick_runs() {
         );
     }
     eprint!("{}", ferry_bench::containers::step_breakdown(&ms));
-    for case in ["containers/cold-64MiB", "containers/live-64MiB"] {
+    for case in [
+        "containers/cold-64MiB",
+        "containers/live-64MiB",
+        "containers/objectstore-cold-64MiB",
+    ] {
         for metric in ["downtime_ms", "total_ms"] {
             let m = ms
                 .iter()

@@ -331,6 +331,26 @@ impl World {
         wait_pod_running(&pods, &name, Duration::from_secs(120)).await
     }
 
+    /// A Secret `name` in `ns` of the home cluster with bucket credentials as
+    /// `transfer.objectStore.credentialsSecret` expects them.
+    pub async fn create_s3_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Result<()> {
+        use k8s_openapi::api::core::v1::Secret;
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": {"accessKeyId": access_key, "secretAccessKey": secret_key}
+        }))?;
+        Api::<Secret>::namespaced(self.east.clone(), ns)
+            .create(&Default::default(), &s)
+            .await?;
+        Ok(())
+    }
+
     pub async fn apply_migration(&self, ns: &str, yaml: &str) -> Result<Migration> {
         let m: Migration = serde_yaml::from_str(yaml)?;
         Api::<Migration>::namespaced(self.east.clone(), ns)

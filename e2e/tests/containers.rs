@@ -300,15 +300,9 @@ async fn capped_move(w: &World) -> Result<()> {
 /// dropped), and afterwards the bucket holds nothing of it. With wrong credentials the
 /// Migration fails in Preparing saying so, and the pod runs on once at the source.
 async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
-    use k8s_openapi::api::core::v1::Secret;
     let ns = "bucket";
-    let secrets: Api<Secret> = Api::namespaced(w.east.clone(), ns);
     for (name, secret) in [("s3", SECRET_KEY), ("s3-wrong", "not-the-secret")] {
-        let s: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
-            "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
-        }))?;
-        secrets.create(&Default::default(), &s).await?;
+        w.create_s3_secret(ns, name, ACCESS_KEY, secret).await?;
     }
     w.node("east-2").lan.block(w.node("west-1").lan.ip())?;
     w.create_pod(ns, memory_counter_pod("counter", "east-2", 4))
@@ -535,15 +529,8 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
 /// memory is 4 MiB of one byte, and tar pads with zeros: the stored objects have no
 /// run of 64 equal bytes), then the controller removes them after its retention.
 async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServer) -> Result<()> {
-    use k8s_openapi::api::core::v1::Secret;
     let ns = "rollback";
-    let s: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "s3"},
-        "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": SECRET_KEY}
-    }))?;
-    Api::<Secret>::namespaced(w.east.clone(), ns)
-        .create(&Default::default(), &s)
-        .await?;
+    w.create_s3_secret(ns, "s3", ACCESS_KEY, SECRET_KEY).await?;
     w.create_pod(ns, memory_counter_pod("held", "east-1", 4))
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -76,7 +76,7 @@ async fn one_gib_random_stream_round_trips_through_minio_and_is_deleted() {
 
     // Cleanup after a successful migration removes every object of the migration.
     let deleted = store.delete_prefix("mig-1/", &quick_retry()).await.unwrap();
-    assert_eq!(deleted, 2);
+    assert_eq!(deleted, 3, "upload marker, manifest, data");
     let listed = m
         .bucket(BUCKET)
         .unwrap()
@@ -97,6 +97,19 @@ async fn one_gib_random_stream_round_trips_through_minio_and_is_deleted() {
         )
         .await;
     assert!(gone.is_err());
+}
+
+/// A source that fails on its first read.
+struct Failing;
+
+impl AsyncRead for Failing {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Err(std::io::Error::other("the source broke")))
+    }
 }
 
 /// Fires `tx` once `at` bytes have been read through it.
@@ -170,6 +183,12 @@ async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
     assert_eq!(cp.offset, cp.parts.len() as u64 * PART as u64);
 
     m.restart().unwrap();
+    // The store still holds the unfinished upload (no object listing shows it).
+    let unfinished = store
+        .unfinished_uploads("mig-2/", &quick_retry())
+        .await
+        .unwrap();
+    assert_eq!(unfinished, [(cp.key.clone(), cp.upload_id.clone())]);
     // Not complete: a reader must not find a stream.
     let early = store
         .receive_stream(
@@ -207,6 +226,29 @@ async fn minio_stopped_mid_upload_fails_clearly_then_resumes() {
     .await
     .unwrap();
     assert_eq!((n, digest), (LEN, random_digest(12, LEN)));
+
+    // Removing the migration's objects also aborts an upload nobody finished: one whose
+    // source failed after its first part.
+    let failing = RandomReader::new(15, 6 << 20).chain(Failing);
+    let orphan = store
+        .send_stream(
+            "mig-2/orphan",
+            failing,
+            &S3SendOptions {
+                part_size: 5 << 20,
+                ..opts
+            },
+        )
+        .await;
+    assert!(orphan.is_err(), "a failing source uploaded a stream");
+    let deleted = store.delete_prefix("mig-2/", &quick_retry()).await.unwrap();
+    // rootfs: marker, manifest, data; orphan: marker and its unfinished upload.
+    assert_eq!(deleted, 5);
+    let unfinished = store
+        .unfinished_uploads("mig-2/", &quick_retry())
+        .await
+        .unwrap();
+    assert!(unfinished.is_empty(), "{unfinished:?}");
 }
 
 /// Bytes changed in the bucket after upload are caught on download: the reader gets an

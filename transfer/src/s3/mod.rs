@@ -4,7 +4,8 @@
 //! uploaded in parts) and `<prefix>/<id>/manifest.json` (size, part size, each part's
 //! sha256, and the stream digest), written only after the multipart upload completed:
 //! a reader that finds no manifest finds no stream, so a half-uploaded stream is never
-//! taken for a whole one.
+//! taken for a whole one. An empty `<prefix>/<id>/upload` marker, written before the
+//! upload starts, lets [`S3Store::unfinished_uploads`] find an upload nobody finished.
 //!
 //! The stream digest is the sha256 of the concatenated per-part sha256s (not of the
 //! bytes themselves) so that an upload resumed in another process, which never saw
@@ -323,6 +324,11 @@ impl S3Store {
     fn manifest_key(&self, id: &str) -> String {
         format!("{}/manifest.json", self.base(id))
     }
+    /// Written before a multipart upload starts: unfinished uploads are found through
+    /// it, since not every store lists them by prefix (MinIO lists only by exact key).
+    fn marker_key(&self, id: &str) -> String {
+        format!("{}/upload", self.base(id))
+    }
 
     /// Uploads everything `reader` yields as stream `id` (replacing an earlier one).
     /// On failure the error's [`TransferError::checkpoint`] can be passed to
@@ -345,6 +351,9 @@ impl S3Store {
         async {
             // A manifest left from an earlier attempt must not vouch for new bytes.
             self.delete_key(&self.manifest_key(id), &opts.retry).await?;
+            self.put_small(&self.marker_key(id), b"", &opts.retry)
+                .await
+                .map_err(|e| s3_err(Side::Receiver, "write upload marker", &key, 0, e))?;
             let upload_id = (|| async { self.bucket.initiate_multipart_upload(&key, "application/octet-stream").await })
                 .retry(opts.retry.backoff())
                 .sleep(tokio::time::sleep)
@@ -809,30 +818,85 @@ impl S3Store {
             })
     }
 
-    /// Deletes every stream whose id starts with `id_prefix` (e.g. `"<migration-id>/"`),
-    /// as done after a successful migration. Returns how many objects were deleted.
-    pub async fn delete_prefix(
+    /// Multipart uploads under `id_prefix` that were started and never completed or
+    /// aborted (key, upload id): the store keeps their parts, and no object listing
+    /// shows them.
+    pub async fn unfinished_uploads(
         &self,
         id_prefix: &str,
         retry: &RetryPolicy,
-    ) -> Result<usize, TransferError> {
+    ) -> Result<Vec<(String, String)>, TransferError> {
+        let mut data_keys: Vec<String> = self
+            .list_keys(id_prefix, retry)
+            .await?
+            .iter()
+            .filter_map(|k| {
+                k.strip_suffix("/upload")
+                    .or_else(|| k.strip_suffix("/data"))
+            })
+            .map(|base| format!("{base}/data"))
+            .collect();
+        data_keys.sort();
+        data_keys.dedup();
+        let mut out = Vec::new();
+        for key in data_keys {
+            let pages = (|| async { self.bucket.list_multiparts_uploads(Some(&key), None).await })
+                .retry(retry.backoff())
+                .sleep(tokio::time::sleep)
+                .await
+                .map_err(|e| s3_err(Side::Sender, "list multipart uploads", &key, 0, e))?;
+            out.extend(
+                pages
+                    .into_iter()
+                    .flat_map(|pg| pg.uploads)
+                    .filter(|u| u.key == key)
+                    .map(|u| (u.key, u.id)),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn list_keys(
+        &self,
+        id_prefix: &str,
+        retry: &RetryPolicy,
+    ) -> Result<Vec<String>, TransferError> {
         let p = self.base(id_prefix);
         let pages = (|| async { self.bucket.list(p.clone(), None).await })
             .retry(retry.backoff())
             .sleep(tokio::time::sleep)
             .await
             .map_err(|e| s3_err(Side::Sender, "list", &p, 0, e))?;
-        let mut keys: Vec<String> = pages
+        Ok(pages
             .into_iter()
             .flat_map(|pg| pg.contents)
             .map(|o| o.key)
-            .collect();
+            .collect())
+    }
+
+    /// Deletes every stream whose id starts with `id_prefix` (e.g. `"<migration-id>/"`),
+    /// as done after a migration, and aborts its unfinished uploads (a sender that lost
+    /// the store mid-upload could not). Returns how many objects and uploads went.
+    pub async fn delete_prefix(
+        &self,
+        id_prefix: &str,
+        retry: &RetryPolicy,
+    ) -> Result<usize, TransferError> {
+        let unfinished = self.unfinished_uploads(id_prefix, retry).await?;
+        for (key, upload_id) in &unfinished {
+            (|| async { self.bucket.abort_upload(key, upload_id).await })
+                .retry(retry.backoff())
+                .sleep(tokio::time::sleep)
+                .await
+                .map_err(|e| s3_err(Side::Sender, "abort multipart upload", key, 0, e))?;
+        }
+        let mut keys = self.list_keys(id_prefix, retry).await?;
         // Manifests first: a stream must stop counting as complete before its data goes.
         keys.sort_by_key(|k| !k.ends_with("/manifest.json"));
         for k in &keys {
             self.delete_key(k, retry).await?;
         }
-        Ok(keys.len())
+        Ok(keys.len() + unfinished.len())
     }
 }
 
