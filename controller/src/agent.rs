@@ -110,6 +110,8 @@ pub struct OpStatus {
     pub bytes_total: u64,
     /// What the daemon sent on the network (after compression).
     pub wire_bytes: u64,
+    /// VMs: the guest's dirty rate in QEMU's last pass (0: not known).
+    pub dirty_bytes_per_sec: u64,
     /// Measured by the side that paused the workload.
     pub downtime_ms: Option<u64>,
     pub message: String,

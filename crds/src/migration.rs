@@ -390,6 +390,10 @@ pub struct Progress {
     /// Bytes per second over the last second or more of the transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_second: Option<u64>,
+    /// VMs: bytes per second the guest dirtied during QEMU's last pre-copy pass; a
+    /// pre-copy converges only while this stays below the link's rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes_per_second: Option<u64>,
     /// The sample the rate is measured from: bytesTransferred at rateSampledAtMs (Unix
     /// milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]

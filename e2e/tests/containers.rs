@@ -357,10 +357,84 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
     Ok(())
 }
 
+/// MinIO dies while the source uploads a 64 MiB pod's bundle (killed the moment the
+/// bucket shows the upload in progress): the upload retries, gives up, and the
+/// migration rolls back; the pod runs once at the source. Once MinIO is back, the
+/// controller's collection after the retention removes what the upload left, the
+/// unfinished multipart upload included (its source could not abort it then).
+async fn minio_lost_mid_upload(w: &World) -> Result<()> {
+    let ns = "bucket-lost";
+    let mut minio = MinioServer::start_on(w.host_ip())?;
+    minio.create_bucket(BUCKET).await?;
+    w.create_s3_secret(ns, "s3", ACCESS_KEY, SECRET_KEY).await?;
+    w.create_pod(ns, memory_counter_pod("big", "east-1", 64))
+        .await?;
+    // The script counts only once its 64 MiB are in memory.
+    wait_for(
+        Duration::from_secs(60),
+        "the pod's memory to fill",
+        || async { Ok(w.last_count("east", ns, "big", "app").unwrap_or(0) >= 1) },
+    )
+    .await?;
+    let yaml = migration("m", "big", "{cluster: west, node: west-1}", "Cold")
+        + &format!(
+            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
+             prefix: e2e, credentialsSecret: s3}}}}\n",
+            minio.endpoint()
+        );
+    let m = w.apply_migration(ns, &yaml).await?;
+    let uid = m.metadata.uid.clone().context("uid")?;
+    let data = format!("e2e/{uid}/bundle/app/data");
+    let api: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    loop {
+        let m = api.get("m").await?;
+        let phase = m.status.and_then(|s| s.phase);
+        ensure!(
+            !phase.is_some_and(Phase::is_terminal),
+            "the migration ended ({phase:?}) before its upload was seen in progress"
+        );
+        if !ferry_testkit::minio::uploads_in_progress(&minio, BUCKET, &data)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    minio.kill();
+    eprintln!("[{ns}] MinIO killed mid-upload");
+    let m = w.follow(ns, "m", Duration::from_secs(180), |_| {}).await?;
+    let s = m.status.clone().context("status")?;
+    ensure!(
+        matches!(s.phase, Some(Phase::RolledBack | Phase::Failed)),
+        "phase {:?}: {:?}",
+        s.phase,
+        s.failure
+    );
+    w.check_runs_once_on(ns, "big", "east-1").await?;
+    eprintln!(
+        "[{ns}] {:?}: {}",
+        s.phase,
+        s.failure.map(|f| f.message).unwrap_or_default()
+    );
+    minio.restart()?;
+    objects_end(w, ns, "m", ObjectsState::Removed).await?;
+    let left = ferry_testkit::minio::keys_under(&minio, BUCKET, &format!("e2e/{uid}/")).await?;
+    ensure!(left.is_empty(), "left in the bucket: {left:?}");
+    let unfinished = ferry_testkit::minio::uploads_in_progress(&minio, BUCKET, &data).await?;
+    ensure!(
+        unfinished.is_empty(),
+        "unfinished uploads left: {unfinished:?}"
+    );
+    Ok(())
+}
+
 /// Waits until the Migration's `status.objects` reaches `state`.
 async fn objects_end(w: &World, ns: &str, name: &str, state: ObjectsState) -> Result<Migration> {
     let api: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Retention (30 s here) and one retried removal (30 s) fit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let m = api.get(name).await?;
         let o = m.status.as_ref().and_then(|s| s.objects.clone());
@@ -368,7 +442,7 @@ async fn objects_end(w: &World, ns: &str, name: &str, state: ObjectsState) -> Re
             return Ok(m);
         }
         if std::time::Instant::now() > deadline {
-            bail!("status.objects of {name} is not {state:?} after 60 s: {o:?}");
+            bail!("status.objects of {name} is not {state:?} after 120 s: {o:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -704,6 +778,7 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         "compressed",
         "capped",
         "bucket",
+        "bucket-lost",
     ] {
         w.namespace(ns).await?;
     }
@@ -723,6 +798,7 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         compressed_move(w),
         capped_move(w),
         through_a_bucket(w, &minio),
+        minio_lost_mid_upload(w),
     );
     let named = [
         ("cold across clusters", results.0),
@@ -742,6 +818,10 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         (
             "Cold through a bucket, no route between the nodes; wrong credentials",
             results.8,
+        ),
+        (
+            "MinIO lost mid-upload: rolled back, leftovers collected",
+            results.9,
         ),
     ];
     let mut failed = 0;

@@ -283,6 +283,7 @@ pub fn operation_pb(p: &d::Progress) -> pb::Operation {
         bytes_done: p.bytes_done,
         bytes_total: p.bytes_total,
         wire_bytes: p.wire_bytes,
+        dirty_bytes_per_sec: p.dirty_bytes_per_sec,
         downtime_ms: p.downtime_ms,
         elapsed_ms: p.elapsed_now(d::unix_ms()),
         message: p.message.clone(),

@@ -172,6 +172,8 @@ pub struct Progress {
     pub bytes_total: u64,
     /// Bytes sent on the network, after compression (see `bytes_done` for before).
     pub wire_bytes: u64,
+    /// VMs: what the guest dirtied per second in QEMU's last pass (0: not yet known).
+    pub dirty_bytes_per_sec: u64,
     pub downtime_ms: u64,
     /// Time since the operation started, as of the last update; readers of a running
     /// operation use [`Progress::elapsed_now`], which advances between updates too.
@@ -271,6 +273,14 @@ impl ProgressSink {
                 me.add_moved(m.raw, m.wire)
             }))),
             ..shaping.clone()
+        }
+    }
+
+    /// The guest's dirty rate as QEMU last measured it (kept while QEMU reports 0:
+    /// between passes it has nothing new).
+    pub fn set_dirty_rate(&self, bytes_per_sec: u64) {
+        if bytes_per_sec > 0 {
+            self.update(|p| p.dirty_bytes_per_sec = bytes_per_sec);
         }
     }
 

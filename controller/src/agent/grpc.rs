@@ -243,6 +243,7 @@ fn op_status(node: &NodeRef, op: pb::Operation) -> OpStatus {
         bytes_done: op.bytes_done,
         bytes_total: op.bytes_total,
         wire_bytes: op.wire_bytes,
+        dirty_bytes_per_sec: op.dirty_bytes_per_sec,
         downtime_ms: (op.downtime_ms > 0).then_some(op.downtime_ms),
         committed: op.committed,
         no_copy: op.no_copy,

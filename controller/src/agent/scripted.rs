@@ -114,6 +114,7 @@ impl ScriptedAgent {
             bytes_done: 0,
             bytes_total: 1 << 30,
             wire_bytes: 0,
+            dirty_bytes_per_sec: 0,
             downtime_ms: None,
             message: failing.unwrap_or_default(),
             steps: Vec::new(),

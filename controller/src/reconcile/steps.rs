@@ -80,6 +80,9 @@ impl Reconciler<'_> {
         if op.wire_bytes > 0 {
             p.wire_bytes = Some(p.wire_bytes.unwrap_or(0).max(op.wire_bytes));
         }
+        if op.dirty_bytes_per_sec > 0 {
+            p.dirty_bytes_per_second = Some(op.dirty_bytes_per_sec);
+        }
         sample_rate(p, now_ms());
         p.display = format::progress_at(p.bytes_transferred, p.bytes_total, p.bytes_per_second);
         if !op.steps.is_empty() {

@@ -309,6 +309,7 @@ impl VmRuntime {
             let r = q
                 .follow_guarded(&tuning, POLL, FOLLOW_LIMIT, may_switch, |p| {
                     progress.set_bytes(p.transferred_bytes, p.total_bytes);
+                    progress.set_dirty_rate(p.dirty_bytes_per_sec());
                     if p.switched_to.is_some() && announced != p.switched_to {
                         announced = p.switched_to;
                         let to = p.switched_to.map(|s| s.as_str()).unwrap_or_default();

@@ -121,6 +121,8 @@ pub struct MigrationProgress {
     pub dirty_sync_count: u64,
     /// Pages per second the guest dirtied in the last pass.
     pub dirty_pages_rate: u64,
+    /// Bytes per page of the counters above.
+    pub page_size: u64,
     /// Current vCPU throttle in percent (auto-converge), when throttling.
     pub cpu_throttle_percent: Option<u64>,
     /// Pages the destination requested on fault during post-copy.
@@ -135,6 +137,11 @@ pub struct MigrationProgress {
 }
 
 impl MigrationProgress {
+    /// What the guest dirtied per second in the last pass, in bytes.
+    pub fn dirty_bytes_per_sec(&self) -> u64 {
+        self.dirty_pages_rate.saturating_mul(self.page_size)
+    }
+
     pub fn is_finished(&self) -> bool {
         matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
     }
@@ -173,6 +180,7 @@ impl MigrationProgress {
             error: info.error_desc,
             dirty_sync_count: ram.map(|r| r.dirty_sync_count.max(0) as u64).unwrap_or(0),
             dirty_pages_rate: ram.map(|r| r.dirty_pages_rate.max(0) as u64).unwrap_or(0),
+            page_size: ram.map(|r| r.page_size.max(0) as u64).unwrap_or(0),
             cpu_throttle_percent: throttle.map(|v| v as u64),
             postcopy_requests: ram.map(|r| r.postcopy_requests.max(0) as u64).unwrap_or(0),
             postcopy_bytes: ram.map(|r| r.postcopy_bytes).unwrap_or(0),
