@@ -215,6 +215,7 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
             (store.downtime_ms, store.total_ms),
             direct_cold,
             (put, get),
+            store.steps.take(),
         ));
     }
     drop(raw);

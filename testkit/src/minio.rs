@@ -222,21 +222,6 @@ pub async fn keys_under(m: &MinioServer, bucket: &str, prefix: &str) -> Result<V
         .collect())
 }
 
-/// Upload ids of the multipart uploads of object `key` that are in progress (started,
-/// neither completed nor aborted).
-pub async fn uploads_in_progress(m: &MinioServer, bucket: &str, key: &str) -> Result<Vec<String>> {
-    let pages = m
-        .bucket(bucket)?
-        .list_multiparts_uploads(Some(key), None)
-        .await?;
-    Ok(pages
-        .into_iter()
-        .flat_map(|p| p.uploads)
-        .filter(|u| u.key == key)
-        .map(|u| u.id)
-        .collect())
-}
-
 /// The bytes of object `key` as the bucket holds them.
 pub async fn object(m: &MinioServer, bucket: &str, key: &str) -> Result<Vec<u8>> {
     let r = m.bucket(bucket)?.get_object(key).await?;

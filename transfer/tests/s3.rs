@@ -11,7 +11,7 @@ use ferry_transfer::{
     ReceiveOptions, RetryPolicy, S3Config, S3Credentials, S3SendOptions, S3Store, Side,
     TransferError,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 
 const BUCKET: &str = "ferry-test";
@@ -450,4 +450,88 @@ async fn encrypted_stream_is_unreadable_in_the_bucket_without_its_key() {
         .expect_err("read with another key")
         .to_string();
     assert!(e.contains("does not decrypt with this key"), "{e}");
+}
+
+/// A streamed upload is read while it is being uploaded: with the source holding back
+/// after 12 MiB (three 4 MiB parts), the receiver gets those 12 MiB before the upload can
+/// finish, then the rest, bit-identical, and end-of-stream once the sealed manifest
+/// lists the parts it read. A multipart reader refuses the layout; a part changed in
+/// the bucket does not decrypt; a reader with another seal key finds no upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_stream_is_read_while_it_uploads() {
+    const LEN: usize = 20 << 20;
+    const HELD: usize = 12 << 20;
+    let (m, store) = minio().await;
+    let mut data = vec![0u8; LEN];
+    RandomReader::new(16, LEN as u64)
+        .read_exact(&mut data)
+        .await
+        .unwrap();
+    let secret = b"the migration's token".to_vec();
+    let opts = S3SendOptions {
+        part_size: 4 << 20,
+        seal_key: Some(secret.clone()),
+        encryption_key: Some(secret.clone()),
+        ..Default::default()
+    };
+    let with = |seal: &[u8]| ReceiveOptions {
+        retry: quick_retry(),
+        seal_key: Some(seal.to_vec()),
+        encryption_key: Some(secret.clone()),
+        ..Default::default()
+    };
+    let (mut source, upload_reads) = tokio::io::duplex(1 << 20);
+    let upload = store.send_streamed("mig-6/x", upload_reads, &opts);
+    let follow = async {
+        let mut incoming = store
+            .receive_streamed("mig-6/x", &with(&secret))
+            .await
+            .unwrap();
+        source.write_all(&data[..HELD]).await.unwrap();
+        let mut got = vec![0u8; HELD];
+        tokio::time::timeout(Duration::from_secs(60), incoming.read_exact(&mut got))
+            .await
+            .expect("the first 12 MiB did not arrive while the upload was held back")
+            .unwrap();
+        assert!(got[..] == data[..HELD], "the first parts arrived changed");
+        source.write_all(&data[HELD..]).await.unwrap();
+        drop(source);
+        let mut rest = Vec::new();
+        incoming.read_to_end(&mut rest).await.unwrap();
+        assert!(rest[..] == data[HELD..], "the rest arrived changed");
+    };
+    let (report, ()) = tokio::join!(upload, follow);
+    let report = report.unwrap();
+    assert_eq!((report.bytes, report.parts), (LEN as u64, 5));
+
+    let e = store
+        .receive_stream("mig-6/x", &with(&secret))
+        .await
+        .err()
+        .expect("a multipart reader read a streamed layout")
+        .to_string();
+    assert!(e.contains("receive_streamed"), "{e}");
+    // Another seal key: no marker verifies, so nothing is handed out.
+    let another = with(b"another key");
+    let other = store.receive_streamed("mig-6/x", &another);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), other)
+            .await
+            .is_err(),
+        "a reader with another key found an upload"
+    );
+    // Part 2 replaced in the bucket: the reader fails there, never ends cleanly.
+    let bucket = m.bucket(BUCKET).unwrap();
+    bucket
+        .put_object("ferry/mig-6/x/part-000002", &vec![7u8; (4 << 20) + 16])
+        .await
+        .unwrap();
+    let mut r = store
+        .receive_streamed("mig-6/x", &with(&secret))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let e = r.read_to_end(&mut sink).await.unwrap_err().to_string();
+    assert!(e.contains("does not decrypt"), "{e}");
+    assert_eq!(sink.len(), 4 << 20, "only part 1 is handed out");
 }

@@ -14,7 +14,9 @@
 //! sealed with the migration's token so that only the source's upload is accepted
 //! (`ferry_transfer::ReceiveOptions::seal_key`) and encrypted at rest with a key derived
 //! from it (the token reaches the daemons only over the control channel, never the
-//! bucket); the destination polls for it.
+//! bucket). It is a streamed upload (`S3Store::send_streamed`: one object per 4 MiB
+//! part), so the destination reads each part as soon as it is there: the download
+//! overlaps the upload.
 use crate::error::RuntimeError;
 use crate::transport::{self, Transport};
 use ferry_transfer::{Moved, ReceiveOptions, S3SendOptions, S3Store, SendOptions, Shaping};
@@ -39,8 +41,9 @@ pub struct BundleHeader {
 /// A header line longer than this is refused before it is parsed (a real one is ~150 B).
 const MAX_HEADER: u64 = 4096;
 
-/// How often the destination asks the bucket whether a bundle is complete there.
-const BUCKET_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Parts of a bundle in the bucket: small enough that the destination starts reading
+/// soon after the source started writing.
+const BUCKET_PART: usize = 4 << 20;
 
 fn stream_id(migration_id: &str, container: &str) -> String {
     format!("{migration_id}/bundle/{container}")
@@ -94,25 +97,13 @@ pub async fn upload(
     let opts = S3SendOptions {
         seal_key: Some(token.as_bytes().to_vec()),
         encryption_key: Some(token.as_bytes().to_vec()),
+        part_size: BUCKET_PART,
         ..Default::default()
     };
     let head = line.len() as u64;
     let sent = store
-        .send_stream(&id, std::io::Cursor::new(line).chain(body), &opts)
+        .send_streamed(&id, std::io::Cursor::new(line).chain(body), &opts)
         .await;
-    if let Err(e) = &sent
-        && let Some(cp) = e.checkpoint()
-    {
-        // The bundle is not resumed (the migration rolls back): release the parts the
-        // store keeps for an unfinished upload, which no listing shows.
-        let c = &header.container;
-        match tokio::time::timeout(std::time::Duration::from_secs(10), store.abort_upload(cp)).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(a)) => tracing::warn!(container = %c, "abandoning the upload: {a}"),
-            Err(_) => tracing::warn!(container = %c, "abandoning the upload timed out"),
-        }
-    }
     let report =
         sent.map_err(|e| RuntimeError::Transfer(format!("uploading {}: {e}", header.container)))?;
     Ok(Moved {
@@ -187,24 +178,8 @@ impl BundleListener {
                 ..Default::default()
             };
             tasks.spawn(async move {
-                let arrival = async {
-                    let mut failures = 0;
-                    loop {
-                        match store.has_stream(&id).await {
-                            Ok(true) => break,
-                            Ok(false) => failures = 0,
-                            // The store's own retries are per request; a bucket that
-                            // keeps failing ends this migration, with its answer.
-                            Err(e) if failures >= 20 => return Err(e),
-                            Err(e) => {
-                                failures += 1;
-                                tracing::warn!(error = %e, %id, "polling the bucket");
-                            }
-                        }
-                        tokio::time::sleep(BUCKET_POLL).await;
-                    }
-                    store.receive_stream(&id, &opts).await
-                };
+                // Waits for the source's upload and reads its parts as they come.
+                let arrival = store.receive_streamed(&id, &opts);
                 let r = match arrival.await {
                     Ok(o) => read_header(Box::new(o), &mid, &container).await,
                     Err(e) => Err(RuntimeError::Transfer(format!(

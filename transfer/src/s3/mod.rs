@@ -36,6 +36,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::{RetryPolicy, Side, TransferError, hex};
 
 mod at_rest;
+mod streamed;
 pub use at_rest::Encryption;
 use at_rest::{PartKey, TAG_LEN};
 
@@ -213,7 +214,13 @@ struct Manifest {
     seal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     encryption: Option<Encryption>,
+    /// [`LAYOUT_PARTS`] for a stream of one object per part (`streamed.rs`); absent for
+    /// a multipart upload's `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layout: Option<String>,
 }
+
+const LAYOUT_PARTS: &str = "parts";
 
 fn seal_mac(key: &[u8], size: u64, part_size: usize, digest: &str) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
@@ -535,6 +542,7 @@ impl S3Store {
             digest: digest.clone(),
             seal,
             encryption: cp.encryption.clone(),
+            layout: None,
         };
         let body = serde_json::to_vec(&manifest).expect("manifest serializes");
         let mkey = self.manifest_key(&cp.id);
@@ -663,6 +671,15 @@ impl S3Store {
         })?;
         let manifest: Manifest = serde_json::from_slice(&body)
             .map_err(|e| s3_err(Side::Receiver, "parse manifest", &mkey, 0, e))?;
+        if manifest.layout.is_some() {
+            return Err(s3_err(
+                Side::Receiver,
+                "check manifest",
+                &mkey,
+                0,
+                "a stream of separate parts: read it with receive_streamed",
+            ));
+        }
         let overhead = if manifest.encryption.is_some() {
             TAG_LEN as u64
         } else {
