@@ -130,3 +130,23 @@ impl RetryPolicy {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Reads up to `size` bytes, short only at end of input: one chunk of a direct stream,
+/// one part of an S3 upload.
+pub(crate) async fn read_full<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    size: usize,
+) -> std::io::Result<bytes::Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(size);
+    while buf.len() < size {
+        let n = (&mut *reader)
+            .take((size - buf.len()) as u64)
+            .read_buf(&mut buf)
+            .await?;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}

@@ -9,7 +9,7 @@ use backon::Retryable;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::{TlsConnector, TlsStream};
@@ -425,14 +425,16 @@ async fn run_conn<R: AsyncRead + Unpin>(
         let more = pos < out.read_end || !out.eof;
         if more && pos - out.acked < opts.window as u64 {
             if pos == out.read_end {
-                let chunk = read_chunk(reader, opts.chunk_size).await.map_err(|e| {
-                    ConnError::Fatal(TransferError::stream(
-                        Side::Sender,
-                        id,
-                        out.read_end,
-                        format!("reading the source: {e}"),
-                    ))
-                })?;
+                let chunk = crate::read_full(reader, opts.chunk_size)
+                    .await
+                    .map_err(|e| {
+                        ConnError::Fatal(TransferError::stream(
+                            Side::Sender,
+                            id,
+                            out.read_end,
+                            format!("reading the source: {e}"),
+                        ))
+                    })?;
                 if chunk.is_empty() {
                     out.eof = true;
                 } else {
@@ -521,21 +523,6 @@ async fn run_conn<R: AsyncRead + Unpin>(
             Ok(Ok(())) => {}
         }
     }
-}
-
-/// Reads up to `size` bytes, short only at end of input.
-async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut R, size: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(size);
-    while buf.len() < size {
-        let n = (&mut *reader)
-            .take((size - buf.len()) as u64)
-            .read_buf(&mut buf)
-            .await?;
-        if n == 0 {
-            break;
-        }
-    }
-    Ok(buf.freeze())
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use s3::Bucket;
@@ -29,7 +29,7 @@ use s3::region::Region;
 use s3::serde_types::Part;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::{Instrument, info_span, warn};
 
@@ -432,27 +432,7 @@ impl S3Store {
         };
         // Parts are read in order and uploaded `parallel` at a time; `buffered` yields
         // results in part order, so the completed prefix is always known.
-        // Copied out of `opts`: a closure's async block that borrows it cannot be
-        // proven Send for every lifetime, which a caller that spawns this needs.
-        let part_size = opts.part_size;
-        let parts = futures::stream::unfold(
-            (reader, first_part, cp.offset, false),
-            move |(mut reader, n, off, done)| async move {
-                if done {
-                    return None;
-                }
-                match read_part(&mut reader, part_size).await {
-                    Ok(b) if b.is_empty() && n > 1 => None,
-                    Ok(b) => {
-                        let len = b.len() as u64;
-                        // A short part is the last one.
-                        let last = b.len() < part_size;
-                        Some((Ok((n, off, b)), (reader, n + 1, off + len, last)))
-                    }
-                    Err(e) => Some((Err((off, e)), (reader, n, off, true))),
-                }
-            },
-        );
+        let parts = parts_of(reader, first_part, cp.offset, opts.part_size);
         let mut uploads = Box::pin(parts)
             .map(|p| {
                 let (key, upload_id, part_key) = (&key, &upload_id, &part_key);
@@ -972,19 +952,33 @@ async fn fetch_part(
     .map_err(|e| s3_err(Side::Receiver, "download part", key, off, e))
 }
 
-/// Reads up to `size` bytes, short only at end of input.
-async fn read_part<R: AsyncRead + Unpin>(reader: &mut R, size: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(size);
-    while buf.len() < size {
-        let n = (&mut *reader)
-            .take((size - buf.len()) as u64)
-            .read_buf(&mut buf)
-            .await?;
-        if n == 0 {
-            break;
-        }
-    }
-    Ok(buf.freeze())
+/// The parts of `reader`, numbered from `first` at stream offset `offset`: (number,
+/// offset, bytes), `part_size` each but the last (an empty stream is one empty part).
+/// A read error ends the stream with the offset it happened at.
+fn parts_of<R: AsyncRead + Unpin>(
+    reader: R,
+    first: u32,
+    offset: u64,
+    part_size: usize,
+) -> impl futures::Stream<Item = Result<(u32, u64, Bytes), (u64, io::Error)>> {
+    futures::stream::unfold(
+        (reader, first, offset, false),
+        move |(mut reader, n, off, done)| async move {
+            if done {
+                return None;
+            }
+            match crate::read_full(&mut reader, part_size).await {
+                Ok(b) if b.is_empty() && n > 1 => None,
+                Ok(b) => {
+                    let len = b.len() as u64;
+                    // A short part is the last one.
+                    let last = b.len() < part_size;
+                    Some((Ok((n, off, b)), (reader, n + 1, off + len, last)))
+                }
+                Err(e) => Some((Err((off, e)), (reader, n, off, true))),
+            }
+        },
+    )
 }
 
 /// A stream downloaded from S3; see [`S3Store::receive_stream`].

@@ -106,23 +106,7 @@ impl S3Store {
                 .map_err(|e| s3_err(Side::Receiver, "write upload marker", &mkey, 0, e))?;
 
             let part_size = opts.part_size;
-            let parts = futures::stream::unfold(
-                (reader, 1u32, 0u64, false),
-                move |(mut reader, n, off, done)| async move {
-                    if done {
-                        return None;
-                    }
-                    match read_part(&mut reader, part_size).await {
-                        Ok(b) if b.is_empty() && n > 1 => None,
-                        Ok(b) => {
-                            let len = b.len() as u64;
-                            let last = b.len() < part_size;
-                            Some((Ok((n, off, b)), (reader, n + 1, off + len, last)))
-                        }
-                        Err(e) => Some((Err((off, e)), (reader, n, off, true))),
-                    }
-                },
-            );
+            let parts = parts_of(reader, 1, 0, part_size);
             let mut uploads = Box::pin(parts)
                 .map(|p| {
                     let (key, base) = (&key, &base);
