@@ -128,10 +128,12 @@ impl ContainerRuntime {
         }
     }
 
+    /// Checks the plan against this node: the pod's running containers, and for a
+    /// move through a bucket the bucket, checked with its credentials and returned open.
     pub(super) async fn validate(
         &self,
         plan: &CheckpointPlan,
-    ) -> Result<Vec<PodContainer>, RuntimeError> {
+    ) -> Result<(Vec<PodContainer>, Option<Arc<S3Store>>), RuntimeError> {
         self.check_strategy(plan.strategy)?;
         let containers = match pod::find(&self.cfg.roots, &plan.workload).await? {
             pod::Found::Containers(c) => c,
@@ -167,13 +169,12 @@ impl ContainerRuntime {
                 )));
             }
         }
-        if let Some(cfg) = &plan.bucket {
-            if plan.strategy == Strategy::PostCopy {
-                return Err(lazy_needs_direct());
-            }
-            open_bucket(cfg).await?;
-        }
-        Ok(containers)
+        let bucket = match &plan.bucket {
+            Some(_) if plan.strategy == Strategy::PostCopy => return Err(lazy_needs_direct()),
+            Some(cfg) => Some(Arc::new(open_bucket(cfg).await?)),
+            None => None,
+        };
+        Ok((containers, bucket))
     }
 
     pub(super) async fn checkpoint(
@@ -182,11 +183,7 @@ impl ContainerRuntime {
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
         let dir = self.mig_dir(&plan.migration_id)?;
-        let containers = self.validate(&plan).await?;
-        let bucket = match &plan.bucket {
-            Some(cfg) => Some(Arc::new(open_bucket(cfg).await?)),
-            None => None,
-        };
+        let (containers, bucket) = self.validate(&plan).await?;
         let pod_freezer = Freezer::for_cgroup(&pod::pod_cgroup(&containers)?);
         let freezers = containers
             .iter()
