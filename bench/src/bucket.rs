@@ -19,11 +19,7 @@ pub(crate) const BUCKET: &str = "ferry-bench";
 /// The Migration's `transfer:` for the bench's MinIO; `credentialsSecret: s3` must exist
 /// in the Migration's namespace ([`create_secret`]).
 pub(crate) fn transfer_yaml(minio: &MinioServer) -> String {
-    format!(
-        "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
-         prefix: bench, credentialsSecret: s3}}}}\n",
-        minio.endpoint()
-    )
+    ferry_e2e::world::object_store_transfer(&minio.endpoint(), BUCKET, "bench", "s3")
 }
 
 pub(crate) async fn create_secret(w: &World, ns: &str) -> Result<()> {
@@ -103,19 +99,11 @@ pub(crate) fn measurements(
         "route".into(),
         "east-1 -> bucket -> west-1 (across clusters)".into(),
     );
-    let case = format!("containers/objectstore-cold-{mib}MiB");
-    [
-        ("downtime_ms", store.0, direct.0),
-        ("total_ms", store.1, direct.1),
-    ]
-    .into_iter()
-    .map(|(metric, f, b)| Measurement {
-        case: case.clone(),
-        metric: metric.into(),
-        ferry: f,
-        baseline: b,
-        baseline_name: "ferry Cold with transfer.mode Direct, same run".into(),
-        details: details.clone(),
-    })
-    .collect()
+    Measurement::downtime_and_total(
+        &format!("containers/objectstore-cold-{mib}MiB"),
+        "ferry Cold with transfer.mode Direct, same run",
+        &details,
+        store,
+        direct,
+    )
 }

@@ -252,21 +252,13 @@ fn measurements(
     if let Some(steps) = &ferry.steps {
         details.insert("ferry_steps".into(), steps.clone());
     }
-    let case = format!("containers/{tag}-{mib}MiB");
-    [
-        ("downtime_ms", ferry.downtime_ms, base.downtime_ms),
-        ("total_ms", ferry.total_ms, base.total_ms),
-    ]
-    .into_iter()
-    .map(|(metric, f, b)| Measurement {
-        case: case.clone(),
-        metric: metric.into(),
-        ferry: f,
-        baseline: b,
-        baseline_name: baseline_name.into(),
-        details: details.clone(),
-    })
-    .collect()
+    Measurement::downtime_and_total(
+        &format!("containers/{tag}-{mib}MiB"),
+        baseline_name,
+        &details,
+        (ferry.downtime_ms, ferry.total_ms),
+        (base.downtime_ms, base.total_ms),
+    )
 }
 
 /// `memhog`, compiled static so the image and the bundle need nothing else.

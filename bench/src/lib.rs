@@ -36,4 +36,29 @@ impl Measurement {
             self.ferry / self.baseline
         }
     }
+
+    /// The `downtime_ms` and `total_ms` rows of one migration case, ferry's and the
+    /// baseline's (downtime, total) side by side.
+    pub fn downtime_and_total(
+        case: &str,
+        baseline_name: &str,
+        details: &serde_json::Map<String, serde_json::Value>,
+        ferry: (f64, f64),
+        baseline: (f64, f64),
+    ) -> Vec<Measurement> {
+        [
+            ("downtime_ms", ferry.0, baseline.0),
+            ("total_ms", ferry.1, baseline.1),
+        ]
+        .into_iter()
+        .map(|(metric, f, b)| Measurement {
+            case: case.into(),
+            metric: metric.into(),
+            ferry: f,
+            baseline: b,
+            baseline_name: baseline_name.into(),
+            details: details.clone(),
+        })
+        .collect()
+    }
 }

@@ -739,6 +739,15 @@ pub fn counter_pod(name: &str, node: &str, containers: &[&str]) -> serde_json::V
 
 /// A counter Pod (as [`counter_pod`]) whose shell also holds `mib` MiB of one repeated
 /// byte in memory: state worth moving, and as compressible as memory gets.
+/// The `transfer:` lines of a Migration spec that moves through `bucket` at `endpoint`
+/// under `prefix`, with the credentials of Secret `secret` ([`World::create_s3_secret`]).
+pub fn object_store_transfer(endpoint: &str, bucket: &str, prefix: &str, secret: &str) -> String {
+    format!(
+        "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{endpoint}', bucket: {bucket}, \
+         prefix: {prefix}, credentialsSecret: {secret}}}}}\n"
+    )
+}
+
 pub fn memory_counter_pod(name: &str, node: &str, mib: u32) -> serde_json::Value {
     let script = format!(
         "blob=$(busybox head -c {} /dev/zero | busybox tr '\\0' x); \

@@ -7,8 +7,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, ObjectsState, Phase};
 use ferry_e2e::world::{
-    World, WorldOptions, counter_pod, memory_counter_pod, numbers, stamped, stamped_counter_pod,
-    wait_for,
+    World, WorldOptions, counter_pod, memory_counter_pod, numbers, object_store_transfer, stamped,
+    stamped_counter_pod, wait_for,
 };
 use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
 use k8s_openapi::api::core::v1::Pod;
@@ -310,13 +310,7 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
     w.create_pod(ns, counter_pod("other", "east-2", &["app"]))
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let transfer = |secret: &str| {
-        format!(
-            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
-             prefix: e2e, credentialsSecret: {secret}}}}}\n",
-            minio.endpoint()
-        )
-    };
+    let transfer = |secret: &str| object_store_transfer(&minio.endpoint(), BUCKET, "e2e", secret);
     let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold") + &transfer("s3");
     let m = run(w, ns, "m", &yaml).await?;
     check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
@@ -376,11 +370,7 @@ async fn minio_lost_mid_upload(w: &World) -> Result<()> {
     )
     .await?;
     let yaml = migration("m", "big", "{cluster: west, node: west-1}", "Cold")
-        + &format!(
-            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
-             prefix: e2e, credentialsSecret: s3}}}}\n",
-            minio.endpoint()
-        );
+        + &object_store_transfer(&minio.endpoint(), BUCKET, "e2e", "s3");
     let m = w.apply_migration(ns, &yaml).await?;
     let uid = m.metadata.uid.clone().context("uid")?;
     let bundle = format!("e2e/{uid}/bundle/app/");
@@ -604,11 +594,7 @@ async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServe
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let yaml = migration("kept", "held", "{cluster: west, node: west-1}", "Cold")
-        + &format!(
-            "  transfer: {{mode: ObjectStore, objectStore: {{endpoint: '{}', bucket: {BUCKET}, \
-             prefix: e2e, credentialsSecret: s3}}}}\n",
-            minio.endpoint()
-        );
+        + &object_store_transfer(&minio.endpoint(), BUCKET, "e2e", "s3");
     let m = run(w, ns, "kept", &yaml).await?;
     let phase = m.status.as_ref().and_then(|s| s.phase);
     ensure!(
