@@ -697,18 +697,23 @@ async fn vm_bad_input_is_refused() -> Result<()> {
         &["--node-name", "vdx", "--vm-target-wait-secs", "2"],
     )?;
     let mut c = ferry_testkit::pki::control_client(&d.endpoint).await?;
+    // A well-formed request for vm-x into vm-y; each case below changes one thing.
+    let request = |id: &str| pb::PrepareReceiverRequest {
+        migration_id: id.into(),
+        workload: Some(vm_description("vm-x")),
+        target: Some(pod("vm-y")),
+        strategy: pb::Strategy::PreCopy as i32,
+        source_peer: "10.0.0.1".into(),
+        ..Default::default()
+    };
     // A VM description without the guest spec cannot receive a guest.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
-            migration_id: "bad-1".into(),
             workload: Some(pb::WorkloadDescription {
                 runtime_spec: b"{not json".to_vec(),
                 ..vm_description("vm-x")
             }),
-            target: Some(pod("vm-y")),
-            strategy: pb::Strategy::PreCopy as i32,
-            source_peer: "10.0.0.1".into(),
-            ..Default::default()
+            ..request("bad-1")
         })
         .await
         .expect_err("must be refused");
@@ -717,15 +722,11 @@ async fn vm_bad_input_is_refused() -> Result<()> {
     // A target UID that could leave the VM root.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
-            migration_id: "bad-3".into(),
-            workload: Some(vm_description("vm-x")),
             target: Some(pb::WorkloadRef {
                 pod_uid: "../../etc".into(),
                 ..pod("vm-y")
             }),
-            strategy: pb::Strategy::PreCopy as i32,
-            source_peer: "10.0.0.1".into(),
-            ..Default::default()
+            ..request("bad-3")
         })
         .await
         .expect_err("must be refused");
@@ -733,11 +734,6 @@ async fn vm_bad_input_is_refused() -> Result<()> {
     // A VM does not move through a bucket: refused with the reason, not sent directly.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
-            migration_id: "bad-2".into(),
-            workload: Some(vm_description("vm-x")),
-            target: Some(pod("vm-y")),
-            strategy: pb::Strategy::PreCopy as i32,
-            source_peer: "10.0.0.1".into(),
             transfer: Some(pb::TransferSpec {
                 mode: pb::TransferMode::ObjectStore as i32,
                 object_store: Some(pb::ObjectStore {
@@ -749,7 +745,7 @@ async fn vm_bad_input_is_refused() -> Result<()> {
                 }),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..request("bad-2")
         })
         .await
         .expect_err("must be refused");
@@ -758,16 +754,11 @@ async fn vm_bad_input_is_refused() -> Result<()> {
     // ObjectStore without a bucket: the field is named.
     let e = c
         .prepare_receiver(pb::PrepareReceiverRequest {
-            migration_id: "bad-4".into(),
-            workload: Some(vm_description("vm-x")),
-            target: Some(pod("vm-y")),
-            strategy: pb::Strategy::PreCopy as i32,
-            source_peer: "10.0.0.1".into(),
             transfer: Some(pb::TransferSpec {
                 mode: pb::TransferMode::ObjectStore as i32,
                 ..Default::default()
             }),
-            ..Default::default()
+            ..request("bad-4")
         })
         .await
         .expect_err("must be refused");
