@@ -177,6 +177,7 @@ pub fn next(from: Option<Phase>, outcome: &Outcome) -> Result<Phase, IllegalTran
         (Some(P::Pending), O::Invalid) => P::Failed,
         (Some(P::Pending), O::Validated) => P::Preparing,
         (Some(P::Preparing), O::TargetReady) => P::Checkpointing,
+        (Some(P::Preparing), O::InProgress { .. }) => P::Preparing,
         (
             Some(P::Checkpointing),
             O::InProgress {
@@ -240,6 +241,14 @@ mod tests {
         let steps = [
             (None, Outcome::Initialized, Phase::Pending),
             (Some(Phase::Pending), Outcome::Validated, Phase::Preparing),
+            // The target Pod not ready yet: the reconcile requeues, the phase stays.
+            (
+                Some(Phase::Preparing),
+                Outcome::InProgress {
+                    transferring: false,
+                },
+                Phase::Preparing,
+            ),
             (
                 Some(Phase::Preparing),
                 Outcome::TargetReady,

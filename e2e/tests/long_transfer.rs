@@ -19,6 +19,8 @@
 //! Stopped there and the Migration deleted meanwhile: the source runs again while west
 //! still answers nothing.
 //!
+//! The same slow link holds Preparing and Restoring open for faults there (`phases.rs`).
+//!
 //! And it keeps a post-copy's page traffic in view long enough to look at it: 20 MiB of
 //! a shell's memory fetched lazily over that link. Every socket CRIU holds on either
 //! node, listening or connected, is on loopback; the pages cross between the nodes
@@ -31,6 +33,9 @@ use ferry_e2e::world::{World, WorldOptions, numbers, pod_running, wait_for};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
+
+#[path = "long_transfer/phases.rs"]
+mod phases;
 
 const RUNTIME_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -54,6 +59,16 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
     let restart = controller_restarted_mid_transfer(&mut w).await;
     let outage = target_apiserver_stopped_into_completing(&mut w).await;
     let outage_cancel = deleted_while_the_target_apiserver_is_stopped(&w).await;
+    let prep_restart = phases::controller_restarted_in_preparing(&mut w).await;
+    let prep_delete = phases::deleted_in_preparing(&w).await;
+    let prep_daemons = phases::daemons_restarted_in_preparing(&w).await;
+    let restore_restart = phases::controller_restarted_in_restoring(&mut w).await;
+    let restore_delete = phases::deleted_in_restoring(&w).await;
+    let restore_dest = phases::destination_daemon_restarted_in_restoring(&w).await;
+    let restore_src = phases::source_daemon_restarted_in_restoring(&w).await;
+    let restore_link = phases::link_cut_in_restoring(&w).await;
+    let stream_link = phases::link_cut_mid_transfer(&w).await;
+    let completing = phases::daemons_restarted_and_deleted_in_completing(&w).await;
     let results = [
         ("long transfer", long),
         ("source daemon killed", crash),
@@ -64,6 +79,19 @@ async fn a_transfer_longer_than_the_runtime_request_timeout_still_moves() -> Res
         (
             "deleted while the target apiserver is stopped",
             outage_cancel,
+        ),
+        ("controller restarted in Preparing", prep_restart),
+        ("deleted in Preparing", prep_delete),
+        ("both daemons restarted in Preparing", prep_daemons),
+        ("controller restarted in Restoring", restore_restart),
+        ("deleted in Restoring", restore_delete),
+        ("destination daemon restarted in Restoring", restore_dest),
+        ("source daemon restarted in Restoring", restore_src),
+        ("link cut in Restoring", restore_link),
+        ("link cut mid-transfer", stream_link),
+        (
+            "daemons restarted and Migration deleted in Completing",
+            completing,
         ),
     ];
     let mut failed = false;
@@ -352,10 +380,15 @@ async fn daemon_killed_mid_transfer(w: &World, ns: &str, node: &str) -> Result<F
     let f = s.failure.context("no failure")?;
     eprintln!("[{ns}] rolled back: {}: {}", f.reason, f.message);
     w.check_runs_once_at_source(ns, "victim").await?;
-    // And it was never restarted.
+    source_never_restarted(w, ns, "victim").await?;
+    Ok(f)
+}
+
+/// No container of the source Pod `ns/pod` was ever restarted by its kubelet.
+async fn source_never_restarted(w: &World, ns: &str, pod: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
     let cs = pods
-        .get("victim")
+        .get(pod)
         .await?
         .status
         .and_then(|s| s.container_statuses)
@@ -364,7 +397,7 @@ async fn daemon_killed_mid_transfer(w: &World, ns: &str, node: &str) -> Result<F
         cs.iter().all(|c| c.restart_count == 0),
         "the source restarted: {cs:?}"
     );
-    Ok(f)
+    Ok(())
 }
 
 /// Post-copy of a pod whose shell holds 20 MiB in a variable, over the 4 Mbit/s link:

@@ -374,6 +374,15 @@ impl KubeNode {
         Ok(())
     }
 
+    /// Stops the kubelet (SIGSTOP) until the guard drops: it neither starts nor stops
+    /// containers nor reports to its apiserver meanwhile; containerd and the pods run on.
+    pub fn stop_kubelet(&self) -> Result<crate::process::Stopped> {
+        self.kubelet
+            .as_ref()
+            .context("the kubelet is not running")?
+            .suspend()
+    }
+
     /// Resident memory of containerd + kubelet, in bytes (shims and pods not counted).
     pub fn rss_bytes(&self) -> u64 {
         [&self.containerd, &self.kubelet]

@@ -66,6 +66,18 @@ impl ChildGuard {
         let _ = child.wait();
     }
 
+    /// Stops the whole group (SIGSTOP) until the guard is dropped: the processes keep
+    /// their sockets and answer nothing, as on a host that froze.
+    pub fn suspend(&self) -> Result<Stopped> {
+        let group = format!("-{}", self.id());
+        anyhow::ensure!(self.id() != 0, "{} is not running", self.name);
+        signal(&group, "STOP")?;
+        Ok(Stopped {
+            target: group,
+            name: self.name.clone(),
+        })
+    }
+
     /// SIGKILL to the group at once (a crash, for failure tests).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -82,4 +94,45 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
     }
+}
+
+/// A process (or group) stopped with SIGSTOP ([`ChildGuard::suspend`],
+/// [`crate::testenv::TestEnv::stop_apiserver`]); continued (SIGCONT) when dropped.
+pub struct Stopped {
+    target: String,
+    name: String,
+}
+
+impl Stopped {
+    /// Stops process `pid` (not its group) until the guard drops.
+    pub fn pid(pid: u32, name: &str) -> Result<Stopped> {
+        let target = pid.to_string();
+        signal(&target, "STOP")?;
+        Ok(Stopped {
+            target,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Err(e) = signal(&self.target, "CONT") {
+            tracing::warn!("continuing {} ({}): {e:#}", self.name, self.target);
+        }
+    }
+}
+
+/// `kill -SIG` to a pid, or to a process group as `-PGID`.
+fn signal(target: &str, sig: &str) -> Result<()> {
+    let out = Command::new("kill")
+        .args([&format!("-{sig}"), "--", target])
+        .output()
+        .context("running kill")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kill -{sig} {target}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Real Kubernetes control planes for tests: starts `ferry-testenv up` (built by
 //! `scripts/build-testenv.sh`) and hands out clients; everything stops on drop.
 //! [`Options`] prepares clusters for real kubelets (`crate::kube_node`).
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, Stopped};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
@@ -147,7 +147,7 @@ impl TestEnv {
     /// Stops cluster `name`'s kube-apiserver (SIGSTOP) until the guard is dropped
     /// (SIGCONT): meanwhile it accepts connections and answers nothing, as an apiserver
     /// whose host froze. Its kubelets, controllers and clients all wait on it.
-    pub fn stop_apiserver(&self, name: &str) -> Result<StoppedApiserver> {
+    pub fn stop_apiserver(&self, name: &str) -> Result<Stopped> {
         let pki = self
             .cluster(name)
             .kubeconfig
@@ -170,8 +170,7 @@ impl TestEnv {
             }
         }
         let pid = found.with_context(|| format!("no kube-apiserver of {name} ({want})"))?;
-        signal(pid, "STOP")?;
-        Ok(StoppedApiserver { pid })
+        Stopped::pid(pid, &format!("kube-apiserver of {name}"))
     }
 
     /// `kubectl` (the testenv build) against one cluster.
@@ -180,32 +179,6 @@ impl TestEnv {
         cmd.arg("--kubeconfig").arg(&self.cluster(name).kubeconfig);
         cmd
     }
-}
-
-/// A stopped kube-apiserver ([`TestEnv::stop_apiserver`]); continued when dropped.
-pub struct StoppedApiserver {
-    pid: u32,
-}
-
-impl Drop for StoppedApiserver {
-    fn drop(&mut self) {
-        if let Err(e) = signal(self.pid, "CONT") {
-            tracing::warn!("continuing kube-apiserver {}: {e:#}", self.pid);
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) -> Result<()> {
-    let out = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "kill -{sig} {pid}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {

@@ -20,6 +20,8 @@ use k8s_openapi::api::core::v1::PodStatus;
 
 /// How long a target Pod may take to get its sandbox (or, for a VM, its launcher).
 const TARGET_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long one reconcile waits for the target Pod before it requeues.
+const READY_SLICE: Duration = Duration::from_secs(2);
 /// How long Completing waits for the target's kubelet to report the containers running.
 const TARGET_RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long rollback waits for the target Pod to be gone before resuming the source.
@@ -235,8 +237,14 @@ impl Reconciler<'_> {
         if let Some(tp) = self.status.target.as_mut() {
             tp.uid = created.uid();
         }
-        if let Err(why) = self.await_target_ready(&pods, &t.pod).await? {
-            return Ok(self.step_failed("TargetNotReady", why));
+        match self.await_target_ready(&pods, &t.pod).await? {
+            Readiness::Ready => {}
+            Readiness::Waiting => {
+                return Ok(Outcome::InProgress {
+                    transferring: false,
+                });
+            }
+            Readiness::Stuck(why) => return Ok(self.step_failed("TargetNotReady", why)),
         }
         let plan = self.plan().await?;
         match self.prepare_receiver(plan, &source_pod).await? {
@@ -291,26 +299,23 @@ impl Reconciler<'_> {
         self.prepare_receiver(plan.clone(), &source_pod).await
     }
 
-    /// Waits (bounded) until the target's kubelet made the sandbox (containers) or runs
-    /// the launcher (VM). Err(reason) when it cannot.
-    async fn await_target_ready(
-        &self,
-        pods: &Api<Pod>,
-        name: &str,
-    ) -> Result<Result<(), String>, Error> {
-        let deadline = Instant::now() + TARGET_READY_TIMEOUT;
-        let mut checks = 0u32;
+    /// Waits up to [`READY_SLICE`] for the target's kubelet to make the sandbox
+    /// (containers) or run the launcher (VM): one reconcile never waits longer, so a
+    /// deletion or a restarted controller is acted on soon; the whole wait is bounded
+    /// by [`TARGET_READY_TIMEOUT`] from entering Preparing.
+    async fn await_target_ready(&self, pods: &Api<Pod>, name: &str) -> Result<Readiness, Error> {
+        let slice_end = Instant::now() + READY_SLICE;
         loop {
             let pod = pods.get_opt(name).await?;
             let Some(pod) = pod else {
-                return Ok(Err(format!(
+                return Ok(Readiness::Stuck(format!(
                     "the target Pod {}/{name} disappeared",
                     self.ns
                 )));
             };
             let status = pod.status.clone().unwrap_or_default();
             if let Some(why) = stuck(&status) {
-                return Ok(Err(why));
+                return Ok(Readiness::Stuck(why));
             }
             let ready = if self.is_vm() {
                 all_running(&pod)
@@ -318,40 +323,56 @@ impl Reconciler<'_> {
                 condition_true(&status, "PodReadyToStartContainers")
             };
             if ready {
-                return Ok(Ok(()));
+                return Ok(Readiness::Ready);
             }
-            // Sandbox failures show only as Events; a repeated one will not heal.
-            if checks % 40 == 39 {
-                let client = self.target_client().await?;
-                let events = warnings(client, &self.ns, name).await;
-                if events.matches("FailedCreatePodSandBox").count() >= 2 {
-                    return Ok(Err(format!(
-                        "the target Pod {}/{name} gets no sandbox: {events}",
-                        self.ns
-                    )));
-                }
-            }
-            checks += 1;
-            if Instant::now() > deadline {
-                let client = self.target_client().await?;
-                let events = warnings(client, &self.ns, name).await;
-                return Ok(Err(format!(
-                    "the target Pod {}/{name} on {} was not ready within {TARGET_READY_TIMEOUT:?}{}",
-                    self.ns,
-                    self.status
-                        .target
-                        .as_ref()
-                        .map(|t| t.display.as_str())
-                        .unwrap_or("?"),
-                    if events.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {events}")
-                    }
-                )));
+            if Instant::now() >= slice_end {
+                break;
             }
             tokio::time::sleep(POLL).await;
         }
+        // Sandbox failures show only as Events; a repeated one will not heal.
+        let client = self.target_client().await?;
+        let events = warnings(client, &self.ns, name).await;
+        if events.matches("FailedCreatePodSandBox").count() >= 2 {
+            return Ok(Readiness::Stuck(format!(
+                "the target Pod {}/{name} gets no sandbox: {events}",
+                self.ns
+            )));
+        }
+        if self.in_phase_for(Phase::Preparing) < TARGET_READY_TIMEOUT {
+            return Ok(Readiness::Waiting);
+        }
+        Ok(Readiness::Stuck(format!(
+            "the target Pod {}/{name} on {} was not ready within {TARGET_READY_TIMEOUT:?}{}",
+            self.ns,
+            self.status
+                .target
+                .as_ref()
+                .map(|t| t.display.as_str())
+                .unwrap_or("?"),
+            if events.is_empty() {
+                String::new()
+            } else {
+                format!(": {events}")
+            }
+        )))
+    }
+
+    /// How long the migration has been in `phase` since it last entered it (zero when
+    /// the status does not say).
+    fn in_phase_for(&self, phase: Phase) -> Duration {
+        let entered = self
+            .status
+            .timings
+            .as_ref()
+            .and_then(|t| t.phases.iter().rev().find(|p| p.phase == phase))
+            .map(|p| {
+                p.entered_at_ms
+                    .unwrap_or(p.entered_at.0.as_millisecond().max(0) as u64)
+            });
+        entered.map_or(Duration::ZERO, |at| {
+            Duration::from_millis(now_ms().saturating_sub(at))
+        })
     }
 
     /// Completing: the target runs the workload; remove the source copy. Failures here
@@ -522,6 +543,15 @@ impl Reconciler<'_> {
         warn!(pod = %t.pod, "the target Pod is not gone after {TARGET_GONE_TIMEOUT:?}; resuming the source anyway");
         Ok(())
     }
+}
+
+/// Whether the target Pod is ready to receive.
+enum Readiness {
+    Ready,
+    /// Not yet, within [`TARGET_READY_TIMEOUT`].
+    Waiting,
+    /// It cannot become ready, or did not in time: why.
+    Stuck(String),
 }
 
 /// What a rollback did.

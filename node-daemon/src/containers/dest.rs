@@ -317,25 +317,51 @@ impl ContainerRuntime {
     /// Ends the receiving side. [`Left::NoCopy`] when every container's restore was
     /// refused before it began (this Abort decided first), so no copy runs here.
     pub(super) async fn abort_dest(&self, d: DestState) -> Left {
-        let mut left = Left::NoCopy;
-        for st in &d.stages {
-            match st.decide(staging::Decision::Abort) {
-                Ok(staging::Decision::Abort) => {}
-                Ok(staging::Decision::Restore) | Err(_) => left = Left::MayRun,
-            }
-            // A create still waiting fails now; a later one never starts fresh.
-            let _ = st.mark(staging::ABORTED, b"");
-        }
+        let left = abort_stages(&d.stages);
         d.receiving.abort();
         d.gate.abort();
         kill_all(&d.page_server_pids);
         kill_all(&d.lazy_pids.lock().unwrap().drain(..).collect::<Vec<_>>());
         d.relays.lock().unwrap().clear();
-        for st in &d.stages {
-            // CRIU's logs stay for the post-mortem of a failed migration.
-            st.drop_payload(true);
-        }
+        drop_payloads(&d.stages);
         left
+    }
+
+    /// Abort of a migration this daemon received before it restarted: only its stages
+    /// on disk are left (the receiver, gate and page servers died with the old
+    /// process). They are decided and marked as a live Abort would, so a restore the
+    /// kubelet starts later fails, and an Abort that decided first for every container
+    /// still vouches that no copy runs here. Nothing on disk: nothing to vouch for.
+    pub(super) fn abort_staged(&self, migration_id: &str) -> Left {
+        let stages = staging::stages_of(&self.cfg.state_dir, migration_id);
+        if stages.is_empty() {
+            return Left::MayRun;
+        }
+        let left = abort_stages(&stages);
+        drop_payloads(&stages);
+        left
+    }
+}
+
+/// Decides every stage "abort" and marks it aborted; [`Left::NoCopy`] when this call
+/// decided for all of them (no restore began, none can begin).
+fn abort_stages(stages: &[StageDir]) -> Left {
+    let mut left = Left::NoCopy;
+    for st in stages {
+        match st.decide(staging::Decision::Abort) {
+            Ok(staging::Decision::Abort) => {}
+            Ok(staging::Decision::Restore) | Err(_) => left = Left::MayRun,
+        }
+        // A create still waiting fails now; a later one never starts fresh.
+        let _ = st.mark(staging::ABORTED, b"");
+    }
+    left
+}
+
+fn drop_payloads(stages: &[StageDir]) {
+    for st in stages {
+        // CRIU's logs stay for the post-mortem of a failed migration.
+        st.drop_payload(true);
     }
 }
 

@@ -226,6 +226,8 @@ impl Runtime for ContainerRuntime {
 
     fn knows(&self, migration_id: &str) -> bool {
         self.migrations.lock().unwrap().contains_key(migration_id)
+            || (staging::safe_component(migration_id)
+                && !staging::stages_of(&self.cfg.state_dir, migration_id).is_empty())
     }
 
     fn fence<'a>(&'a self, migration_id: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>> {
@@ -247,8 +249,8 @@ impl Runtime for ContainerRuntime {
                     .await
                     .map(|()| Left::MayRun),
                 Some(Migration::Dest(d)) => Ok(self.abort_dest(d).await),
-                // Unknown (e.g. after a restart): its stages, if any, cannot be vouched for.
-                None => Ok(Left::MayRun),
+                // Unknown to this run (the daemon restarted): what it staged is on disk.
+                None => Ok(self.abort_staged(migration_id)),
             }
         }
         .boxed()

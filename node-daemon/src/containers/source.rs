@@ -389,7 +389,6 @@ impl ContainerRuntime {
         cut.progress.step(format!("rootfs/{name}"), diff_start);
         let send_start = unix_ms();
         let sent = self.send_bundle(cut, c, &cdir).await?;
-        cut.progress.add_bytes(sent.raw);
         cut.progress.add_wire_bytes(sent.wire);
         cut.progress.step(format!("send/{name}"), send_start);
         tracing::info!(container = %name, bytes = sent.raw, wire = sent.wire, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
@@ -436,7 +435,14 @@ impl ContainerRuntime {
             .kill_on_drop(true)
             .spawn()
             .map_err(RuntimeError::io("starting tar"))?;
-        let mut out = child.stdout.take().expect("piped");
+        // Counted as the sender takes it (it reads only as fast as the link carries), so
+        // a large bundle shows progress while it moves, not only once it is in: a slow
+        // link would otherwise look stuck to the controller's progress timeout.
+        let counted = cut.progress.clone();
+        let mut out =
+            tokio_util::io::InspectReader::new(child.stdout.take().expect("piped"), move |b| {
+                counted.add_bytes(b.len() as u64)
+            });
         let header = BundleHeader {
             migration_id: cut.plan.migration_id.clone(),
             container: c.name().to_string(),

@@ -203,6 +203,27 @@ impl StageDir {
     }
 }
 
+/// The stages on disk whose plan names `migration_id` (what a restarted daemon can
+/// still find of a migration it was receiving: its memory of it died with it).
+pub fn stages_of(state_dir: &Path, migration_id: &str) -> Vec<StageDir> {
+    let mut found = Vec::new();
+    let Ok(pods) = std::fs::read_dir(state_dir.join("restore")) else {
+        return found;
+    };
+    for pod in pods.flatten() {
+        let Ok(containers) = std::fs::read_dir(pod.path()) else {
+            continue;
+        };
+        for c in containers.flatten() {
+            let stage = StageDir { dir: c.path() };
+            if stage.plan().is_ok_and(|p| p.migration_id == migration_id) {
+                found.push(stage);
+            }
+        }
+    }
+    found
+}
+
 /// `<state>/restore/<pod uid>`.
 pub fn pod_dir(state_dir: &Path, pod_uid: &str) -> PathBuf {
     state_dir.join("restore").join(pod_uid)
@@ -254,5 +275,34 @@ mod tests {
         let other = StageDir::new(d.path(), "u", "d").unwrap();
         assert_eq!(other.decide(Decision::Abort).unwrap(), Decision::Abort);
         assert_eq!(other.decide(Decision::Restore).unwrap(), Decision::Abort);
+    }
+
+    #[test]
+    fn a_migrations_stages_are_found_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(stages_of(d.path(), "m").is_empty(), "no restore dir yet");
+        let plan = |id: &str| {
+            serde_json::to_vec(&RestorePlan {
+                migration_id: id.into(),
+                lazy: false,
+                criu: CriuOptions::default(),
+            })
+            .unwrap()
+        };
+        for (pod, c, id) in [("u1", "a", "m"), ("u1", "b", "m"), ("u2", "a", "other")] {
+            StageDir::new(d.path(), pod, c)
+                .unwrap()
+                .mark(PLAN, &plan(id))
+                .unwrap();
+        }
+        // A stage without a readable plan is nobody's.
+        std::fs::create_dir_all(d.path().join("restore/u3/a")).unwrap();
+        std::fs::write(d.path().join("restore/u3/a").join(PLAN), b"{").unwrap();
+        let mut found: Vec<String> = stages_of(d.path(), "m")
+            .iter()
+            .map(|s| s.dir.strip_prefix(d.path()).unwrap().display().to_string())
+            .collect();
+        found.sort();
+        assert_eq!(found, ["restore/u1/a", "restore/u1/b"]);
     }
 }
