@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod clusters;
+pub mod drain;
 pub mod format;
 pub mod leader;
 pub mod metrics;
@@ -114,7 +115,13 @@ pub async fn run_with_leader_election(
         &settings.identity,
         settings.lease_duration,
     );
+    // The leader also keeps the disruption budgets that guard must-migrate Pods while
+    // no controller answers the eviction webhook.
+    let guard = drain::guard::run(ctx.client.clone(), settings.watch_namespace.clone());
+    let controller = run_controller(ctx, settings.watch_namespace.as_deref());
     elector
-        .run_as_leader(run_controller(ctx, settings.watch_namespace.as_deref()))
+        .run_as_leader(async move {
+            tokio::join!(controller, guard);
+        })
         .await
 }

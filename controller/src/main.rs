@@ -45,6 +45,14 @@ struct Args {
     /// `ferry-controller`, tls.key, and ca.crt, the CA of the daemons' certificates.
     #[arg(long, env = "FERRY_TLS_DIR")]
     tls_dir: std::path::PathBuf,
+    /// Serve the `pods/eviction` admission webhook here (drain moves Pods labelled
+    /// `ferry.dev/eviction-strategy`); needs --webhook-tls-dir. Unset: no webhook.
+    #[arg(long, requires = "webhook_tls_dir")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// The webhook's serving certificate: tls.crt and tls.key (a kubernetes.io/tls
+    /// Secret); its CA goes into the ValidatingWebhookConfiguration's caBundle.
+    #[arg(long, env = "FERRY_WEBHOOK_TLS_DIR")]
+    webhook_tls_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -98,6 +106,15 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!("metrics server: {e}");
         }
     });
+    if let (Some(addr), Some(dir)) = (args.webhook_addr, args.webhook_tls_dir.clone()) {
+        let client = ctx.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_controller::drain::webhook::serve(addr, &dir, client).await {
+                tracing::error!("eviction webhook: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
     tokio::select! {
         _ = ferry_controller::run_with_leader_election(ctx, &settings) => {
             anyhow::bail!("lost leadership; exiting so that a restart rejoins as a candidate")

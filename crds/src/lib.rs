@@ -31,6 +31,9 @@ pub const INCOMING_ANNOTATION: &str = "ferry.dev/incoming";
 /// On a source Pod: the Migration moving it, `<name>/<uid>` (claimed with the Pod's
 /// resourceVersion as precondition, so one Migration at a time moves a Pod).
 pub const CLAIM_ANNOTATION: &str = "ferry.dev/claimed-by";
+/// Label on a Pod: what draining its node does to it, an [`EvictionStrategy`]
+/// (`LiveMigrate`, `LiveMigrateIfPossible`, `None`; absent: `None`).
+pub const EVICTION_STRATEGY_LABEL: &str = "ferry.dev/eviction-strategy";
 /// Label on Secrets that hold a kubeconfig of a linked cluster; the value is its name.
 pub const CLUSTER_LABEL: &str = "ferry.dev/cluster";
 

@@ -2,4 +2,5 @@
 //! real node daemons in network-namespace nodes, real control planes, runc and CRIU.
 #![forbid(unsafe_code)]
 
+pub mod webhook;
 pub mod world;

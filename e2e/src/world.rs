@@ -53,6 +53,8 @@ pub struct World {
     daemon_args: Vec<String>,
     failed_object_retention: Option<Duration>,
     controllers: Vec<tokio::task::JoinHandle<()>>,
+    /// East's eviction webhook, when served (`webhook.rs`).
+    pub(crate) webhook: Option<crate::webhook::WebhookServer>,
     _lan: Lan,
 }
 
@@ -229,6 +231,7 @@ impl World {
             daemon_args: opts.daemon_args,
             failed_object_retention: opts.failed_object_retention,
             controllers: Vec::new(),
+            webhook: None,
             _lan: lan,
         })
     }

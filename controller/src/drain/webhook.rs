@@ -1,0 +1,263 @@
+//! The validating admission webhook on `pods/eviction` (`POST /validate-eviction`),
+//! served over TLS by every controller replica (it only reads, and creates Migrations
+//! by a name that makes a repeat find the first).
+//!
+//! It trusts nothing in the request but the Pod's name and namespace: it reads the Pod
+//! and its Node from the apiserver, and it starts a Migration only for a Pod labelled
+//! to move whose node is cordoned (as `kubectl drain` does first). So whoever reaches
+//! the port without being the apiserver learns an answer and moves nothing that its
+//! owner and the node's operator did not both ask to move.
+use super::{EVICTED_FROM_LABEL, Verdict, decide, migration_name, not_movable, strategy_of};
+use axum::{Json, Router, extract::State, routing::post};
+use ferry_crds::{EvictionStrategy, Migration};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Client, ResourceExt};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+pub const PATH: &str = "/validate-eviction";
+
+pub fn router(client: Client) -> Router {
+    Router::new().route(PATH, post(validate)).with_state(client)
+}
+
+async fn validate(
+    State(client): State<Client>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
+    };
+    let resp = AdmissionResponse::from(&req);
+    let is_eviction = req.operation == Operation::Create
+        && req.resource.resource == "pods"
+        && req.sub_resource.as_deref() == Some("eviction");
+    if !is_eviction {
+        return Json(resp.into_review());
+    }
+    let ns = req.namespace.clone().unwrap_or_default();
+    let span = tracing::info_span!("eviction", pod = %format!("{ns}/{}", req.name));
+    let _enter = span.enter();
+    let answer = match answer(&client, &ns, &req.name, req.dry_run).await {
+        Ok(a) => a,
+        // Never let a Pod that may have to move be killed because ferry could not look.
+        Err(e) => Answer::Refuse(format!("ferry could not check this pod: {e}")),
+    };
+    Json(
+        match answer {
+            Answer::Allow(why) => {
+                info!(%why, "eviction allowed");
+                resp
+            }
+            Answer::Refuse(why) => {
+                info!(%why, "eviction refused");
+                refuse(resp, why)
+            }
+        }
+        .into_review(),
+    )
+}
+
+/// 429, as an exhausted disruption budget answers: `kubectl drain` retries.
+fn refuse(mut resp: AdmissionResponse, message: String) -> AdmissionResponse {
+    resp.allowed = false;
+    resp.result = kube::core::Status::failure(&message, "TooManyRequests");
+    resp.result.code = 429;
+    resp
+}
+
+enum Answer {
+    Allow(String),
+    Refuse(String),
+}
+
+async fn answer(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    dry_run: bool,
+) -> Result<Answer, kube::Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let Some(pod) = pods.get_opt(name).await? else {
+        return Ok(Answer::Allow("no such pod".into()));
+    };
+    let strategy = match strategy_of(&pod) {
+        Ok(s) => s,
+        Err(why) => return Ok(Answer::Refuse(why)),
+    };
+    if strategy == EvictionStrategy::None {
+        return Ok(Answer::Allow("eviction strategy None".into()));
+    }
+    let uid = pod.uid().unwrap_or_default();
+    let mig_name = migration_name(name, &uid);
+    let migs: Api<Migration> = Api::namespaced(client.clone(), ns);
+    let existing = migs.get_opt(&mig_name).await?;
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let cordoned = match &node {
+        Some(n) => Api::<Node>::all(client.clone())
+            .get_opt(n)
+            .await?
+            .and_then(|n| n.spec)
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        None => false,
+    };
+    let movable = not_movable(&pod);
+    Ok(
+        match decide(strategy, movable.as_deref(), existing.as_ref()) {
+            Verdict::Allow(why) => Answer::Allow(why),
+            Verdict::Refuse(why) => Answer::Refuse(why),
+            Verdict::StartMigration if !cordoned => Answer::Refuse(format!(
+                "the pod asks to be migrated on eviction ({}={strategy:?}); ferry moves it off a \
+             cordoned node only: cordon node {} (kubectl drain does) and evict again",
+                ferry_crds::EVICTION_STRATEGY_LABEL,
+                node.as_deref().unwrap_or("?")
+            )),
+            Verdict::StartMigration if dry_run => Answer::Refuse(format!(
+                "a Migration {mig_name} would move this pod (dry run)"
+            )),
+            Verdict::StartMigration => {
+                let node = node.unwrap_or_default();
+                start_migration(&migs, &mig_name, name, &node).await?;
+                Answer::Refuse(format!(
+                    "ferry is migrating this pod off node {node} (Migration {mig_name}); the \
+                 eviction succeeds once it has moved"
+                ))
+            }
+        },
+    )
+}
+
+async fn start_migration(
+    migs: &Api<Migration>,
+    name: &str,
+    pod: &str,
+    node: &str,
+) -> Result<(), kube::Error> {
+    let m: Migration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1",
+        "kind": "Migration",
+        "metadata": {"name": name, "labels": {EVICTED_FROM_LABEL: node}},
+        // Within this cluster, to a node ferry picks (never a cordoned one).
+        "spec": {"workload": {"pod": pod}, "target": {}},
+    }))
+    .expect("a Migration");
+    match migs.create(&PostParams::default(), &m).await {
+        Ok(_) => {
+            info!(migration = name, "started a Migration for the eviction");
+            Ok(())
+        }
+        // Another replica, or an earlier retry, was first.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => {
+            warn!(migration = name, "creating the Migration: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// The ValidatingWebhookConfiguration that sends evictions to the webhook, reached at
+/// `client_config` (`{"url": …}` or `{"service": …}`, without the caBundle) and checked
+/// against `ca_pem`.
+///
+/// `failurePolicy: Ignore`: while no controller answers, evictions proceed as if ferry
+/// were not installed (a Pod labelled `LiveMigrate` is then evicted like any other;
+/// see docs/drain.md). `sideEffects: NoneOnDryRun`: a dry-run eviction creates nothing.
+pub fn configuration(client_config: serde_json::Value, ca_pem: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let mut client_config = client_config;
+    client_config["caBundle"] = base64::engine::general_purpose::STANDARD
+        .encode(ca_pem.as_bytes())
+        .into();
+    serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "ferry-eviction"},
+        "webhooks": [{
+            "name": "eviction.ferry.dev",
+            "clientConfig": client_config,
+            "rules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["pods/eviction"], "scope": "Namespaced",
+            }],
+            "failurePolicy": "Ignore",
+            "sideEffects": "NoneOnDryRun",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        }],
+    })
+}
+
+/// Serves the webhook on `addr` with the certificate in `tls_dir` (`tls.crt`,
+/// `tls.key`): the apiserver verifies it against the webhook configuration's caBundle.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    tls_dir: &std::path::Path,
+    client: Client,
+) -> std::io::Result<()> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what} in {}: {e}", tls_dir.display()),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(tls_dir.join("tls.crt"))
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("tls.crt", &e))?;
+    let key =
+        PrivateKeyDer::from_pem_file(tls_dir.join("tls.key")).map_err(|e| bad("tls.key", &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("TLS versions", &e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("the certificate", &e))?;
+    let listener = TlsListener {
+        tcp: tokio::net::TcpListener::bind(addr).await?,
+        tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    };
+    info!(%addr, "serving the eviction webhook");
+    axum::serve(listener, router(client)).await
+}
+
+/// A TCP listener whose connections are TLS; a failed or slow handshake drops that
+/// connection only.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (tcp, peer) = match self.tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("accepting a webhook connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let handshake = self.tls.accept(tcp);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
+                Ok(Ok(io)) => return (io, peer),
+                Ok(Err(e)) => warn!(%peer, "webhook TLS handshake: {e}"),
+                Err(_) => warn!(%peer, "webhook TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}

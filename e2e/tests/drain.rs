@@ -1,0 +1,278 @@
+//! `kubectl drain` on real nodes with ferry's eviction webhook: Pods labelled
+//! `ferry.dev/eviction-strategy` move instead of dying, the others are evicted as usual.
+//!
+//! First a Pod that must move (`LiveMigrate`) but cannot (it has a terminal): drain
+//! waits and says why, the Pod runs on untouched; relabelled `None`, drain evicts it.
+//! Then east-1 runs a counter that must move, one that may (`LiveMigrateIfPossible`)
+//! but cannot, and an unlabelled one: drain completes; the first runs on east-2 with
+//! its count continued, the other two were evicted.
+use anyhow::{Context, Result, bail, ensure};
+use ferry_controller::drain::{EVICTED_FROM_LABEL, guard};
+use ferry_crds::{EVICTION_STRATEGY_LABEL, Migration, Phase};
+use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_moves_the_pods_that_ask_to_move() -> Result<()> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-drain-")
+        .tempdir_in("/tmp")?;
+    let mut w = World::start(dir.path(), WorldOptions::default()).await?;
+    w.start_controller();
+    w.serve_eviction_webhook().await?;
+    let r = scenarios(&mut w).await;
+    if r.is_err() {
+        eprintln!("logs kept in {}", dir.keep().display());
+    }
+    r
+}
+
+async fn scenarios(w: &mut World) -> Result<()> {
+    let ns = "drain";
+    w.namespace(ns).await?;
+    must_move_but_cannot(w, ns)
+        .await
+        .context("a LiveMigrate pod that cannot move")?;
+    eprintln!("scenario ok: a pod that must move but cannot holds drain back, with the reason");
+    outage(w, "drain-outage")
+        .await
+        .context("drain while no controller answers")?;
+    eprintln!(
+        "scenario ok: while no controller answers, drain evicts the others and waits for the pod that must move"
+    );
+    drain_moves_and_evicts(w, ns).await.context("drain")?;
+    eprintln!("scenario ok: drain moves the pod that must move, evicts the others");
+    Ok(())
+}
+
+fn labelled(mut pod: serde_json::Value, strategy: &str) -> serde_json::Value {
+    pod["metadata"]["labels"][EVICTION_STRATEGY_LABEL] = strategy.into();
+    pod
+}
+
+/// A counter with a terminal attached (ferry moves only detached containers).
+fn with_tty(mut pod: serde_json::Value) -> serde_json::Value {
+    pod["spec"]["containers"][0]["tty"] = true.into();
+    pod
+}
+
+/// `kubectl drain east-1` with `timeout`; its output, and whether it succeeded.
+async fn drain(w: &World, timeout: &str) -> Result<(bool, String)> {
+    let mut cmd = w.kubectl("east");
+    cmd.args([
+        "drain",
+        "east-1",
+        "--ignore-daemonsets",
+        "--force",
+        "--delete-emptydir-data",
+        &format!("--timeout={timeout}"),
+    ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+async fn must_move_but_cannot(w: &World, ns: &str) -> Result<()> {
+    let pod = labelled(
+        with_tty(counter_pod("stuck", "east-1", &["app"])),
+        "LiveMigrate",
+    );
+    w.create_pod(ns, pod).await?;
+    let (ok, out) = drain(w, "20s").await?;
+    ensure!(
+        !ok,
+        "drain succeeded with a pod that must move and cannot:\n{out}"
+    );
+    ensure!(
+        out.contains("must migrate") && out.contains("terminal"),
+        "drain did not say why it waits:\n{out}"
+    );
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let p = pods.get("stuck").await?;
+    let cs = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    ensure!(
+        cs.len() == 1
+            && cs[0].restart_count == 0
+            && cs[0].state.as_ref().is_some_and(|s| s.running.is_some()),
+        "the pod that must move was touched: {cs:?}"
+    );
+    // What the refusal suggests: label it None, and drain evicts it.
+    let out = w
+        .kubectl("east")
+        .args(["label", "pod", "stuck", "-n", ns, "--overwrite"])
+        .arg(format!("{EVICTION_STRATEGY_LABEL}=None"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out) = drain(w, "60s").await?;
+    ensure!(ok, "drain after relabelling failed:\n{out}");
+    ensure!(
+        pods.get_opt("stuck").await?.is_none(),
+        "the relabelled pod was not evicted"
+    );
+    uncordon(w)
+}
+
+fn uncordon(w: &World) -> Result<()> {
+    let out = w.kubectl("east").args(["uncordon", "east-1"]).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
+    w.create_pod(
+        ns,
+        labelled(counter_pod("mover", "east-1", &["app"]), "LiveMigrate"),
+    )
+    .await?;
+    w.create_pod(
+        ns,
+        labelled(
+            with_tty(counter_pod("maybe", "east-1", &["app"])),
+            "LiveMigrateIfPossible",
+        ),
+    )
+    .await?;
+    w.create_pod(ns, counter_pod("plain", "east-1", &["app"]))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = w.last_count("east", ns, "mover", "app")?;
+    let (ok, out) = drain(w, "240s").await?;
+    eprintln!("[drain] kubectl drain east-1:\n{out}");
+    ensure!(ok, "drain failed");
+    // The pod that must move did, through one Migration that drain's eviction started.
+    let moved = moved_by_drain(w, ns, "mover").await?;
+    let first = *numbers(&w.logs("east", ns, &moved, "app")?)
+        .first()
+        .context("the moved counter printed nothing")?;
+    ensure!(
+        first > before,
+        "the moved counter restarted: {first} after {before}"
+    );
+    // The others were evicted as usual.
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    for name in ["mover", "maybe", "plain"] {
+        if pods.get_opt(name).await?.is_some() {
+            bail!("pod {name} is still on the drained node");
+        }
+    }
+    uncordon(w)
+}
+
+/// While no controller answers the webhook (failure policy Ignore), drain evicts the
+/// Pods ferry does not manage and waits on the one that must move, which the
+/// disruption budget the controller keeps for it protects; once the controller answers
+/// again, the next drain moves it.
+async fn outage(w: &mut World, ns: &str) -> Result<()> {
+    w.namespace(ns).await?;
+    w.create_pod(
+        ns,
+        labelled(counter_pod("guarded", "east-1", &["app"]), "LiveMigrate"),
+    )
+    .await?;
+    w.create_pod(ns, counter_pod("other", "east-1", &["app"]))
+        .await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(w.east.clone(), ns);
+    wait_for(
+        Duration::from_secs(30),
+        "the must-migrate budget",
+        || async { Ok(budgets.get_opt(guard::BUDGET).await?.is_some()) },
+    )
+    .await?;
+    w.stop_eviction_webhook();
+    let (ok, out) = drain(w, "20s").await?;
+    ensure!(!ok, "drain succeeded while no controller answered:\n{out}");
+    ensure!(
+        out.contains("disruption budget"),
+        "drain did not wait on the budget:\n{out}"
+    );
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    ensure!(
+        pods.get_opt("other").await?.is_none(),
+        "the unmanaged pod was not evicted"
+    );
+    let cs = pods
+        .get("guarded")
+        .await?
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    ensure!(
+        cs.len() == 1 && cs[0].restart_count == 0,
+        "the pod that must move was touched: {cs:?}"
+    );
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    ensure!(
+        migs.list(&ListParams::default()).await?.items.is_empty(),
+        "a Migration started without the webhook"
+    );
+    w.restart_eviction_webhook().await?;
+    let before = w.last_count("east", ns, "guarded", "app")?;
+    let (ok, out) = drain(w, "240s").await?;
+    ensure!(ok, "drain after the outage failed:\n{out}");
+    let moved = moved_by_drain(w, ns, "guarded").await?;
+    let first = *numbers(&w.logs("east", ns, &moved, "app")?)
+        .first()
+        .context("the moved counter printed nothing")?;
+    ensure!(
+        first > before,
+        "the moved counter restarted: {first} after {before}"
+    );
+    uncordon(w)
+}
+
+/// The one Migration drain started in `ns`: it moved `pod` to east-2, where its one
+/// copy runs; returns the target Pod's name.
+async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
+    let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
+    let started = migs
+        .list(&ListParams::default().labels(&format!("{EVICTED_FROM_LABEL}=east-1")))
+        .await?
+        .items;
+    ensure!(
+        started.len() == 1,
+        "Migrations drain started: {}",
+        started.len()
+    );
+    let m = &started[0];
+    ensure!(m.spec.workload.pod == pod, "moved {}", m.spec.workload.pod);
+    let s = m.status.clone().unwrap_or_default();
+    ensure!(
+        s.phase == Some(Phase::Succeeded),
+        "{:?}: {:?}",
+        s.phase,
+        s.failure
+    );
+    let target = s.target.context("no target")?;
+    ensure!(target.node == "east-2", "moved to {}", target.node);
+    let copies = w.running_copies(ns, &target.pod)?;
+    ensure!(
+        copies == [("east-2".to_string(), "app".to_string())],
+        "copies of {}: {copies:?}",
+        target.pod
+    );
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    ensure!(
+        pods.get_opt(pod).await?.is_none(),
+        "the source pod {pod} remains"
+    );
+    Ok(target.pod)
+}
