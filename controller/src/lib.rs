@@ -10,6 +10,7 @@ pub mod format;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod queue;
 pub mod reconcile;
 pub mod server;
 pub mod state;
@@ -40,6 +41,8 @@ pub struct Settings {
     pub target_shape: placement::TargetShape,
     /// How long a failed migration's objects stay in its bucket before they are removed.
     pub failed_object_retention: Duration,
+    /// How many migrations run at once, in the cluster and from one node.
+    pub limits: queue::Limits,
 }
 
 impl Settings {
@@ -53,6 +56,7 @@ impl Settings {
             watch_namespace: None,
             target_shape: placement::TargetShape::default(),
             failed_object_retention: Duration::from_secs(24 * 3600),
+            limits: queue::Limits::default(),
         }
     }
 }
@@ -83,6 +87,9 @@ pub fn context(
         target_shape: settings.target_shape.clone(),
         tokens: Default::default(),
         failed_object_retention: settings.failed_object_retention,
+        limits: settings.limits,
+        admission: Default::default(),
+        watch_namespace: settings.watch_namespace.clone(),
     })
 }
 

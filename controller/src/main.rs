@@ -53,6 +53,13 @@ struct Args {
     /// Secret); its CA goes into the ValidatingWebhookConfiguration's caBundle.
     #[arg(long, env = "FERRY_WEBHOOK_TLS_DIR")]
     webhook_tls_dir: Option<std::path::PathBuf>,
+    /// Migrations past Pending at once in this cluster; the others wait in Pending
+    /// (`status.queued` says why), drain's first, then by `spec.priority`, then oldest.
+    #[arg(long, default_value = "5", value_parser = clap::value_parser!(u32).range(1..))]
+    parallel_migrations_per_cluster: u32,
+    /// Of those, from one source node.
+    #[arg(long, default_value = "2", value_parser = clap::value_parser!(u32).range(1..))]
+    parallel_outbound_migrations_per_node: u32,
 }
 
 #[tokio::main]
@@ -91,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
     settings.lease_duration = Duration::from_secs(args.lease_seconds);
     settings.watch_namespace = args.watch_namespace.clone();
     settings.failed_object_retention = Duration::from_secs(args.failed_object_retention);
+    settings.limits = ferry_controller::queue::Limits {
+        per_cluster: args.parallel_migrations_per_cluster as usize,
+        per_node: args.parallel_outbound_migrations_per_node as usize,
+    };
     let clusters = Arc::new(Clusters::new(client.clone(), &args.namespace));
     let tls = ferry_controller::agent::grpc::client_tls(&args.tls_dir)
         .context("the control channel's TLS (--tls-dir)")?;

@@ -65,7 +65,13 @@ impl View {
 pub fn timed_out(v: &View) -> Option<&'static str> {
     let phase = v.phase?;
     // Once the target runs the workload, finishing is always better than rolling back.
-    if phase.is_terminal() || phase == Phase::Completing || v.committed || v.failed {
+    // Pending has nothing to time out: it validates in one pass, or waits in the queue,
+    // and an attempt's clock starts once it leaves the queue.
+    if phase.is_terminal()
+        || matches!(phase, Phase::Pending | Phase::Completing)
+        || v.committed
+        || v.failed
+    {
         return None;
     }
     if v.elapsed.is_some_and(|e| e > v.completion_timeout) {
@@ -156,6 +162,8 @@ pub enum Outcome {
     Committed,
     /// Past the point of no return, a step failed: the workload cannot be recovered.
     Lost,
+    /// Valid, but the limits on migrations at once are taken: wait in Pending.
+    Queued,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -176,6 +184,7 @@ pub fn next(from: Option<Phase>, outcome: &Outcome) -> Result<Phase, IllegalTran
         (None, O::Initialized) => P::Pending,
         (Some(P::Pending), O::Invalid) => P::Failed,
         (Some(P::Pending), O::Validated) => P::Preparing,
+        (Some(P::Pending), O::Queued) => P::Pending,
         (Some(P::Preparing), O::TargetReady) => P::Checkpointing,
         (Some(P::Preparing), O::InProgress { .. }) => P::Preparing,
         (
@@ -360,6 +369,17 @@ mod tests {
         let mut v = view(Some(Phase::Completing));
         v.elapsed = Some(Duration::from_secs(10_000));
         assert_eq!(timed_out(&v), None);
+    }
+
+    #[test]
+    fn a_queued_migration_never_times_out() {
+        let mut v = view(Some(Phase::Pending));
+        v.elapsed = Some(Duration::from_secs(10_000));
+        assert_eq!(timed_out(&v), None);
+        assert_eq!(
+            next(Some(Phase::Pending), &Outcome::Queued),
+            Ok(Phase::Pending)
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Downtime", type_ = "string", json_path = ".status.timings.downtime"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.failure.reason"),
+    printcolumn(name = "Waiting", type_ = "string", priority = 1, json_path = ".status.queued"),
     validation = Rule::new(
         "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec"
     ).message("spec cannot change once the migration has started; delete this Migration and create a new one")
@@ -54,6 +55,11 @@ pub struct MigrationSpec {
     /// What to do when a step fails.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Order among Migrations waiting for a slot (the controller's limits on how many
+    /// run at once): higher goes first; Migrations that drain started go before all.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
     /// CRIU options some container workloads need to be checkpointed at all. A dump
     /// that fails for want of one names it in the failure message.
     #[serde(default)]
@@ -248,6 +254,10 @@ pub struct MigrationStatus {
     /// no rollback, no retry, and deleting the Migration waits for the end.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub committed: bool,
+    /// Why this valid Migration waits in Pending: the limits on migrations at once in
+    /// this cluster and from its source node are taken (it starts when a slot frees).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<String>,
     /// What this migration put in its bucket (transfer.mode ObjectStore), from the
     /// first upload until the objects are removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -466,4 +476,8 @@ pub struct Failure {
     /// Whether the source has been resumed (rollback finished).
     #[serde(default)]
     pub rolled_back: bool,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
 }

@@ -137,12 +137,17 @@ fn uncordon(w: &World) -> Result<()> {
     Ok(())
 }
 
+/// Three counters that must move (the per-node limit is 2: one waits), one that may
+/// but cannot, one unlabelled.
 async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
-    w.create_pod(
-        ns,
-        labelled(counter_pod("mover", "east-1", &["app"]), "LiveMigrate"),
-    )
-    .await?;
+    const MOVERS: [&str; 3] = ["mover", "mover-b", "mover-c"];
+    for name in MOVERS {
+        w.create_pod(
+            ns,
+            labelled(counter_pod(name, "east-1", &["app"]), "LiveMigrate"),
+        )
+        .await?;
+    }
     w.create_pod(
         ns,
         labelled(
@@ -154,27 +159,89 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
     w.create_pod(ns, counter_pod("plain", "east-1", &["app"]))
         .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = w.last_count("east", ns, "mover", "app")?;
-    let (ok, out) = drain(w, "240s").await?;
-    eprintln!("[drain] kubectl drain east-1:\n{out}");
+    let mut before = vec![];
+    for name in MOVERS {
+        before.push(w.last_count("east", ns, name, "app")?);
+    }
+    let started = std::time::Instant::now();
+    let (ok, out) = drain(w, "300s").await?;
+    let took = started.elapsed();
+    eprintln!("[drain] kubectl drain east-1 ({took:?}):\n{out}");
     ensure!(ok, "drain failed");
-    // The pod that must move did, through one Migration that drain's eviction started.
-    let moved = moved_by_drain(w, ns, "mover").await?;
-    let first = *numbers(&w.logs("east", ns, &moved, "app")?)
-        .first()
-        .context("the moved counter printed nothing")?;
+    // Each pod that must move did, through the Migration drain's eviction started.
+    let migs = drain_migrations(w, ns).await?;
     ensure!(
-        first > before,
-        "the moved counter restarted: {first} after {before}"
+        migs.len() == MOVERS.len(),
+        "Migrations drain started: {}",
+        migs.len()
     );
+    for (name, before) in MOVERS.iter().zip(before) {
+        let m = migs
+            .iter()
+            .find(|m| m.spec.workload.pod == *name)
+            .with_context(|| format!("no Migration moved {name}"))?;
+        let moved = moved_to_east_2(w, ns, m).await?;
+        let first = *numbers(&w.logs("east", ns, &moved, "app")?)
+            .first()
+            .context("the moved counter printed nothing")?;
+        ensure!(
+            first > before,
+            "{name}: the moved counter restarted: {first} after {before}"
+        );
+    }
+    at_most_two_at_once(&migs)?;
+    let sum: u64 = migs
+        .iter()
+        .filter_map(|m| m.status.as_ref()?.timings.as_ref()?.total_ms)
+        .sum();
+    eprintln!("[drain] drain took {took:?}; its migrations {sum} ms together");
     // The others were evicted as usual.
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    for name in ["mover", "maybe", "plain"] {
+    for name in MOVERS.iter().chain(&["maybe", "plain"]) {
         if pods.get_opt(name).await?.is_some() {
             bail!("pod {name} is still on the drained node");
         }
     }
     uncordon(w)
+}
+
+/// From their timestamps: never more than two of them past Pending at once (the
+/// per-node limit), and all three existed before the first finished (else the limit
+/// was never in the way and this shows nothing).
+fn at_most_two_at_once(migs: &[Migration]) -> Result<()> {
+    let mut spans = vec![];
+    for m in migs {
+        let t = m
+            .status
+            .as_ref()
+            .and_then(|s| s.timings.clone())
+            .unwrap_or_default();
+        let at = |p: Phase| {
+            t.phases
+                .iter()
+                .find(|x| x.phase == p)
+                .and_then(|x| x.entered_at_ms)
+        };
+        let start = at(Phase::Preparing).context("never Preparing")?;
+        let end = at(Phase::Succeeded).context("never Succeeded")?;
+        let created = m
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|c| c.0.as_millisecond() as u64)
+            .unwrap_or(0);
+        spans.push((created, start, end));
+    }
+    let first_end = spans.iter().map(|s| s.2).min().unwrap_or(0);
+    ensure!(
+        spans.iter().all(|s| s.0 <= first_end),
+        "the migrations did not overlap: {spans:?}"
+    );
+    for &(_, start, _) in &spans {
+        let running = spans.iter().filter(|s| s.1 <= start && start < s.2).count();
+        ensure!(running <= 2, "{running} ran at once: {spans:?}");
+    }
+    Ok(())
 }
 
 /// While no controller answers the webhook (failure policy Ignore), drain evicts the
@@ -239,21 +306,35 @@ async fn outage(w: &mut World, ns: &str) -> Result<()> {
     uncordon(w)
 }
 
-/// The one Migration drain started in `ns`: it moved `pod` to east-2, where its one
-/// copy runs; returns the target Pod's name.
-async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
+/// The Migrations drain started in `ns` (labelled with the drained node).
+async fn drain_migrations(w: &World, ns: &str) -> Result<Vec<Migration>> {
     let migs: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    let started = migs
+    Ok(migs
         .list(&ListParams::default().labels(&format!("{EVICTED_FROM_LABEL}=east-1")))
         .await?
-        .items;
+        .items)
+}
+
+/// The one Migration drain started in `ns`: it moved `pod` to east-2; returns the
+/// target Pod's name.
+async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
+    let started = drain_migrations(w, ns).await?;
     ensure!(
         started.len() == 1,
         "Migrations drain started: {}",
         started.len()
     );
-    let m = &started[0];
-    ensure!(m.spec.workload.pod == pod, "moved {}", m.spec.workload.pod);
+    ensure!(
+        started[0].spec.workload.pod == pod,
+        "moved {}",
+        started[0].spec.workload.pod
+    );
+    moved_to_east_2(w, ns, &started[0]).await
+}
+
+/// `m` Succeeded, its Pod's one copy runs on east-2 and its source Pod is gone;
+/// returns the target Pod's name.
+async fn moved_to_east_2(w: &World, ns: &str, m: &Migration) -> Result<String> {
     let s = m.status.clone().unwrap_or_default();
     ensure!(
         s.phase == Some(Phase::Succeeded),
@@ -270,6 +351,7 @@ async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
         target.pod
     );
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    let pod = &m.spec.workload.pod;
     ensure!(
         pods.get_opt(pod).await?.is_none(),
         "the source pod {pod} remains"

@@ -121,11 +121,17 @@ pub fn decide(
                     ))
                 }
             }
-            p => Verdict::Refuse(format!(
-                "ferry is migrating this pod away (Migration {name}, phase {}); the eviction \
-                 succeeds once it has moved",
-                p.map(|p| p.as_str()).unwrap_or("New")
-            )),
+            p => Verdict::Refuse(match status.queued {
+                Some(why) => format!(
+                    "ferry will migrate this pod away (Migration {name} waits for a slot: \
+                     {why}); the eviction succeeds once it has moved"
+                ),
+                None => format!(
+                    "ferry is migrating this pod away (Migration {name}, phase {}); the \
+                     eviction succeeds once it has moved",
+                    p.map(|p| p.as_str()).unwrap_or("New")
+                ),
+            }),
         };
     }
     match (strategy, not_movable) {

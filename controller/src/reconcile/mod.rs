@@ -27,6 +27,7 @@ use target::Undone;
 use tracing::{Instrument, info, info_span, warn};
 
 mod objects;
+mod queue;
 mod steps;
 mod target;
 mod validate;
@@ -51,6 +52,13 @@ pub struct Context {
     pub tokens: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// How long a failed migration's objects stay in its bucket (`objects.rs`).
     pub failed_object_retention: Duration,
+    /// How many migrations run at once (`validate.rs`, `crate::queue`).
+    pub limits: crate::queue::Limits,
+    /// Held from a Pending Migration's look at the queue until its status is written,
+    /// so that two never take the last slot at once.
+    pub admission: Arc<tokio::sync::Mutex<()>>,
+    /// The namespace the controller watches (None: all): the queue's scope.
+    pub watch_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +135,8 @@ struct Reconciler<'a> {
     ns: String,
     deleting: bool,
     status: MigrationStatus,
+    /// The queue's lock, from a look at the queue until the status is written.
+    admission: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 fn now() -> Time {
@@ -160,6 +170,7 @@ impl<'a> Reconciler<'a> {
             ns: m.namespace().unwrap_or_default(),
             deleting,
             status: m.status.clone().unwrap_or_default(),
+            admission: None,
         }
     }
 
@@ -361,6 +372,11 @@ impl<'a> Reconciler<'a> {
                 "False",
                 "Cancelled".into(),
                 "deleted before it finished; the workload runs at the source".into(),
+            ),
+            (Phase::Pending, None) if self.status.queued.is_some() => (
+                "Unknown",
+                "Queued".into(),
+                self.status.queued.clone().unwrap_or_default(),
             ),
             (p, None) => ("Unknown", p.to_string(), format!("migration is {p}")),
         };

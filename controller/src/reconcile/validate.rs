@@ -128,6 +128,20 @@ impl Reconciler<'_> {
             uid: None,
             display: format!("{target_display}/{target_node}"),
         });
+        // Valid: it starts now only if the limits on migrations at once allow.
+        if let Err(why) = self.admit(&source_node).await? {
+            if self.status.queued.as_ref() != Some(&why) {
+                info!(%why, "queued");
+            }
+            self.status.queued = Some(why);
+            return Ok(Outcome::Queued);
+        }
+        if self.status.queued.take().is_some() {
+            // An attempt's clock starts when it leaves the queue.
+            let t = self.status.timings.get_or_insert_with(Timings::default);
+            t.started_at = Some(now());
+            t.started_at_ms = Some(now_ms());
+        }
         // Last, once nothing else refuses: of two Migrations validated at once, only
         // the one whose claim the apiserver accepts goes on.
         if let Some(other) = self.claim(&pod).await? {

@@ -172,7 +172,11 @@ impl World {
 
     /// Starts a controller replica (with leader election) on east.
     pub fn controller(&self, identity: &str, agent: Arc<ScriptedAgent>) -> Controller {
-        let settings = self.settings(identity);
+        self.controller_with(self.settings(identity), agent)
+    }
+
+    /// Starts a controller replica with these settings.
+    pub fn controller_with(&self, settings: Settings, agent: Arc<ScriptedAgent>) -> Controller {
         let ctx = ferry_controller::context(self.east.clone(), agent, &settings);
         let metrics = ctx.metrics.clone();
         let task = tokio::spawn(async move {
