@@ -16,7 +16,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Client, ResourceExt};
 use std::sync::Arc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 pub const PATH: &str = "/validate-eviction";
 
@@ -41,12 +41,12 @@ async fn validate(
     }
     let ns = req.namespace.clone().unwrap_or_default();
     let span = tracing::info_span!("eviction", pod = %format!("{ns}/{}", req.name));
-    let _enter = span.enter();
-    let answer = match answer(&client, &ns, &req.name, req.dry_run).await {
-        Ok(a) => a,
+    let answer = answer(&client, &ns, &req.name, req.dry_run)
+        .instrument(span.clone())
+        .await
         // Never let a Pod that may have to move be killed because ferry could not look.
-        Err(e) => Answer::Refuse(format!("ferry could not check this pod: {e}")),
-    };
+        .unwrap_or_else(|e| Answer::Refuse(format!("ferry could not check this pod: {e}")));
+    let _enter = span.enter();
     Json(
         match answer {
             Answer::Allow(why) => {
@@ -219,45 +219,75 @@ pub async fn serve(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .map_err(|e| bad("the certificate", &e))?;
-    let listener = TlsListener {
-        tcp: tokio::net::TcpListener::bind(addr).await?,
-        tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    };
+    let listener = TlsListener::start(
+        tokio::net::TcpListener::bind(addr).await?,
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )?;
     info!(%addr, "serving the eviction webhook");
     axum::serve(listener, router(client)).await
 }
 
-/// A TCP listener whose connections are TLS; a failed or slow handshake drops that
-/// connection only.
+/// A TCP listener whose connections are TLS. Handshakes run side by side (one task
+/// each, 5 s at most), so a client that stalls its handshake delays no other caller.
 struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    tls: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+impl TlsListener {
+    fn start(
+        tcp: tokio::net::TcpListener,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                // Ends with the server (its receiver dropped), freeing the port.
+                let accepted = tokio::select! {
+                    _ = tx.closed() => return,
+                    a = tcp.accept() => a,
+                };
+                let (conn, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!("accepting a webhook connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, sender) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(conn);
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
+                        Ok(Ok(io)) => {
+                            let _ = sender.send((io, peer)).await;
+                        }
+                        Ok(Err(e)) => warn!(%peer, "webhook TLS handshake: {e}"),
+                        Err(_) => warn!(%peer, "webhook TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = TlsStream;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (tcp, peer) = match self.tcp.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("accepting a webhook connection: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let handshake = self.tls.accept(tcp);
-            match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
-                Ok(Ok(io)) => return (io, peer),
-                Ok(Err(e)) => warn!(%peer, "webhook TLS handshake: {e}"),
-                Err(_) => warn!(%peer, "webhook TLS handshake timed out"),
-            }
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task holds the sender until this listener is dropped.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.local)
     }
 }
