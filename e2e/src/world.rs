@@ -529,6 +529,22 @@ impl World {
             .context("crictl inspect: no info.pid")
     }
 
+    /// The container statuses of Pod `ns/pod` in `cluster`, as its kubelet reported them.
+    pub async fn container_statuses(
+        &self,
+        cluster: &str,
+        ns: &str,
+        pod: &str,
+    ) -> Result<Vec<k8s_openapi::api::core::v1::ContainerStatus>> {
+        let pods: Api<Pod> = Api::namespaced(self.client(cluster).clone(), ns);
+        Ok(pods
+            .get(pod)
+            .await?
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default())
+    }
+
     /// The last count in a counter container's log (0 when none yet).
     pub fn last_count(&self, cluster: &str, ns: &str, pod: &str, container: &str) -> Result<u64> {
         Ok(numbers(&self.logs(cluster, ns, pod, container)?)

@@ -96,11 +96,7 @@ async fn must_move_but_cannot(w: &World, ns: &str) -> Result<()> {
         "drain did not say why it waits:\n{out}"
     );
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    let p = pods.get("stuck").await?;
-    let cs = p
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
+    let cs = w.container_statuses("east", ns, "stuck").await?;
     ensure!(
         cs.len() == 1
             && cs[0].restart_count == 0
@@ -276,12 +272,7 @@ async fn outage(w: &mut World, ns: &str) -> Result<()> {
         pods.get_opt("other").await?.is_none(),
         "the unmanaged pod was not evicted"
     );
-    let cs = pods
-        .get("guarded")
-        .await?
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
+    let cs = w.container_statuses("east", ns, "guarded").await?;
     ensure!(
         cs.len() == 1 && cs[0].restart_count == 0,
         "the pod that must move was touched: {cs:?}"

@@ -384,15 +384,25 @@ async fn daemon_killed_mid_transfer(w: &World, ns: &str, node: &str) -> Result<F
     Ok(f)
 }
 
+/// After a move completed: the source Pod was deleted and its kubelet removed it once
+/// its copy ended; the one running copy is west-1's.
+async fn runs_once_at_west_1(w: &World, ns: &str, pod: &str) -> Result<()> {
+    let east: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    wait_for(Duration::from_secs(60), "the source Pod to go", || async {
+        Ok(east.get_opt(pod).await?.is_none())
+    })
+    .await?;
+    let copies = w.running_copies(ns, pod)?;
+    ensure!(
+        copies == [("west-1".to_string(), "app".to_string())],
+        "running copies: {copies:?}"
+    );
+    Ok(())
+}
+
 /// No container of the source Pod `ns/pod` was ever restarted by its kubelet.
 async fn source_never_restarted(w: &World, ns: &str, pod: &str) -> Result<()> {
-    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    let cs = pods
-        .get(pod)
-        .await?
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
+    let cs = w.container_statuses("east", ns, pod).await?;
     ensure!(
         cs.iter().all(|c| c.restart_count == 0),
         "the source restarted: {cs:?}"
@@ -496,17 +506,7 @@ async fn lazy_pages_stay_inside_mutual_tls(w: &World) -> Result<()> {
         || async { Ok(migs.get_opt("m").await?.is_none()) },
     )
     .await?;
-    // The source Pod was deleted; its kubelet removes it once its copy ended.
-    let east: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "the source Pod to go", || async {
-        Ok(east.get_opt("mem").await?.is_none())
-    })
-    .await?;
-    let copies = w.running_copies(ns, "mem")?;
-    ensure!(
-        copies == [("west-1".to_string(), "app".to_string())],
-        "running copies: {copies:?}"
-    );
+    runs_once_at_west_1(w, ns, "mem").await?;
     w.exec("west", ns, "mem", "app", &["kill", "-USR1", "1"])?;
     wait_for(
         Duration::from_secs(30),

@@ -149,13 +149,7 @@ async fn stayed(w: &World, ns: &str, g: &Guest, at_fault: u64) -> Result<()> {
         sums(&g.serial).iter().all(|s| *s == g.sum),
         "the source's memory checksum changed"
     );
-    let east: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    let cs = east
-        .get("guest")
-        .await?
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
+    let cs = w.container_statuses("east", ns, "guest").await?;
     ensure!(
         cs.len() == 1 && cs[0].restart_count == 0,
         "source container restarted: {cs:?}"

@@ -149,6 +149,27 @@ async fn ends(w: &World, ns: &str, want: Phase) -> Result<Migration> {
     Ok(m)
 }
 
+/// Deletes `ns/m`, held where west-1's stopped kubelet keeps it: the source counts on
+/// while the kubelet is still stopped; once it continues the Migration goes, and the
+/// workload runs once at the source.
+async fn deleted_while_held(
+    w: &World,
+    ns: &str,
+    migs: &Api<Migration>,
+    kubelet: Stopped,
+) -> Result<()> {
+    migs.delete("m", &Default::default()).await?;
+    source_counts_on(w, ns).await?;
+    drop(kubelet);
+    wait_for(
+        Duration::from_secs(120),
+        "the deleted Migration to go",
+        || async { Ok(migs.get_opt("m").await?.is_none()) },
+    )
+    .await?;
+    runs_once_at_source(w, ns).await
+}
+
 /// After a rollback or cancel: one copy, at the source, counting, never restarted.
 async fn runs_once_at_source(w: &World, ns: &str) -> Result<()> {
     w.check_runs_once_at_source(ns, "big").await?;
@@ -181,16 +202,7 @@ pub(super) async fn controller_restarted_in_preparing(w: &mut World) -> Result<(
 pub(super) async fn deleted_in_preparing(w: &World) -> Result<()> {
     let ns = "prep-delete";
     let (migs, kubelet, _sum, _uid) = in_preparing(w, ns).await?;
-    migs.delete("m", &Default::default()).await?;
-    source_counts_on(w, ns).await?;
-    drop(kubelet);
-    wait_for(
-        Duration::from_secs(120),
-        "the deleted Migration to go",
-        || async { Ok(migs.get_opt("m").await?.is_none()) },
-    )
-    .await?;
-    runs_once_at_source(w, ns).await
+    deleted_while_held(w, ns, &migs, kubelet).await
 }
 
 /// Both daemons killed (SIGKILL, with their children) and restarted in Preparing,
@@ -223,16 +235,7 @@ pub(super) async fn controller_restarted_in_restoring(w: &mut World) -> Result<(
 pub(super) async fn deleted_in_restoring(w: &World) -> Result<()> {
     let ns = "restore-delete";
     let (migs, kubelet, _sum) = in_restoring(w, ns).await?;
-    migs.delete("m", &Default::default()).await?;
-    source_counts_on(w, ns).await?;
-    drop(kubelet);
-    wait_for(
-        Duration::from_secs(120),
-        "the deleted Migration to go",
-        || async { Ok(migs.get_opt("m").await?.is_none()) },
-    )
-    .await?;
-    runs_once_at_source(w, ns).await
+    deleted_while_held(w, ns, &migs, kubelet).await
 }
 
 /// The destination daemon killed and restarted in Restoring: the restore it was
@@ -364,16 +367,7 @@ pub(super) async fn daemons_restarted_and_deleted_in_completing(w: &World) -> Re
         || async { Ok(migs.get_opt("m").await?.is_none()) },
     )
     .await?;
-    let east: Api<Pod> = Api::namespaced(w.east.clone(), ns);
-    wait_for(Duration::from_secs(60), "the source Pod to go", || async {
-        Ok(east.get_opt("big").await?.is_none())
-    })
-    .await?;
-    let copies = w.running_copies(ns, "big")?;
-    ensure!(
-        copies == [("west-1".to_string(), "app".to_string())],
-        "running copies: {copies:?}"
-    );
+    super::runs_once_at_west_1(w, ns, "big").await?;
     let moved = w.exec("west", ns, "big", "app", &["md5sum", "/data/blob"])?;
     ensure!(
         moved == sum,
