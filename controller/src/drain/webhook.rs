@@ -97,6 +97,12 @@ async fn answer(
     let migs: Api<Migration> = Api::namespaced(client.clone(), ns);
     let existing = migs.get_opt(&mig_name).await?;
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    match decide(strategy, not_movable(&pod).as_deref(), existing.as_ref()) {
+        Verdict::Allow(why) => return Ok(Answer::Allow(why)),
+        Verdict::Refuse(why) => return Ok(Answer::Refuse(why)),
+        Verdict::StartMigration => {}
+    }
+    // Only a start needs the Node: whether its operator cordoned it.
     let cordoned = match &node {
         Some(n) => Api::<Node>::all(client.clone())
             .get_opt(n)
@@ -106,30 +112,24 @@ async fn answer(
             .unwrap_or(false),
         None => false,
     };
-    let movable = not_movable(&pod);
-    Ok(
-        match decide(strategy, movable.as_deref(), existing.as_ref()) {
-            Verdict::Allow(why) => Answer::Allow(why),
-            Verdict::Refuse(why) => Answer::Refuse(why),
-            Verdict::StartMigration if !cordoned => Answer::Refuse(format!(
-                "the pod asks to be migrated on eviction ({}={strategy:?}); ferry moves it off a \
-             cordoned node only: cordon node {} (kubectl drain does) and evict again",
-                ferry_crds::EVICTION_STRATEGY_LABEL,
-                node.as_deref().unwrap_or("?")
-            )),
-            Verdict::StartMigration if dry_run => Answer::Refuse(format!(
-                "a Migration {mig_name} would move this pod (dry run)"
-            )),
-            Verdict::StartMigration => {
-                let node = node.unwrap_or_default();
-                start_migration(&migs, &mig_name, name, &node).await?;
-                Answer::Refuse(format!(
-                    "ferry is migrating this pod off node {node} (Migration {mig_name}); the \
-                 eviction succeeds once it has moved"
-                ))
-            }
-        },
-    )
+    let node = node.unwrap_or_default();
+    Ok(if !cordoned {
+        Answer::Refuse(format!(
+            "the pod asks to be migrated on eviction ({}={strategy:?}); ferry moves it off a \
+             cordoned node only: cordon node {node} (kubectl drain does) and evict again",
+            ferry_crds::EVICTION_STRATEGY_LABEL,
+        ))
+    } else if dry_run {
+        Answer::Refuse(format!(
+            "a Migration {mig_name} would move this pod (dry run)"
+        ))
+    } else {
+        start_migration(&migs, &mig_name, name, &node).await?;
+        Answer::Refuse(format!(
+            "ferry is migrating this pod off node {node} (Migration {mig_name}); the \
+             eviction succeeds once it has moved"
+        ))
+    })
 }
 
 async fn start_migration(
