@@ -14,6 +14,7 @@ pub mod queue;
 pub mod reconcile;
 pub mod server;
 pub mod state;
+pub mod volumes;
 
 use futures::StreamExt;
 use kube::Api;

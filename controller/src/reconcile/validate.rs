@@ -2,6 +2,8 @@
 //! target, competing Migrations, object-store access), and the claim on the source Pod
 //! that makes one Migration at a time move it.
 use super::*;
+use crate::volumes;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 
 impl Reconciler<'_> {
     // ---- Pending: validate -------------------------------------------------------
@@ -104,6 +106,14 @@ impl Reconciler<'_> {
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return Ok(self.invalid("NotMigratable", e.to_string())),
         };
+        let vm = info.kind == ferry_crds::WorkloadKind::VirtualMachine;
+        let claims = self.claims(&pod).await?;
+        if let Some(why) = volumes::not_movable(&pod, vm, !same_cluster, &claims) {
+            return Ok(self.invalid(
+                "VolumeNotMovable",
+                format!("pod {}/{pod_name}: {why}", self.ns),
+            ));
+        }
         let target_display = target_cluster
             .clone()
             .unwrap_or_else(|| self.ctx.cluster_name.clone());
@@ -151,6 +161,25 @@ impl Reconciler<'_> {
             ));
         }
         Ok(Outcome::Validated)
+    }
+
+    /// The PVCs the Pod's volumes name and the PersistentVolumes bound to them.
+    async fn claims(&self, pod: &Pod) -> Result<volumes::Claims, Error> {
+        let mut c = volumes::Claims::default();
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let pvs: Api<PersistentVolume> = Api::all(self.ctx.client.clone());
+        for name in volumes::claim_names(pod) {
+            let Some(pvc) = pvcs.get_opt(&name).await? else {
+                continue;
+            };
+            if let Some(pv) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone())
+                && let Some(v) = pvs.get_opt(&pv).await?
+            {
+                c.volumes.insert(pv, v);
+            }
+            c.claims.insert(name, pvc);
+        }
+        Ok(c)
     }
 
     /// Claims the source Pod for this Migration: the annotation

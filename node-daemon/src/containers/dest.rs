@@ -75,6 +75,17 @@ impl ContainerRuntime {
             Some(cfg) => Some(Arc::new(super::source::open_bucket(cfg).await?)),
             None => None,
         };
+        let volumes = super::volumes::PodVolumes::parse(&plan.workload.runtime_spec)
+            .map_err(RuntimeError::InvalidArgument)?;
+        if let Some((vol, c)) = volumes
+            .empty_dirs
+            .iter()
+            .find(|(_, c)| !plan.workload.containers.iter().any(|w| &w.name == *c))
+        {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "emptyDir {vol} is carried by container {c}, which the workload does not have"
+            )));
+        }
         let mut stages = Vec::new();
         let mut page_servers = Vec::new();
         let mut pids = Vec::new();
@@ -95,6 +106,7 @@ impl ContainerRuntime {
                 migration_id: plan.migration_id.clone(),
                 lazy,
                 criu: plan.criu.clone(),
+                empty_dirs: volumes.empty_dirs.clone(),
             };
             stage
                 .mark(staging::PLAN, &serde_json::to_vec(&rp).expect("json"))

@@ -29,6 +29,7 @@ pub mod runc;
 mod source;
 pub mod staging;
 mod unpack;
+pub mod volumes;
 pub mod wire;
 pub mod wrapper;
 
@@ -125,6 +126,7 @@ impl ContainerRuntime {
             pod::Found::VmPod | pod::Found::None => return Ok(None),
         };
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let carriers = volumes::carriers(found.iter().map(|c| (c.name(), &c.config)));
         let containers: Vec<ContainerInfo> = found
             .iter()
             .map(|c| ContainerInfo {
@@ -132,17 +134,30 @@ impl ContainerRuntime {
                 id: c.c.id.clone(),
                 pid: c.c.pid,
                 rss_bytes: runc::rss_bytes(c.c.pid),
+                // What moves before the restore: its writable layer and the emptyDirs
+                // it carries.
                 writable_bytes: rootfs::overlay_upper_dir(&mountinfo, &c.rootfs())
-                    .map_or(0, |upper| rootfs::tree_bytes(&upper)),
+                    .map_or(0, |upper| rootfs::tree_bytes(&upper))
+                    + carriers
+                        .values()
+                        .filter(|(carrier, _)| carrier == c.name())
+                        .map(|(_, dir)| rootfs::tree_bytes(dir))
+                        .sum::<u64>(),
             })
             .collect();
+        let volumes = volumes::PodVolumes {
+            empty_dirs: carriers
+                .into_iter()
+                .map(|(vol, (carrier, _))| (vol, carrier))
+                .collect(),
+        };
         Ok(Some(WorkloadDescription {
             workload: pod.clone(),
             kind: WorkloadKind::Containers,
             runtime: RUNTIME_NAME.into(),
             memory_bytes: containers.iter().map(|c| c.rss_bytes).sum(),
             containers,
-            runtime_spec: Vec::new(),
+            runtime_spec: volumes.to_spec(),
         }))
     }
 }

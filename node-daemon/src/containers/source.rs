@@ -5,13 +5,14 @@ use super::pod::{self, Freezer, PodContainer};
 use super::runc::{CheckpointOpts, kill_group};
 use super::staging;
 use super::wire::{self, BundleHeader};
-use super::{ContainerRuntime, Migration, free_port, rootfs};
+use super::{ContainerRuntime, Migration, free_port, rootfs, volumes};
 use crate::error::RuntimeError;
 use crate::relay;
 use crate::runtime::*;
 use crate::transport;
 use ferry_transfer::{S3Config, S3Store};
 use futures::future::try_join_all;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -112,6 +113,8 @@ struct Cut<'a> {
     freezers: &'a [Freezer],
     /// `transfer.mode: ObjectStore`: bundles (memory pages included) go here.
     bucket: Option<Arc<S3Store>>,
+    /// The pod's emptyDirs: carrier container and host dir of each.
+    volumes: BTreeMap<String, (String, std::path::PathBuf)>,
 }
 
 impl ContainerRuntime {
@@ -237,6 +240,7 @@ impl ContainerRuntime {
             inits: &inits,
             freezers: &freezers,
             bucket,
+            volumes: volumes::carriers(containers.iter().map(|c| (c.name(), &c.config))),
         };
         let result = try_join_all(containers.iter().map(|c| {
             let ps = plan
@@ -387,11 +391,18 @@ impl ContainerRuntime {
             "writing the writable-layer diff of {name}"
         )))?;
         cut.progress.step(format!("rootfs/{name}"), diff_start);
+        let volumes_start = unix_ms();
+        let volume_bytes = volumes::pack(&cut.volumes, &name, &cdir).map_err(RuntimeError::io(
+            format!("packing the emptyDir volumes {name} carries"),
+        ))?;
+        if cdir.join(volumes::VOLUMES).exists() {
+            cut.progress.step(format!("volumes/{name}"), volumes_start);
+        }
         let send_start = unix_ms();
         let sent = self.send_bundle(cut, c, &cdir).await?;
         cut.progress.add_wire_bytes(sent.wire);
         cut.progress.step(format!("send/{name}"), send_start);
-        tracing::info!(container = %name, bytes = sent.raw, wire = sent.wire, ?dumped, files = stats.entries, deleted = stats.deleted, "bundle sent");
+        tracing::info!(container = %name, bytes = sent.raw, wire = sent.wire, ?dumped, files = stats.entries, deleted = stats.deleted, volume_bytes, "bundle sent");
         if let Some(child) = serving {
             cut.progress.stage(
                 Stage::Transferring,
@@ -414,18 +425,24 @@ impl ContainerRuntime {
         Ok(())
     }
 
-    /// The bundle: CRIU's images and the writable-layer diff, as one tar stream.
+    /// The bundle: CRIU's images, the writable-layer diff and the emptyDirs this
+    /// container carries, as one tar stream.
     async fn send_bundle(
         &self,
         cut: &Cut<'_>,
         c: &PodContainer,
         cdir: &Path,
     ) -> Result<ferry_transfer::Moved, RuntimeError> {
+        let carried = cdir
+            .join(volumes::VOLUMES)
+            .exists()
+            .then_some(volumes::VOLUMES);
         let args: Vec<String> = ["-c", "-f", "-", "--numeric-owner", "-C"]
             .into_iter()
             .map(String::from)
             .chain([cdir.display().to_string()])
             .chain([staging::IMAGES, staging::ROOTFS_DIFF, staging::DELETED].map(String::from))
+            .chain(carried.map(String::from))
             .collect();
         let mut child = Command::new("tar")
             .args(&args)

@@ -60,7 +60,7 @@ pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
 pub const DELETED: &str = "deleted.files";
 
 /// What the wrapper needs to restore one container.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RestorePlan {
     /// Must equal the container's [`MIGRATION_ANNOTATION`].
@@ -70,6 +70,10 @@ pub struct RestorePlan {
     /// CRIU options the dump was made with and the restore needs.
     #[serde(default)]
     pub criu: CriuOptions,
+    /// The pod's emptyDirs and the container whose bundle carries each
+    /// (`volumes::PodVolumes`).
+    #[serde(default)]
+    pub empty_dirs: std::collections::BTreeMap<String, String>,
 }
 
 /// Workload-specific CRIU options (from the Migration); both ends use the same.
@@ -196,7 +200,10 @@ impl StageDir {
     /// `consumed` (fresh start) or `failed`/`aborted`.
     pub fn drop_payload(&self, keep_logs: bool) {
         let work: &[&str] = if keep_logs { &[] } else { &[WORK] };
-        for p in [IMAGES, ROOTFS_DIFF, DELETED].iter().chain(work) {
+        for p in [IMAGES, ROOTFS_DIFF, DELETED, super::volumes::VOLUMES]
+            .iter()
+            .chain(work)
+        {
             let p = self.dir.join(p);
             let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
         }
@@ -256,6 +263,7 @@ mod tests {
                 file_locks: true,
                 ..Default::default()
             },
+            ..Default::default()
         };
         st.mark(PLAN, &serde_json::to_vec(&plan).unwrap()).unwrap();
         st.mark(READY, b"").unwrap();
@@ -284,8 +292,7 @@ mod tests {
         let plan = |id: &str| {
             serde_json::to_vec(&RestorePlan {
                 migration_id: id.into(),
-                lazy: false,
-                criu: CriuOptions::default(),
+                ..Default::default()
             })
             .unwrap()
         };

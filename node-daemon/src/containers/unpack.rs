@@ -1,16 +1,18 @@
 //! Unpacks a received bundle into its stage dir, trusting nothing in it. A bundle is what
-//! the source's `tar -c` of `images/`, `rootfs-diff.tar` and `deleted.files` made, so
-//! anything else is refused: only regular files and directories, only those names (CRIU
-//! images one level below `images/`), no absolute paths, no `..`, no links, no devices;
-//! every file lands root-only (0600, directories 0700), never setuid, whatever the
-//! archive says; a path that already exists as a link is not followed. The writable-layer
-//! diff inside (`rootfs-diff.tar`) is the container's own and is applied later, inside
-//! the container's rootfs only (`rootfs.rs`).
+//! the source's `tar -c` of `images/`, `rootfs-diff.tar`, `deleted.files` and
+//! `volumes/` made, so anything else is refused: only regular files and directories,
+//! only those names (CRIU images one level below `images/`, `<emptyDir>.tar` one level
+//! below `volumes/`), no absolute paths, no `..`, no links, no devices; every file lands
+//! root-only (0600, directories 0700), never setuid, whatever the archive says; a path
+//! that already exists as a link is not followed. The writable-layer diff inside
+//! (`rootfs-diff.tar`) is the container's own and is applied later, inside the
+//! container's rootfs only (`rootfs.rs`); an emptyDir tar only inside the target Pod's
+//! emptyDir (`volumes.rs`).
 //!
 //! The stream's digest is checked when the transfer reaches its end (`wire.rs`): the
 //! reader is drained after the archive's end marker so that a corrupt or truncated
 //! stream fails here, before the stage is ever marked ready.
-use super::staging;
+use super::{staging, volumes};
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -82,16 +84,24 @@ fn allowed(path: &Path, dir: bool) -> Result<PathBuf, String> {
         [top] if top == staging::IMAGES => dir,
         [top] if top == staging::ROOTFS_DIFF || top == staging::DELETED => !dir,
         [top, _image] if top == staging::IMAGES => !dir,
+        [top] if top == volumes::VOLUMES => dir,
+        [top, tar] if top == volumes::VOLUMES => {
+            !dir && tar
+                .strip_suffix(".tar")
+                .is_some_and(staging::safe_component)
+        }
         _ => false,
     };
     if !ok {
         return Err(format!(
-            "unexpected bundle entry {}{}: a bundle holds {}/ (CRIU's image files), {} and {}",
+            "unexpected bundle entry {}{}: a bundle holds {}/ (CRIU's image files), {}, {} \
+             and {}/<emptyDir>.tar",
             path.display(),
             if dir { "/" } else { "" },
             staging::IMAGES,
             staging::ROOTFS_DIFF,
-            staging::DELETED
+            staging::DELETED,
+            volumes::VOLUMES,
         ));
     }
     Ok(parts.iter().collect())
@@ -154,8 +164,38 @@ mod tests {
     }
 
     #[test]
+    fn emptydir_tars_arrive_below_volumes() {
+        let d = tempfile::tempdir().unwrap();
+        let data = bundle(|b| {
+            entry(b, "volumes/", tar::EntryType::Directory, 0o755, b"");
+            entry(
+                b,
+                "volumes/scratch.tar",
+                tar::EntryType::Regular,
+                0o644,
+                b"t",
+            );
+        });
+        unpack(d.path(), &data[..]).unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("volumes/scratch.tar")).unwrap(),
+            b"t"
+        );
+    }
+
+    #[test]
     fn hostile_entries_are_refused_and_nothing_lands_outside() {
-        let cases: [(&str, tar::EntryType, &str); 7] = [
+        let cases: [(&str, tar::EntryType, &str); 9] = [
+            (
+                "volumes/notatar",
+                tar::EntryType::Regular,
+                "unexpected bundle entry",
+            ),
+            (
+                "volumes/sub/x.tar",
+                tar::EntryType::Regular,
+                "unexpected bundle entry",
+            ),
             ("../escape", tar::EntryType::Regular, "leaves its directory"),
             (
                 "/etc/passwd",

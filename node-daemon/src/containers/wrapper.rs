@@ -282,6 +282,13 @@ fn create(cfg: &WrapperConfig, call: &RuncCall) -> Outcome {
             return Fail(e);
         }
     }
+    // Its emptyDirs before the restore: a process may hold their files open.
+    let deadline = started + Duration::from_secs(cfg.create_wait_seconds);
+    let pod_stages = st.dir.parent().unwrap_or(&st.dir);
+    if let Err(e) = super::volumes::fill(pod_stages, &m.config, &plan.empty_dirs, deadline) {
+        let _ = st.mark(staging::FAILED, e.as_bytes());
+        return Fail(e);
+    }
     let waited = started.elapsed();
     let restore_start = crate::runtime::unix_ms();
     match restore(cfg, call, &m, &plan) {
@@ -581,6 +588,7 @@ mod tests {
                 external_unix_sockets: false,
                 tcp_keep: false,
             },
+            ..Default::default()
         };
         let a = restore_args(
             &c,
