@@ -158,7 +158,9 @@ pub fn target_pod(
         .into_iter()
         // The source's claim is not the target's.
         .filter(|(k, _)| {
-            k != "kubectl.kubernetes.io/last-applied-configuration" && k != CLAIM_ANNOTATION
+            k != "kubectl.kubernetes.io/last-applied-configuration"
+                && k != CLAIM_ANNOTATION
+                && k != crate::owner::DELETION_COST_ANNOTATION
         })
         .collect();
     annotations.insert(MIGRATION_ANNOTATION.into(), migration_uid.into());

@@ -27,12 +27,13 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.failure.reason"),
     printcolumn(name = "Waiting", type_ = "string", priority = 1, json_path = ".status.queued"),
+    printcolumn(name = "Policy", type_ = "string", priority = 1, json_path = ".status.settings.policy"),
     validation = Rule::new(
         "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec"
     ).message("spec cannot change once the migration has started; delete this Migration and create a new one")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.transfer.mode != 'ObjectStore' || self.strategy == 'Cold'").message("transfer.mode ObjectStore moves containers with strategy Cold only (Live needs the direct connection to the source): set strategy: Cold"))]
+#[x_kube(validation = Rule::new("self.transfer.mode != 'ObjectStore' || (has(self.strategy) && self.strategy == 'Cold')").message("transfer.mode ObjectStore moves containers with strategy Cold only (Live needs the direct connection to the source): set strategy: Cold"))]
 pub struct MigrationSpec {
     /// The workload to move.
     pub workload: WorkloadRef,
@@ -41,11 +42,14 @@ pub struct MigrationSpec {
     pub target: TargetRef,
     /// How to move the state: `Live` keeps the workload running while most state is
     /// copied (VM pre-copy, container lazy pages); `Cold` stops it for the whole copy.
-    #[serde(default)]
-    pub strategy: Strategy,
+    /// Unset: the selecting MigrationPolicy's, else `Live` (`status.settings` shows
+    /// what applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
     /// Allow switching to post-copy when pre-copy does not converge (live strategy).
-    #[serde(default)]
-    pub allow_post_copy: bool,
+    /// Unset: the selecting MigrationPolicy's, else false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_post_copy: Option<bool>,
     /// How state bytes travel between the node daemons.
     #[serde(default)]
     pub transfer: Transfer,
@@ -178,20 +182,21 @@ pub struct ObjectStore {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
-    /// Each attempt must finish within this many seconds (default 600); a retry
-    /// after a rollback starts its own clock.
-    #[serde(default = "default_completion")]
+    /// Each attempt must finish within this many seconds; a retry after a rollback
+    /// starts its own clock. Unset: the selecting MigrationPolicy's
+    /// `completionTimeoutPerGiBSeconds` × the workload's memory in GiB (at least 1),
+    /// else 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
-    pub completion_seconds: u32,
+    pub completion_seconds: Option<u32>,
     /// Fail when no byte moves for this many seconds while copying (default 150).
     #[serde(default = "default_progress")]
     #[schemars(range(min = 1, max = 86400))]
     pub progress_seconds: u32,
 }
 
-fn default_completion() -> u32 {
-    600
-}
+/// The completion timeout when neither the Migration nor a policy sets one.
+pub const DEFAULT_COMPLETION_SECONDS: u32 = 600;
 fn default_progress() -> u32 {
     150
 }
@@ -199,7 +204,7 @@ fn default_progress() -> u32 {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            completion_seconds: default_completion(),
+            completion_seconds: None,
             progress_seconds: default_progress(),
         }
     }
@@ -258,6 +263,10 @@ pub struct MigrationStatus {
     /// this cluster and from its source node are taken (it starts when a slot frees).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<String>,
+    /// The settings this migration runs with, fixed when it leaves Pending: its spec's,
+    /// else the selecting MigrationPolicy's, else the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
     /// What this migration put in its bucket (transfer.mode ObjectStore), from the
     /// first upload until the objects are removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -339,6 +348,21 @@ impl std::fmt::Display for Phase {
 pub enum WorkloadKind {
     Containers,
     VirtualMachine,
+}
+
+/// What a Migration runs with (`status.settings`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub strategy: Strategy,
+    pub allow_post_copy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit_mi_bps: Option<u32>,
+    pub completion_seconds: u32,
+    /// The MigrationPolicy that filled in what the spec left unset, if one selects
+    /// the Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// Where a copy of the workload runs.

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::Strategy;
 
 /// Defaults for Migrations of the Pods it selects, and their eviction strategy. When
-/// several policies select a Pod, the one with the highest `priority` wins (then name).
+/// several policies select a Pod, the one with the highest `priority` wins, then the
+/// most specific (more selector requirements), then the first by name. A field the
+/// Migration sets wins over the policy; the Pod's `ferry.dev/eviction-strategy` label
+/// wins over `evictionStrategy`.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "ferry.dev",
@@ -56,10 +59,6 @@ pub struct MigrationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub completion_timeout_per_gi_b_seconds: Option<u32>,
-    /// Migrations that may run at once from one node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100))]
-    pub parallel_outbound_per_node: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]

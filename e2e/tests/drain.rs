@@ -3,16 +3,18 @@
 //!
 //! First a Pod that must move (`LiveMigrate`) but cannot (it has a terminal): drain
 //! waits and says why, the Pod runs on untouched; relabelled `None`, drain evicts it.
-//! Then east-1 runs a counter that must move, one that may (`LiveMigrateIfPossible`)
-//! but cannot, and an unlabelled one: drain completes; the first runs on east-2 with
-//! its count continued, the other two were evicted.
+//! Then east-1 runs three counters that must move (one container, three containers,
+//! and one whose strategy comes from a MigrationPolicy), one that may
+//! (`LiveMigrateIfPossible`) but cannot, and an unlabelled one: drain completes; the
+//! three run on east-2 with their counts continued (at most two moved at once), the
+//! other two were evicted.
 use anyhow::{Context, Result, bail, ensure};
 use ferry_controller::drain::{EVICTED_FROM_LABEL, guard};
-use ferry_crds::{EVICTION_STRATEGY_LABEL, Migration, Phase};
+use ferry_crds::{EVICTION_STRATEGY_LABEL, Migration, MigrationPolicy, Phase, Strategy};
 use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -137,13 +139,33 @@ fn uncordon(w: &World) -> Result<()> {
 /// but cannot, one unlabelled.
 async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
     const MOVERS: [&str; 3] = ["mover", "mover-b", "mover-c"];
-    for name in MOVERS {
-        w.create_pod(
-            ns,
-            labelled(counter_pod(name, "east-1", &["app"]), "LiveMigrate"),
-        )
+    // mover: one container; mover-b: three; mover-c asks through a MigrationPolicy,
+    // not its label, and moves Cold as the policy says.
+    w.create_pod(
+        ns,
+        labelled(counter_pod("mover", "east-1", &["app"]), "LiveMigrate"),
+    )
+    .await?;
+    w.create_pod(
+        ns,
+        labelled(
+            counter_pod("mover-b", "east-1", &["app", "side", "third"]),
+            "LiveMigrate",
+        ),
+    )
+    .await?;
+    let policy: MigrationPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": "drain-movers"},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                 "podSelector": {"matchLabels": {"app": "mover-c"}},
+                 "evictionStrategy": "LiveMigrate", "strategy": "Cold"},
+    }))?;
+    Api::<MigrationPolicy>::all(w.east.clone())
+        .create(&PostParams::default(), &policy)
         .await?;
-    }
+    w.create_pod(ns, counter_pod("mover-c", "east-1", &["app"]))
+        .await?;
     w.create_pod(
         ns,
         labelled(
@@ -176,7 +198,36 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
             .iter()
             .find(|m| m.spec.workload.pod == *name)
             .with_context(|| format!("no Migration moved {name}"))?;
-        let moved = moved_to_east_2(w, ns, m).await?;
+        let settings = m.status.as_ref().and_then(|s| s.settings.clone());
+        let (policy, strategy) = settings
+            .map(|s| (s.policy, s.strategy))
+            .context("no settings")?;
+        if *name == "mover-c" {
+            ensure!(
+                policy.as_deref() == Some("drain-movers") && strategy == Strategy::Cold,
+                "mover-c moved with policy {policy:?}, strategy {strategy:?}"
+            );
+        } else {
+            ensure!(
+                policy.is_none() && strategy == Strategy::Live,
+                "{name} moved with policy {policy:?}"
+            );
+        }
+        let containers: &[&str] = if *name == "mover-b" {
+            &["app", "side", "third"]
+        } else {
+            &["app"]
+        };
+        let moved = moved_to_east_2(w, ns, m, containers).await?;
+        for c in containers {
+            let first = *numbers(&w.logs("east", ns, &moved, c)?)
+                .first()
+                .with_context(|| format!("{name}/{c}: the moved counter printed nothing"))?;
+            ensure!(
+                first > 1,
+                "{name}/{c}: the moved counter restarted (its log starts at {first})"
+            );
+        }
         let first = *numbers(&w.logs("east", ns, &moved, "app")?)
             .first()
             .context("the moved counter printed nothing")?;
@@ -320,12 +371,19 @@ async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
         "moved {}",
         started[0].spec.workload.pod
     );
-    moved_to_east_2(w, ns, &started[0]).await
+    moved_to_east_2(w, ns, &started[0], &["app"]).await
 }
 
 /// `m` Succeeded, its Pod's one copy runs on east-2 and its source Pod is gone;
 /// returns the target Pod's name.
-async fn moved_to_east_2(w: &World, ns: &str, m: &Migration) -> Result<String> {
+/// `m` moved its Pod to east-2: one copy of each of `containers` runs there, the
+/// source Pod is gone.
+async fn moved_to_east_2(
+    w: &World,
+    ns: &str,
+    m: &Migration,
+    containers: &[&str],
+) -> Result<String> {
     let s = m.status.clone().unwrap_or_default();
     ensure!(
         s.phase == Some(Phase::Succeeded),
@@ -335,12 +393,14 @@ async fn moved_to_east_2(w: &World, ns: &str, m: &Migration) -> Result<String> {
     );
     let target = s.target.context("no target")?;
     ensure!(target.node == "east-2", "moved to {}", target.node);
-    let copies = w.running_copies(ns, &target.pod)?;
-    ensure!(
-        copies == [("east-2".to_string(), "app".to_string())],
-        "copies of {}: {copies:?}",
-        target.pod
-    );
+    let mut copies = w.running_copies(ns, &target.pod)?;
+    copies.sort();
+    let mut want: Vec<_> = containers
+        .iter()
+        .map(|c| ("east-2".to_string(), c.to_string()))
+        .collect();
+    want.sort();
+    ensure!(copies == want, "copies of {}: {copies:?}", target.pod);
     let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
     let pod = &m.spec.workload.pod;
     ensure!(

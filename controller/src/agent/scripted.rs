@@ -29,6 +29,8 @@ struct Inner {
     describe_barrier: Option<std::sync::Arc<tokio::sync::Barrier>>,
     /// Source checkpoints pass the point of no return once transferring.
     commits: bool,
+    /// The plans source checkpoints were started with (what a daemon was told).
+    checkpoint_plans: Vec<Plan>,
 }
 
 pub struct ScriptedAgent {
@@ -44,6 +46,11 @@ impl ScriptedAgent {
             polls_per_op,
             kind: WorkloadKind::Containers,
         }
+    }
+
+    /// The plans source checkpoints were started with, in order.
+    pub fn checkpoint_plans(&self) -> Vec<Plan> {
+        self.inner.lock().unwrap().checkpoint_plans.clone()
     }
 
     /// Operations started by `call` stay Running until [`ScriptedAgent::release`].
@@ -185,6 +192,11 @@ impl NodeAgent for ScriptedAgent {
         plan: &Plan,
         _receiver: &Receiver,
     ) -> Result<OpStatus, AgentError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .checkpoint_plans
+            .push(plan.clone());
         Ok(self.start(
             Call::StartCheckpoint,
             node,

@@ -5,7 +5,7 @@
 //! As KubeVirt does for VMs with `evictionStrategy: LiveMigrate`: an eviction of a Pod
 //! that should move is refused with 429 (TooManyRequests) while a Migration moves it;
 //! `kubectl drain` retries refused evictions and finishes once the source Pod is gone.
-use ferry_crds::{EVICTION_STRATEGY_LABEL, EvictionStrategy, Migration, Phase};
+use ferry_crds::{EVICTION_STRATEGY_LABEL, EvictionStrategy, Migration, MigrationPolicy, Phase};
 use k8s_openapi::api::core::v1::Pod;
 
 pub mod guard;
@@ -15,21 +15,21 @@ pub mod webhook;
 pub const EVICTED_FROM_LABEL: &str = "ferry.dev/evicted-from";
 
 /// The eviction strategy a Pod asks for with the label `ferry.dev/eviction-strategy`
-/// (`None` without it). An unknown value is an error naming the valid ones: a typo must
-/// not silently let a must-move Pod be killed.
-pub fn strategy_of(pod: &Pod) -> Result<EvictionStrategy, String> {
+/// (None without it: a MigrationPolicy may then give one). An unknown value is an error
+/// naming the valid ones: a typo must not silently let a must-move Pod be killed.
+pub fn strategy_label(pod: &Pod) -> Result<Option<EvictionStrategy>, String> {
     let Some(v) = pod
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(EVICTION_STRATEGY_LABEL))
     else {
-        return Ok(EvictionStrategy::None);
+        return Ok(None);
     };
     match v.as_str() {
-        "None" => Ok(EvictionStrategy::None),
-        "LiveMigrate" => Ok(EvictionStrategy::LiveMigrate),
-        "LiveMigrateIfPossible" => Ok(EvictionStrategy::LiveMigrateIfPossible),
+        "None" => Ok(Some(EvictionStrategy::None)),
+        "LiveMigrate" => Ok(Some(EvictionStrategy::LiveMigrate)),
+        "LiveMigrateIfPossible" => Ok(Some(EvictionStrategy::LiveMigrateIfPossible)),
         other => Err(format!(
             "label {EVICTION_STRATEGY_LABEL}={other:?} is not an eviction strategy; use \
              LiveMigrate, LiveMigrateIfPossible or None"
@@ -37,25 +37,35 @@ pub fn strategy_of(pod: &Pod) -> Result<EvictionStrategy, String> {
     }
 }
 
+/// The MigrationPolicy that selects `pod` (`policy::select`), read from the cluster.
+pub async fn selecting_policy(
+    client: &kube::Client,
+    pod: &Pod,
+) -> Result<Option<MigrationPolicy>, kube::Error> {
+    use kube::ResourceExt;
+    let policies = kube::Api::<MigrationPolicy>::all(client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    if policies.is_empty() {
+        return Ok(None);
+    }
+    let ns = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get_opt(&pod.namespace().unwrap_or_default())
+        .await?
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    Ok(crate::policy::select(&policies, &ns, pod.labels()).cloned())
+}
+
 /// Why a Pod cannot be moved on eviction, before any Migration exists.
 pub fn not_movable(pod: &Pod) -> Option<String> {
-    let owner = pod
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true));
-    if let Some(o) = owner {
-        return Some(if o.kind == "DaemonSet" {
-            "it belongs to a DaemonSet, which runs it on every node".into()
-        } else {
-            // Its controller would replace the source Pod once it is deleted, and the
-            // target Pod is not its own: one replica too many.
-            format!(
-                "it is owned by {} {}, which would replace it; ferry moves only Pods no                  controller owns yet",
-                o.kind, o.name
-            )
-        });
+    // A ReplicaSet's Pod moves within its cluster, adopted by it (the Migration checks
+    // the ReplicaSet); every other owner is refused here, with the reason.
+    if crate::owner::controller_of(pod).is_some_and(|o| o.kind != "ReplicaSet")
+        && let Err(why) = crate::owner::adoption(pod, None, false)
+    {
+        return Some(why);
     }
     if pod
         .spec
@@ -190,15 +200,15 @@ mod tests {
 
     #[test]
     fn the_label_names_the_strategy_and_a_typo_is_an_error() {
-        let s = |v: serde_json::Value| strategy_of(&pod(v, "Running"));
-        assert_eq!(s(serde_json::json!({})), Ok(EvictionStrategy::None));
+        let s = |v: serde_json::Value| strategy_label(&pod(v, "Running"));
+        assert_eq!(s(serde_json::json!({})), Ok(None));
         assert_eq!(
             s(serde_json::json!({EVICTION_STRATEGY_LABEL: "LiveMigrate"})),
-            Ok(EvictionStrategy::LiveMigrate)
+            Ok(Some(EvictionStrategy::LiveMigrate))
         );
         assert_eq!(
             s(serde_json::json!({EVICTION_STRATEGY_LABEL: "LiveMigrateIfPossible"})),
-            Ok(EvictionStrategy::LiveMigrateIfPossible)
+            Ok(Some(EvictionStrategy::LiveMigrateIfPossible))
         );
         let e = s(serde_json::json!({EVICTION_STRATEGY_LABEL: "livemigrate"})).unwrap_err();
         assert!(
@@ -218,10 +228,14 @@ mod tests {
         }))
         .unwrap()]);
         assert!(not_movable(&ds).unwrap().contains("DaemonSet"));
+        let mut sts = ds.clone();
+        sts.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
+        let why = not_movable(&sts).unwrap();
+        assert!(why.contains("StatefulSet d"), "{why}");
+        // A ReplicaSet's Pod can move (adopted at the target; the Migration checks it).
         let mut rs = ds.clone();
         rs.metadata.owner_references.as_mut().unwrap()[0].kind = "ReplicaSet".into();
-        let why = not_movable(&rs).unwrap();
-        assert!(why.contains("owned by ReplicaSet d"), "{why}");
+        assert_eq!(not_movable(&rs), None);
         let mut tty = pod(serde_json::json!({}), "Running");
         tty.spec.as_mut().unwrap().containers[0].tty = Some(true);
         assert!(not_movable(&tty).unwrap().contains("tty"));

@@ -7,8 +7,13 @@
 //! to move whose node is cordoned (as `kubectl drain` does first). So whoever reaches
 //! the port without being the apiserver learns an answer and moves nothing that its
 //! owner and the node's operator did not both ask to move.
-use super::{EVICTED_FROM_LABEL, Verdict, decide, migration_name, not_movable, strategy_of};
+use super::{
+    EVICTED_FROM_LABEL, Verdict, decide, migration_name, not_movable, selecting_policy,
+    strategy_label,
+};
+use crate::policy;
 use axum::{Json, Router, extract::State, routing::post};
+use ferry_crds::EVICTION_STRATEGY_LABEL;
 use ferry_crds::{EvictionStrategy, Migration};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
@@ -85,7 +90,18 @@ async fn answer(
     let Some(pod) = pods.get_opt(name).await? else {
         return Ok(Answer::Allow("no such pod".into()));
     };
-    let strategy = match strategy_of(&pod) {
+    // The Pod's label, else the MigrationPolicy that selects it (read only then).
+    let label = strategy_label(&pod);
+    let chosen = match label {
+        Ok(None) => selecting_policy(client, &pod).await?,
+        _ => None,
+    };
+    let source = match (&label, &chosen) {
+        (Ok(Some(s)), _) => format!("{EVICTION_STRATEGY_LABEL}={s:?}"),
+        (_, Some(p)) => format!("MigrationPolicy {}", p.name_any()),
+        _ => String::new(),
+    };
+    let strategy = match policy::eviction_strategy(label, chosen.as_ref()) {
         Ok(s) => s,
         Err(why) => return Ok(Answer::Refuse(why)),
     };
@@ -115,9 +131,8 @@ async fn answer(
     let node = node.unwrap_or_default();
     Ok(if !cordoned {
         Answer::Refuse(format!(
-            "the pod asks to be migrated on eviction ({}={strategy:?}); ferry moves it off a \
-             cordoned node only: cordon node {node} (kubectl drain does) and evict again",
-            ferry_crds::EVICTION_STRATEGY_LABEL,
+            "the pod asks to be migrated on eviction ({source}); ferry moves it off a \
+             cordoned node only: cordon node {node} (kubectl drain does) and evict again"
         ))
     } else if dry_run {
         Answer::Refuse(format!(

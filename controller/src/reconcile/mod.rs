@@ -193,9 +193,19 @@ impl<'a> Reconciler<'a> {
                 .as_ref()
                 .and_then(|p| p.last_progress_at.as_ref())
                 .map(|t| Duration::from_millis(ms_since(t))),
-            completion_timeout: Duration::from_secs(self.m.spec.timeouts.completion_seconds as u64),
+            completion_timeout: Duration::from_secs(u64::from(self.settings().completion_seconds)),
             progress_timeout: Duration::from_secs(self.m.spec.timeouts.progress_seconds as u64),
         }
+    }
+
+    /// What this migration runs with: fixed in `status.settings` when it is validated;
+    /// before that (or for a Migration validated by an older controller) its spec over
+    /// the defaults.
+    pub(super) fn settings(&self) -> ferry_crds::Settings {
+        self.status
+            .settings
+            .clone()
+            .unwrap_or_else(|| crate::policy::settings(&self.m.spec, None, 0))
     }
 
     async fn run(mut self) -> Result<Action, Error> {
@@ -204,7 +214,8 @@ impl<'a> Reconciler<'a> {
         if let Some(which) = state::timed_out(&view).filter(|_| !self.deleting) {
             let message = match which {
                 "completion" => format!(
-                    "not finished within {}s (spec.timeouts.completionSeconds)",
+                    "not finished within {}s (status.settings.completionSeconds: the spec's \
+                     timeouts.completionSeconds, else the MigrationPolicy's per GiB, else 600)",
                     view.completion_timeout.as_secs()
                 ),
                 _ => format!(

@@ -37,6 +37,7 @@ impl Reconciler<'_> {
 
     pub(super) async fn plan(&self) -> Result<Plan, Error> {
         let spec = &self.m.spec;
+        let settings = self.settings();
         let s = self.status.source.as_ref().expect("validated");
         let t = self.status.target.as_ref().expect("validated");
         let object_store = self.object_store_access().await?.ok().flatten();
@@ -57,12 +58,12 @@ impl Reconciler<'_> {
                 .status
                 .workload_kind
                 .unwrap_or(ferry_crds::WorkloadKind::Containers),
-            strategy: spec.strategy,
-            allow_post_copy: spec.allow_post_copy,
+            strategy: settings.strategy,
+            allow_post_copy: settings.allow_post_copy,
             transfer: spec.transfer.mode,
             object_store,
             compress: spec.transfer.compress,
-            bandwidth_limit_bytes_per_sec: spec.transfer.bandwidth_limit_mi_bps.unwrap_or(0) as u64
+            bandwidth_limit_bytes_per_sec: u64::from(settings.bandwidth_limit_mi_bps.unwrap_or(0))
                 * (1 << 20),
             criu: spec.criu.clone(),
             images: Vec::new(),

@@ -15,6 +15,7 @@
 //!   may run a copy.
 use super::*;
 use crate::agent::ContainerImage;
+use crate::owner;
 use ferry_crds::Receiver;
 use k8s_openapi::api::core::v1::PodStatus;
 
@@ -210,7 +211,7 @@ impl Reconciler<'_> {
                     "{}/{}/{}",
                     self.ctx.cluster_name, self.ns, self.m.spec.workload.pod
                 );
-                let pod = placement::target_pod(
+                let mut pod = placement::target_pod(
                     &source_pod,
                     &t.pod,
                     &t.node,
@@ -219,6 +220,12 @@ impl Reconciler<'_> {
                     self.is_vm(),
                     &self.ctx.target_shape,
                 );
+                let same_cluster = t.cluster.is_none();
+                match self.adoption(&source_pod, same_cluster).await? {
+                    Ok(Some(a)) => owner::hold_back(&mut pod, &a),
+                    Ok(None) => {}
+                    Err(why) => return Ok(self.step_failed("UnsupportedOwner", why)),
+                }
                 match pods.create(&PostParams::default(), &pod).await {
                     Ok(p) => p,
                     Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 404 | 422) => {
@@ -385,9 +392,19 @@ impl Reconciler<'_> {
             let pods = self.target_pods().await?;
             let t = self.status.target.clone().expect("validated");
             let deadline = Instant::now() + TARGET_RUNNING_TIMEOUT;
-            loop {
+            let target = loop {
                 match bounded("reading the target Pod", pods.get_opt(&t.pod)).await? {
-                    Some(p) if all_running(&p) => break,
+                    // A Pod joining a ReplicaSet must be Ready first: one that is not
+                    // would be the one its ReplicaSet scales away.
+                    Some(p)
+                        if all_running(&p)
+                            && (owner::pending_adoption(&p).is_none()
+                                || p.status
+                                    .as_ref()
+                                    .is_some_and(|s| condition_true(s, "Ready"))) =>
+                    {
+                        break p;
+                    }
                     Some(_) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                     other => {
                         return Err(AgentError::Rejected {
@@ -400,6 +417,12 @@ impl Reconciler<'_> {
                         .into());
                     }
                 }
+            };
+            // 1b. A ReplicaSet's Pod: the target joins it before the source leaves.
+            if let Some(a) = owner::pending_adoption(&target)
+                && !owner::adopted(&target, &a)
+            {
+                self.adopt(&pods, &t.pod, &a).await?;
             }
             // 2. The source Pod goes: its kubelet stops the (frozen) containers and never
             //    restarts them. The UID precondition spares a new Pod of the same name.
@@ -449,6 +472,32 @@ impl Reconciler<'_> {
             warn!("dropping the target's staged state: {e}");
         }
         Ok(Outcome::Completed)
+    }
+
+    /// The ReplicaSet adopts the target: the source first gets the lowest deletion
+    /// cost, so that a ReplicaSet seeing both as its own scales the source away; then
+    /// the target gets the withheld label and the owner reference (`owner.rs`).
+    async fn adopt(&self, pods: &Api<Pod>, target: &str, a: &owner::Adoption) -> Result<(), Error> {
+        let src: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let s = self.status.source.clone().expect("validated");
+        let cost = serde_json::json!({"metadata": {"annotations": {
+            owner::DELETION_COST_ANNOTATION: owner::LOWEST_DELETION_COST}}});
+        match src
+            .patch(&s.pod, &PatchParams::default(), &Patch::Merge(&cost))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let join = serde_json::json!({"metadata": {
+            "labels": {a.label.0.clone(): a.label.1.clone()},
+            "ownerReferences": [a.owner],
+        }});
+        pods.patch(target, &PatchParams::default(), &Patch::Merge(&join))
+            .await?;
+        info!(owner = %a.owner.name, "the target Pod joined its ReplicaSet");
+        Ok(())
     }
 
     /// Removes the target copy (daemon state, then the Pod, waiting until its kubelet

@@ -2,7 +2,9 @@
 //! target, competing Migrations, object-store access), and the claim on the source Pod
 //! that makes one Migration at a time move it.
 use super::*;
-use crate::volumes;
+use crate::{owner, policy, volumes};
+use ferry_crds::Strategy;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 
 impl Reconciler<'_> {
@@ -106,11 +108,26 @@ impl Reconciler<'_> {
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return Ok(self.invalid("NotMigratable", e.to_string())),
         };
+        let policy = crate::drain::selecting_policy(&self.ctx.client, &pod).await?;
+        let settings = policy::settings(&self.m.spec, policy.as_ref(), info.memory_bytes);
+        if spec.transfer.mode == TransferMode::ObjectStore && settings.strategy != Strategy::Cold {
+            return Ok(self.invalid(
+                "InvalidSettings",
+                "transfer.mode ObjectStore moves containers with strategy Cold only".to_string(),
+            ));
+        }
+        self.status.settings = Some(settings);
         let vm = info.kind == ferry_crds::WorkloadKind::VirtualMachine;
         let claims = self.claims(&pod).await?;
         if let Some(why) = volumes::not_movable(&pod, vm, !same_cluster, &claims) {
             return Ok(self.invalid(
                 "VolumeNotMovable",
+                format!("pod {}/{pod_name}: {why}", self.ns),
+            ));
+        }
+        if let Err(why) = self.adoption(&pod, same_cluster).await? {
+            return Ok(self.invalid(
+                "UnsupportedOwner",
                 format!("pod {}/{pod_name}: {why}", self.ns),
             ));
         }
@@ -161,6 +178,23 @@ impl Reconciler<'_> {
             ));
         }
         Ok(Outcome::Validated)
+    }
+
+    /// How the target joins the source's ReplicaSet (`owner.rs`), or why it cannot.
+    pub(super) async fn adoption(
+        &self,
+        pod: &Pod,
+        same_cluster: bool,
+    ) -> Result<Result<Option<owner::Adoption>, String>, Error> {
+        let rs = match owner::controller_of(pod) {
+            Some(o) if o.kind == "ReplicaSet" => {
+                Api::<ReplicaSet>::namespaced(self.ctx.client.clone(), &self.ns)
+                    .get_opt(&o.name)
+                    .await?
+            }
+            _ => None,
+        };
+        Ok(owner::adoption(pod, rs.as_ref(), !same_cluster))
     }
 
     /// The PVCs the Pod's volumes name and the PersistentVolumes bound to them.
