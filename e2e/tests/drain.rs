@@ -3,15 +3,18 @@
 //!
 //! First a Pod that must move (`LiveMigrate`) but cannot (it has a terminal): drain
 //! waits and says why, the Pod runs on untouched; relabelled `None`, drain evicts it.
-//! Then east-1 runs three counters that must move (one container, three containers,
+//! Then east-1 runs four Pods that must move (a VM, one container, three containers,
 //! and one whose strategy comes from a MigrationPolicy), one that may
 //! (`LiveMigrateIfPossible`) but cannot, and an unlabelled one: drain completes; the
-//! three run on east-2 with their counts continued (at most two moved at once), the
+//! four run on east-2 with their counts continued (at most two moved at once), the
 //! other two were evicted.
 use anyhow::{Context, Result, bail, ensure};
 use ferry_controller::drain::{EVICTED_FROM_LABEL, guard};
 use ferry_crds::{EVICTION_STRATEGY_LABEL, Migration, MigrationPolicy, Phase, Strategy};
 use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
+use ferry_testkit::guest::{
+    first_count, last_count, launcher_image, sums, vm_pod_manifest, wait_count_above,
+};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams, PostParams};
@@ -23,7 +26,11 @@ async fn drain_moves_the_pods_that_ask_to_move() -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-e2e-drain-")
         .tempdir_in("/tmp")?;
-    let mut w = World::start(dir.path(), WorldOptions::default()).await?;
+    let opts = WorldOptions {
+        images: vec![launcher_image()?],
+        ..Default::default()
+    };
+    let mut w = World::start(dir.path(), opts).await?;
     w.start_controller();
     w.serve_eviction_webhook().await?;
     let r = scenarios(&mut w).await;
@@ -138,7 +145,24 @@ fn uncordon(w: &World) -> Result<()> {
 /// Three counters that must move (the per-node limit is 2: one waits), one that may
 /// but cannot, one unlabelled.
 async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
-    const MOVERS: [&str; 3] = ["mover", "mover-b", "mover-c"];
+    const MOVERS: [&str; 4] = ["mover", "mover-b", "mover-c", "guest"];
+    // A VM (TCG): booted first, it counts on its serial console and prints the
+    // checksum of memory it never changes.
+    let mut vm = labelled(vm_pod_manifest("guest", 256, &w.vm_root), "LiveMigrate");
+    vm["spec"]["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": "east-1"});
+    let guest = w.create_pod(ns, vm).await?;
+    let serial_of =
+        |uid: Option<String>| w.vm_root.join(uid.unwrap_or_default()).join("serial.log");
+    let guest_before = wait_count_above(
+        &serial_of(guest.metadata.uid.clone()),
+        2,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let guest_sum = sums(&serial_of(guest.metadata.uid.clone()))
+        .first()
+        .cloned()
+        .context("the guest printed no memory checksum")?;
     // mover: one container; mover-b: three; mover-c asks through a MigrationPolicy,
     // not its label, and moves Cold as the policy says.
     w.create_pod(
@@ -179,7 +203,11 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut before = vec![];
     for name in MOVERS {
-        before.push(w.last_count("east", ns, name, "app")?);
+        before.push(if name == "guest" {
+            guest_before
+        } else {
+            w.last_count("east", ns, name, "app")?
+        });
     }
     let started = std::time::Instant::now();
     let (ok, out) = drain(w, "300s").await?;
@@ -213,12 +241,33 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
                 "{name} moved with policy {policy:?}"
             );
         }
-        let containers: &[&str] = if *name == "mover-b" {
-            &["app", "side", "third"]
-        } else {
-            &["app"]
+        let containers: &[&str] = match *name {
+            "mover-b" => &["app", "side", "third"],
+            "guest" => &["compute"],
+            _ => &["app"],
         };
         let moved = moved_to_east_2(w, ns, m, containers).await?;
+        if *name == "guest" {
+            // The guest counts on from where it was, its memory intact: not rebooted.
+            let uid = Api::<Pod>::namespaced(w.east.clone(), ns)
+                .get(&moved)
+                .await?
+                .metadata
+                .uid;
+            let serial = serial_of(uid);
+            let at_cut = last_count(&serial).unwrap_or(before);
+            wait_count_above(&serial, at_cut, Duration::from_secs(60)).await?;
+            let first = first_count(&serial).context("no count at the target")?;
+            ensure!(
+                first >= before,
+                "the guest rebooted: first count {first} < {before}"
+            );
+            ensure!(
+                sums(&serial).iter().all(|s| *s == guest_sum),
+                "the guest's memory checksum changed"
+            );
+            continue;
+        }
         for c in containers {
             let first = *numbers(&w.logs("east", ns, &moved, c)?)
                 .first()
