@@ -46,9 +46,17 @@ struct Args {
     #[arg(long, env = "FERRY_TLS_DIR")]
     tls_dir: std::path::PathBuf,
     /// Serve the `pods/eviction` admission webhook here (drain moves Pods labelled
-    /// `ferry.dev/eviction-strategy`); needs --webhook-tls-dir. Unset: no webhook.
-    #[arg(long, requires = "webhook_tls_dir")]
+    /// `ferry.dev/eviction-strategy`); needs --webhook-tls-dir and --webhook-client-ca.
+    /// Unset: no webhook.
+    #[arg(long, requires_all = ["webhook_tls_dir", "webhook_client_ca"])]
     webhook_addr: Option<std::net::SocketAddr>,
+    /// The CA of the client certificate the apiserver shows webhooks (its
+    /// AdmissionConfiguration's kubeConfigFile): the webhook answers no one else.
+    #[arg(long, env = "FERRY_WEBHOOK_CLIENT_CA")]
+    webhook_client_ca: Option<std::path::PathBuf>,
+    /// A DNS name (subjectAltName) that certificate must carry; repeat for several.
+    #[arg(long, default_value = "kube-apiserver-webhook-client")]
+    webhook_client_name: Vec<String>,
     /// The webhook's serving certificate: tls.crt and tls.key (a kubernetes.io/tls
     /// Secret); its CA goes into the ValidatingWebhookConfiguration's caBundle.
     #[arg(long, env = "FERRY_WEBHOOK_TLS_DIR")]
@@ -117,10 +125,20 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!("metrics server: {e}");
         }
     });
-    if let (Some(addr), Some(dir)) = (args.webhook_addr, args.webhook_tls_dir.clone()) {
+    if let (Some(addr), Some(dir), Some(ca)) = (
+        args.webhook_addr,
+        args.webhook_tls_dir.clone(),
+        args.webhook_client_ca.clone(),
+    ) {
         let client = ctx.client.clone();
+        let callers = ferry_controller::drain::webhook::Callers {
+            ca,
+            names: args.webhook_client_name.clone(),
+        };
         tokio::spawn(async move {
-            if let Err(e) = ferry_controller::drain::webhook::serve(addr, &dir, client).await {
+            if let Err(e) =
+                ferry_controller::drain::webhook::serve(addr, &dir, &callers, client).await
+            {
                 tracing::error!("eviction webhook: {e}");
                 std::process::exit(1);
             }

@@ -20,7 +20,12 @@ impl World {
             .local_addr()?
             .port();
         let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
-        self.webhook = Some(WebhookServer::start(addr, tls.clone(), self.east.clone()));
+        self.webhook = Some(WebhookServer::start(
+            addr,
+            tls.clone(),
+            self.webhook_callers()?,
+            self.east.clone(),
+        ));
         let ca = std::fs::read_to_string(tls.join("ca.crt"))?;
         let config = webhook::configuration(
             serde_json::json!({"url": format!("https://{addr}{}", webhook::PATH)}),
@@ -53,8 +58,33 @@ impl World {
     /// Serves the webhook again where it was registered; returns once it is called.
     pub async fn restart_eviction_webhook(&mut self) -> Result<()> {
         let w = self.webhook.as_mut().context("no webhook was served")?;
-        *w = WebhookServer::start(w.addr, w.tls.clone(), self.east.clone());
+        *w = WebhookServer::start(w.addr, w.tls.clone(), w.callers.clone(), self.east.clone());
         self.await_webhook().await
+    }
+
+    /// Who may call the webhook: east's apiserver, by the webhook client certificate
+    /// testenv gives it (`pki/webhook-client.crt`, signed by the cluster CA).
+    pub fn webhook_callers(&self) -> Result<webhook::Callers> {
+        Ok(webhook::Callers {
+            ca: self.pki_dir("east")?.join("ca.crt"),
+            names: vec!["kube-apiserver-webhook-client".into()],
+        })
+    }
+
+    /// Where the webhook listens and its serving certificate's directory (`ca.crt`).
+    pub fn webhook_endpoint(&self) -> Option<(std::net::SocketAddr, std::path::PathBuf)> {
+        self.webhook.as_ref().map(|w| (w.addr, w.tls.clone()))
+    }
+
+    /// A cluster's certificates, as testenv wrote them.
+    pub fn pki_dir(&self, cluster: &str) -> Result<std::path::PathBuf> {
+        Ok(self
+            .env
+            .cluster(cluster)
+            .kubeconfig
+            .parent()
+            .context("kubeconfig has no directory")?
+            .join("pki"))
     }
 
     /// Until the apiserver sends evictions to the webhook: a probe Pod that asks to
@@ -111,19 +141,30 @@ impl World {
 /// The webhook's server task, where it listens and its certificate.
 pub struct WebhookServer {
     task: tokio::task::JoinHandle<()>,
-    addr: std::net::SocketAddr,
-    tls: std::path::PathBuf,
+    pub addr: std::net::SocketAddr,
+    pub tls: std::path::PathBuf,
+    callers: webhook::Callers,
 }
 
 impl WebhookServer {
-    fn start(addr: std::net::SocketAddr, tls: std::path::PathBuf, client: kube::Client) -> Self {
-        let dir = tls.clone();
+    fn start(
+        addr: std::net::SocketAddr,
+        tls: std::path::PathBuf,
+        callers: webhook::Callers,
+        client: kube::Client,
+    ) -> Self {
+        let (dir, c) = (tls.clone(), callers.clone());
         let task = tokio::spawn(async move {
-            if let Err(e) = webhook::serve(addr, &dir, client).await {
+            if let Err(e) = webhook::serve(addr, &dir, &c, client).await {
                 eprintln!("[world] eviction webhook: {e}");
             }
         });
-        WebhookServer { task, addr, tls }
+        WebhookServer {
+            task,
+            addr,
+            tls,
+            callers,
+        }
     }
 }
 

@@ -43,6 +43,8 @@ async fn drain_moves_the_pods_that_ask_to_move() -> Result<()> {
 async fn scenarios(w: &mut World) -> Result<()> {
     let ns = "drain";
     w.namespace(ns).await?;
+    only_the_apiserver_is_answered(w).context("who the webhook answers")?;
+    eprintln!("scenario ok: the webhook answers only the apiserver's webhook client certificate");
     must_move_but_cannot(w, ns)
         .await
         .context("a LiveMigrate pod that cannot move")?;
@@ -55,6 +57,60 @@ async fn scenarios(w: &mut World) -> Result<()> {
     );
     drain_moves_and_evicts(w, ns).await.context("drain")?;
     eprintln!("scenario ok: drain moves the pod that must move, evicts the others");
+    Ok(())
+}
+
+/// The webhook's port answers only the apiserver's webhook client certificate: no
+/// certificate, or another one from the same cluster CA (the apiserver's kubelet
+/// client, `system:masters`), gets no HTTP answer; the right one does.
+fn only_the_apiserver_is_answered(w: &World) -> Result<()> {
+    let (addr, tls) = w.webhook_endpoint().context("no webhook")?;
+    let pki = w.pki_dir("east")?;
+    let url = format!("https://{addr}/validate-eviction");
+    let curl = |cert: Option<&str>| -> Result<std::process::Output> {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(tls.join("ca.crt"))
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{}",
+        ]);
+        if let Some(name) = cert {
+            c.arg("--cert")
+                .arg(pki.join(format!("{name}.crt")))
+                .arg("--key")
+                .arg(pki.join(format!("{name}.key")));
+        }
+        Ok(c.arg(&url).output()?)
+    };
+    for who in [None, Some("kubelet-client")] {
+        let out = curl(who)?;
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            !out.status.success() && code == "000",
+            "{who:?} got an HTTP answer {code} from the webhook"
+        );
+    }
+    let out = curl(Some("webhook-client"))?;
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success() && code != "000",
+        "the apiserver's webhook client got no answer: {code} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

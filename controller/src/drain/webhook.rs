@@ -207,11 +207,29 @@ pub fn configuration(client_config: serde_json::Value, ca_pem: &str) -> serde_js
     })
 }
 
+/// Who may call the webhook: the apiserver, by the client certificate its
+/// AdmissionConfiguration gives it for webhooks (`kubeConfigFile` of the
+/// `ValidatingAdmissionWebhook` plugin): one that chains to `ca` and names one of
+/// `names` (a DNS name in its subjectAltName).
+#[derive(Debug, Clone)]
+pub struct Callers {
+    pub ca: std::path::PathBuf,
+    pub names: Vec<String>,
+}
+
+/// Whether a (chain-verified) client certificate names an allowed caller.
+pub fn allowed_caller(cert: &rustls_pki_types::CertificateDer<'_>, names: &[String]) -> bool {
+    names.iter().any(|n| ferry_transfer::cert_names(cert, n))
+}
+
 /// Serves the webhook on `addr` with the certificate in `tls_dir` (`tls.crt`,
-/// `tls.key`): the apiserver verifies it against the webhook configuration's caBundle.
+/// `tls.key`): the apiserver verifies it against the webhook configuration's caBundle,
+/// and the webhook answers only `callers` (mutual TLS): whoever else reaches the port
+/// learns nothing and starts nothing.
 pub async fn serve(
     addr: std::net::SocketAddr,
     tls_dir: &std::path::Path,
+    callers: &Callers,
     client: Client,
 ) -> std::io::Result<()> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -226,17 +244,35 @@ pub async fn serve(
         .map_err(|e| bad("tls.crt", &e))?;
     let key =
         PrivateKeyDer::from_pem_file(tls_dir.join("tls.key")).map_err(|e| bad("tls.key", &e))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad("TLS versions", &e))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| bad("the certificate", &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let bad_ca = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the webhook callers' CA {}: {e}", callers.ca.display()),
+        )
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&callers.ca).map_err(|e| bad_ca(&e))? {
+        roots
+            .add(ca.map_err(|e| bad_ca(&e))?)
+            .map_err(|e| bad_ca(&e))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| bad_ca(&e))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS versions", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("the certificate", &e))?;
     let listener = TlsListener::start(
         tokio::net::TcpListener::bind(addr).await?,
         tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        Arc::new(callers.names.clone()),
     )?;
     info!(%addr, "serving the eviction webhook");
     axum::serve(listener, router(client)).await
@@ -255,6 +291,7 @@ impl TlsListener {
     fn start(
         tcp: tokio::net::TcpListener,
         tls: tokio_rustls::TlsAcceptor,
+        names: Arc<Vec<String>>,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
@@ -273,12 +310,23 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let (acceptor, sender) = (tls.clone(), tx.clone());
+                let (acceptor, sender, names) = (tls.clone(), tx.clone(), names.clone());
                 tokio::spawn(async move {
                     let handshake = acceptor.accept(conn);
                     match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
                         Ok(Ok(io)) => {
-                            let _ = sender.send((io, peer)).await;
+                            // The chain was verified in the handshake; now the name.
+                            let named = io
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .is_some_and(|c| allowed_caller(c, &names));
+                            if named {
+                                let _ = sender.send((io, peer)).await;
+                            } else {
+                                warn!(%peer, "webhook caller's certificate names none of {names:?}: refused");
+                            }
                         }
                         Ok(Err(e)) => warn!(%peer, "webhook TLS handshake: {e}"),
                         Err(_) => warn!(%peer, "webhook TLS handshake timed out"),
@@ -304,5 +352,30 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod caller_tests {
+    use super::*;
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+
+    #[test]
+    fn only_the_named_caller_is_allowed() {
+        let pki = ferry_transfer::TestPki::generate().unwrap();
+        let cert = |name: &str| {
+            let (pem, _) = pki.issue_pem(name, &[]).unwrap();
+            CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let names = vec!["kube-apiserver-webhook-client".to_string()];
+        assert!(allowed_caller(
+            &cert("kube-apiserver-webhook-client"),
+            &names
+        ));
+        assert!(!allowed_caller(
+            &cert("kube-apiserver-kubelet-client"),
+            &names
+        ));
+        assert!(!allowed_caller(&cert("kube-apiserver-webhook-client"), &[]));
     }
 }

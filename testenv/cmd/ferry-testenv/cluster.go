@@ -96,7 +96,8 @@ func (c *cluster) start(timeout time.Duration) error {
 	sa := filepath.Join(c.dir, "sa.key")
 	var extra []string
 	if c.pki != nil {
-		extra = append(extra, "--tls-cert-file="+c.pki.ServingCert, "--tls-private-key-file="+c.pki.ServingKey)
+		extra = append(extra, "--tls-cert-file="+c.pki.ServingCert, "--tls-private-key-file="+c.pki.ServingKey,
+			"--admission-control-config-file="+c.pki.AdmissionConfig)
 	}
 	if c.nodes {
 		// The apiserver reaches kubelets (logs, exec, node proxy) with a client

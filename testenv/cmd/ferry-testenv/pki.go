@@ -17,9 +17,18 @@ import (
 // one CA per cluster that signs the apiserver's serving certificate (so it covers the
 // bind IP) and the client certificate the apiserver shows kubelets (logs, exec, node
 // proxy). Kubelets trust the same CA as their x509 clientCAFile.
+//
+// It also signs the client certificate the apiserver shows admission webhooks
+// (webhook-client.crt, CN and DNS name WebhookClientName), named in an
+// AdmissionConfiguration (admission.yaml) for every webhook: ferry's eviction webhook
+// accepts only callers with that certificate.
 type clusterPKI struct {
 	CA, ServingCert, ServingKey, KubeletClientCert, KubeletClientKey string
+	WebhookClientCert, WebhookClientKey, AdmissionConfig             string
 }
+
+// WebhookClientName is the identity the apiserver shows admission webhooks.
+const WebhookClientName = "kube-apiserver-webhook-client"
 
 func writePKI(dir string, ips []net.IP, dnsNames []string) (*clusterPKI, error) {
 	p := &clusterPKI{
@@ -28,6 +37,9 @@ func writePKI(dir string, ips []net.IP, dnsNames []string) (*clusterPKI, error) 
 		ServingKey:        filepath.Join(dir, "serving.key"),
 		KubeletClientCert: filepath.Join(dir, "kubelet-client.crt"),
 		KubeletClientKey:  filepath.Join(dir, "kubelet-client.key"),
+		WebhookClientCert: filepath.Join(dir, "webhook-client.crt"),
+		WebhookClientKey:  filepath.Join(dir, "webhook-client.key"),
+		AdmissionConfig:   filepath.Join(dir, "admission.yaml"),
 	}
 	now := time.Now().Add(-time.Hour)
 	caKey, err := rsa.GenerateKey(rand.Reader, 2048)
@@ -88,6 +100,28 @@ func writePKI(dir string, ips []net.IP, dnsNames []string) (*clusterPKI, error) 
 		Subject:     pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}, p.KubeletClientCert, p.KubeletClientKey); err != nil {
+		return nil, err
+	}
+	if err := issue(4, &x509.Certificate{
+		Subject:     pkix.Name{CommonName: WebhookClientName},
+		DNSNames:    []string{WebhookClientName},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}, p.WebhookClientCert, p.WebhookClientKey); err != nil {
+		return nil, err
+	}
+	// '*': the credentials for every webhook the apiserver calls.
+	kubeconfig := filepath.Join(dir, "webhook-client.kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte("apiVersion: v1\nkind: Config\nusers:\n- name: '*'\n  user:\n"+
+		"    client-certificate: "+p.WebhookClientCert+"\n    client-key: "+p.WebhookClientKey+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	plugin := func(name string) string {
+		return "- name: " + name + "\n  configuration:\n    apiVersion: apiserver.config.k8s.io/v1\n" +
+			"    kind: WebhookAdmissionConfiguration\n    kubeConfigFile: " + kubeconfig + "\n"
+	}
+	admission := "apiVersion: apiserver.config.k8s.io/v1\nkind: AdmissionConfiguration\nplugins:\n" +
+		plugin("ValidatingAdmissionWebhook") + plugin("MutatingAdmissionWebhook")
+	if err := os.WriteFile(p.AdmissionConfig, []byte(admission), 0o644); err != nil {
 		return nil, err
 	}
 	return p, nil
