@@ -59,6 +59,12 @@ pub struct MigrationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub completion_timeout_per_gi_b_seconds: Option<u32>,
+    /// Where draining a node moves the Pods this policy selects: a cluster (a Liqo
+    /// peer's cluster ID or a linked cluster's name) and optionally a node there.
+    /// Unset: another node of the Pod's own cluster. Read by drain only: a Migration
+    /// someone writes names its own target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_target: Option<crate::TargetRef>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]

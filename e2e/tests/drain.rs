@@ -6,7 +6,8 @@
 //! Then east-1 runs four Pods that must move (a VM, one container, three containers,
 //! and one whose strategy comes from a MigrationPolicy), one that may
 //! (`LiveMigrateIfPossible`) but cannot, and an unlabelled one: drain completes; the
-//! four run on east-2 with their counts continued (at most two moved at once), the
+//! four run elsewhere (east-2; the policy's to west-1 in the other cluster) with their
+//! counts continued (at most two moved at once), the
 //! other two were evicted.
 use anyhow::{Context, Result, bail, ensure};
 use ferry_controller::drain::{EVICTED_FROM_LABEL, guard};
@@ -49,6 +50,12 @@ async fn scenarios(w: &mut World) -> Result<()> {
         .await
         .context("a LiveMigrate pod that cannot move")?;
     eprintln!("scenario ok: a pod that must move but cannot holds drain back, with the reason");
+    no_target(w, "drain-homeless")
+        .await
+        .context("a LiveMigrate pod with no node to go to")?;
+    eprintln!(
+        "scenario ok: a pod that must move with no possible target holds drain back, with the reason"
+    );
     outage(w, "drain-outage")
         .await
         .context("drain while no controller answers")?;
@@ -188,6 +195,58 @@ async fn must_move_but_cannot(w: &World, ns: &str) -> Result<()> {
     uncordon(w)
 }
 
+/// Every other node of the cluster cordoned: the Migration drain starts finds no
+/// target, drain waits and prints why, and the pod runs on untouched.
+async fn no_target(w: &World, ns: &str) -> Result<()> {
+    w.namespace(ns).await?;
+    let cordon = |verb: &str| -> Result<()> {
+        let out = w.kubectl("east").args([verb, "east-2"]).output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    cordon("cordon")?;
+    w.create_pod(
+        ns,
+        labelled(counter_pod("homeless", "east-1", &["app"]), "LiveMigrate"),
+    )
+    .await?;
+    let (ok, out) = drain(w, "20s").await?;
+    cordon("uncordon")?;
+    ensure!(
+        !ok,
+        "drain succeeded with a pod that had nowhere to go:\n{out}"
+    );
+    ensure!(
+        out.contains("NoTargetNode") && out.contains("no ready, schedulable node"),
+        "drain did not say why it waits:\n{out}"
+    );
+    let cs = w.container_statuses("east", ns, "homeless").await?;
+    ensure!(
+        cs.len() == 1
+            && cs[0].restart_count == 0
+            && cs[0].state.as_ref().is_some_and(|s| s.running.is_some()),
+        "the pod with nowhere to go was touched: {cs:?}"
+    );
+    w.check_runs_once_on(ns, "homeless", "east-1").await?;
+    // Out of the way of the next drains.
+    for m in drain_migrations(w, ns).await? {
+        Api::<Migration>::namespaced(w.east.clone(), ns)
+            .delete(&kube::ResourceExt::name_any(&m), &Default::default())
+            .await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(w.east.clone(), ns);
+    pods.delete("homeless", &Default::default()).await?;
+    wait_for(Duration::from_secs(60), "homeless to be gone", || async {
+        Ok(pods.get_opt("homeless").await?.is_none())
+    })
+    .await?;
+    uncordon(w)
+}
+
 fn uncordon(w: &World) -> Result<()> {
     let out = w.kubectl("east").args(["uncordon", "east-1"]).output()?;
     ensure!(
@@ -220,7 +279,7 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
         .cloned()
         .context("the guest printed no memory checksum")?;
     // mover: one container; mover-b: three; mover-c asks through a MigrationPolicy,
-    // not its label, and moves Cold as the policy says.
+    // not its label, and moves Cold to the other cluster as the policy says.
     w.create_pod(
         ns,
         labelled(counter_pod("mover", "east-1", &["app"]), "LiveMigrate"),
@@ -239,7 +298,8 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
         "metadata": {"name": "drain-movers"},
         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
                  "podSelector": {"matchLabels": {"app": "mover-c"}},
-                 "evictionStrategy": "LiveMigrate", "strategy": "Cold"},
+                 "evictionStrategy": "LiveMigrate", "strategy": "Cold",
+                 "drainTarget": {"cluster": "west", "node": "west-1"}},
     }))?;
     Api::<MigrationPolicy>::all(w.east.clone())
         .create(&PostParams::default(), &policy)
@@ -302,7 +362,13 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
             "guest" => &["compute"],
             _ => &["app"],
         };
-        let moved = moved_to_east_2(w, ns, m, containers).await?;
+        // The policy sends mover-c to the other cluster.
+        let (cluster, node) = if *name == "mover-c" {
+            ("west", "west-1")
+        } else {
+            ("east", "east-2")
+        };
+        let moved = moved_to(w, ns, m, node, containers).await?;
         if *name == "guest" {
             // The guest counts on from where it was, its memory intact: not rebooted.
             let uid = Api::<Pod>::namespaced(w.east.clone(), ns)
@@ -325,7 +391,7 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
             continue;
         }
         for c in containers {
-            let first = *numbers(&w.logs("east", ns, &moved, c)?)
+            let first = *numbers(&w.logs(cluster, ns, &moved, c)?)
                 .first()
                 .with_context(|| format!("{name}/{c}: the moved counter printed nothing"))?;
             ensure!(
@@ -333,7 +399,7 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
                 "{name}/{c}: the moved counter restarted (its log starts at {first})"
             );
         }
-        let first = *numbers(&w.logs("east", ns, &moved, "app")?)
+        let first = *numbers(&w.logs(cluster, ns, &moved, "app")?)
             .first()
             .context("the moved counter printed nothing")?;
         ensure!(
@@ -476,17 +542,18 @@ async fn moved_by_drain(w: &World, ns: &str, pod: &str) -> Result<String> {
         "moved {}",
         started[0].spec.workload.pod
     );
-    moved_to_east_2(w, ns, &started[0], &["app"]).await
+    moved_to(w, ns, &started[0], "east-2", &["app"]).await
 }
 
 /// `m` Succeeded, its Pod's one copy runs on east-2 and its source Pod is gone;
 /// returns the target Pod's name.
-/// `m` moved its Pod to east-2: one copy of each of `containers` runs there, the
+/// `m` moved its Pod to `node`: one copy of each of `containers` runs there, the
 /// source Pod is gone.
-async fn moved_to_east_2(
+async fn moved_to(
     w: &World,
     ns: &str,
     m: &Migration,
+    node: &str,
     containers: &[&str],
 ) -> Result<String> {
     let s = m.status.clone().unwrap_or_default();
@@ -497,12 +564,12 @@ async fn moved_to_east_2(
         s.failure
     );
     let target = s.target.context("no target")?;
-    ensure!(target.node == "east-2", "moved to {}", target.node);
+    ensure!(target.node == node, "moved to {}, not {node}", target.node);
     let mut copies = w.running_copies(ns, &target.pod)?;
     copies.sort();
     let mut want: Vec<_> = containers
         .iter()
-        .map(|c| ("east-2".to_string(), c.to_string()))
+        .map(|c| (node.to_string(), c.to_string()))
         .collect();
     want.sort();
     ensure!(copies == want, "copies of {}: {copies:?}", target.pod);

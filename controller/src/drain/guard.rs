@@ -95,7 +95,12 @@ pub async fn sync(client: &Client, namespace: Option<&str>) -> Result<(), kube::
             .collect()
     };
     let mut wanted = BTreeSet::new();
-    for p in pods.list(&ListParams::default()).await?.items {
+    // Labels are all it needs: metadata only, not every Pod's spec every 2 s.
+    for meta in pods.list_metadata(&ListParams::default()).await?.items {
+        let p = Pod {
+            metadata: meta.metadata,
+            ..Default::default()
+        };
         let ns = p.namespace().unwrap_or_default();
         let must = p.metadata.deletion_timestamp.is_none()
             && must_move(

@@ -90,17 +90,19 @@ async fn answer(
     let Some(pod) = pods.get_opt(name).await? else {
         return Ok(Answer::Allow("no such pod".into()));
     };
-    // The Pod's label, else the MigrationPolicy that selects it (read only then).
+    // The Pod's label, else the MigrationPolicy that selects it; the policy also says
+    // where drain moves it.
     let label = strategy_label(&pod);
-    let chosen = match label {
-        Ok(None) => selecting_policy(client, &pod).await?,
-        _ => None,
-    };
+    if matches!(label, Ok(Some(EvictionStrategy::None))) {
+        return Ok(Answer::Allow("eviction strategy None".into()));
+    }
+    let chosen = selecting_policy(client, &pod).await?;
     let source = match (&label, &chosen) {
         (Ok(Some(s)), _) => format!("{EVICTION_STRATEGY_LABEL}={s:?}"),
         (_, Some(p)) => format!("MigrationPolicy {}", p.name_any()),
         _ => String::new(),
     };
+    let target = chosen.as_ref().and_then(|p| p.spec.drain_target.clone());
     let strategy = match policy::eviction_strategy(label, chosen.as_ref()) {
         Ok(s) => s,
         Err(why) => return Ok(Answer::Refuse(why)),
@@ -139,7 +141,7 @@ async fn answer(
             "a Migration {mig_name} would move this pod (dry run)"
         ))
     } else {
-        start_migration(&migs, &mig_name, name, &node).await?;
+        start_migration(&migs, &mig_name, name, &node, target).await?;
         Answer::Refuse(format!(
             "ferry is migrating this pod off node {node} (Migration {mig_name}); the \
              eviction succeeds once it has moved"
@@ -152,13 +154,15 @@ async fn start_migration(
     name: &str,
     pod: &str,
     node: &str,
+    target: Option<ferry_crds::TargetRef>,
 ) -> Result<(), kube::Error> {
     let m: Migration = serde_json::from_value(serde_json::json!({
         "apiVersion": "ferry.dev/v1alpha1",
         "kind": "Migration",
         "metadata": {"name": name, "labels": {EVICTED_FROM_LABEL: node}},
-        // Within this cluster, to a node ferry picks (never a cordoned one).
-        "spec": {"workload": {"pod": pod}, "target": {}},
+        // Where the selecting policy's drainTarget says, else within this cluster, to
+        // a node ferry picks (never a cordoned one).
+        "spec": {"workload": {"pod": pod}, "target": target.unwrap_or_default()},
     }))
     .expect("a Migration");
     match migs.create(&PostParams::default(), &m).await {
