@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and builds everything ferry's tests, benchmarks and demo need, on a fresh
 # Debian 12 machine with Go and Rust: Debian packages, the test control plane, the node
-# stack for real test nodes (kubelet, containerd, CNI plugins, crictl), CRIU, MinIO and
+# stack for real test nodes (kubelet, containerd, CNI plugins, crictl), CRIU, MinIO, Helm and
 # the test guest. Every step is cached under $FERRY_CACHE, so a second run
 # takes seconds. Writes what it produced to $FERRY_CACHE/env.sh (sourced by the other
 # scripts).
@@ -18,6 +18,7 @@ testenv_bin=$("$FERRY_ROOT/scripts/build-testenv.sh" | tail -n 1)
 nodestack_bin=$("$FERRY_ROOT/scripts/build-nodestack.sh" | tail -n 1)
 criu=$("$FERRY_ROOT/scripts/install-criu.sh" | tail -n 1)
 minio=$("$FERRY_ROOT/scripts/build-minio.sh" | tail -n 1)
+helm=$("$FERRY_ROOT/scripts/build-helm.sh" | tail -n 1)
 guest=""
 if [ -x "$FERRY_ROOT/scripts/build-test-guest.sh" ]; then
   guest=$("$FERRY_ROOT/scripts/build-test-guest.sh" | tail -n 1)
@@ -27,6 +28,7 @@ fi
   echo "export FERRY_NODESTACK_BIN=$nodestack_bin"
   echo "export FERRY_CRIU=$criu"
   echo "export FERRY_MINIO=$minio"
+  echo "export FERRY_HELM=$helm"
   [ -z "$guest" ] || echo "export FERRY_GUEST_DIR=$guest"
 } >"$FERRY_CACHE/env.sh.tmp"
 mv "$FERRY_CACHE/env.sh.tmp" "$FERRY_CACHE/env.sh"
