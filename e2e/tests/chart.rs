@@ -1,8 +1,8 @@
-//! The Helm chart (helm/ferry): lints, renders, carries the generated CRDs and admission
-//! policy unchanged, refuses bad values with a message, grants no wildcard, and on a
-//! real apiserver gives each ferry ServiceAccount exactly the rights committed in
-//! helm/ferry/tests/can-i/ (`kubectl auth can-i --list`).
-use anyhow::{bail, ensure, Context, Result};
+//! The Helm chart (helm/ferry): lints, renders, carries the generated CRDs and
+//! admission policy (links to crds/yaml), refuses bad values with a message, grants no
+//! wildcard, and on a real apiserver gives each ferry ServiceAccount exactly the rights
+//! committed in helm/ferry/tests/can-i/ (`kubectl auth can-i --list`).
+use anyhow::{Context, Result, bail, ensure};
 use ferry_testkit::testenv::TestEnv;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +25,14 @@ fn run(cmd: &mut Command) -> Result<std::process::Output> {
 
 fn template(extra: &[&str]) -> Result<std::process::Output> {
     run(Command::new(helm()?)
-        .args(["template", "ferry", CHART, "-n", "ferry-system", "--include-crds"])
+        .args([
+            "template",
+            "ferry",
+            CHART,
+            "-n",
+            "ferry-system",
+            "--include-crds",
+        ])
         .args(extra))
 }
 
@@ -60,14 +67,18 @@ fn lints_and_carries_the_generated_api_unchanged() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The chart's copies are the generated files (crdgen writes crds/yaml/).
-    for (copy, generated) in [
+    // The chart's CRDs and admission policy are links to what crdgen writes (helm
+    // lint, template and package follow them), never a copy that could go stale.
+    for (link, generated) in [
         ("helm/ferry/crds/crds.yaml", "crds/yaml/crds.yaml"),
-        ("helm/ferry/templates/admission.yaml", "crds/yaml/admission.yaml"),
+        (
+            "helm/ferry/templates/admission.yaml",
+            "crds/yaml/admission.yaml",
+        ),
     ] {
-        let a = std::fs::read_to_string(Path::new(REPO).join(copy))?;
-        let b = std::fs::read_to_string(Path::new(REPO).join(generated))?;
-        ensure!(a == b, "{copy} differs from {generated}: cp {generated} {copy}");
+        let a = Path::new(REPO).join(link).canonicalize()?;
+        let b = Path::new(REPO).join(generated).canonicalize()?;
+        ensure!(a == b, "{link} is not a link to {generated}");
     }
     let objects = docs(&rendered()?)?;
     let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
@@ -139,7 +150,12 @@ fn can_i(env: &TestEnv, sa: &str, ns: &str) -> Result<String> {
     }
     let text = String::from_utf8(out.stdout)?;
     let mut lines = text.lines();
-    let header = lines.next().unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ");
+    let header = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut rows: Vec<String> = lines.map(normalize).collect();
     rows.sort();
     Ok(format!("{header}\n{}\n", rows.join("\n")))
@@ -176,7 +192,11 @@ fn service_accounts_get_exactly_the_committed_rights() -> Result<()> {
         .kubectl("east")
         .args(["create", "namespace", "ferry-system"])
         .output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = env
         .kubectl("east")
         .args(["apply", "--server-side", "-f"])
@@ -204,9 +224,16 @@ fn service_accounts_get_exactly_the_committed_rights() -> Result<()> {
         let want = std::fs::read_to_string(&file)
             .with_context(|| format!("{} (FERRY_BLESS=1 writes it)", file.display()))?;
         if got != want {
-            diffs.push(format!("{}:\n--- committed\n{want}--- now\n{got}", file.display()));
+            diffs.push(format!(
+                "{}:\n--- committed\n{want}--- now\n{got}",
+                file.display()
+            ));
         }
     }
-    ensure!(diffs.is_empty(), "rights differ from the committed ones:\n{}", diffs.join("\n"));
+    ensure!(
+        diffs.is_empty(),
+        "rights differ from the committed ones:\n{}",
+        diffs.join("\n")
+    );
     Ok(())
 }
