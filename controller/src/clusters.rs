@@ -28,6 +28,30 @@ pub enum ClusterError {
     Api(String, #[source] kube::Error),
 }
 
+/// Refuses a kubeconfig whose credentials come from running a command: an `exec`
+/// plugin, or an `auth-provider` (kube's gcp provider runs its `cmd-path`). Whoever may
+/// write a Secret in ferry's namespace would otherwise run programs in the controller.
+pub fn runs_no_command(kc: &kube::config::Kubeconfig) -> Result<(), String> {
+    for named in &kc.auth_infos {
+        let Some(user) = &named.auth_info else {
+            continue;
+        };
+        let what = if user.exec.is_some() {
+            "an exec credential plugin (users[].user.exec)"
+        } else if user.auth_provider.is_some() {
+            "an auth-provider (users[].user.auth-provider)"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "user {:?} gets its credentials from {what}, which would run a command inside ferry's controller: \
+             link with a token or a client certificate instead (`kubectl ferry link` writes one)",
+            named.name
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves cluster names to clients, caching them.
 pub struct Clusters {
     local: kube::Client,
@@ -104,6 +128,7 @@ impl Clusters {
         let text = std::str::from_utf8(&raw.0).map_err(|e| bad(e.to_string()))?;
         let kubeconfig =
             kube::config::Kubeconfig::from_yaml(text).map_err(|e| bad(e.to_string()))?;
+        runs_no_command(&kubeconfig).map_err(bad)?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
             .map_err(|e| bad(e.to_string()))?;
@@ -125,5 +150,36 @@ impl Clusters {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
             Err(e) => Err(ClusterError::Api(name.into(), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubeconfigs_that_run_commands_are_refused() {
+        let with_user = |user: &str| {
+            kube::config::Kubeconfig::from_yaml(&format!(
+                "apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user:\n{user}"
+            ))
+            .unwrap()
+        };
+        let exec = with_user(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [-c, id]\n",
+        );
+        let e = runs_no_command(&exec).unwrap_err();
+        assert!(
+            e.contains("exec credential plugin") && e.contains("\"u\""),
+            "{e}"
+        );
+        let provider =
+            with_user("    auth-provider:\n      name: gcp\n      config: {cmd-path: /bin/id}\n");
+        assert!(
+            runs_no_command(&provider)
+                .unwrap_err()
+                .contains("auth-provider")
+        );
+        assert_eq!(runs_no_command(&with_user("    token: abc\n")), Ok(()));
     }
 }

@@ -297,6 +297,20 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
     let agent = Arc::new(ScriptedAgent::new(2));
     let _c = w.controller("a", agent.clone());
     w.pod("web").await?;
+    // A link whose kubeconfig would run a command in the controller for credentials.
+    let marker = format!("/tmp/ferry-exec-ran-{}", w.ns);
+    let exec_kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:1'}}}}]\n\
+         users: [{{name: shady-user, user: {{exec: {{apiVersion: client.authentication.k8s.io/v1, command: /bin/sh, args: [-c, 'touch {marker}']}}}}}}]\n\
+         contexts: [{{name: c, context: {{cluster: c, user: shady-user}}}}]\ncurrent-context: c\n"
+    );
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cluster-shady", "labels": {"ferry.dev/cluster": "shady"}},
+        "stringData": {"kubeconfig": exec_kubeconfig}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(w.east.clone(), &w.ns)
+        .create(&Default::default(), &secret)
+        .await?;
     let same_node = format!("{{node: {}}}", w.node("east", 1));
     let cases = [
         (
@@ -312,6 +326,13 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
             "{cluster: mars}",
             "UnknownCluster",
             "unknown cluster \"mars\"",
+        ),
+        (
+            "shady",
+            "web",
+            "{cluster: shady}",
+            "UnknownCluster",
+            "user \"shady-user\" gets its credentials from an exec credential plugin",
         ),
         (
             "samenode",
@@ -350,6 +371,10 @@ async fn invalid_requests_fail_with_a_reason_and_touch_nothing() -> anyhow::Resu
         .list(&ListParams::default())
         .await?;
     assert_eq!(pods.items.len(), 1);
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "the link's exec plugin ran"
+    );
     Ok(())
 }
 

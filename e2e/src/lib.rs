@@ -2,5 +2,6 @@
 //! real node daemons in network-namespace nodes, real control planes, runc and CRIU.
 #![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod webhook;
 pub mod world;

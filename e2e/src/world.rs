@@ -16,7 +16,7 @@ use ferry_testkit::process::ChildGuard;
 use ferry_testkit::testenv::{self, TestEnv};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -197,14 +197,23 @@ impl World {
                 &state_dir,
                 &vm_root,
                 ferry,
+                &env.cluster(cluster).kubeconfig,
                 &opts.daemon_args,
             )?;
+            // The daemon announces itself (`--register-node`); the controller finds
+            // it only then.
             let client = if cluster == "east" { &east } else { &west };
             let endpoint = format!("https://{}:7070", kube.ip());
-            let patch = json!({"metadata": {"annotations": {ferry_controller::agent::grpc::DAEMON_ANNOTATION: endpoint}}});
-            Api::<Node>::all(client.clone())
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            wait_for(
+                Duration::from_secs(20),
+                &format!("ferry-node to announce itself on {name}"),
+                || async {
+                    let node = Api::<Node>::all(client.clone()).get_metadata(name).await?;
+                    let a = node.metadata.annotations.unwrap_or_default();
+                    Ok(a.get(ferry_controller::agent::grpc::DAEMON_ANNOTATION) == Some(&endpoint))
+                },
+            )
+            .await?;
             nodes.push(SimNode {
                 cluster: cluster.into(),
                 name: name.into(),
@@ -261,6 +270,7 @@ impl World {
             &n.state_dir,
             &self.vm_root,
             n.ferry_runtime,
+            &self.env.cluster(&n.cluster).kubeconfig,
             &self.daemon_args,
         )?;
         Ok(())
@@ -406,6 +416,24 @@ impl World {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A node daemon's `/metrics` (its `--health-addr`, port 7071 on the node's IP).
+    pub async fn daemon_metrics(&self, node: &str) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = format!("{}:7071", self.node(node).kube.ip());
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text)).await??;
+        ensure_ok(text.starts_with("HTTP/1.1 200"), || {
+            format!("{addr}/metrics answered {text:?}")
+        })?;
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
     }
 
     /// `kubectl` against a cluster.
@@ -600,6 +628,7 @@ fn start_daemon(
     state_dir: &Path,
     vm_root: &Path,
     ferry_runtime: bool,
+    kubeconfig: &Path,
     extra_args: &[String],
 ) -> Result<ChildGuard> {
     let tls = ferry_testkit::pki::node_tls_dir(
@@ -629,6 +658,11 @@ fn start_daemon(
         .arg(format!("unix://{}", kube.containerd_socket().display()))
         .arg("--crictl")
         .arg(crictl)
+        .arg("--register-node")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--health-addr")
+        .arg(format!("{}:7071", kube.ip()))
         .args(extra_args)
         // Appended: a restarted daemon's log follows its predecessor's.
         .stdout(append(&kube.dir().join("ferry-node.log"))?)

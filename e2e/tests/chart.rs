@@ -3,60 +3,10 @@
 //! wildcard, and on a real apiserver gives each ferry ServiceAccount exactly the rights
 //! committed in helm/ferry/tests/can-i/ (`kubectl auth can-i --list`).
 use anyhow::{Context, Result, bail, ensure};
+use ferry_e2e::chart::{CHART, CLIENT_CA, REPO, docs, helm, rendered, run, template};
 use ferry_testkit::testenv::TestEnv;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/ferry");
-const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-// Any PEM-shaped text will do for rendering; the apiserver never sees this value.
-const CLIENT_CA: &str = "tls.webhookClientCA=-----BEGIN CERTIFICATE-----";
-
-fn helm() -> Result<PathBuf> {
-    let p = std::env::var_os("FERRY_HELM")
-        .context("FERRY_HELM unset: source /var/cache/ferry/env.sh (scripts/install-deps.sh)")?;
-    Ok(p.into())
-}
-
-fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    Ok(out)
-}
-
-fn template(extra: &[&str]) -> Result<std::process::Output> {
-    run(Command::new(helm()?)
-        .args([
-            "template",
-            "ferry",
-            CHART,
-            "-n",
-            "ferry-system",
-            "--include-crds",
-        ])
-        .args(extra))
-}
-
-fn rendered() -> Result<String> {
-    let out = template(&["--set", CLIENT_CA])?;
-    ensure!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-fn docs(text: &str) -> Result<Vec<serde_yaml::Value>> {
-    // Helm separates documents with a line "---".
-    let mut v = vec![];
-    for part in text.split("\n---\n") {
-        let doc: serde_yaml::Value = serde_yaml::from_str(part)?;
-        if !doc.is_null() {
-            v.push(doc);
-        }
-    }
-    Ok(v)
-}
 
 #[test]
 fn lints_and_carries_the_generated_api_unchanged() -> Result<()> {
@@ -89,6 +39,7 @@ fn lints_and_carries_the_generated_api_unchanged() -> Result<()> {
         "ValidatingAdmissionPolicy",
         "ClusterRole",
         "Role",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         ensure!(kinds.contains(&want), "no {want} rendered: {kinds:?}");
     }
@@ -214,6 +165,7 @@ fn service_accounts_get_exactly_the_committed_rights() -> Result<()> {
         ("ferry-controller", "ferry-system"),
         ("ferry-controller", "default"),
         ("ferry-peer", "default"),
+        ("ferry-node", "default"),
     ] {
         let got = can_i(&env, sa, ns)?;
         let file = expect_dir.join(format!("{sa}.{ns}.txt"));

@@ -146,14 +146,51 @@ async fn cold_across_clusters(w: &World) -> Result<()> {
         pod.spec.and_then(|s| s.node_name)
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let m = run(
-        w,
-        ns,
-        "m",
-        &migration("m", "counter", "{cluster: west, node: west-1}", "Cold"),
-    )
-    .await?;
+    // As a user would: `kubectl ferry migrate ... --wait` follows it to the end.
+    let out = tokio::process::Command::new(ferry_testkit::workspace_bin("kubectl-ferry")?)
+        .arg("--kubeconfig")
+        .arg(&w.env.cluster("east").kubeconfig)
+        .args([
+            "-n",
+            ns,
+            "migrate",
+            "counter",
+            "--to",
+            "west/west-1",
+            "--cold",
+        ])
+        .args(["--name", "m", "--wait"])
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    eprintln!("[{ns}] kubectl ferry migrate --wait:\n{printed}");
+    ensure!(
+        out.status.success(),
+        "kubectl ferry migrate: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in ["Checkpointing", "Succeeded", "Downtime:"] {
+        ensure!(printed.contains(want), "no {want} in what --wait printed");
+    }
+    let m = Api::<Migration>::namespaced(w.east.clone(), ns)
+        .get("m")
+        .await?;
     check_moved(w, ns, &m, "west", "counter", "west-1", &["app"]).await?;
+    // The daemons counted it (other scenarios run beside this one: at least one).
+    for (node, op) in [("east-1", "checkpoint"), ("west-1", "restore")] {
+        let metrics = w.daemon_metrics(node).await?;
+        let line = format!(
+            r#"ferry_node_operations_total{{runtime="containers",operation="{op}",outcome="succeeded"}} "#
+        );
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        ensure!(
+            count.is_some_and(|c| c >= 1),
+            "{node}'s /metrics has no succeeded {op}:\n{metrics}"
+        );
+    }
     let t = m.status.and_then(|s| s.timings).unwrap_or_default();
     eprintln!(
         "[{ns}] downtime {:?} ms, total {:?} ms",

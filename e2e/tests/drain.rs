@@ -342,6 +342,16 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
             .iter()
             .find(|m| m.spec.workload.pod == *name)
             .with_context(|| format!("no Migration moved {name}"))?;
+        // The eviction succeeds once the source Pod is removed, which Completing does
+        // before it records Succeeded: drain may return in between.
+        let m = &w
+            .follow(
+                ns,
+                m.metadata.name.as_deref().unwrap_or_default(),
+                Duration::from_secs(60),
+                |_| {},
+            )
+            .await?;
         let settings = m.status.as_ref().and_then(|s| s.settings.clone());
         let (policy, strategy) = settings
             .map(|s| (s.policy, s.strategy))

@@ -11,6 +11,10 @@ pub mod server;
 pub mod validate;
 // The control API's mutual TLS: only the controller may call it.
 pub mod control_tls;
+// Announcing the daemon on its own Node; its health and metrics endpoints.
+pub mod health;
+pub mod metrics;
+pub mod register;
 // Containers run by containerd, checkpointed with CRIU and restored by ferry-runtime.
 pub mod containers;
 // Virtual machines: ferry-launcher runs one QEMU guest in a VM pod; the daemon migrates it over QMP.

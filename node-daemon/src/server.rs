@@ -2,6 +2,7 @@
 //! track long operations per migration_id. One `tracing` span per RPC.
 use crate::convert::{self as cv};
 use crate::error::RuntimeError;
+use crate::metrics::Metrics;
 use crate::runtime::{
     CheckpointPlan, Left, OpState, Progress, ProgressSink, ReceiverInfo, ReceiverPlan, Runtime,
     Stage,
@@ -25,6 +26,16 @@ enum OpKind {
     Restore,
 }
 
+impl OpKind {
+    fn label(self) -> &'static str {
+        match self {
+            OpKind::Prepare => "prepare",
+            OpKind::Checkpoint => "checkpoint",
+            OpKind::Restore => "restore",
+        }
+    }
+}
+
 struct Op {
     kind: OpKind,
     runtime: Arc<dyn Runtime>,
@@ -42,6 +53,23 @@ pub struct NodeService {
     ops: Mutex<HashMap<String, Op>>,
     /// Migrations whose PrepareReceiver is running now.
     preparing: Mutex<HashSet<String>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts an operation in the metrics when its task ends, also when Fence or Abort
+/// cancel the task mid-way (its future is dropped then, last seen Running).
+struct Counted {
+    metrics: Arc<Metrics>,
+    runtime: &'static str,
+    kind: OpKind,
+    sink: ProgressSink,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics
+            .ended(self.runtime, self.kind.label(), &self.sink.latest());
+    }
 }
 
 /// A migration's claim on its PrepareReceiver; released when the call ends.
@@ -71,12 +99,17 @@ impl Drop for Preparing<'_> {
 }
 
 impl NodeService {
-    pub fn new(runtimes: Vec<Arc<dyn Runtime>>, transport: Arc<Transport>) -> NodeService {
+    pub fn new(
+        runtimes: Vec<Arc<dyn Runtime>>,
+        transport: Arc<Transport>,
+        metrics: Arc<Metrics>,
+    ) -> NodeService {
         NodeService {
             runtimes,
             transport,
             ops: Mutex::new(HashMap::new()),
             preparing: Default::default(),
+            metrics,
         }
     }
 
@@ -145,6 +178,13 @@ impl NodeService {
         let (sink, rx) = ProgressSink::new(id, stage);
         let fut = work(sink.clone());
         let span = tracing::info_span!("operation", migration_id = %id, ?kind);
+        self.metrics.started(runtime.name(), kind.label());
+        let counted = Counted {
+            metrics: self.metrics.clone(),
+            runtime: runtime.name(),
+            kind,
+            sink: sink.clone(),
+        };
         let task = tokio::spawn(
             async move {
                 let r = fut.await;
@@ -152,6 +192,7 @@ impl NodeService {
                     tracing::warn!(error = %e, "operation failed");
                 }
                 sink.finish(&r);
+                drop(counted);
             }
             .instrument(span),
         );

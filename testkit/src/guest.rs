@@ -241,26 +241,7 @@ fn qemu_data_dirs(qemu: &Path) -> Result<Vec<PathBuf>> {
 /// firmware QEMU needs, at the host's paths. Written once per content to
 /// `$FERRY_CACHE/images/ferry-launcher-<digest>.tar`.
 pub fn launcher_image() -> Result<PathBuf> {
-    let launcher = crate::workspace_bin("ferry-launcher")?;
-    let qemu = which("qemu-system-x86_64")?;
-    let mut b = ImageBuilder::new(LAUNCHER_IMAGE);
-    add_with_libs(&mut b, &launcher, "/usr/bin/ferry-launcher")?;
-    add_with_libs(&mut b, &qemu, "/usr/bin/qemu-system-x86_64")?;
-    let dirs = qemu_data_dirs(&qemu)?;
-    for name in FIRMWARE {
-        let host = dirs
-            .iter()
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-            .with_context(|| format!("QEMU firmware {name} not found in {dirs:?}"))?;
-        b.file(&host, &host.display().to_string(), 0o644);
-    }
-    // The accelerator probe's cache and scratch space (`--accel auto`).
-    b.dir("/var/cache/ferry/accel")
-        .dir("/tmp")
-        .dir(GUEST_MOUNT)
-        .env("FERRY_QEMU=/usr/bin/qemu-system-x86_64")
-        .entrypoint(&["/usr/bin/ferry-launcher"]);
+    let b = launcher_builder(&crate::workspace_bin("ferry-launcher")?, LAUNCHER_IMAGE)?;
     let dir = cache_root().join("images");
     std::fs::create_dir_all(&dir)?;
     let tmp = dir.join(format!(
@@ -280,7 +261,33 @@ pub fn launcher_image() -> Result<PathBuf> {
     Ok(out)
 }
 
-fn which(program: &str) -> Result<PathBuf> {
+/// What the launcher image holds, named `reference`: `launcher` (the entrypoint) and
+/// this machine's QEMU with their libraries and the firmware QEMU needs (ferry's
+/// versioned image, `oci::ferry`, is the same with a release build).
+pub fn launcher_builder(launcher: &Path, reference: &str) -> Result<ImageBuilder> {
+    let qemu = which("qemu-system-x86_64")?;
+    let mut b = ImageBuilder::new(reference);
+    add_with_libs(&mut b, launcher, "/usr/bin/ferry-launcher")?;
+    add_with_libs(&mut b, &qemu, "/usr/bin/qemu-system-x86_64")?;
+    let dirs = qemu_data_dirs(&qemu)?;
+    for name in FIRMWARE {
+        let host = dirs
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .with_context(|| format!("QEMU firmware {name} not found in {dirs:?}"))?;
+        b.file(&host, &host.display().to_string(), 0o644);
+    }
+    // The accelerator probe's cache and scratch space (`--accel auto`).
+    b.dir("/var/cache/ferry/accel")
+        .dir("/tmp")
+        .dir(GUEST_MOUNT)
+        .env("FERRY_QEMU=/usr/bin/qemu-system-x86_64")
+        .entrypoint(&["/usr/bin/ferry-launcher"]);
+    Ok(b)
+}
+
+pub(crate) fn which(program: &str) -> Result<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)

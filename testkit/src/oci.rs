@@ -398,6 +398,7 @@ fn ldd_paths(text: &str) -> Vec<String> {
         .collect()
 }
 
+pub mod ferry;
 mod images;
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_binary, pause_image};
 

@@ -1,7 +1,7 @@
 //! [`NodeAgent`] over the node daemon's gRPC API. This module is the one place where
 //! proto types turn into domain types and back. A node's daemon announces itself with
-//! the Node annotation `ferry.dev/node-daemon: https://IP:PORT` (the DaemonSet writes it
-//! at start; tests write it for the daemons they run). Every connection is mutual TLS:
+//! the Node annotation `ferry.dev/node-daemon: https://IP:PORT` (each daemon writes it on
+//! its own Node at start, `ferry-node --register-node`). Every connection is mutual TLS:
 //! the daemon's certificate must chain to the cluster-set CA and name the endpoint's
 //! host; the controller presents its own, which the daemon requires.
 use super::*;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-pub const DAEMON_ANNOTATION: &str = "ferry.dev/node-daemon";
+pub use ferry_proto::DAEMON_ANNOTATION;
 
 pub struct GrpcAgent {
     clusters: Arc<Clusters>,

@@ -5,6 +5,9 @@ use ferry_node::containers::criu::Criu;
 use ferry_node::containers::runc::Runc;
 use ferry_node::containers::{ContainerRuntime, ContainersConfig, Cri};
 use ferry_node::control_tls;
+use ferry_node::health::{self, Readiness};
+use ferry_node::metrics::Metrics;
+use ferry_node::register::Registration;
 use ferry_node::server::NodeService;
 use ferry_node::transport::Transport;
 use ferry_node::vm::qemu::MigrationTuning;
@@ -96,6 +99,44 @@ struct Args {
     /// own default (~128 MiB/s) would silently bound every migration.
     #[arg(long, env = "FERRY_VM_MAX_BANDWIDTH", default_value_t = 10 << 30)]
     vm_max_bandwidth: u64,
+    /// Announce this daemon on its own Node (the `ferry.dev/node-daemon` annotation,
+    /// which the controller dials) while it serves, and remove it on shutdown. Needs
+    /// --node-name and a client allowed to patch that Node.
+    #[arg(long, env = "FERRY_REGISTER_NODE", requires = "node_name")]
+    register_node: bool,
+    /// The endpoint to announce. Default: https://ADVERTISE_IP:LISTEN_PORT.
+    #[arg(long, env = "FERRY_ADVERTISE_ENDPOINT")]
+    advertise_endpoint: Option<String>,
+    /// Kubeconfig for --register-node. Unset: the pod's ServiceAccount.
+    #[arg(long, env = "FERRY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Plain-HTTP /healthz, /readyz and /metrics. Unauthenticated, hence loopback by
+    /// default; they expose counters, never workload data.
+    #[arg(long, env = "FERRY_HEALTH_ADDR", default_value = "127.0.0.1:7071")]
+    health_addr: std::net::SocketAddr,
+}
+
+impl Args {
+    fn endpoint(&self) -> String {
+        if let Some(e) = &self.advertise_endpoint {
+            return e.clone();
+        }
+        let host = match self.advertise_ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => self.advertise_ip.clone(),
+        };
+        format!("https://{host}:{}", self.listen.port())
+    }
+}
+
+/// SIGTERM (the kubelet stopping the pod) or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 #[tokio::main]
@@ -106,6 +147,35 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
+    // kube's client and the transfers share one rustls provider; pick it before either.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::new(a.register_node));
+    if !a.register_node {
+        metrics.registered.set(1);
+    }
+    let health = tokio::net::TcpListener::bind(a.health_addr)
+        .await
+        .with_context(|| format!("binding the health endpoint {}", a.health_addr))?;
+    tokio::spawn({
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        async move {
+            if let Err(e) = health::serve(health, &metrics, readiness).await {
+                tracing::error!(error = %e, "the health endpoint stopped");
+            }
+        }
+    });
+    let registration = match a.register_node {
+        true => Some(Arc::new(
+            Registration::new(
+                a.kubeconfig.as_deref(),
+                a.node_name.clone().expect("clap requires --node-name"),
+                a.endpoint(),
+            )
+            .await?,
+        )),
+        false => None,
+    };
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let transport = Arc::new(
@@ -146,20 +216,51 @@ async fn main() -> anyhow::Result<()> {
         },
         transport.clone(),
     );
-    let svc = NodeService::new(vec![Arc::new(containers), Arc::new(vm)], transport.clone());
+    let svc = NodeService::new(
+        vec![Arc::new(containers), Arc::new(vm)],
+        transport.clone(),
+        metrics.clone(),
+    );
     let tls = control_tls::server_config(&a.tls_dir).context("the control API's TLS")?;
-    tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), controller = %a.controller_name, "ferry-node serving");
-    tonic::transport::Server::builder()
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding the control API {}", a.listen))?;
+    readiness.set_serving();
+    tracing::info!(listen = %a.listen, transfer = %transport.endpoint(), controller = %a.controller_name, health = %a.health_addr, "ferry-node serving");
+    // Announced only once the control API is bound: the controller may dial at once.
+    let announcer = registration.clone().map(|r| {
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        tokio::spawn(async move {
+            tracing::info!(endpoint = r.endpoint(), "announcing the daemon on its Node");
+            r.keep_announced(|ok| {
+                metrics.registered.set(ok as i64);
+                readiness.set_registered(ok);
+            })
+            .await
+        })
+    });
+    let served = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("the control API's TLS")?
         .add_service(NodeAgentServer::with_interceptor(
             svc,
             control_tls::only(a.controller_name.clone()),
         ))
-        .serve_with_shutdown(a.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
         .await
-        .context("serving gRPC")?;
-    Ok(())
+        .context("serving gRPC");
+    if let (Some(r), Some(announcer)) = (registration, announcer) {
+        announcer.abort();
+        // Bounded: a pod being stopped has its grace period, an unreachable apiserver
+        // must not use it up (the controller then finds the endpoint dead instead).
+        match tokio::time::timeout(std::time::Duration::from_secs(3), r.withdraw()).await {
+            Ok(Ok(())) => tracing::info!("the daemon's endpoint is off its Node"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing the daemon's endpoint"),
+            Err(_) => tracing::warn!("removing the daemon's endpoint timed out"),
+        }
+    }
+    served
 }
