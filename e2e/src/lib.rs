@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod chart;
+pub mod http;
 pub mod webhook;
 pub mod world;

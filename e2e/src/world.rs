@@ -420,20 +420,15 @@ impl World {
 
     /// A node daemon's `/metrics` (its `--health-addr`, port 7071 on the node's IP).
     pub async fn daemon_metrics(&self, node: &str) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = format!("{}:7071", self.node(node).kube.ip());
-        let mut s = tokio::net::TcpStream::connect(&addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text)).await??;
-        ensure_ok(text.starts_with("HTTP/1.1 200"), || {
-            format!("{addr}/metrics answered {text:?}")
+        let addr = std::net::SocketAddr::new(self.node(node).kube.ip().into(), 7071);
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            crate::http::get(addr, "/metrics", Duration::from_secs(10))
+        })
+        .await??;
+        ensure_ok(status == 200, || {
+            format!("{addr}/metrics answered {status}: {body}")
         })?;
-        Ok(text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default())
+        Ok(body)
     }
 
     /// `kubectl` against a cluster.

@@ -300,7 +300,7 @@ fn kubectl_ferry_migrates_shows_cancels_and_links() -> Result<()> {
         "link",
     )?;
     ensure!(out.contains("cluster \"west\" linked"), "{out}");
-    let secret = e.kubectl(
+    let stored = e.kubectl(
         "east",
         &[
             "-n",
@@ -310,14 +310,12 @@ fn kubectl_ferry_migrates_shows_cancels_and_links() -> Result<()> {
             "-l",
             "ferry.dev/cluster=west",
             "-o",
-            "jsonpath={.items[0].data.kubeconfig}",
+            "go-template={{range .items}}{{.data.kubeconfig | base64decode}}{{end}}",
         ],
     )?;
+    ensure!(!stored.is_empty(), "no link Secret for west");
     let linked = dir.path().join("linked-kubeconfig");
-    std::fs::write(
-        &linked,
-        base64_decode(secret.trim()).context("the Secret's kubeconfig")?,
-    )?;
+    std::fs::write(&linked, stored)?;
     let can = |args: &[&str]| -> Result<String> {
         let out = e
             .env
@@ -341,19 +339,4 @@ fn kubectl_ferry_migrates_shows_cancels_and_links() -> Result<()> {
         "link again",
     )?;
     Ok(())
-}
-
-fn base64_decode(s: &str) -> Result<Vec<u8>> {
-    let out = Command::new("base64")
-        .arg("-d")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(s.as_bytes())?;
-            c.wait_with_output()
-        })?;
-    ensure!(out.status.success(), "base64 -d failed");
-    Ok(out.stdout)
 }

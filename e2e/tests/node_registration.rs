@@ -6,9 +6,8 @@ use anyhow::{Context, Result, ensure};
 use ferry_e2e::chart::rendered;
 use ferry_testkit::process::ChildGuard;
 use ferry_testkit::testenv::TestEnv;
-use ferry_testkit::workspace_bin;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use ferry_testkit::{free_port, workspace_bin};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -22,10 +21,6 @@ fn ok(out: Output, what: &str) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// A copy of the admin kubeconfig whose user is `token`.
@@ -60,10 +55,10 @@ fn token(env: &TestEnv, bound_node: Option<&str>) -> Result<String> {
 }
 
 fn annotation(env: &TestEnv, node: &str) -> Result<String> {
-    let path = format!("jsonpath={{.metadata.annotations.ferry\\.dev/node-daemon}}");
+    let path = "jsonpath={.metadata.annotations.ferry\\.dev/node-daemon}";
     ok(
         env.kubectl("east")
-            .args(["get", "node", node, "-o", &path])
+            .args(["get", "node", node, "-o", path])
             .output()?,
         "kubectl get node",
     )
@@ -80,21 +75,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
 
 /// `GET path` on the daemon's plain-HTTP health endpoint: (status, body).
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((status, body.to_string()))
+    ferry_e2e::http::get(addr, path, Duration::from_secs(5))
 }
 
 /// A merge patch of Node `node` as the identity in `kc` (straight to the API: kubectl
@@ -166,7 +147,7 @@ fn a_daemon_registers_on_its_own_node_only() -> Result<()> {
     let kc = token_kubeconfig(&env, dir.path(), &token(&env, Some("n1"))?)?;
 
     // The real daemon, with that identity, on loopback.
-    let (listen, transfer, health) = (free_addr()?, free_addr()?, free_addr()?);
+    let (listen, transfer, health) = (free_port()?, free_port()?, free_port()?);
     let tls = ferry_testkit::pki::node_tls_dir(&dir.path().join("tls"), "n1", "127.0.0.1")?;
     let mut cmd = Command::new(workspace_bin("ferry-node")?);
     cmd.arg("--listen")

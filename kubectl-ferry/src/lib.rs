@@ -56,6 +56,18 @@ pub async fn connect_to(
     context: Option<&str>,
     namespace: Option<&str>,
 ) -> Result<(kube::Client, String)> {
+    let config = load(kubeconfig, context).await?;
+    let ns = namespace
+        .map(String::from)
+        .unwrap_or_else(|| config.default_namespace.clone());
+    Ok((kube::Client::try_from(config)?, ns))
+}
+
+/// The client configuration of `context` (default: the current one) in `kubeconfig`.
+pub async fn load(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Config> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let opts = KubeConfigOptions {
         context: context.map(String::from),
@@ -74,8 +86,5 @@ pub async fn connect_to(
         None => kube::Config::from_kubeconfig(&opts).await,
     }
     .context("loading the kubeconfig")?;
-    let ns = namespace
-        .map(String::from)
-        .unwrap_or_else(|| config.default_namespace.clone());
-    Ok((kube::Client::try_from(config)?, ns))
+    Ok(config)
 }

@@ -5,7 +5,7 @@
 //! kubeconfig with that token as the Secret the controller looks up (labelled
 //! `ferry.dev/cluster: NAME`). The kubeconfig carries a bearer token and the peer's CA,
 //! never a command: the controller refuses exec credential plugins.
-use crate::{Global, connect, connect_to};
+use crate::{Global, connect, load};
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use ferry_crds::CLUSTER_LABEL;
@@ -63,11 +63,12 @@ pub async fn run(g: &Global, a: Args) -> Result<ExitCode> {
     if a.peer_kubeconfig.is_none() && a.peer_context.is_none() {
         bail!("say how to reach the peer: --peer-kubeconfig and/or --peer-context");
     }
-    let (peer, _) = connect_to(peer_kc.as_deref(), a.peer_context.as_deref(), None).await?;
+    let peer_config = load(peer_kc.as_deref(), a.peer_context.as_deref()).await?;
     let server = match &a.server {
         Some(s) => s.clone(),
-        None => peer_server(peer_kc.as_deref(), a.peer_context.as_deref()).await?,
+        None => peer_config.cluster_url.to_string(),
     };
+    let peer = kube::Client::try_from(peer_config)?;
 
     let sas: Api<ServiceAccount> = Api::namespaced(peer.clone(), &a.peer_ferry_namespace);
     if sas.get_opt(PEER_SA).await?.is_none() {
@@ -160,33 +161,6 @@ pub async fn run(g: &Global, a: Args) -> Result<ExitCode> {
         nodes.items.len()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The server of the peer's context in its kubeconfig.
-async fn peer_server(
-    kubeconfig: Option<&std::path::Path>,
-    context: Option<&str>,
-) -> Result<String> {
-    let kc = match kubeconfig {
-        Some(p) => kube::config::Kubeconfig::read_from(p)?,
-        None => kube::config::Kubeconfig::read()?,
-    };
-    let ctx_name = context
-        .map(String::from)
-        .or(kc.current_context.clone())
-        .context("the peer's kubeconfig has no current context: give --peer-context")?;
-    let ctx = kc
-        .contexts
-        .iter()
-        .find(|c| c.name == ctx_name)
-        .and_then(|c| c.context.as_ref())
-        .with_context(|| format!("no context {ctx_name:?} in the peer's kubeconfig"))?;
-    kc.clusters
-        .iter()
-        .find(|c| c.name == ctx.cluster)
-        .and_then(|c| c.cluster.as_ref())
-        .and_then(|c| c.server.clone())
-        .with_context(|| format!("context {ctx_name:?} names no cluster with a server"))
 }
 
 #[cfg(test)]

@@ -46,18 +46,14 @@ impl Registration {
     ) -> Result<Registration, RegisterError> {
         let config = match kubeconfig {
             Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                    RegisterError::Kubeconfig {
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?;
+                let bad = |source| RegisterError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                };
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
                 kube::Config::from_custom_kubeconfig(kc, &Default::default())
                     .await
-                    .map_err(|source| RegisterError::Kubeconfig {
-                        path: path.display().to_string(),
-                        source,
-                    })?
+                    .map_err(bad)?
             }
             None => kube::Config::infer().await?,
         };

@@ -65,6 +65,24 @@ struct Counted {
     sink: ProgressSink,
 }
 
+impl Counted {
+    /// Counts the operation as running until the returned guard drops.
+    fn start(
+        metrics: &Arc<Metrics>,
+        runtime: &'static str,
+        kind: OpKind,
+        sink: ProgressSink,
+    ) -> Self {
+        metrics.started(runtime, kind.label());
+        Counted {
+            metrics: metrics.clone(),
+            runtime,
+            kind,
+            sink,
+        }
+    }
+}
+
 impl Drop for Counted {
     fn drop(&mut self) {
         self.metrics
@@ -178,13 +196,7 @@ impl NodeService {
         let (sink, rx) = ProgressSink::new(id, stage);
         let fut = work(sink.clone());
         let span = tracing::info_span!("operation", migration_id = %id, ?kind);
-        self.metrics.started(runtime.name(), kind.label());
-        let counted = Counted {
-            metrics: self.metrics.clone(),
-            runtime: runtime.name(),
-            kind,
-            sink: sink.clone(),
-        };
+        let counted = Counted::start(&self.metrics, runtime.name(), kind, sink.clone());
         let task = tokio::spawn(
             async move {
                 let r = fut.await;

@@ -20,6 +20,11 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A loopback address whose port was free a moment ago (for a child to bind).
+pub fn free_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// A binary of this workspace, next to the running executable's target directory
 /// (`target/debug/deps/x` → `target/debug/NAME`).
 pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {

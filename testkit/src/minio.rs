@@ -78,7 +78,7 @@ impl MinioServer {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let console = free_port()?;
+        let console = crate::free_port()?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("server")
             .arg(&data)
@@ -205,11 +205,6 @@ impl MinioServer {
         }
         Ok(())
     }
-}
-
-fn free_port() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
 }
 
 /// Objects in `bucket` whose key starts with `prefix` (path style, test credentials).
