@@ -166,6 +166,8 @@ fn service_accounts_get_exactly_the_committed_rights() -> Result<()> {
         ("ferry-controller", "default"),
         ("ferry-peer", "default"),
         ("ferry-node", "default"),
+        ("ferry-node", "ferry-system"),
+        ("ferry-uninstall", "ferry-system"),
     ] {
         let got = can_i(&env, sa, ns)?;
         let file = expect_dir.join(format!("{sa}.{ns}.txt"));

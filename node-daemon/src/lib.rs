@@ -15,6 +15,8 @@ pub mod control_tls;
 pub mod health;
 pub mod metrics;
 pub mod register;
+// Putting the node pieces (ferry-runtime, containerd's `ferry` handler) on the host.
+pub mod install;
 // Containers run by containerd, checkpointed with CRIU and restored by ferry-runtime.
 pub mod containers;
 // Virtual machines: ferry-launcher runs one QEMU guest in a VM pod; the daemon migrates it over QMP.

@@ -186,7 +186,7 @@ impl KubeNode {
         }
         for d in [
             &run,
-            &layout.containerd,
+            &layout.containerd.join("conf.d"),
             &layout.cni_conf,
             &layout.cni_ipam,
             &layout.kubelet,
@@ -244,26 +244,8 @@ impl KubeNode {
             ),
         )?;
 
-        let mut cmd = in_node(lan_node, bin.join("containerd"));
-        cmd.arg("--config").arg(l.containerd.join("config.toml"));
-        // Shims are found on PATH.
-        let path = std::env::join_paths([bin.clone()].into_iter().chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        )))?;
-        cmd.env("PATH", &path);
-        node.containerd = Some(spawn_logged(
-            "containerd",
-            cmd,
-            &l.logs.join("containerd.log"),
-        )?);
-        node.wait("containerd to answer", Duration::from_secs(30), |n| {
-            Ok(n.ctr()
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?
-                .success())
-        })?;
+        node.start_containerd()?;
+        let path = search_path(&bin)?;
         node.import_image(&pause)?;
         for image in &opts.images {
             node.import_image(image)?;
@@ -300,6 +282,47 @@ impl KubeNode {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Starts containerd (its log appended to logs/containerd.log) and waits until it
+    /// answers.
+    fn start_containerd(&mut self) -> Result<()> {
+        let l = &self.layout;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(l.bin.join("containerd"))
+            .arg("--config")
+            .arg(l.containerd.join("config.toml"))
+            // Shims are found on PATH.
+            .env("PATH", search_path(&l.bin)?);
+        self.containerd = Some(spawn_logged(
+            "containerd",
+            cmd,
+            &l.logs.join("containerd.log"),
+        )?);
+        self.wait("containerd to answer", Duration::from_secs(30), |n| {
+            Ok(n.ctr()
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success())
+        })
+    }
+
+    /// Restarts containerd, as `systemctl restart containerd` does on a real node (its
+    /// configuration and drop-ins are read again; shims, hence pods, run on).
+    pub fn restart_containerd(&mut self) -> Result<()> {
+        if let Some(mut c) = self.containerd.take() {
+            c.stop(Duration::from_secs(10));
+        }
+        self.start_containerd()
+    }
+
+    /// The directory containerd imports drop-ins from (`imports`, like
+    /// /etc/containerd/conf.d on a real node).
+    pub fn containerd_dropin_dir(&self) -> PathBuf {
+        self.layout.containerd.join("conf.d")
     }
 
     /// The node's LAN address (its InternalIP, where the kubelet listens on 10250).
@@ -479,8 +502,23 @@ fn write(path: &Path, content: &str) -> Result<()> {
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
 }
 
+/// PATH with the node stack's binaries first.
+fn search_path(bin: &Path) -> Result<std::ffi::OsString> {
+    Ok(std::env::join_paths(
+        [bin.to_path_buf()].into_iter().chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )?)
+}
+
+/// Spawns `cmd` with its output appended to `log` (a restarted process's log follows
+/// its predecessor's).
 fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
-    let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
     cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
     ChildGuard::spawn(name, cmd)
 }

@@ -9,6 +9,9 @@ pub(super) fn containerd_toml(l: &Layout, sandbox_image: &str) -> String {
     let q = |p: &std::path::Path| toml_str(&p.to_string_lossy());
     let mut s = format!(
         r#"version = 3
+# Drop-ins, as `containerd config default` imports /etc/containerd/conf.d/*.toml
+# (ferry-install adds the ferry handler there).
+imports = [{imports}]
 root = {root}
 state = {state}
 
@@ -44,6 +47,7 @@ state = {state}
     [plugins.'io.containerd.cri.v1.runtime'.containerd]
       default_runtime_name = 'runc'
 "#,
+        imports = toml_str(&format!("{}/*.toml", l.containerd.join("conf.d").display())),
         root = q(&l.containerd.join("root")),
         state = q(&l.containerd.join("state")),
         sock = q(&l.socket),

@@ -52,6 +52,10 @@ pub struct NodeTools {
     pub criu: PathBuf,
     /// runc, which ferry-node drives for checkpoints and ferry-runtime wraps.
     pub runc: PathBuf,
+    /// crictl, for ferry-node's check that an incoming pod's images are on the node.
+    pub crictl: PathBuf,
+    /// nsenter, for ferry-install's `systemctl restart containerd` in the host's namespaces.
+    pub nsenter: PathBuf,
 }
 
 impl NodeTools {
@@ -61,14 +65,21 @@ impl NodeTools {
             Some(p) => PathBuf::from(p),
             None => crate::guest::which("criu")?,
         };
+        let crictl = match crate::guest::which("crictl") {
+            Ok(p) => p,
+            Err(_) => crate::kube_node::nodestack_bin()?.join("crictl"),
+        };
         Ok(NodeTools {
             criu,
             runc: crate::guest::which("runc")?,
+            crictl,
+            nsenter: crate::guest::which("nsenter")?,
         })
     }
 }
 
-/// The node daemon: ferry-node (the entrypoint), CRIU and runc with their libraries, and
+/// The node daemon: ferry-node (the entrypoint), ferry-install, CRIU, runc, crictl and nsenter
+/// with their libraries, and
 /// under /opt/ferry/node what a node installer copies onto the host (ferry-runtime,
 /// the `ferry` runtime handler's binary, which containerd runs on the host).
 pub fn node(bin_dir: &Path, tag: &str, tools: &NodeTools) -> Result<ImageBuilder> {
@@ -80,6 +91,14 @@ pub fn node(bin_dir: &Path, tag: &str, tools: &NodeTools) -> Result<ImageBuilder
     )?;
     add_with_libs(&mut b, &tools.criu, "/usr/local/sbin/criu")?;
     add_with_libs(&mut b, &tools.runc, "/usr/sbin/runc")?;
+    add_with_libs(&mut b, &tools.crictl, "/usr/local/bin/crictl")?;
+    add_with_libs(&mut b, &tools.nsenter, "/usr/bin/nsenter")?;
+    // The DaemonSet's init container and preStop hook (ferry_node::install).
+    add_with_libs(
+        &mut b,
+        &bin_dir.join("ferry-install"),
+        "/usr/local/bin/ferry-install",
+    )?;
     add_with_libs(
         &mut b,
         &bin_dir.join("ferry-runtime"),
