@@ -4,5 +4,6 @@
 
 pub mod chart;
 pub mod http;
+pub mod installed;
 pub mod webhook;
 pub mod world;

@@ -40,6 +40,12 @@ pub fn controller_tls_dir(dir: &Path) -> Result<PathBuf> {
     write_identity(dir, params)
 }
 
+/// The test CA as PEM (certificate, private key): e.g. the `ferry-ca` Secret that makes
+/// installs of several clusters one cluster set.
+pub fn ca_pem() -> (String, String) {
+    (ca().pem(), ca().key().serialize_pem())
+}
+
 /// Signs `params` with the test CA and writes `dir/{tls.crt,tls.key,ca.crt}`.
 fn write_identity(dir: &Path, params: CertificateParams) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

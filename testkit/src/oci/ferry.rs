@@ -56,6 +56,15 @@ pub struct NodeTools {
     pub crictl: PathBuf,
     /// nsenter, for ferry-install's `systemctl restart containerd` in the host's namespaces.
     pub nsenter: PathBuf,
+    /// iptables-restore (xtables' multi-call binary) and its match modules: CRIU locks a
+    /// container's network with it while it dumps.
+    pub iptables: PathBuf,
+    pub xtables_modules: PathBuf,
+    /// tar, gzip and a /bin/sh: CRIU packs the contents of a container's tmpfs mounts
+    /// with `tar --gzip`, which runs gzip through `/bin/sh -c`.
+    pub tar: PathBuf,
+    pub gzip: PathBuf,
+    pub sh: PathBuf,
 }
 
 impl NodeTools {
@@ -74,11 +83,21 @@ impl NodeTools {
             runc: crate::guest::which("runc")?,
             crictl,
             nsenter: crate::guest::which("nsenter")?,
+            iptables: crate::guest::which("iptables-restore")?.canonicalize()?,
+            xtables_modules: ["/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/xtables"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|d| d.is_dir())
+                .context("no xtables modules directory (Debian's iptables package)")?,
+            tar: crate::guest::which("tar")?,
+            gzip: crate::guest::which("gzip")?,
+            sh: crate::guest::which("sh")?.canonicalize()?,
         })
     }
 }
 
-/// The node daemon: ferry-node (the entrypoint), ferry-install, CRIU, runc, crictl and nsenter
+/// The node daemon: ferry-node (the entrypoint), ferry-install, CRIU, runc, crictl,
+/// nsenter, iptables-restore (CRIU's network lock), tar, gzip and sh (CRIU's tmpfs contents)
 /// with their libraries, and
 /// under /opt/ferry/node what a node installer copies onto the host (ferry-runtime,
 /// the `ferry` runtime handler's binary, which containerd runs on the host).
@@ -93,6 +112,15 @@ pub fn node(bin_dir: &Path, tag: &str, tools: &NodeTools) -> Result<ImageBuilder
     add_with_libs(&mut b, &tools.runc, "/usr/sbin/runc")?;
     add_with_libs(&mut b, &tools.crictl, "/usr/local/bin/crictl")?;
     add_with_libs(&mut b, &tools.nsenter, "/usr/bin/nsenter")?;
+    // Called by these names (argv[0] picks the multi-call binary's mode).
+    add_with_libs(&mut b, &tools.iptables, "/usr/sbin/iptables-restore")?;
+    add_with_libs(&mut b, &tools.iptables, "/usr/sbin/ip6tables-restore")?;
+    add_with_libs(&mut b, &tools.tar, "/usr/bin/tar")?;
+    add_with_libs(&mut b, &tools.gzip, "/usr/bin/gzip")?;
+    add_with_libs(&mut b, &tools.sh, "/bin/sh")?;
+    // Loaded with dlopen (ldd cannot see them), at the path libxtables was built with.
+    let modules = tools.xtables_modules.to_string_lossy().to_string();
+    b.tree(&tools.xtables_modules, &modules);
     // The DaemonSet's init container and preStop hook (ferry_node::install).
     add_with_libs(
         &mut b,
