@@ -356,6 +356,86 @@ impl Installed {
         )
     }
 
+    /// [`Installed::start`], then ferry installed in every cluster as one cluster set
+    /// (the same `ferry-ca`), containerd restarted to load the `ferry` handler, and
+    /// every other cluster linked into the first (`kubectl ferry link`), the home
+    /// cluster of [`Installed::kubectl_ferry`].
+    pub fn start_cluster_set(
+        work: &Path,
+        layout: &[(&str, &[&str])],
+        extra_images: &[PathBuf],
+    ) -> Result<Installed> {
+        crate::chart::helm()?; // before minutes of setup
+        let mut w = Installed::start(work, layout, extra_images)?;
+        for (c, _) in layout {
+            w.create_cluster_set_ca(c)?;
+            let took = w.install(c, &[])?;
+            eprintln!(
+                "[installed] {c}: helm install → controller and daemons Ready in {:.1}s",
+                took.as_secs_f64()
+            );
+            w.restart_containerd(c)?;
+        }
+        let home = layout[0].0;
+        for (peer, _) in &layout[1..] {
+            let kc = w.env.cluster(peer).kubeconfig.display().to_string();
+            let linked =
+                w.kubectl_ferry(&["link", peer, "--home", home, "--peer-kubeconfig", &kc])?;
+            eprintln!("[installed] {}", linked.trim());
+        }
+        Ok(w)
+    }
+
+    /// `kubectl ferry ARGS` against the first cluster of the set.
+    pub fn kubectl_ferry(&self, args: &[&str]) -> Result<String> {
+        let home = &self.env.clusters[0];
+        let out = Command::new(ferry_testkit::workspace_bin("kubectl-ferry")?)
+            .arg("--kubeconfig")
+            .arg(&home.kubeconfig)
+            .args(args)
+            .output()?;
+        ok(out, &format!("kubectl ferry {}", args.join(" ")))
+    }
+
+    /// `kubectl ferry -n NS migrate ARGS --wait`: what it printed. On failure the error
+    /// carries the installed ferry's logs (every cluster's controller and daemons).
+    pub fn migrate(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", ns, "migrate"];
+        all.extend_from_slice(args);
+        all.push("--wait");
+        self.kubectl_ferry(&all).map_err(|e| {
+            let mut logs = String::new();
+            for c in &self.env.clusters {
+                for component in ["controller", "node"] {
+                    logs += &format!(
+                        "\n--- {} {component}\n{}",
+                        c.name,
+                        self.ferry_logs(&c.name, component)
+                    );
+                }
+            }
+            e.context(logs)
+        })
+    }
+
+    /// The serial log of VM Pod `ns/pod` in `cluster` (ferry-launcher writes it under
+    /// the VM root, in a directory named by the Pod's uid).
+    pub fn vm_serial(&self, cluster: &str, ns: &str, pod: &str) -> Result<PathBuf> {
+        let uid = self.kubectl(
+            cluster,
+            &[
+                "get",
+                "pod",
+                "-n",
+                ns,
+                pod,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+        )?;
+        Ok(self.vm_root().join(uid).join("serial.log"))
+    }
+
     /// Logs of ferry's pods of `component` in `cluster`, for failure messages.
     pub fn ferry_logs(&self, cluster: &str, component: &str) -> String {
         self.kubectl(

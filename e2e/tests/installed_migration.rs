@@ -1,11 +1,13 @@
-//! A migration through ferry as a user installs it: `helm install` in two clusters
-//! (one cluster set: the same `ferry-ca`), `kubectl ferry link`, then `kubectl ferry
-//! migrate --wait` moves a counting container from east-1 to west-1 — the controller
-//! is the chart's Deployment, the daemons the DaemonSet's pods, the restore runs in the
-//! ferry-runtime the DaemonSet installed on west-1. Nothing of ferry runs outside a
-//! Pod. The container counts on from where it stopped, once.
+//! Migrations through ferry as a user installs it: `helm install` in two clusters (one
+//! cluster set: the same `ferry-ca`), `kubectl ferry link`, then `kubectl ferry migrate
+//! --wait` (`ferry_e2e::installed`). The controller is the chart's Deployment, the
+//! daemons the DaemonSet's pods, the container's restore runs in the ferry-runtime the
+//! DaemonSet installed on west-1: nothing of ferry runs outside a Pod. A counting
+//! container moves cold from east-1 to west-1 and counts on from where it stopped,
+//! once; then a VM Pod (ferry-launcher, QEMU under TCG here) moves live and its guest
+//! counts on with its memory intact.
 use anyhow::{Context, Result, ensure};
-use ferry_e2e::installed::{Installed, ok, wait_until};
+use ferry_e2e::installed::{Installed, wait_until};
 use ferry_e2e::world::{counter_pod, numbers};
 use ferry_testkit::guest::{first_count, last_count as guest_count, sums, vm_pod_manifest};
 use std::path::Path;
@@ -18,45 +20,56 @@ fn last_count(w: &Installed, cluster: &str) -> Result<u64> {
     Ok(numbers(&logs).last().copied().unwrap_or(0))
 }
 
+fn apply(w: &Installed, dir: &Path, manifest: serde_json::Value) -> Result<()> {
+    let f = dir.join("manifest.json");
+    std::fs::write(&f, manifest.to_string())?;
+    w.kubectl("east", &["apply", "-f", &f.to_string_lossy()])?;
+    Ok(())
+}
+
+/// What `kubectl ferry migrate --wait` must have printed for a finished move.
+fn succeeded(printed: &str) -> Result<()> {
+    eprintln!("{printed}");
+    for want in ["Succeeded", "Downtime:"] {
+        ensure!(printed.contains(want), "no {want} in what --wait printed");
+    }
+    Ok(())
+}
+
+fn source_gone(w: &Installed) -> Result<()> {
+    wait_until(
+        Duration::from_secs(30),
+        "the source Pod to be gone",
+        || {
+            Ok(w.kubectl("east", &["get", "pods", "-n", NS, "-o", "name"])?
+                .trim()
+                .is_empty())
+        },
+        String::new,
+    )
+}
+
 #[test]
-fn a_container_moves_between_clusters_through_the_installed_ferry() -> Result<()> {
+fn workloads_move_between_clusters_through_the_installed_ferry() -> Result<()> {
     ferry_testkit::install_crypto_provider();
     let work = tempfile::Builder::new()
         .prefix("ferry-im-")
         .tempdir_in("/tmp")?;
-    let mut w = Installed::start(
+    let w = Installed::start_cluster_set(
         work.path(),
         &[("east", &["east-1"]), ("west", &["west-1"])],
         &[ferry_testkit::guest::launcher_image()?],
     )?;
     for c in ["east", "west"] {
-        w.create_cluster_set_ca(c)?;
-        let took = w.install(c, &[])?;
-        eprintln!("[{c}] helm install → Ready in {:.1}s", took.as_secs_f64());
-        w.restart_containerd(c)?;
         w.kubectl(c, &["create", "namespace", NS])?;
     }
-    let ferry = |args: &[&str]| kubectl_ferry(&w, args);
-    let west_kc = w.env.cluster("west").kubeconfig.display().to_string();
-    eprintln!(
-        "{}",
-        ferry(&[
-            "link",
-            "west",
-            "--home",
-            "east",
-            "--peer-kubeconfig",
-            &west_kc
-        ])?
-    );
 
+    // A container, cold.
     let mut pod = counter_pod("counter", "east-1", &["app"]);
     pod["apiVersion"] = "v1".into();
     pod["kind"] = "Pod".into();
     pod["metadata"]["namespace"] = NS.into();
-    let f = work.path().join("counter.json");
-    std::fs::write(&f, pod.to_string())?;
-    w.kubectl("east", &["apply", "-f", &f.to_string_lossy()])?;
+    apply(&w, work.path(), pod)?;
     wait_until(
         Duration::from_secs(60),
         "the counter to count",
@@ -66,37 +79,11 @@ fn a_container_moves_between_clusters_through_the_installed_ferry() -> Result<()
                 .unwrap_or_default()
         },
     )?;
-
-    let moved = ferry(&[
-        "-n",
+    succeeded(&w.migrate(
         NS,
-        "migrate",
-        "counter",
-        "--to",
-        "west/west-1",
-        "--cold",
-        "--name",
-        "m",
-        "--wait",
-    ]);
-    let printed = match moved {
-        Ok(p) => p,
-        Err(e) => {
-            anyhow::bail!(
-                "{e}\n--- east controller\n{}\n--- east daemons\n{}\n--- west daemons\n{}",
-                w.ferry_logs("east", "controller"),
-                w.ferry_logs("east", "node"),
-                w.ferry_logs("west", "node"),
-            )
-        }
-    };
-    eprintln!("{printed}");
-    for want in ["Checkpointing", "Succeeded", "Downtime:"] {
-        ensure!(printed.contains(want), "no {want} in what --wait printed");
-    }
-
-    // West runs it on west-1 under the ferry handler; east's copy is gone.
-    let where_ = w.kubectl(
+        &["counter", "--to", "west/west-1", "--cold", "--name", "m"],
+    )?)?;
+    let placed = w.kubectl(
         "west",
         &[
             "get",
@@ -108,17 +95,8 @@ fn a_container_moves_between_clusters_through_the_installed_ferry() -> Result<()
             "jsonpath={.spec.nodeName} {.spec.runtimeClassName} {.status.phase}",
         ],
     )?;
-    ensure!(where_ == "west-1 ferry Running", "target pod: {where_}");
-    wait_until(
-        Duration::from_secs(30),
-        "the source Pod to be gone",
-        || {
-            Ok(w.kubectl("east", &["get", "pods", "-n", NS, "-o", "name"])?
-                .trim()
-                .is_empty())
-        },
-        String::new,
-    )?;
+    ensure!(placed == "west-1 ferry Running", "target pod: {placed}");
+    source_gone(&w)?;
     // It counts on from where it was, not from 1: the restored process, not a restart.
     let logs = w.kubectl("west", &["logs", "-n", NS, "counter", "-c", "app"])?;
     let first = numbers(&logs).first().copied().unwrap_or(0);
@@ -134,67 +112,12 @@ fn a_container_moves_between_clusters_through_the_installed_ferry() -> Result<()
         String::new,
     )?;
 
-    vm_moves(&w, work.path())
-}
-
-fn kubectl_ferry(w: &Installed, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(ferry_testkit::workspace_bin("kubectl-ferry")?)
-        .arg("--kubeconfig")
-        .arg(&w.env.cluster("east").kubeconfig)
-        .args(args)
-        .output()?;
-    ok(out, &format!("kubectl ferry {}", args.join(" ")))
-}
-
-/// `kubectl ferry -n moving migrate ARGS --wait`; on failure the error carries the
-/// installed ferry's logs.
-fn migrate(w: &Installed, args: &[&str]) -> Result<()> {
-    let mut all = vec!["-n", NS, "migrate"];
-    all.extend_from_slice(args);
-    all.push("--wait");
-    let printed = kubectl_ferry(w, &all).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\n--- east controller\n{}\n--- east daemons\n{}\n--- west daemons\n{}",
-            w.ferry_logs("east", "controller"),
-            w.ferry_logs("east", "node"),
-            w.ferry_logs("west", "node"),
-        )
-    })?;
-    eprintln!("{printed}");
-    for want in ["Succeeded", "Downtime:"] {
-        ensure!(printed.contains(want), "no {want} in what --wait printed");
-    }
-    Ok(())
-}
-
-fn pod_uid(w: &Installed, cluster: &str, pod: &str) -> Result<String> {
-    w.kubectl(
-        cluster,
-        &[
-            "get",
-            "pod",
-            "-n",
-            NS,
-            pod,
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ],
-    )
-}
-
-fn vm_moves(w: &Installed, dir: &Path) -> Result<()> {
-    let mut manifest = vm_pod_manifest("guest", 256, &w.vm_root());
-    manifest["metadata"]["namespace"] = NS.into();
-    manifest["spec"]["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": "east-1"});
-    let f = dir.join("guest.json");
-    std::fs::write(&f, manifest.to_string())?;
-    w.kubectl("east", &["apply", "-f", &f.to_string_lossy()])?;
-    let serial = |cluster: &str| -> Result<std::path::PathBuf> {
-        Ok(w.vm_root()
-            .join(pod_uid(w, cluster, "guest")?)
-            .join("serial.log"))
-    };
-    let src = serial("east")?;
+    // A VM, live.
+    let mut vm = vm_pod_manifest("guest", 256, &w.vm_root());
+    vm["metadata"]["namespace"] = NS.into();
+    vm["spec"]["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": "east-1"});
+    apply(&w, work.path(), vm)?;
+    let src = w.vm_serial("east", NS, "guest")?;
     wait_until(
         Duration::from_secs(180),
         "the guest to count",
@@ -209,12 +132,10 @@ fn vm_moves(w: &Installed, dir: &Path) -> Result<()> {
         .first()
         .cloned()
         .context("the guest printed no memory checksum")?;
-
-    migrate(
-        w,
+    succeeded(&w.migrate(
+        NS,
         &["guest", "--to", "west/west-1", "--live", "--name", "vm"],
-    )?;
-
+    )?)?;
     let placed = w.kubectl(
         "west",
         &[
@@ -228,7 +149,7 @@ fn vm_moves(w: &Installed, dir: &Path) -> Result<()> {
         ],
     )?;
     ensure!(placed == "west-1 Running", "target VM pod: {placed}");
-    let dst = serial("west")?;
+    let dst = w.vm_serial("west", NS, "guest")?;
     let at = guest_count(&dst).unwrap_or(before);
     wait_until(
         Duration::from_secs(60),
@@ -245,15 +166,5 @@ fn vm_moves(w: &Installed, dir: &Path) -> Result<()> {
         sums(&dst).iter().all(|s| *s == sum),
         "guest memory changed across the move"
     );
-    wait_until(
-        Duration::from_secs(30),
-        "the source VM Pod to be gone",
-        || {
-            Ok(w.kubectl("east", &["get", "pods", "-n", NS, "-o", "name"])?
-                .trim()
-                .is_empty())
-        },
-        String::new,
-    )?;
-    Ok(())
+    source_gone(&w)
 }

@@ -1,21 +1,21 @@
 //! `ferry-demo`: two local clusters of real nodes (kubelet + containerd in network
-//! namespaces), ferry's controller and node daemons, a container and a VM migrated
-//! between the clusters, the measured downtimes printed. Run by `scripts/demo.sh`.
+//! namespaces), ferry installed in each with its Helm chart from images built here,
+//! the clusters linked with `kubectl ferry link`, a container and a VM migrated between
+//! them with `kubectl ferry migrate`, the measured downtimes printed. Run by
+//! `scripts/demo.sh`.
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ferry_crds::{Migration, Phase};
-use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers};
-use ferry_testkit::guest::{last_count, launcher_image, vm_pod_manifest, wait_count_above};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use ferry_e2e::installed::{Installed, NS as FERRY_NS, wait_until};
+use ferry_e2e::world::{counter_pod, numbers};
+use ferry_testkit::guest::{last_count, launcher_image, vm_pod_manifest};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const NS: &str = "demo";
 
 #[derive(Parser)]
 #[command(
-    about = "Run ferry's local demo: two clusters, one container migration and one VM migration"
+    about = "Run ferry's local demo: two clusters with ferry installed by helm, one container migration and one VM migration"
 )]
 struct Args {
     /// Where cluster state, kubeconfigs and node state go.
@@ -30,156 +30,194 @@ fn say(msg: impl AsRef<str>) {
     println!("\x1b[1m[ferry demo]\x1b[0m {}", msg.as_ref());
 }
 
-fn print_phase(started: Instant) -> impl FnMut(&Migration) {
-    move |m: &Migration| {
-        let s = m.status.clone().unwrap_or_default();
-        let phase = s.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        let progress = s.progress.map(|p| p.display).unwrap_or_default();
-        println!(
-            "  {:>6.2}s  {phase:<14} {progress}",
-            started.elapsed().as_secs_f64()
-        );
-    }
-}
-
-fn ms(m: &Migration, f: impl Fn(&ferry_crds::Timings) -> Option<u64>) -> String {
-    m.status
-        .as_ref()
-        .and_then(|s| s.timings.as_ref())
-        .and_then(f)
-        .map(|d| format!("{d} ms"))
-        .unwrap_or_else(|| "n/a".into())
-}
-
-async fn migrate(w: &World, name: &str, pod: &str, strategy: &str) -> Result<Migration> {
-    let yaml = format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec:\n  workload: {{pod: {pod}}}\n  target: {{cluster: west, node: west-1}}\n  strategy: {strategy}\n"
+/// Prints `$ kubectl --kubeconfig K ARGS` and what it printed.
+fn show(w: &Installed, cluster: &str, args: &[&str]) -> Result<()> {
+    println!(
+        "\n$ kubectl --kubeconfig {} {}",
+        w.env.cluster(cluster).kubeconfig.display(),
+        args.join(" ")
     );
-    w.apply_migration(NS, &yaml).await?;
-    let m = w
-        .follow(
+    print!("{}", w.kubectl(cluster, args)?);
+    Ok(())
+}
+
+fn apply(w: &Installed, dir: &Path, manifest: serde_json::Value) -> Result<()> {
+    let f = dir.join("manifest.json");
+    std::fs::write(&f, manifest.to_string())?;
+    w.kubectl("east", &["apply", "-f", &f.to_string_lossy()])?;
+    Ok(())
+}
+
+fn migrate(w: &Installed, args: &[&str]) -> Result<()> {
+    println!(
+        "\n$ kubectl ferry -n {NS} migrate {} --wait",
+        args.join(" ")
+    );
+    print!("{}", w.migrate(NS, args)?);
+    Ok(())
+}
+
+/// A Migration's measured downtime and total, as the daemons and controller wrote them.
+fn timings(w: &Installed, name: &str) -> Result<String> {
+    let t = w.kubectl(
+        "east",
+        &[
+            "get",
+            "migration",
+            "-n",
             NS,
             name,
-            Duration::from_secs(240),
-            print_phase(Instant::now()),
-        )
-        .await?;
-    let s = m.status.clone().unwrap_or_default();
-    if s.phase != Some(Phase::Succeeded) {
-        bail!("migration {name} ended {:?}: {:?}", s.phase, s.failure);
-    }
-    Ok(m)
+            "-o",
+            "jsonpath=downtime {.status.timings.downtimeMs} ms, total {.status.timings.totalMs} ms",
+        ],
+    )?;
+    Ok(t)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn counter_logs(w: &Installed, cluster: &str) -> Result<Vec<u64>> {
+    Ok(numbers(&w.kubectl(
+        cluster,
+        &["logs", "-n", NS, "counter", "-c", "app"],
+    )?))
+}
+
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
+    ferry_testkit::install_crypto_provider();
     let args = Args::parse();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(args.dir.join("n"))
+        .stderr(std::process::Stdio::null())
+        .status();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
     say(
-        "starting clusters east and west, each: etcd, kube-apiserver, controller-manager, scheduler, and 2 nodes (kubelet + containerd + ferry-node)",
+        "starting clusters east and west, each: etcd, kube-apiserver, controller-manager, scheduler, and 2 nodes (kubelet + containerd); building ferry's images",
     );
-    let opts = WorldOptions {
-        images: vec![launcher_image()?],
-        ..Default::default()
-    };
-    let mut w = World::start(&args.dir, opts)
-        .await
-        .context("setting up the clusters")?;
-    w.start_controller();
-    w.namespace(NS).await?;
+    say(
+        "in each cluster: helm install ferry helm/ferry -n ferry-system (one cluster set: the same ferry-ca); then kubectl ferry link west --home east",
+    );
+    let w = Installed::start_cluster_set(
+        &args.dir,
+        &[
+            ("east", &["east-1", "east-2"]),
+            ("west", &["west-1", "west-2"]),
+        ],
+        &[launcher_image()?],
+    )
+    .context("setting up the clusters")?;
+    show(&w, "east", &["-n", FERRY_NS, "get", "pods", "-o", "wide"])?;
+    for c in ["east", "west"] {
+        w.kubectl(c, &["create", "namespace", NS])?;
+    }
 
     say("kubectl apply: pod demo/counter on east-1 (busybox, counts every 50 ms)");
-    w.create_pod(NS, counter_pod("counter", "east-1", &["app"]))
-        .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    say("applying Migration counter: pod counter → cluster west, node west-1 (CRIU, cold)");
-    let done = migrate(&w, "counter", "counter", "Cold").await?;
-    let first = numbers(&w.logs("west", NS, "counter", "app")?)
-        .first()
-        .copied()
-        .unwrap_or(0);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let now = w.last_count("west", NS, "counter", "app")?;
+    let mut pod = counter_pod("counter", "east-1", &["app"]);
+    pod["apiVersion"] = "v1".into();
+    pod["kind"] = "Pod".into();
+    pod["metadata"]["namespace"] = NS.into();
+    apply(&w, &args.dir, pod)?;
+    wait_until(
+        Duration::from_secs(60),
+        "the counter to count",
+        || Ok(counter_logs(&w, "east").map(|n| n.len()).unwrap_or(0) > 20),
+        String::new,
+    )?;
+    say("migrating pod counter → cluster west, node west-1 (CRIU, cold)");
+    migrate(
+        &w,
+        &[
+            "counter",
+            "--to",
+            "west/west-1",
+            "--cold",
+            "--name",
+            "counter",
+        ],
+    )?;
+    let first = counter_logs(&w, "west")?.first().copied().unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    let now = counter_logs(&w, "west")?.last().copied().unwrap_or(0);
     say(format!(
         "`kubectl logs` at west-1: the restored container went on from {first} (its source printed {}), now {now}; restarts: 0",
         first.saturating_sub(1)
     ));
 
-    let mut manifest = vm_pod_manifest("guest", 256, &w.vm_root);
+    let mut manifest = vm_pod_manifest("guest", 256, &w.vm_root());
+    manifest["metadata"]["namespace"] = NS.into();
     manifest["spec"]["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": "east-1"});
-    let pod = w.create_pod(NS, manifest).await?;
-    let src_serial = w
-        .vm_root
-        .join(pod.metadata.uid.unwrap_or_default())
-        .join("serial.log");
-    let before = wait_count_above(&src_serial, 1, Duration::from_secs(120)).await?;
+    apply(&w, &args.dir, manifest)?;
+    let src = w.vm_serial("east", NS, "guest")?;
+    wait_until(
+        Duration::from_secs(180),
+        "the guest to count",
+        || Ok(last_count(&src).unwrap_or(0) > 1),
+        String::new,
+    )?;
+    let before = last_count(&src).unwrap_or(0);
     say(format!(
         "pod demo/guest runs a 256 MiB QEMU guest (TCG) under ferry-launcher on east-1; its counter is at {before}"
     ));
     say(
-        "applying Migration guest: pod guest → cluster west, node west-1 (QEMU live migration over the daemons' mutual-TLS pipe)",
+        "migrating pod guest → cluster west, node west-1 (QEMU live migration over the daemons' mutual-TLS pipe)",
     );
-    let vm_done = migrate(&w, "guest", "guest", "Live").await?;
-    let target = Api::<Pod>::namespaced(w.west.clone(), NS)
-        .get("guest")
-        .await?;
-    let dst_serial = w
-        .vm_root
-        .join(target.metadata.uid.unwrap_or_default())
-        .join("serial.log");
-    let vm_now = wait_count_above(
-        &dst_serial,
-        last_count(&dst_serial).unwrap_or(before),
+    migrate(
+        &w,
+        &["guest", "--to", "west/west-1", "--live", "--name", "guest"],
+    )?;
+    let dst = w.vm_serial("west", NS, "guest")?;
+    let at = last_count(&dst).unwrap_or(before);
+    wait_until(
         Duration::from_secs(60),
-    )
-    .await?;
+        "the moved guest to count on",
+        || Ok(last_count(&dst).unwrap_or(0) > at),
+        String::new,
+    )?;
+    let vm_now = last_count(&dst).unwrap_or(0);
     say(format!(
         "the guest counted {before} on east-1 and counts on at west-1 without rebooting: now {vm_now}"
     ));
 
-    println!(
-        "\n$ kubectl --kubeconfig {} -n {NS} get migrations -o wide",
-        w.env.cluster("east").kubeconfig.display()
-    );
-    let out = w
-        .kubectl("east")
-        .args(["-n", NS, "get", "migrations", "-o", "wide"])
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!(
-        "\n$ kubectl --kubeconfig {} -n {NS} get pods -o wide",
-        w.env.cluster("west").kubeconfig.display()
-    );
-    let out = w
-        .kubectl("west")
-        .args(["-n", NS, "get", "pods", "-o", "wide"])
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    show(&w, "east", &["-n", NS, "get", "migrations", "-o", "wide"])?;
+    show(&w, "west", &["-n", NS, "get", "pods", "-o", "wide"])?;
     println!();
     say("measured by the node daemons:");
     println!(
-        "  container (CRIU, cold) east-1 → west-1: downtime {}, total {}",
-        ms(&done, |t| t.downtime_ms),
-        ms(&done, |t| t.total_ms)
+        "  container (CRIU, cold) east-1 → west-1: {}",
+        timings(&w, "counter")?
     );
     println!(
-        "  VM (QEMU live migration, 256 MiB guest) east-1 → west-1: downtime {}, total {}",
-        ms(&vm_done, |t| t.downtime_ms),
-        ms(&vm_done, |t| t.total_ms)
+        "  VM (QEMU live migration, 256 MiB guest) east-1 → west-1: {}",
+        timings(&w, "guest")?
     );
     if args.keep {
         say(format!(
             "clusters stay up; try: kubectl --kubeconfig {} -n {NS} get pods -o wide   (Ctrl-C ends)",
             w.env.cluster("west").kubeconfig.display()
         ));
-        tokio::signal::ctrl_c().await?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        ctrlc_wait(tx);
+        let _ = rx.recv();
     }
     if first <= 1 || now <= first || vm_now <= before {
         bail!("the demo workloads did not continue at the target");
     }
     Ok(())
+}
+
+/// Sends on `tx` at SIGINT.
+fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        let _ = tx.send(());
+    });
 }

@@ -452,10 +452,24 @@ impl VmRuntime {
         {
             return Ok(());
         }
-        // The source pod's deletion may end QEMU while we ask: gone is finalized.
-        let state = match QemuBackend::connect(&qmp, QMP_WAIT).await {
-            Ok(q) => q.run_state().await,
-            Err(e) => Err(e),
+        // The source pod's deletion may end QEMU while we ask: gone is finalized. QEMU
+        // serves one QMP client at a time, so while its launcher holds the monitor to
+        // quit it, our connection waits for a greeting (up to QMP_WAIT): the socket
+        // going away wins that race.
+        let ask = async {
+            match QemuBackend::connect(&qmp, QMP_WAIT).await {
+                Ok(q) => q.run_state().await,
+                Err(e) => Err(e),
+            }
+        };
+        let gone = async {
+            while registry::listening(&qmp).await.unwrap_or(true) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let state = tokio::select! {
+            state = ask => state,
+            () = gone => return Ok(()),
         };
         let state = match state {
             Ok(s) => s,
