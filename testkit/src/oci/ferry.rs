@@ -148,13 +148,48 @@ pub fn launcher(bin_dir: &Path, tag: &str) -> Result<ImageBuilder> {
     )
 }
 
-/// Writes the three images to `out_dir/NAME-TAG.tar`.
+/// ferry's binaries in an image, by the name `bin_dir` holds them under.
+const BINARIES: &[&str] = &[
+    "ferry-controller",
+    "ferry-node",
+    "ferry-install",
+    "ferry-runtime",
+    "ferry-launcher",
+];
+
+/// Copies ferry's binaries from `bin_dir` into `staged` without their debug info
+/// (`strip --strip-debug`: symbols stay, so backtraces still name functions). The
+/// release profile keeps line tables, which are most of a binary's size.
+fn strip_binaries(bin_dir: &Path, staged: &Path) -> Result<()> {
+    for name in BINARIES {
+        let out = std::process::Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(staged.join(name))
+            .arg(bin_dir.join(name))
+            .output()
+            .context("running strip (binutils)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "strip {}: {}",
+            bin_dir.join(name).display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the three images to `out_dir/NAME-TAG.tar`, from the binaries in `bin_dir`
+/// stripped of their debug info.
 pub fn build_all(
     bin_dir: &Path,
     tag: &str,
     tools: &NodeTools,
     out_dir: &Path,
 ) -> Result<Vec<Built>> {
+    let staged = tempfile::tempdir()?;
+    strip_binaries(bin_dir, staged.path())?;
+    let bin_dir = staged.path();
     let mut built = vec![];
     for (name, b) in [
         ("ferry-controller", controller(bin_dir, tag)?),
