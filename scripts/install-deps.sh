@@ -8,7 +8,8 @@
 . "$(dirname "$0")/lib.sh"
 
 apt_install protobuf-compiler libprotobuf-dev iproute2 iptables runc busybox-static \
-  cpio zstd jq openssl curl ca-certificates pkg-config gcc libc6-dev
+  cpio zstd jq openssl curl ca-certificates pkg-config gcc libc6-dev \
+  fonts-dejavu-core  # ferry-bench --plots draws its text with DejaVu Sans
 # QEMU >= 8 from bookworm-backports (Debian 12's 7.2 corrupts busy guests under TCG).
 "$FERRY_ROOT/scripts/install-qemu.sh" >/dev/null
 

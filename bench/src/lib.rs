@@ -6,6 +6,7 @@
 mod bucket;
 pub mod containers;
 pub mod link;
+pub mod plot;
 pub mod transfer;
 pub mod vm;
 

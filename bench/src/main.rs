@@ -27,6 +27,9 @@ struct Args {
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Also draw the measurements (SVG and PNG) into this directory.
+    #[arg(long)]
+    plots: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +82,11 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;
+    }
+    if let Some(dir) = &args.plots {
+        for f in ferry_bench::plot::write_all(&all, dir)? {
+            eprintln!("wrote {}", f.display());
+        }
     }
     if !failed.is_empty() {
         anyhow::bail!("suites failed: {failed:?}");

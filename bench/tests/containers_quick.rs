@@ -1,7 +1,8 @@
 //! The container benchmark in quick mode: a 64 MiB memhog Pod moved Cold and Live by
 //! ferry's controller between real nodes, beside the same container moved by hand with
 //! runc + CRIU, and moved Cold through a MinIO bucket beside the Direct move and a plain
-//! PUT + GET. Proves every case runs and yields numbers; asserts nothing about speed.
+//! PUT + GET. Proves every case runs and yields numbers, and that they plot; asserts
+//! nothing about speed.
 #[test]
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
@@ -42,4 +43,18 @@ fn containers_bench_quick_runs() {
             );
         }
     }
+    // The plots of these measurements: one per metric, one per case's steps, each
+    // naming every case it shows.
+    let dir = tempfile::tempdir().unwrap();
+    ferry_bench::plot::write_all(&ms, dir.path()).expect("plots");
+    for metric in ["downtime_ms", "total_ms"] {
+        let svg = std::fs::read_to_string(dir.path().join(format!("containers-{metric}.svg")))
+            .expect("the metric's plot");
+        for case in ["containers/cold-64MiB", "containers/live-64MiB"] {
+            assert!(svg.contains(case), "{case} not in the {metric} plot");
+        }
+    }
+    let steps = std::fs::read_to_string(dir.path().join("steps-containers-cold-64MiB.svg"))
+        .expect("the cold case's step plot");
+    assert!(steps.contains("dump/"), "no dump step in the step plot");
 }
