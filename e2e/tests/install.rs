@@ -192,9 +192,8 @@ fn helm_installs_upgrades_and_uninstalls_ferry_on_real_nodes() -> Result<()> {
             left.push(format!("{}: containerd's ferry handler", k.name()));
         }
     }
-    // Every ferry object, namespaced or not, but the CRDs (helm never deletes those)
-    // and the controller's leader Lease (not the chart's: docs/install.md).
-    let kinds = "all,secrets,configmaps,serviceaccounts,roles,rolebindings,\
+    // Every ferry object, namespaced or not, but the CRDs (helm never deletes those).
+    let kinds = "all,secrets,configmaps,serviceaccounts,roles,rolebindings,leases,\
                  poddisruptionbudgets,jobs";
     left.extend(
         w.kubectl("east", &["get", kinds, "-n", NS, "-o", "name"])?
