@@ -81,12 +81,26 @@ fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 /// A merge patch of Node `node` as the identity in `kc` (straight to the API: kubectl
 /// would read the Node first, which that identity may not).
 fn patch_as(kc: &Path, node: &str, patch: &str) -> Result<std::result::Result<(), String>> {
+    patch_with(kc, node, patch, kube::api::PatchParams::default())
+}
+
+/// [`patch_as`] with the apiserver's dry run: admission judges it, nothing is stored.
+fn dry_patch_as(kc: &Path, node: &str, patch: &str) -> Result<std::result::Result<(), String>> {
+    patch_with(kc, node, patch, kube::api::PatchParams::default().dry_run())
+}
+
+fn patch_with(
+    kc: &Path,
+    node: &str,
+    patch: &str,
+    params: kube::api::PatchParams,
+) -> Result<std::result::Result<(), String>> {
     let body: serde_json::Value = serde_json::from_str(patch)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = ferry_testkit::testenv::client_for(kc).await?;
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
         Ok(nodes
-            .patch(node, &Default::default(), &kube::api::Patch::Merge(&body))
+            .patch(node, &params, &kube::api::Patch::Merge(&body))
             .await
             .map(drop)
             .map_err(|e| e.to_string()))
@@ -145,6 +159,15 @@ fn a_daemon_registers_on_its_own_node_only() -> Result<()> {
         )?;
     }
     let kc = token_kubeconfig(&env, dir.path(), &token(&env, Some("n1"))?)?;
+    // The apiserver enforces a new ValidatingAdmissionPolicy once it has loaded it and
+    // its binding, a moment after they are stored: wait until a dry run of a change it
+    // must refuse is refused, so that what follows meets the policy, not that moment.
+    let own = "ferry-node may change only its own Node";
+    let endpoint_patch =
+        format!(r#"{{"metadata":{{"annotations":{{"{ANNOTATION}":"https://10.0.0.9:7070"}}}}}}"#);
+    wait_until("the node restriction policy to be enforced", || {
+        Ok(dry_patch_as(&kc, "n2", &endpoint_patch)?.is_err_and(|e| e.contains(own)))
+    })?;
 
     // The real daemon, with that identity, on loopback.
     let (listen, transfer, health) = (free_port()?, free_port()?, free_port()?);
@@ -208,10 +231,7 @@ fn a_daemon_registers_on_its_own_node_only() -> Result<()> {
     ensure!(keep == "me", "n1's own annotation became {keep:?}");
 
     // What the daemon's identity may not do, each refused by the policy's message.
-    let own = "ferry-node may change only its own Node";
     let only = "may change only the ferry.dev/node-daemon annotation";
-    let endpoint_patch =
-        format!(r#"{{"metadata":{{"annotations":{{"{ANNOTATION}":"https://10.0.0.9:7070"}}}}}}"#);
     refused(
         patch_as(&kc, "n2", &endpoint_patch)?,
         own,
