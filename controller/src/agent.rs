@@ -170,4 +170,15 @@ pub trait NodeAgent: Send + Sync {
     /// Stop the migration: the source resumes, the destination cleans up.
     async fn abort(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
     async fn operation(&self, node: &NodeRef, migration_id: &str) -> Result<OpStatus, AgentError>;
+    /// Returns once the migration's operation on `node` no longer runs (as soon as the
+    /// daemon says so: the controller's cue to reconcile now rather than at its next
+    /// poll, `crate::wake`). An agent that cannot be told never returns: polling alone
+    /// then drives the migration.
+    async fn operation_settled(
+        &self,
+        _node: &NodeRef,
+        _migration_id: &str,
+    ) -> Result<(), AgentError> {
+        futures::future::pending().await
+    }
 }

@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod server;
 pub mod state;
 pub mod volumes;
+pub mod wake;
 
 use futures::StreamExt;
 use kube::Api;
@@ -93,6 +94,7 @@ pub fn context(
         limits: settings.limits,
         admission: Default::default(),
         watch_namespace: settings.watch_namespace.clone(),
+        wakeups: Default::default(),
     })
 }
 
@@ -102,7 +104,12 @@ pub async fn run_controller(ctx: Arc<Context>, watch_namespace: Option<&str>) {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    Controller::new(migrations, watcher::Config::default())
+    let mut controller = Controller::new(migrations, watcher::Config::default());
+    // Operations that end ask for their Migration's reconcile at once (`wake.rs`).
+    if let Some(wakeups) = ctx.wakeups.stream() {
+        controller = controller.reconcile_on(wakeups);
+    }
+    controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -52,6 +52,7 @@ pub struct World {
     daemon_bin: PathBuf,
     daemon_args: Vec<String>,
     failed_object_retention: Option<Duration>,
+    poll_interval: Duration,
     controllers: Vec<tokio::task::JoinHandle<()>>,
     /// East's eviction webhook, when served (`webhook.rs`).
     pub(crate) webhook: Option<crate::webhook::WebhookServer>,
@@ -130,6 +131,9 @@ pub struct WorldOptions {
     pub daemon_args: Vec<String>,
     /// The controller's `failed_object_retention` (default: the controller's).
     pub failed_object_retention: Option<Duration>,
+    /// How often the controller polls a running daemon operation (default 100 ms; the
+    /// daemons also tell it when one ends, `ferry_controller::wake`).
+    pub poll_interval: Option<Duration>,
 }
 
 impl World {
@@ -239,6 +243,7 @@ impl World {
             daemon_bin,
             daemon_args: opts.daemon_args,
             failed_object_retention: opts.failed_object_retention,
+            poll_interval: opts.poll_interval.unwrap_or(Duration::from_millis(100)),
             controllers: Vec::new(),
             webhook: None,
             _lan: lan,
@@ -287,7 +292,7 @@ impl World {
     /// Runs east's controller (all namespaces) in this process, with the gRPC agent.
     pub fn start_controller(&mut self) {
         let mut settings = Settings::new(CONTROLLER_NAMESPACE, "east", "e2e-controller");
-        settings.poll_interval = Duration::from_millis(100);
+        settings.poll_interval = self.poll_interval;
         if let Some(r) = self.failed_object_retention {
             settings.failed_object_retention = r;
         }

@@ -428,6 +428,29 @@ impl NodeAgent for GrpcAgent {
         ))
     }
 
+    async fn operation_settled(&self, node: &NodeRef, id: &str) -> Result<(), AgentError> {
+        let r = self
+            .client(node)
+            .await?
+            .watch_progress(pb::MigrationRef {
+                migration_id: id.into(),
+            })
+            .await;
+        // The current state first, then every change; the stream ends after the first
+        // state that is not Running (or when the daemon forgets the operation).
+        let mut stream = r.map_err(|s| status_error(node, id, s))?.into_inner();
+        while let Some(op) = stream
+            .message()
+            .await
+            .map_err(|s| status_error(node, id, s))?
+        {
+            if op_status(node, op).state != OpState::Running {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     async fn operation(&self, node: &NodeRef, id: &str) -> Result<OpStatus, AgentError> {
         let r = self
             .client(node)

@@ -59,6 +59,8 @@ pub struct Context {
     pub admission: Arc<tokio::sync::Mutex<()>>,
     /// The namespace the controller watches (None: all): the queue's scope.
     pub watch_namespace: Option<String>,
+    /// Reconciles that daemons' finished operations ask for (`crate::wake`).
+    pub wakeups: crate::wake::Wakeups,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,9 @@ struct Reconciler<'a> {
     status: MigrationStatus,
     /// The queue's lock, from a look at the queue until the status is written.
     admission: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// This reconcile already waited (a slice of Preparing's wait for the target
+    /// Pod): the next may come at once rather than after the poll interval.
+    waited: bool,
 }
 
 fn now() -> Time {
@@ -171,6 +176,7 @@ impl<'a> Reconciler<'a> {
             deleting,
             status: m.status.clone().unwrap_or_default(),
             admission: None,
+            waited: false,
         }
     }
 
@@ -249,6 +255,25 @@ impl<'a> Reconciler<'a> {
             Step::Cancel => Some(self.cancel().await?),
             Step::GiveUp => Some(self.give_up()),
         };
+        if let Some(Outcome::InProgress { .. }) = outcome {
+            self.waited = step == Step::PrepareTarget;
+            // Still waiting for a daemon: be told when it is done (the poll stays).
+            let node = match &step {
+                Step::AwaitRestore | Step::StartRestore => Some(self.target_node()),
+                Step::AwaitCheckpoint | Step::StartCheckpoint | Step::Complete => {
+                    Some(self.source_node())
+                }
+                _ => None,
+            };
+            if let Some(node) = node {
+                self.ctx.wakeups.follow(
+                    self.ctx.agent.clone(),
+                    node,
+                    self.m.uid().unwrap_or_default(),
+                    kube::runtime::reflector::ObjectRef::from_obj(self.m),
+                );
+            }
+        }
         if let Some(outcome) = outcome {
             let next = state::next(before, &outcome)?;
             if outcome == (Outcome::RolledBack { retry: true }) {
@@ -299,7 +324,7 @@ impl<'a> Reconciler<'a> {
                 Action::requeue(Duration::from_millis(50))
             }
             Some(p) if p.is_terminal() => Action::await_change(),
-            _ if phase != before => Action::requeue(Duration::from_millis(50)),
+            _ if phase != before || self.waited => Action::requeue(Duration::from_millis(50)),
             _ => Action::requeue(self.ctx.poll_interval),
         })
     }
