@@ -105,7 +105,8 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
 struct Best {
     downtime_ms: f64,
     total_ms: f64,
-    /// ferry only: `status.timings.steps` of the run with the best downtime.
+    /// The steps of the run with the best downtime: ferry's `status.timings.steps`,
+    /// the baseline's own (see [`StepClock`]).
     steps: Option<serde_json::Value>,
 }
 
@@ -173,22 +174,22 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
                 ferry_first = !ferry_first;
                 for side_is_ferry in order {
                     if side_is_ferry {
-                        let (d, t, steps) = ferry_run(w, strategy, mib, run, None).await?;
+                        let (d, t, steps) = ferry_run(w, strategy, (mib, 1), run, None).await?;
                         eprintln!(
                             "[bench] ferry {strategy:?} {mib} MiB run {run}: \
                              downtime {d:.0} ms, total {t:.0} ms"
                         );
                         ferry.add(d, t, steps);
                     } else {
-                        let (d, t) = tokio::task::block_in_place(|| match strategy {
-                            Strategy::Cold => raw.cold(mib, run).map(|d| (d, d)),
+                        let (d, t, steps) = tokio::task::block_in_place(|| match strategy {
+                            Strategy::Cold => raw.cold(mib, run).map(|(d, s)| (d, d, s)),
                             Strategy::Live => raw.lazy(mib, run),
                         })?;
                         eprintln!(
                             "[bench] baseline {strategy:?} {mib} MiB run {run}: \
                              downtime {d:.0} ms, total {t:.0} ms"
                         );
-                        base.add(d, t, None);
+                        base.add(d, t, Some(steps));
                     }
                 }
             }
@@ -200,13 +201,24 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
         // Cold through the bucket, beside this run's Direct Cold and a plain PUT + GET.
         let mut store = Best::new();
         for run in 0..runs {
-            let (d, t, steps) = ferry_run(w, Strategy::Cold, mib, run, Some(&minio)).await?;
+            let (d, t, steps) = ferry_run(w, Strategy::Cold, (mib, 1), run, Some(&minio)).await?;
             eprintln!(
                 "[bench] ferry Cold through the bucket {mib} MiB run {run}: \
                  downtime {d:.0} ms, total {t:.0} ms"
             );
             store.add(d, t, steps);
         }
+        // The same memory in four containers, beside this run's one-container Cold.
+        let mut four = Best::new();
+        for run in 0..runs {
+            let (d, t, steps) = ferry_run(w, Strategy::Cold, (mib / 4, 4), run, None).await?;
+            eprintln!(
+                "[bench] ferry Cold 4 x {} MiB run {run}: downtime {d:.0} ms, total {t:.0} ms",
+                mib / 4
+            );
+            four.add(d, t, steps);
+        }
+        out.extend(four_containers(mib, runs, &four, direct_cold));
         let (put, get) = bucket::put_get(&minio, mib).await?;
         eprintln!("[bench] MinIO PUT {mib} MiB {put:.0} ms, GET {get:.0} ms");
         out.extend(bucket::measurements(
@@ -221,6 +233,31 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
     drop(raw);
     drop(world);
     Ok(out)
+}
+
+/// The 4-container case: four containers of `mib / 4` MiB each, against one container
+/// of `mib` MiB moved Cold in the same run (the dumps and restores run in parallel; the
+/// issue's goal is at most 1.3x).
+fn four_containers(mib: u64, runs: usize, four: &Best, one: (f64, f64)) -> Vec<Measurement> {
+    let mut details = serde_json::Map::new();
+    details.insert("rss_mib".into(), mib.into());
+    details.insert("containers".into(), 4.into());
+    details.insert("strategy".into(), "Cold".into());
+    details.insert("runs".into(), runs.into());
+    details.insert(
+        "route".into(),
+        format!("{SOURCE_NODE} -> {TARGET_NODE} (across clusters)").into(),
+    );
+    if let Some(steps) = &four.steps {
+        details.insert("ferry_steps".into(), steps.clone());
+    }
+    Measurement::downtime_and_total(
+        &format!("containers/cold-4x{}MiB", mib / 4),
+        &format!("ferry Cold of one {mib} MiB container, same run"),
+        &details,
+        (four.downtime_ms, four.total_ms),
+        one,
+    )
 }
 
 /// The two measurements (downtime, total) of one case.
@@ -252,6 +289,9 @@ fn measurements(
     if let Some(steps) = &ferry.steps {
         details.insert("ferry_steps".into(), steps.clone());
     }
+    if let Some(steps) = &base.steps {
+        details.insert("baseline_steps".into(), steps.clone());
+    }
     Measurement::downtime_and_total(
         &format!("containers/{tag}-{mib}MiB"),
         baseline_name,
@@ -280,41 +320,61 @@ fn build_memhog(dir: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn memhog_pod(mib: u64) -> serde_json::Value {
+/// The containers of a memhog Pod of `n`: `hog`, then `hog-1`, `hog-2`, ...
+fn hog_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| match i {
+            0 => "hog".to_string(),
+            i => format!("hog-{i}"),
+        })
+        .collect()
+}
+
+/// A Pod of `n` containers each holding `mib` MiB.
+fn memhog_pod(mib: u64, n: usize) -> serde_json::Value {
+    let containers: Vec<serde_json::Value> = hog_names(n)
+        .into_iter()
+        .map(|name| {
+            serde_json::json!({"name": name, "image": MEMHOG_IMAGE, "imagePullPolicy": "Never",
+                               "args": [mib.to_string()]})
+        })
+        .collect();
     serde_json::json!({
         "metadata": {"name": "memhog", "labels": {"app": "memhog"}},
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": SOURCE_NODE},
             "terminationGracePeriodSeconds": 2,
-            "containers": [{"name": "hog", "image": MEMHOG_IMAGE, "imagePullPolicy": "Never",
-                            "args": [mib.to_string()]}]
+            "containers": containers
         }
     })
 }
 
-/// One Migration through the controller: (downtime ms, total ms, steps if reported).
-/// With `bucket`, through that MinIO (`transfer.mode: ObjectStore`).
+/// One Migration through the controller of a Pod of `containers` containers of
+/// `mib` MiB each: (downtime ms, total ms, steps if reported). With `bucket`, through
+/// that MinIO (`transfer.mode: ObjectStore`).
 async fn ferry_run(
     w: &World,
     strategy: Strategy,
-    mib: u64,
+    (mib, containers): (u64, usize),
     run: usize,
     bucket: Option<&MinioServer>,
 ) -> Result<(f64, f64, Option<serde_json::Value>)> {
     let via = if bucket.is_some() { "-bucket" } else { "" };
     let ns = format!(
-        "{}{via}-{mib}-{run}",
+        "{}{via}-{containers}x{mib}-{run}",
         format!("{strategy:?}").to_lowercase()
     );
     w.namespace(&ns).await?;
     if bucket.is_some() {
         bucket::create_secret(w, &ns).await?;
     }
-    w.create_pod(&ns, memhog_pod(mib)).await?;
+    w.create_pod(&ns, memhog_pod(mib, containers)).await?;
     // Running means started; wait until the heap is in, as the baseline does.
-    tokio::task::block_in_place(|| {
-        wait_resident(mib, || w.container_pid(SOURCE_NODE, &ns, "memhog", "hog"))
-    })?;
+    for name in hog_names(containers) {
+        tokio::task::block_in_place(|| {
+            wait_resident(mib, || w.container_pid(SOURCE_NODE, &ns, "memhog", &name))
+        })?;
+    }
     let mut yaml = format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: m}}\nspec:\n  \
          workload: {{pod: memhog}}\n  target: {{cluster: west, node: {TARGET_NODE}}}\n  \
@@ -402,6 +462,41 @@ fn rss_bytes(pid: u32) -> u64 {
             kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
         })
         .map_or(0, |kb| kb << 10)
+}
+
+/// A by-hand move's steps, one after the other, in the shape the controller reports
+/// ferry's (`status.timings.steps`: name, node, startMs, durationMs), so the two plot
+/// side by side; times are ms since the move began.
+struct StepClock {
+    t0: Instant,
+    last: Instant,
+    steps: Vec<serde_json::Value>,
+}
+
+impl StepClock {
+    fn new(t0: Instant) -> StepClock {
+        StepClock {
+            t0,
+            last: t0,
+            steps: vec![],
+        }
+    }
+
+    /// Records the step that ran from the previous one's end until now.
+    fn step(&mut self, name: &str, node: &str) {
+        let now = Instant::now();
+        self.steps.push(serde_json::json!({
+            "name": name,
+            "node": node,
+            "startMs": (self.last - self.t0).as_secs_f64() * 1e3,
+            "durationMs": (now - self.last).as_secs_f64() * 1e3,
+        }));
+        self.last = now;
+    }
+
+    fn steps(self) -> serde_json::Value {
+        self.steps.into()
+    }
 }
 
 fn ms(t0: Instant) -> f64 {
@@ -603,15 +698,15 @@ impl Raw {
         self.retarget_cgroup(bundle2, id)
     }
 
-    /// Cold by hand; returns the downtime in ms.
-    fn cold(&self, mib: u64, run: usize) -> Result<f64> {
+    /// Cold by hand; returns the downtime in ms and its steps.
+    fn cold(&self, mib: u64, run: usize) -> Result<(f64, serde_json::Value)> {
         let id = format!("raw-cold-{mib}-{run}");
         let result = self.cold_inner(&id, mib);
         self.remove(&id);
         result
     }
 
-    fn cold_inner(&self, id: &str, mib: u64) -> Result<f64> {
+    fn cold_inner(&self, id: &str, mib: u64) -> Result<(f64, serde_json::Value)> {
         let bundle = self.start(id, mib)?;
         let RawDirs {
             img,
@@ -622,6 +717,7 @@ impl Raw {
             ..
         } = self.raw_dirs(id)?;
         let t0 = Instant::now();
+        let mut clock = StepClock::new(t0);
         let mut c = self.runc(&self.src);
         c.args(["checkpoint", "--image-path"])
             .arg(&img)
@@ -629,22 +725,25 @@ impl Raw {
             .arg(&work)
             .arg(id);
         run_ok(c, "runc checkpoint", Some(&work.join("dump.log")))?;
+        clock.step("dump", SOURCE_NODE);
         self.copy_to_destination(id, &img, &bundle, &img2, &bundle2)?;
+        clock.step("copy", "-");
         self.restore(id, &img2, &work2, &bundle2, false)?;
+        clock.step("restore", TARGET_NODE);
         let downtime = ms(t0);
         self.check_restored(id)?;
-        Ok(downtime)
+        Ok((downtime, clock.steps()))
     }
 
-    /// Lazy pages by hand; returns (downtime ms, until every page arrived ms).
-    fn lazy(&self, mib: u64, run: usize) -> Result<(f64, f64)> {
+    /// Lazy pages by hand; returns (downtime ms, until every page arrived ms, steps).
+    fn lazy(&self, mib: u64, run: usize) -> Result<(f64, f64, serde_json::Value)> {
         let id = format!("raw-lazy-{mib}-{run}");
         let result = self.lazy_inner(&id, mib);
         self.remove(&id);
         result
     }
 
-    fn lazy_inner(&self, id: &str, mib: u64) -> Result<(f64, f64)> {
+    fn lazy_inner(&self, id: &str, mib: u64) -> Result<(f64, f64, serde_json::Value)> {
         let bundle = self.start(id, mib)?;
         let RawDirs {
             d,
@@ -660,6 +759,7 @@ impl Raw {
             .local_addr()?
             .port();
         let t0 = Instant::now();
+        let mut clock = StepClock::new(t0);
         let mut c = self.runc(&self.src);
         c.args(["checkpoint", "--image-path"])
             .arg(&img)
@@ -684,7 +784,9 @@ impl Raw {
                 log_tail(&dump_log)
             );
         }
+        clock.step("dump", SOURCE_NODE);
         self.copy_to_destination(id, &img, &bundle, &img2, &bundle2)?;
+        clock.step("copy", "-");
         // The destination's userfaultfd daemon; `--daemon` returns once its socket (in
         // the restore's work dir) is ready, and it exits once every page is in.
         let mut lp = self.in_netns(&self.dst, &self.criu);
@@ -702,10 +804,13 @@ impl Raw {
             .arg(work2.join("lazy.log"))
             .arg("-v4");
         run_ok(lp, "criu lazy-pages", Some(&work2.join("lazy.log")))?;
+        clock.step("lazy-pages daemon", TARGET_NODE);
         self.restore(id, &img2, &work2, &bundle2, true)?;
+        clock.step("restore", TARGET_NODE);
         let downtime = ms(t0);
         // The source CRIU exits (and runc checkpoint with it) once the last page went.
         let st = dump.wait(Duration::from_secs(120 + mib / 4))?;
+        clock.step("pages", "-");
         let total = ms(t0);
         ensure!(
             st.success(),
@@ -714,7 +819,7 @@ impl Raw {
             log_tail(&dump_log)
         );
         self.check_restored(id)?;
-        Ok((downtime, total))
+        Ok((downtime, total, clock.steps()))
     }
 
     /// Ends both copies of `id` and removes its files (errors ignored: best effort).
@@ -885,6 +990,20 @@ pub fn step_breakdown(ms: &[Measurement]) -> String {
                 d.ferry - criu,
                 criu
             );
+        }
+        if let Some(base) = m.details.get("baseline_steps").and_then(|s| s.as_array()) {
+            let line = base
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {:.0} ms",
+                        s["name"].as_str().unwrap_or("?"),
+                        s["durationMs"].as_f64().unwrap_or(f64::NAN)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(out, "  its baseline's steps: {line}");
         }
     }
     out

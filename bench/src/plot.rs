@@ -57,11 +57,16 @@ pub fn write_all(ms: &[Measurement], dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let stem = dir.join(format!("steps-{}", m.case.replace('/', "-")));
+        let mut rows = step_rows(steps, "", FERRY);
+        if let Some(base) = m.details.get("baseline_steps").and_then(|s| s.as_array()) {
+            rows.extend(step_rows(base, "baseline: ", BASELINE));
+        }
+        let h = 120 + 30 * rows.len() as u32;
         let chart = Chart::Steps {
             case: &m.case,
-            steps,
+            rows,
         };
-        files.extend(both(&stem, 900, 120 + 30 * steps.len() as u32, &chart)?);
+        files.extend(both(&stem, 900, h, &chart)?);
     }
     Ok(files)
 }
@@ -74,7 +79,7 @@ enum Chart<'a> {
     },
     Steps {
         case: &'a str,
-        steps: &'a [serde_json::Value],
+        rows: Vec<StepRow>,
     },
 }
 
@@ -85,7 +90,7 @@ where
     area.fill(&WHITE)?;
     match chart {
         Chart::Bars { title, metric, ms } => bars(area, title, metric, ms)?,
-        Chart::Steps { case, steps } => step_bars(area, case, steps)?,
+        Chart::Steps { case, rows } => step_bars(area, case, rows)?,
     }
     area.present()?;
     Ok(())
@@ -166,48 +171,68 @@ where
     Ok(())
 }
 
-/// One bar per step of a migration, from its start to its end (ms since the first).
+/// One bar of a steps chart: a step of ferry's or of its baseline.
+struct StepRow {
+    label: String,
+    /// ms since the first step of its own side (ferry's steps are wall-clock times
+    /// on the nodes, the baseline's times since its start).
+    start: f64,
+    duration: f64,
+    color: RGBColor,
+}
+
+/// The rows of one side's steps (`name`, `node`, `startMs`, `durationMs` each).
+fn step_rows(steps: &[serde_json::Value], prefix: &str, color: RGBColor) -> Vec<StepRow> {
+    let start = |s: &serde_json::Value| s["startMs"].as_f64().unwrap_or(0.0);
+    let t0 = steps.iter().map(start).fold(f64::INFINITY, f64::min);
+    steps
+        .iter()
+        .map(|s| StepRow {
+            label: format!(
+                "{prefix}{} on {}",
+                s["name"].as_str().unwrap_or("?"),
+                s["node"].as_str().unwrap_or("-")
+            ),
+            start: start(s) - t0,
+            duration: s["durationMs"].as_f64().unwrap_or(0.0),
+            color,
+        })
+        .collect()
+}
+
+/// One bar per step, from its start to its end: ferry's (blue), then its baseline's
+/// (grey) on the same axis.
 fn step_bars<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     case: &str,
-    steps: &[serde_json::Value],
+    rows: &[StepRow],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let start = |s: &serde_json::Value| s["startMs"].as_f64().unwrap_or(0.0);
-    let dur = |s: &serde_json::Value| s["durationMs"].as_f64().unwrap_or(0.0);
-    let t0 = steps.iter().map(start).fold(f64::INFINITY, f64::min);
-    let end = steps
+    let end = rows
         .iter()
-        .map(|s| start(s) - t0 + dur(s))
+        .map(|r| r.start + r.duration)
         .fold(1.0, f64::max)
         * 1.2;
-    let n = steps.len() as f64;
+    let n = rows.len() as f64;
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("{case}: ferry's steps"), ("sans-serif", 20))
+        .caption(
+            format!("{case}: ferry's steps (blue), its baseline's (grey)"),
+            ("sans-serif", 18),
+        )
         .margin(10)
         .x_label_area_size(35)
-        .y_label_area_size(200)
+        .y_label_area_size(230)
         .build_cartesian_2d(0.0..end, 0.0..n)?;
-    let names: Vec<String> = steps
-        .iter()
-        .map(|s| {
-            format!(
-                "{} on {}",
-                s["name"].as_str().unwrap_or("?"),
-                s["node"].as_str().unwrap_or("-")
-            )
-        })
-        .collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(steps.len() * 2 + 1)
+        .y_labels(rows.len() * 2 + 1)
         .y_label_formatter(&|y| {
             let i = y.floor() as usize;
             if (y - y.floor() - 0.5).abs() < 0.26 {
-                names.get(i).cloned().unwrap_or_default()
+                rows.get(i).map(|r| r.label.clone()).unwrap_or_default()
             } else {
                 String::new()
             }
@@ -215,16 +240,18 @@ where
         .x_desc("ms since the first step")
         .label_style(("sans-serif", 12))
         .draw()?;
-    for (i, s) in steps.iter().enumerate() {
-        let (a, d) = (start(s) - t0, dur(s));
+    for (i, r) in rows.iter().enumerate() {
         let y = i as f64;
         chart.draw_series([Rectangle::new(
-            [(a, y + 0.2), (a + d.max(end * 0.002), y + 0.8)],
-            FERRY.filled(),
+            [
+                (r.start, y + 0.2),
+                (r.start + r.duration.max(end * 0.002), y + 0.8),
+            ],
+            r.color.filled(),
         )])?;
         chart.draw_series([Text::new(
-            format!("{d:.0} ms"),
-            (a + d + end * 0.01, y + 0.65),
+            format!("{:.0} ms", r.duration),
+            (r.start + r.duration + end * 0.01, y + 0.65),
             ("sans-serif", 12),
         )])?;
     }
@@ -256,6 +283,12 @@ mod tests {
                 {"name": "dump/app", "node": "east-1", "startMs": 1002, "durationMs": 180},
             ]),
         );
+        steps.details.insert(
+            "baseline_steps".into(),
+            serde_json::json!([
+                {"name": "dump", "node": "east-1", "startMs": 0.0, "durationMs": 151.0},
+            ]),
+        );
         let ms = vec![
             steps,
             m("containers/cold-64MiB", "total_ms", 900.0, 400.0),
@@ -283,6 +316,7 @@ mod tests {
         let steps =
             std::fs::read_to_string(dir.path().join("steps-containers-cold-64MiB.svg")).unwrap();
         assert!(steps.contains("dump/app on east-1") && steps.contains("180 ms"));
+        assert!(steps.contains("baseline: dump on east-1") && steps.contains("151 ms"));
         let png = std::fs::read(dir.path().join("vm-downtime_ms.png")).unwrap();
         assert_eq!(&png[..4], b"\x89PNG");
     }

@@ -1,8 +1,8 @@
 //! The container benchmark in quick mode: a 64 MiB memhog Pod moved Cold and Live by
 //! ferry's controller between real nodes, beside the same container moved by hand with
-//! runc + CRIU, and moved Cold through a MinIO bucket beside the Direct move and a plain
-//! PUT + GET. Proves every case runs and yields numbers, and that they plot; asserts
-//! nothing about speed.
+//! runc + CRIU; moved Cold through a MinIO bucket beside the Direct move and a plain
+//! PUT + GET; and Cold as four 16 MiB containers beside the one 64 MiB. Proves every
+//! case runs and yields numbers, and that they plot; asserts nothing about speed.
 #[test]
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
@@ -26,6 +26,7 @@ fn containers_bench_quick_runs() {
         "containers/cold-64MiB",
         "containers/live-64MiB",
         "containers/objectstore-cold-64MiB",
+        "containers/cold-4x16MiB",
     ] {
         for metric in ["downtime_ms", "total_ms"] {
             let m = ms
@@ -43,6 +44,34 @@ fn containers_bench_quick_runs() {
             );
         }
     }
+    // The baseline's own steps add up to its downtime (the clock runs from the
+    // checkpoint's start to the restore's return, step after step).
+    for case in ["containers/cold-64MiB", "containers/live-64MiB"] {
+        let m = ms
+            .iter()
+            .find(|m| m.case == case && m.metric == "downtime_ms")
+            .unwrap();
+        let steps = m.details["baseline_steps"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{case}: no baseline_steps in {:?}", m.details));
+        let names: Vec<&str> = steps.iter().filter_map(|s| s["name"].as_str()).collect();
+        for want in ["dump", "copy", "restore"] {
+            assert!(
+                names.contains(&want),
+                "{case}: no baseline step {want}: {names:?}"
+            );
+        }
+        let within_downtime: f64 = steps
+            .iter()
+            .filter(|s| s["name"] != "pages")
+            .map(|s| s["durationMs"].as_f64().unwrap())
+            .sum();
+        assert!(
+            within_downtime > 0.0 && within_downtime <= m.baseline + 1.0,
+            "{case}: baseline steps {within_downtime} ms vs downtime {} ms",
+            m.baseline
+        );
+    }
     // The plots of these measurements: one per metric, one per case's steps, each
     // naming every case it shows.
     let dir = tempfile::tempdir().unwrap();
@@ -57,4 +86,8 @@ fn containers_bench_quick_runs() {
     let steps = std::fs::read_to_string(dir.path().join("steps-containers-cold-64MiB.svg"))
         .expect("the cold case's step plot");
     assert!(steps.contains("dump/"), "no dump step in the step plot");
+    assert!(
+        steps.contains("baseline: dump on east-1"),
+        "no baseline step in the step plot"
+    );
 }

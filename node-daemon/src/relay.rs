@@ -58,10 +58,11 @@ impl Drop for Relay {
     }
 }
 
-/// Listens on loopback; the first connection a root process makes is carried through
-/// the pipe `id` to `peer` (dialled only then, so nothing waits on an idle link).
-/// Returns where the local CRIU must connect (`127.0.0.1:port`). Both ends of a pipe
-/// carry it with the migration's `shaping` (compression must match).
+/// Dials the pipe `id` to `peer` and listens on loopback; the first connection a root
+/// process makes there is carried through the pipe. Returns where the local CRIU must
+/// connect (`127.0.0.1:port`) once the pipe is up: callers open it before the pod
+/// freezes, so the handshake is not downtime. Both ends of a pipe carry it with the
+/// migration's `shaping` (compression must match).
 pub async fn outbound(
     transport: Arc<Transport>,
     peer: Endpoint,
@@ -74,16 +75,14 @@ pub async fn outbound(
     let addr = listener
         .local_addr()
         .map_err(RuntimeError::io("loopback port"))?;
+    let pipe = transport
+        .sender
+        .connect_pipe(&peer, &id, &RetryPolicy::default())
+        .await
+        .map_err(|e| RuntimeError::Transfer(format!("pages pipe {id} to {}: {e}", peer.addr)))?;
     let task = tokio::spawn(async move {
         let local = accept_root(&listener).await?;
         drop(listener);
-        let pipe = transport
-            .sender
-            .connect_pipe(&peer, &id, &RetryPolicy::default())
-            .await
-            .map_err(|e| {
-                RuntimeError::Transfer(format!("pages pipe {id} to {}: {e}", peer.addr))
-            })?;
         splice(local, pipe, &id, &shaping).await
     });
     Ok((addr, Relay(task)))

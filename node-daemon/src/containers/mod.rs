@@ -23,6 +23,7 @@
 pub mod criu;
 mod dest;
 mod images;
+mod page_route;
 pub mod pod;
 pub mod rootfs;
 pub mod runc;

@@ -1,15 +1,14 @@
 //! The source side of a container migration: freeze the pod, dump, send, and end or
 //! resume the frozen copy.
 use super::criu::option_hint;
+use super::page_route::{self, PageRoute};
 use super::pod::{self, Freezer, PodContainer};
 use super::runc::{CheckpointOpts, kill_group};
 use super::staging;
 use super::wire::{self, BundleHeader};
-use super::{ContainerRuntime, Migration, free_port, rootfs, volumes};
+use super::{ContainerRuntime, Migration, rootfs, volumes};
 use crate::error::RuntimeError;
-use crate::relay;
 use crate::runtime::*;
-use crate::transport;
 use ferry_transfer::{S3Config, S3Store};
 use futures::future::try_join_all;
 use std::collections::BTreeMap;
@@ -187,6 +186,17 @@ impl ContainerRuntime {
     ) -> Result<(), RuntimeError> {
         let dir = self.mig_dir(&plan.migration_id)?;
         let (containers, bucket) = self.validate(&plan).await?;
+        // Before the freeze: the page connections' TLS handshakes are not downtime.
+        let routes = try_join_all(containers.iter().map(|c| {
+            page_route::open(
+                &self.cfg.transport,
+                &plan,
+                c.name(),
+                bucket.is_some(),
+                &progress,
+            )
+        }))
+        .await?;
         let pod_freezer = Freezer::for_cgroup(&pod::pod_cgroup(&containers)?);
         let freezers = containers
             .iter()
@@ -242,14 +252,12 @@ impl ContainerRuntime {
             bucket,
             volumes: volumes::carriers(containers.iter().map(|c| (c.name(), &c.config))),
         };
-        let result = try_join_all(containers.iter().map(|c| {
-            let ps = plan
-                .page_servers
+        let result = try_join_all(
+            containers
                 .iter()
-                .find(|(n, _)| n == c.name())
-                .map(|(_, e)| e.clone());
-            self.checkpoint_one(&cut, c, ps)
-        }))
+                .zip(routes)
+                .map(|(c, route)| self.checkpoint_one(&cut, c, route)),
+        )
         .await;
         match result {
             Ok(_) => {
@@ -278,7 +286,7 @@ impl ContainerRuntime {
         &self,
         cut: &Cut<'_>,
         c: &PodContainer,
-        page_server: Option<String>,
+        route: PageRoute,
     ) -> Result<(), RuntimeError> {
         let plan = cut.plan;
         let name = c.name().to_string();
@@ -290,41 +298,10 @@ impl ContainerRuntime {
             std::fs::create_dir_all(d).map_err(RuntimeError::io("creating checkpoint dir"))?;
         }
         let lazy = plan.strategy == Strategy::PostCopy;
-        // CRIU's page connection stays on this node's loopback; the daemons carry it
-        // (relay.rs). Live: this dump's lazy page server listens there and the
-        // destination's pipe is relayed to it; Cold: CRIU connects to a relay port that
-        // dials the destination's page server pipe.
-        // Through a bucket: no page server; CRIU writes the pages among its images, and
-        // they travel in the bundle.
-        let transport = &self.cfg.transport;
-        let (page_addr, relay) = if cut.bucket.is_some() {
-            (None, None)
-        } else if lazy {
-            let port = free_port("127.0.0.1")?;
-            let pipe = relay::lazy_pipe(&plan.migration_id, &name);
-            (
-                Some(format!("127.0.0.1:{port}")),
-                Some(relay::inbound(
-                    transport.clone(),
-                    pipe,
-                    port,
-                    cut.progress.metered(&plan.shaping),
-                )),
-            )
-        } else {
-            let pipe = page_server.ok_or_else(|| {
-                RuntimeError::InvalidArgument(format!("no page server given for container {name}"))
-            })?;
-            let peer = transport::peer(&plan.receive_endpoint, &plan.token)?;
-            let (addr, relay) = relay::outbound(
-                transport.clone(),
-                peer,
-                pipe,
-                cut.progress.metered(&plan.shaping),
-            )
-            .await?;
-            (Some(addr.to_string()), Some(relay))
-        };
+        let PageRoute {
+            addr: page_addr,
+            relay,
+        } = route;
         let opts = CheckpointOpts {
             image_path: images.clone(),
             work_path: work.clone(),
@@ -346,7 +323,7 @@ impl ContainerRuntime {
         let dump_start = unix_ms();
         let (serving, lazy_relay) = if lazy {
             let child = self.lazy_dump(c, &args, &dump_log, cut.serving).await?;
-            std::fs::write(images.join(LAZY_SOURCE_FILE), transport.endpoint())
+            std::fs::write(images.join(LAZY_SOURCE_FILE), self.cfg.transport.endpoint())
                 .map_err(RuntimeError::io("writing lazy source address"))?;
             (Some(child), relay)
         } else {
