@@ -5,7 +5,7 @@
 //! would sit in Checkpointing for an hour, past this test's deadline.
 use anyhow::{Result, ensure};
 use ferry_crds::Phase;
-use ferry_e2e::world::{World, WorldOptions, counter_pod};
+use ferry_e2e::world::{World, WorldOptions, counter_pod, wait_for};
 use std::time::Duration;
 
 /// Far beyond the test: any wait that needs a poll never ends in time.
@@ -58,8 +58,13 @@ async fn moves(w: &World, ns: &str, target: &str, node: &str, strategy: &str) ->
         "[{ns}] running copies of {target}: {copies:?}"
     );
     if target != "counter" {
-        let left = w.running_copies(ns, "counter")?;
-        ensure!(left.is_empty(), "[{ns}] the source still runs: {left:?}");
+        // The source Pod's kubelet stops its frozen container after Succeeded.
+        wait_for(
+            Duration::from_secs(30),
+            "the source's container to be gone",
+            || async { Ok(w.running_copies(ns, "counter")?.is_empty()) },
+        )
+        .await?;
     }
     Ok(())
 }
