@@ -235,22 +235,35 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
     Ok(out)
 }
 
-/// The 4-container case: four containers of `mib / 4` MiB each, against one container
-/// of `mib` MiB moved Cold in the same run (the dumps and restores run in parallel; the
-/// issue's goal is at most 1.3x).
-fn four_containers(mib: u64, runs: usize, four: &Best, one: (f64, f64)) -> Vec<Measurement> {
+/// What every direct case's details say: its size, strategy, runs, route and the
+/// steps of ferry's best run.
+fn case_details(
+    mib: u64,
+    strategy: Strategy,
+    runs: usize,
+    ferry: &Best,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut details = serde_json::Map::new();
     details.insert("rss_mib".into(), mib.into());
-    details.insert("containers".into(), 4.into());
-    details.insert("strategy".into(), "Cold".into());
+    details.insert("strategy".into(), format!("{strategy:?}").into());
     details.insert("runs".into(), runs.into());
     details.insert(
         "route".into(),
         format!("{SOURCE_NODE} -> {TARGET_NODE} (across clusters)").into(),
     );
-    if let Some(steps) = &four.steps {
+    if let Some(steps) = &ferry.steps {
         details.insert("ferry_steps".into(), steps.clone());
     }
+    details
+}
+
+/// The 4-container case: four containers of `mib / 4` MiB each, against one container
+/// of `mib` MiB moved Cold in the same run (the dumps run in parallel, the restores one
+/// after another as the kubelet creates the containers; the goal is at most
+/// 1.3x).
+fn four_containers(mib: u64, runs: usize, four: &Best, one: (f64, f64)) -> Vec<Measurement> {
+    let mut details = case_details(mib, Strategy::Cold, runs, four);
+    details.insert("containers".into(), 4.into());
     Measurement::downtime_and_total(
         &format!("containers/cold-4x{}MiB", mib / 4),
         &format!("ferry Cold of one {mib} MiB container, same run"),
@@ -278,17 +291,7 @@ fn measurements(
             "raw runc checkpoint --lazy-pages + cp + criu lazy-pages + runc restore --lazy-pages",
         ),
     };
-    let mut details = serde_json::Map::new();
-    details.insert("rss_mib".into(), mib.into());
-    details.insert("strategy".into(), format!("{strategy:?}").into());
-    details.insert("runs".into(), runs.into());
-    details.insert(
-        "route".into(),
-        format!("{SOURCE_NODE} -> {TARGET_NODE} (across clusters)").into(),
-    );
-    if let Some(steps) = &ferry.steps {
-        details.insert("ferry_steps".into(), steps.clone());
-    }
+    let mut details = case_details(mib, strategy, runs, ferry);
     if let Some(steps) = &base.steps {
         details.insert("baseline_steps".into(), steps.clone());
     }
