@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"log"
 	"net"
@@ -90,7 +91,7 @@ func (c *cluster) start(timeout time.Duration) error {
 		"--initial-cluster", "default="+peerURL, "--log-level", "warn"); err != nil {
 		return err
 	}
-	if err := waitHTTP(etcdURL+"/health", nil, timeout); err != nil {
+	if err := c.waitHTTP(etcdURL+"/health", nil, timeout); err != nil {
 		return fmt.Errorf("etcd: %w", err)
 	}
 	sa := filepath.Join(c.dir, "sa.key")
@@ -117,13 +118,13 @@ func (c *cluster) start(timeout time.Duration) error {
 		return err
 	}
 	ca := c.caFile()
-	if err := waitFile(ca, timeout); err != nil {
+	if err := c.waitFile(ca, timeout); err != nil {
 		return fmt.Errorf("kube-apiserver certificate: %w", err)
 	}
 	if err := c.writeKubeconfig(ca); err != nil {
 		return err
 	}
-	if err := waitHTTP(c.server()+"/readyz", c.tlsConfig(ca), timeout); err != nil {
+	if err := c.waitHTTP(c.server()+"/readyz", c.tlsConfig(ca), timeout); err != nil {
 		return fmt.Errorf("kube-apiserver: %w", err)
 	}
 	kc := c.kubeconfig()
@@ -252,11 +253,47 @@ func (c *cluster) stop() {
 	c.procs = nil
 }
 
-func waitHTTP(url string, tlsConfig *tls.Config, timeout time.Duration) error {
+// errExited says a component exited while we waited for it to become ready: most
+// often a port another process took between freePort and the component's bind, so
+// the caller starts the cluster again on new ports instead of waiting out the timeout.
+type errExited struct{ what, logTail string }
+
+func (e *errExited) Error() string {
+	return fmt.Sprintf("%s exited before it was ready; its log ends:\n%s", e.what, e.logTail)
+}
+
+// exited reports the first of the cluster's components that has exited, if any.
+func (c *cluster) exited() error {
+	for _, p := range c.procs {
+		select {
+		case <-p.done:
+			return &errExited{what: p.name, logTail: tail(filepath.Join(c.dir, p.name+".log"), 20)}
+		default:
+		}
+	}
+	return nil
+}
+
+func tail(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
+
+func (c *cluster) waitHTTP(url string, tlsConfig *tls.Config, timeout time.Duration) error {
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConfig}}
 	deadline := time.Now().Add(timeout)
 	var last string
 	for time.Now().Before(deadline) {
+		if err := c.exited(); err != nil {
+			return err
+		}
 		resp, err := client.Get(url)
 		if err == nil {
 			resp.Body.Close()
@@ -272,13 +309,30 @@ func waitHTTP(url string, tlsConfig *tls.Config, timeout time.Duration) error {
 	return fmt.Errorf("%s not ready after %v: %s", url, timeout, strings.TrimSpace(last))
 }
 
-func waitFile(path string, timeout time.Duration) error {
+func (c *cluster) waitFile(path string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
+		if err := c.exited(); err != nil {
+			return err
+		}
 		if st, err := os.Stat(path); err == nil && st.Size() > 0 {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("%s not written after %v", path, timeout)
+}
+
+// startRetrying starts the cluster, again on fresh ports when a component exited while
+// starting (see errExited); any other error, or a third exit, is returned.
+func (c *cluster) startRetrying(timeout time.Duration) error {
+	for attempt := 1; ; attempt++ {
+		err := c.start(timeout)
+		var exited *errExited
+		if err == nil || !errors.As(err, &exited) || attempt == 3 {
+			return err
+		}
+		log.Printf("cluster %s: %v\nstarting it again (attempt %d of 3)", c.name, err, attempt+1)
+		c.stop()
+	}
 }

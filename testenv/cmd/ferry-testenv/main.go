@@ -86,7 +86,7 @@ func main() {
 	for _, name := range names {
 		c := &cluster{name: name, dir: filepath.Join(*dir, name), bin: *bin, bindIP: *bindIP, nodes: *nodes}
 		clusters = append(clusters, c)
-		if err := c.start(*timeout); err != nil {
+		if err := c.startRetrying(*timeout); err != nil {
 			stopAll()
 			log.Fatalf("cluster %s: %v", name, err)
 		}
