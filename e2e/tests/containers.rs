@@ -113,11 +113,6 @@ async fn check_moved(
             first - 1
         );
     }
-    let copies = w.running_copies(ns, pod)?;
-    ensure!(
-        copies.len() == containers.len() && copies.iter().all(|(n, _)| n == node),
-        "running copies: {copies:?}"
-    );
     // The source Pod is gone and nothing recreated it.
     let src: Api<Pod> = Api::namespaced(w.east.clone(), ns);
     let source_name = status
@@ -133,6 +128,21 @@ async fn check_moved(
         )
         .await?;
     }
+    // Across clusters the source Pod has the target's name: its frozen containers stay
+    // in crictl's "running" list until its kubelet has stopped them, after Succeeded.
+    wait_for(
+        Duration::from_secs(30),
+        "the source's containers to be gone",
+        || async {
+            Ok(w.running_copies(ns, pod)?.iter().all(|(n, _)| n == node))
+        },
+    )
+    .await?;
+    let copies = w.running_copies(ns, pod)?;
+    ensure!(
+        copies.len() == containers.len() && copies.iter().all(|(n, _)| n == node),
+        "running copies: {copies:?}"
+    );
     Ok(())
 }
 
