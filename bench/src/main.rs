@@ -24,6 +24,10 @@ struct Args {
     /// Small sizes and one repetition: checks that every case runs.
     #[arg(long)]
     quick: bool,
+    /// Migrations of each size on each path in the VM suite (default: 1 with --quick,
+    /// else 3); its p95 rows need 10 or more to mean a p95. The other suites ignore it.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    vm_runs: Option<u16>,
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -48,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("== {suite:?}");
         let result = match suite {
             Suite::Transfer => ferry_bench::transfer::run(args.quick),
-            Suite::Vm => ferry_bench::vm::run(args.quick),
+            Suite::Vm => ferry_bench::vm::run(args.quick, args.vm_runs.map(usize::from)),
             Suite::Containers => ferry_bench::containers::run(args.quick),
         };
         match result {

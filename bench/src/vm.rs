@@ -12,8 +12,11 @@
 //! Metrics: downtime as QEMU measures it on the source (guest stop to completion, same
 //! meaning on both paths), and total time measured here, wall clock from the migrate
 //! request (raw) / StartCheckpoint (ferry) until the guest runs at the destination; on
-//! both paths the incoming QEMU was already listening. Both sides use the same
+//! both paths the incoming QEMU was already listening. Each is reported twice: the best
+//! of the runs (`downtime_ms`, `total_ms`) and their 95th percentile (`downtime_p95_ms`,
+//! `total_p95_ms`, nearest rank: with fewer than 20 runs that is the worst run). Both sides use the same
 //! max-bandwidth (explicit: QEMU's default cap would bound both) and downtime-limit.
+//! `FERRY_BENCH_KEEP=1` keeps the daemons' logs and the guests' files afterwards.
 //! Needs the test guest (`scripts/build-test-guest.sh`) and release binaries of
 //! ferry-node and ferry-launcher next to ferry-bench.
 use crate::Measurement;
@@ -30,11 +33,14 @@ use std::time::{Duration, Instant};
 
 const BANDWIDTH: u64 = 10 << 30;
 
-pub fn run(quick: bool) -> Result<Vec<Measurement>> {
+/// `runs`: migrations of each size on each path (default: 1 quick, 3 full).
+pub fn run(quick: bool, runs: Option<usize>) -> Result<Vec<Measurement>> {
+    let runs = runs.unwrap_or(if quick { 1 } else { 3 });
+    ensure!(runs > 0, "the VM bench needs at least one run");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run_async(quick))
+    rt.block_on(run_async(quick, runs))
 }
 
 struct Sample {
@@ -43,8 +49,7 @@ struct Sample {
     bytes: f64,
 }
 
-async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
-    let runs = if quick { 1 } else { 3 };
+async fn run_async(quick: bool, runs: usize) -> Result<Vec<Measurement>> {
     let sizes: &[u32] = if quick { &[256] } else { &[256, 512] };
     let tmp = tempfile::tempdir()?;
     let lan = Lan::create()?;
@@ -60,8 +65,15 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
         let (mut raw, mut ferry) = (vec![], vec![]);
         for i in 0..runs {
             // Alternate which goes first: the machine is shared and drifts.
-            let raw_s = raw_migration(&a.node, &b.node, &launcher, tmp.path(), mib, i).await;
-            let ferry_s = ferry_migration(&a, &b, &launcher, mib, i).await;
+            let raw_run = raw_migration(&a.node, &b.node, &launcher, tmp.path(), mib, i);
+            let ferry_run = ferry_migration(&a, &b, &launcher, mib, i);
+            let (raw_s, ferry_s) = if i % 2 == 0 {
+                let r = raw_run.await;
+                (r, ferry_run.await)
+            } else {
+                let f = ferry_run.await;
+                (raw_run.await, f)
+            };
             if raw_s.is_err() || ferry_s.is_err() {
                 // Keep the daemons' logs, serial consoles and QEMU logs for a look.
                 let kept = tmp.keep();
@@ -73,34 +85,53 @@ async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
             raw.push(raw_s?);
             ferry.push(ferry_s?);
         }
-        let best =
-            |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).fold(f64::INFINITY, f64::min);
-        let details = |v: &[Sample]| {
-            let mut m = serde_json::Map::new();
-            m.insert("guest_mib".into(), mib.into());
-            m.insert("runs".into(), runs.into());
-            m.insert("bytes".into(), (v[0].bytes as u64).into());
-            m
-        };
-        for (metric, f) in [
-            (
-                "downtime_ms",
-                (|s: &Sample| s.downtime_ms) as fn(&Sample) -> f64,
-            ),
-            ("total_ms", |s: &Sample| s.total_ms),
+        out.extend(measurements(mib, &ferry, &raw));
+    }
+    drop((a, b));
+    if std::env::var_os("FERRY_BENCH_KEEP").is_some() {
+        // The daemons' logs (RUST_LOG=ferry_node=debug shows every QMP command's time).
+        eprintln!("vm bench files kept in {}", tmp.keep().display());
+    }
+    Ok(out)
+}
+
+/// Best and 95th percentile of each metric, ferry's beside raw QEMU's.
+fn measurements(mib: u32, ferry: &[Sample], raw: &[Sample]) -> Vec<Measurement> {
+    let mut details = serde_json::Map::new();
+    details.insert("guest_mib".into(), mib.into());
+    details.insert("runs".into(), ferry.len().into());
+    details.insert("bytes".into(), (ferry[0].bytes as u64).into());
+    type Metric = fn(&Sample) -> f64;
+    let metrics: [(&str, Metric); 2] = [("downtime", |s| s.downtime_ms), ("total", |s| s.total_ms)];
+    let mut out = vec![];
+    for (name, f) in metrics {
+        for (suffix, stat, how) in [
+            ("ms", best as fn(Vec<f64>) -> f64, "best"),
+            ("p95_ms", p95, "p95"),
         ] {
+            let of = |v: &[Sample]| stat(v.iter().map(f).collect());
             out.push(Measurement {
                 case: format!("vm/live-{mib}MiB"),
-                metric: metric.into(),
-                ferry: best(&ferry, f),
-                baseline: best(&raw, f),
-                baseline_name: "raw QEMU→QEMU TCP migration (best of runs)".into(),
-                details: details(&ferry),
+                metric: format!("{name}_{suffix}"),
+                ferry: of(ferry),
+                baseline: of(raw),
+                baseline_name: format!("raw QEMU→QEMU TCP migration ({how} of runs)"),
+                details: details.clone(),
             });
         }
     }
-    drop((a, b));
-    Ok(out)
+    out
+}
+
+fn best(v: Vec<f64>) -> f64 {
+    v.into_iter().fold(f64::INFINITY, f64::min)
+}
+
+/// Nearest-rank 95th percentile: the smallest value at least 95% of the runs reach.
+fn p95(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let rank = (v.len() as f64 * 0.95).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 fn launch_raw(
@@ -265,4 +296,56 @@ async fn ferry_migration(
         total_ms,
         bytes: cp.bytes_done as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p95_is_the_nearest_rank() {
+        assert_eq!(p95(vec![5.0]), 5.0);
+        // 10 runs: rank 10, the worst.
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        assert_eq!(p95(ten), 10.0);
+        // 40 runs: rank 38.
+        assert_eq!(p95((1..=40).map(f64::from).collect()), 38.0);
+        assert_eq!(best(vec![3.0, 1.0, 2.0]), 1.0);
+    }
+
+    #[test]
+    fn every_metric_has_its_best_and_p95_beside_the_baseline() {
+        let s = |d, t| Sample {
+            downtime_ms: d,
+            total_ms: t,
+            bytes: 1e6,
+        };
+        let ms = measurements(
+            256,
+            &[s(50.0, 500.0), s(70.0, 600.0)],
+            &[s(10.0, 300.0), s(12.0, 350.0)],
+        );
+        let get = |metric: &str| ms.iter().find(|m| m.metric == metric).unwrap();
+        assert_eq!(
+            (get("downtime_ms").ferry, get("downtime_ms").baseline),
+            (50.0, 10.0)
+        );
+        assert_eq!(
+            (
+                get("downtime_p95_ms").ferry,
+                get("downtime_p95_ms").baseline
+            ),
+            (70.0, 12.0)
+        );
+        assert_eq!(
+            (get("total_ms").ferry, get("total_ms").baseline),
+            (500.0, 300.0)
+        );
+        assert_eq!(
+            (get("total_p95_ms").ferry, get("total_p95_ms").baseline),
+            (600.0, 350.0)
+        );
+        assert_eq!(ms.len(), 4);
+        assert!(ms.iter().all(|m| m.details["runs"] == 2));
+    }
 }

@@ -133,9 +133,7 @@ async fn check_moved(
     wait_for(
         Duration::from_secs(30),
         "the source's containers to be gone",
-        || async {
-            Ok(w.running_copies(ns, pod)?.iter().all(|(n, _)| n == node))
-        },
+        || async { Ok(w.running_copies(ns, pod)?.iter().all(|(n, _)| n == node)) },
     )
     .await?;
     let copies = w.running_copies(ns, pod)?;
