@@ -63,3 +63,20 @@ impl Measurement {
         .collect()
     }
 }
+
+/// One line for a test's log: the case, its metric (whose name carries the unit), ferry's
+/// figure beside the baseline's, and their ratio.
+impl std::fmt::Display for Measurement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: ferry {:.0}, baseline {:.0} ({}), ratio {:.2}",
+            self.case,
+            self.metric,
+            self.ferry,
+            self.baseline,
+            self.baseline_name,
+            self.ratio()
+        )
+    }
+}

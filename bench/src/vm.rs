@@ -14,8 +14,9 @@
 //! request (raw) / StartCheckpoint (ferry) until the guest runs at the destination; on
 //! both paths the incoming QEMU was already listening. Each is reported twice: the best
 //! of the runs (`downtime_ms`, `total_ms`) and their 95th percentile (`downtime_p95_ms`,
-//! `total_p95_ms`, nearest rank: with fewer than 20 runs that is the worst run). Both sides use the same
-//! max-bandwidth (explicit: QEMU's default cap would bound both) and downtime-limit.
+//! `total_p95_ms`, nearest rank: with fewer than 20 runs that is the worst run). Both
+//! sides use the same max-bandwidth (explicit: QEMU's default cap would bound both) and
+//! downtime-limit.
 //! `FERRY_BENCH_KEEP=1` keeps the daemons' logs and the guests' files afterwards.
 //! Needs the test guest (`scripts/build-test-guest.sh`) and release binaries of
 //! ferry-node and ferry-launcher next to ferry-bench.

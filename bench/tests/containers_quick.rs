@@ -11,15 +11,7 @@ fn containers_bench_quick_runs() {
         "containers bench (needs scripts/install-deps.sh and `cargo build --workspace --bins`)",
     );
     for m in &ms {
-        eprintln!(
-            "{} {}: ferry {:.0} ms, baseline {:.0} ms ({}), ratio {:.2}",
-            m.case,
-            m.metric,
-            m.ferry,
-            m.baseline,
-            m.baseline_name,
-            m.ratio()
-        );
+        eprintln!("{m}");
     }
     eprint!("{}", ferry_bench::containers::step_breakdown(&ms));
     for case in [

@@ -7,14 +7,7 @@ fn transfer_bench_quick_runs() {
     let ms =
         ferry_bench::transfer::run(!full).expect("transfer bench (needs scripts/build-minio.sh)");
     for m in &ms {
-        eprintln!(
-            "{}: ferry {:.0} MiB/s, baseline {:.0} MiB/s ({}), ratio {:.2}",
-            m.case,
-            m.ferry,
-            m.baseline,
-            m.baseline_name,
-            m.ratio()
-        );
+        eprintln!("{m}");
         assert!(m.ferry > 0.0 && m.baseline > 0.0, "{m:?}");
     }
     for case in [

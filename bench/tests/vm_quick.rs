@@ -9,15 +9,7 @@ fn vm_bench_quick_runs() {
          `cargo build --workspace --bins`)",
     );
     for m in &ms {
-        eprintln!(
-            "{} {}: ferry {:.0} ms, baseline {:.0} ms ({}), ratio {:.2}",
-            m.case,
-            m.metric,
-            m.ferry,
-            m.baseline,
-            m.baseline_name,
-            m.ratio()
-        );
+        eprintln!("{m}");
     }
     let get = |metric: &str| {
         ms.iter()
