@@ -10,6 +10,7 @@ use ferry_e2e::world::{
     World, WorldOptions, counter_pod, memory_counter_pod, numbers, object_store_transfer, stamped,
     stamped_counter_pod, wait_for,
 };
+use ferry_testkit::gate::GatedProxy;
 use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -396,14 +397,18 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
     Ok(())
 }
 
-/// MinIO dies while the source uploads a 64 MiB pod's bundle (killed the moment the
-/// bucket holds its first part and no manifest yet): the upload retries, gives up, and
-/// the migration rolls back; the pod runs once at the source. Once MinIO is back, the
-/// controller's collection after the retention removes the parts the upload left.
+/// MinIO dies while the source uploads a 64 MiB pod's bundle: the upload retries, gives
+/// up, and the migration rolls back; the pod runs once at the source. Once MinIO is
+/// back, the controller's collection after the retention removes the parts the upload
+/// left. The moment is set by a gate in front of MinIO, not by sampling: the gate lets
+/// 24 MiB through and holds the rest (at most 4 parts of 4 MiB are in flight, so at
+/// least one part is whole in the bucket and the manifest, written last, is not).
 async fn minio_lost_mid_upload(w: &World) -> Result<()> {
+    const GATE: u64 = 24 << 20;
     let ns = "bucket-lost";
     let mut minio = MinioServer::start_on(w.host_ip())?;
     minio.create_bucket(BUCKET).await?;
+    let gate = GatedProxy::start(w.host_ip().into(), minio.addr(), GATE).await?;
     w.create_s3_secret(ns, "s3", ACCESS_KEY, SECRET_KEY).await?;
     w.create_pod(ns, memory_counter_pod("big", "east-1", 64))
         .await?;
@@ -415,30 +420,42 @@ async fn minio_lost_mid_upload(w: &World) -> Result<()> {
     )
     .await?;
     let yaml = migration("m", "big", "{cluster: west, node: west-1}", "Cold")
-        + &object_store_transfer(&minio.endpoint(), BUCKET, "e2e", "s3");
+        + &object_store_transfer(&gate.endpoint(), BUCKET, "e2e", "s3");
     let m = w.apply_migration(ns, &yaml).await?;
     let uid = m.metadata.uid.clone().context("uid")?;
     let bundle = format!("e2e/{uid}/bundle/app/");
     let api: Api<Migration> = Api::namespaced(w.east.clone(), ns);
-    loop {
-        let m = api.get("m").await?;
-        let phase = m.status.and_then(|s| s.phase);
-        ensure!(
-            !phase.is_some_and(Phase::is_terminal),
-            "the migration ended ({phase:?}) before its upload was seen in progress"
-        );
-        let keys = ferry_testkit::minio::keys_under(&minio, BUCKET, &bundle)
-            .await
-            .unwrap_or_default();
-        let uploading = keys.iter().any(|k| k.ends_with("/part-000001"))
-            && !keys.iter().any(|k| k.ends_with("/manifest.json"));
-        if uploading {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if tokio::time::timeout(Duration::from_secs(180), gate.held())
+        .await
+        .is_err()
+    {
+        let phase = api.get("m").await?.status.and_then(|s| s.phase);
+        bail!("the upload did not reach {GATE} bytes in 180 s (phase {phase:?})");
     }
+    // What got through lands in the bucket (read past the gate, from MinIO itself).
+    wait_for(
+        Duration::from_secs(60),
+        "a whole part of the bundle in the bucket",
+        || async {
+            let keys = ferry_testkit::minio::keys_under(&minio, BUCKET, &bundle).await?;
+            Ok(keys.iter().any(|k| k.contains("/part-")))
+        },
+    )
+    .await?;
+    let keys = ferry_testkit::minio::keys_under(&minio, BUCKET, &bundle).await?;
+    ensure!(
+        !keys.iter().any(|k| k.ends_with("/manifest.json")),
+        "the manifest is in the bucket behind a gate that held the upload: {keys:?}"
+    );
+    let phase = api.get("m").await?.status.and_then(|s| s.phase);
+    ensure!(
+        !phase.is_some_and(Phase::is_terminal),
+        "the migration ended ({phase:?}) while its upload was held"
+    );
     minio.kill();
-    eprintln!("[{ns}] MinIO killed mid-upload");
+    gate.open();
+    let parts = keys.iter().filter(|k| k.contains("/part-")).count();
+    eprintln!("[{ns}] MinIO killed mid-upload, {parts} parts stored");
     let m = w.follow(ns, "m", Duration::from_secs(180), |_| {}).await?;
     let s = m.status.clone().context("status")?;
     ensure!(

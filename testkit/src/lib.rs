@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod containers;
+pub mod gate;
 pub mod guest;
 pub mod kube_node;
 pub mod kubelet;
