@@ -78,23 +78,24 @@ const TARGET_NODE: &str = "west-1";
 /// The longest a Migration of the largest size may take before the bench gives up.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub fn run(quick: bool) -> Result<Vec<Measurement>> {
+pub fn run(quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(quick))
+    rt.block_on(run_async(quick, sizes))
 }
 
-async fn run_async(quick: bool) -> Result<Vec<Measurement>> {
+async fn run_async(quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
     let tmp = tempfile::Builder::new()
         .prefix("ferry-bench-containers-")
         .tempdir_in("/tmp")?;
-    let result = bench(tmp.path(), quick).await;
-    if result.is_err() {
+    let result = bench(tmp.path(), quick, sizes).await;
+    if result.is_err() || std::env::var("FERRY_BENCH_KEEP").is_ok_and(|v| v == "1") {
         // The nodes' kubelet/containerd/ferry-node logs and the CRIU logs are in there.
+        let how = if result.is_err() { "failed" } else { "done" };
         eprintln!(
-            "containers bench failed; logs kept in {}",
+            "containers bench {how}; logs kept in {}",
             tmp.keep().display()
         );
     }
@@ -134,7 +135,7 @@ enum Strategy {
     Live,
 }
 
-async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
+async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
     let memhog = build_memhog(dir)?;
     let image = dir.join("memhog-image.tar");
     let mut b = ferry_testkit::oci::ImageBuilder::new(MEMHOG_IMAGE);
@@ -160,7 +161,11 @@ async fn bench(dir: &Path, quick: bool) -> Result<Vec<Measurement>> {
     // while the nodes' namespaces still exist.
     let raw = Raw::new(w, &dir.join("raw"), &memhog)?;
 
-    let sizes: &[u64] = if quick { &[64] } else { &[64, 1024] };
+    let sizes: &[u64] = match (sizes, quick) {
+        ([], true) => &[64],
+        ([], false) => &[64, 1024],
+        (given, _) => given,
+    };
     let runs = if quick { 1 } else { 2 };
     let mut out = Vec::new();
     let mut ferry_first = true;
@@ -333,13 +338,18 @@ fn hog_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// A Pod of `n` containers each holding `mib` MiB.
+/// A Pod of `n` containers each holding `mib` MiB. It requests one CPU in all, as the
+/// baseline's standalone runc container has (cpu.shares 1024): a BestEffort Pod's
+/// cgroup has cpu.shares 2, and its restore (CRIU runs in the container's cgroup)
+/// then starves behind anything else that runs on the node.
 fn memhog_pod(mib: u64, n: usize) -> serde_json::Value {
+    let cpu = format!("{}m", 1000 / n.max(1));
     let containers: Vec<serde_json::Value> = hog_names(n)
         .into_iter()
         .map(|name| {
             serde_json::json!({"name": name, "image": MEMHOG_IMAGE, "imagePullPolicy": "Never",
-                               "args": [mib.to_string()]})
+                               "args": [mib.to_string()],
+                               "resources": {"requests": {"cpu": cpu}}})
         })
         .collect();
     serde_json::json!({

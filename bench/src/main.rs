@@ -28,6 +28,10 @@ struct Args {
     /// else 3); its p95 rows need 10 or more to mean a p95. The other suites ignore it.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     vm_runs: Option<u16>,
+    /// Pod sizes (MiB) for the containers suite, repeatable (default: 64 with --quick,
+    /// else 64 and 1024). The other suites ignore it.
+    #[arg(long = "container-mib", value_parser = clap::value_parser!(u64).range(1..))]
+    container_mib: Vec<u64>,
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -53,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         let result = match suite {
             Suite::Transfer => ferry_bench::transfer::run(args.quick),
             Suite::Vm => ferry_bench::vm::run(args.quick, args.vm_runs.map(usize::from)),
-            Suite::Containers => ferry_bench::containers::run(args.quick),
+            Suite::Containers => ferry_bench::containers::run(args.quick, &args.container_mib),
         };
         match result {
             Ok(ms) => all.extend(ms),

@@ -7,7 +7,7 @@
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
     let full = std::env::var("FERRY_BENCH_FULL").is_ok_and(|v| v == "1");
-    let ms = ferry_bench::containers::run(!full).expect(
+    let ms = ferry_bench::containers::run(!full, &[]).expect(
         "containers bench (needs scripts/install-deps.sh and `cargo build --workspace --bins`)",
     );
     for m in &ms {

@@ -240,6 +240,7 @@ struct Shaped {
     /// The highest status.progress while the migration was still under way (bytes,
     /// bytes per second): what `kubectl get` showed during the move.
     midway: Option<(u64, u64)>,
+    steps: Vec<ferry_crds::StepTiming>,
 }
 
 /// A Cold move across clusters with `transfer` settings: the pod holds 16 MiB of one
@@ -273,10 +274,8 @@ async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<Shaped> {
     let s = m.status.context("status")?;
     let p = s.progress.context("no progress in the status")?;
     let wire = p.wire_bytes.context("no wireBytes in the status")?;
-    let downtime = s
-        .timings
-        .and_then(|t| t.downtime_ms)
-        .context("no downtime")?;
+    let timings = s.timings.context("no timings")?;
+    let downtime = timings.downtime_ms.context("no downtime")?;
     ensure!(
         p.bytes_transferred >= 16 << 20,
         "the 16 MiB the pod holds did not move: {p:?}"
@@ -292,6 +291,7 @@ async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<Shaped> {
         wire,
         downtime_ms: downtime,
         midway,
+        steps: timings.steps,
     })
 }
 
@@ -310,7 +310,9 @@ async fn compressed_move(w: &World) -> Result<()> {
 /// the downtime faster than the cap (a lower bound: everything of a Cold move is sent
 /// while the pod is frozen; unlimited, this move's downtime is a second or two). The
 /// move takes seconds, so the status shows bytes and a rate while it is under way:
-/// CRIU's pages are counted as they pass the relays, not after the dump.
+/// CRIU's pages are counted as they pass the relays, not after the dump. The daemons'
+/// early release is 8 MiB here, so the target Pod's gate opens once at most 8 MiB of
+/// the pod are still to come: seconds before the bundle is staged at that rate.
 async fn capped_move(w: &World) -> Result<()> {
     const MIB_PER_SEC: u64 = 2;
     let Shaped {
@@ -318,6 +320,7 @@ async fn capped_move(w: &World) -> Result<()> {
         wire,
         downtime_ms: downtime,
         midway,
+        steps,
     } = shaped_move(
         w,
         "capped",
@@ -337,6 +340,22 @@ async fn capped_move(w: &World) -> Result<()> {
     ensure!(
         bytes > 0 && rate > 0,
         "the status showed no bytes moving while the pages went: {bytes} bytes, {rate} B/s"
+    );
+    let end = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s.name == name && s.node == "west-1")
+            .map(|s| s.start_ms + s.duration_ms)
+            .with_context(|| format!("no step {name} on west-1 in {steps:?}"))
+    };
+    let (gate, staged) = (end("gate")?, end("receive/app")?);
+    ensure!(
+        gate < staged,
+        "the gate opened at {gate}, not before the state was staged at {staged}"
+    );
+    eprintln!(
+        "[capped] gate opened {} ms before the state was staged",
+        staged - gate
     );
     Ok(())
 }
@@ -804,7 +823,13 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         .prefix("ferry-e2e-")
         .tempdir_in("/tmp")?;
     let opts = WorldOptions {
-        daemon_args: vec!["--test-corrupt-staged-namespace".into(), "rollback".into()],
+        daemon_args: vec![
+            "--test-corrupt-staged-namespace".into(),
+            "rollback".into(),
+            // Low, so that the capped 16 MiB move opens its gate on the pages' count.
+            "--early-release-mib".into(),
+            "8".into(),
+        ],
         // Long enough to look at what a failure kept, short enough to see it go.
         failed_object_retention: Some(Duration::from_secs(30)),
         ..Default::default()

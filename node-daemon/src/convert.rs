@@ -354,6 +354,7 @@ pub fn shaping(t: Option<&pb::TransferSpec>) -> Shaping {
         zstd_level: t.filter(|t| t.compress).map(|_| COMPRESS_LEVEL),
         pacer: Pacer::new(t.map_or(0, |t| t.bandwidth_limit_bytes_per_sec)),
         on_sent: None,
+        on_received: None,
     }
 }
 

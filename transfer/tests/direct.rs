@@ -549,8 +549,9 @@ async fn carried_pipe(
 /// Compression on a request/response pipe (CRIU's lazy pages, QEMU's post-copy): a
 /// small request gets through at once, 4 MiB of compressible reply arrives complete
 /// while the pipe stays open (nothing is held back for a better ratio), and far fewer
-/// bytes crossed the wire than were carried. The sending side's `on_sent` counts the
-/// reply while the pipe is still open (progress for pages nobody announced).
+/// bytes crossed the wire than were carried. The sending side's `on_sent` and the
+/// receiving side's `on_received` count the reply while the pipe is still open
+/// (progress for pages nobody announced; what has arrived of them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carry_compresses_a_pipe_without_holding_bytes_back() {
     let p = Arc::new(pair().await);
@@ -568,7 +569,18 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
         }))),
         ..zstd.clone()
     };
-    let (mut client, mut server, c, s) = carried_pipe(&p, "mig-8/lazy", zstd, server_shaping).await;
+    let arrived = Arc::new(std::sync::Mutex::new(ferry_transfer::Moved::default()));
+    let meter = arrived.clone();
+    let client_shaping = ferry_transfer::Shaping {
+        on_received: Some(ferry_transfer::OnSent(Arc::new(move |m| {
+            let mut c = meter.lock().unwrap();
+            c.raw += m.raw;
+            c.wire += m.wire;
+        }))),
+        ..zstd
+    };
+    let (mut client, mut server, c, s) =
+        carried_pipe(&p, "mig-8/lazy", client_shaping, server_shaping).await;
     let reply = b"page page page page ".repeat(200 << 10);
     let exchange = async {
         client.write_all(b"give me pages\n").await?;
@@ -583,6 +595,10 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
         assert!(got == reply, "the reply arrived changed");
         // Counted before the pipe ends (the count follows the write it reports).
         while counted.lock().unwrap().raw < reply.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Counted as it was handed on, before the pipe ends.
+        while arrived.lock().unwrap().raw < reply.len() as u64 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut none = [0u8; 1];
@@ -605,6 +621,8 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
     assert_eq!((c.sent, s.received), (14, 14));
     let counted = *counted.lock().unwrap();
     assert_eq!((counted.raw, counted.wire), (s.sent, s.sent_wire));
+    let arrived = *arrived.lock().unwrap();
+    assert_eq!((arrived.raw, arrived.wire), (c.received, c.received_wire));
 }
 
 /// One pacer shared by two pipes caps them together: 2 × 1.5 MiB of random bytes at

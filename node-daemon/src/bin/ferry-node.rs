@@ -38,10 +38,11 @@ struct Args {
     /// containers run. Unset: this node has no ferry runtime and receives no containers.
     #[arg(long, env = "FERRY_RESTORE_RUNC_ROOT")]
     restore_runc_root: Option<PathBuf>,
-    /// Migrations that must move at most this much before the restore (writable
-    /// layers, plus memory for Cold) let the target Pod's containers wait in `create`
-    /// for the state; larger ones are staged first (the kubelet's runtime request
-    /// timeout bounds a create's wait: pick a size the link moves well within it).
+    /// The target Pod's containers may wait in `create` for the state once at most
+    /// this much is still to arrive before the restore (writable layers, plus memory
+    /// for Cold; a Cold move's pages are counted as they arrive); until then the gate
+    /// holds them back (the kubelet's runtime request timeout bounds a create's wait:
+    /// pick a size the link moves well within it).
     #[arg(long, env = "FERRY_EARLY_RELEASE_MIB", default_value_t = 1024)]
     early_release_mib: u64,
     /// Test-only fault injection, never for production: after unpacking a bundle for a

@@ -1,7 +1,7 @@
 //! The destination side of a container migration: stage what arrives for the target
 //! Pod, open its gate, and wait until `ferry-runtime` has restored every container.
 use super::criu::{LazyPagesOpts, PageServerOpts};
-use super::runc::Runc;
+use super::gate::Release;
 use super::source::LAZY_SOURCE_FILE;
 use super::staging::{self, RestorePlan, StageDir};
 use super::wire::{BundleHeader, BundleListener};
@@ -15,8 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-/// How long the gate container may take to appear once the Pod's sandbox is ready.
-const GATE_WAIT: Duration = Duration::from_secs(120);
 /// How long the restores may take once every container's state is staged (the
 /// wrapper's own create wait is shorter).
 const RESTORE_WAIT: Duration = Duration::from_secs(180);
@@ -35,6 +33,8 @@ pub struct DestState {
     /// Receives, unpacks and marks ready; aborted with the migration.
     receiving: tokio::task::AbortHandle,
     gate: tokio::task::AbortHandle,
+    /// When the gate was opened (unix ms), once it was.
+    gate_opened: Arc<Mutex<Option<u64>>>,
     /// One entry per staged bundle.
     arrivals: Option<mpsc::Receiver<Result<Arrival, RuntimeError>>>,
 }
@@ -90,6 +90,15 @@ impl ContainerRuntime {
         let mut page_servers = Vec::new();
         let mut pids = Vec::new();
         let relays = Arc::new(Mutex::new(Vec::new()));
+        // Counts the pages arriving for the page servers, for the gate (`gate.rs`).
+        let (pages_tx, pages_rx) = watch::channel(0u64);
+        let pages_tx = Arc::new(pages_tx);
+        let counted = ferry_transfer::Shaping {
+            on_received: Some(ferry_transfer::OnSent(Arc::new(move |m| {
+                pages_tx.send_modify(|n| *n += m.raw)
+            }))),
+            ..plan.shaping.clone()
+        };
         for c in &plan.workload.containers {
             let stage = StageDir::new(&self.cfg.state_dir, uid, &c.name).ok_or_else(|| {
                 RuntimeError::InvalidArgument(format!(
@@ -134,13 +143,15 @@ impl ContainerRuntime {
                     self.cfg.transport.clone(),
                     pipe.clone(),
                     port,
-                    plan.shaping.clone(),
+                    counted.clone(),
                 );
                 relays.lock().unwrap().push(r);
                 page_servers.push((c.name.clone(), pipe));
             }
             stages.push(stage);
         }
+        // The relays hold the counter now: it closes when they end.
+        drop(counted);
         let names: Vec<String> = plan
             .workload
             .containers
@@ -186,21 +197,31 @@ impl ContainerRuntime {
             staged_tx,
         ))
         .abort_handle();
-        // The gate opens now when the containers' creates can safely wait for the
-        // state (it is small enough to arrive well within the kubelet's runtime request
-        // timeout); otherwise once everything is staged. The writable layers always
-        // move before the restore; memory too unless post-copy fetches it later.
+        // The writable layers always move before the restore; memory too unless
+        // post-copy fetches it later.
         let writable: u64 = plan
             .workload
             .containers
             .iter()
             .map(|c| c.writable_bytes)
             .sum();
-        let before_restore = writable + if lazy { 0 } else { plan.workload.memory_bytes };
-        let early = before_restore <= self.cfg.early_release_bytes;
-        let need = if early { 0 } else { stages.len() };
-        let gate =
-            tokio::spawn(open_gate(restore_root, uid.clone(), staged_rx, need)).abort_handle();
+        let release = Release::choose(
+            writable,
+            if lazy { 0 } else { plan.workload.memory_bytes },
+            !lazy && bucket.is_none(),
+            self.cfg.early_release_bytes,
+        );
+        let early = release == Release::Now;
+        let gate_opened = Arc::new(Mutex::new(None));
+        let gate = tokio::spawn(super::gate::open(
+            restore_root,
+            uid.clone(),
+            release,
+            (stages.len(), staged_rx),
+            pages_rx,
+            gate_opened.clone(),
+        ))
+        .abort_handle();
         let first_stage = stages[0].clone();
         self.migrations.lock().unwrap().insert(
             plan.migration_id.clone(),
@@ -212,6 +233,7 @@ impl ContainerRuntime {
                 relays,
                 receiving,
                 gate,
+                gate_opened,
                 arrivals: Some(rx),
             }),
         );
@@ -235,7 +257,7 @@ impl ContainerRuntime {
         migration_id: &str,
         progress: ProgressSink,
     ) -> Result<(), RuntimeError> {
-        let (mut arrivals, stages) = {
+        let (mut arrivals, stages, gate_opened) = {
             let mut m = self.migrations.lock().unwrap();
             match m.get_mut(migration_id) {
                 Some(Migration::Dest(d)) => (
@@ -245,6 +267,7 @@ impl ContainerRuntime {
                         ))
                     })?,
                     d.stages.clone(),
+                    d.gate_opened.clone(),
                 ),
                 _ => {
                     return Err(RuntimeError::NotFound(format!(
@@ -303,6 +326,16 @@ impl ContainerRuntime {
         }
         if frozen_at > 0 {
             progress.downtime_ms(last.saturating_sub(frozen_at));
+        }
+        // `gate`: how long after the freeze the creates were held back (a gate opened
+        // before the freeze, as for small workloads, held nothing back).
+        let opened = *gate_opened.lock().unwrap();
+        if let Some(at) = opened.filter(|&at| frozen_at > 0 && at > frozen_at) {
+            progress.step_measured(Step {
+                name: "gate".into(),
+                start_unix_ms: frozen_at,
+                duration_ms: at - frozen_at,
+            });
         }
         progress.stage(
             Stage::Restoring,
@@ -483,45 +516,6 @@ async fn stage_bundle(
     stage
         .mark(staging::READY, b"")
         .map_err(RuntimeError::io("marking the stage ready"))
-}
-
-/// Ends the target Pod's gate init container (SIGTERM; pause exits 0) once `need`
-/// containers are staged, so the kubelet goes on to create the app containers.
-async fn open_gate(root: Runc, pod_uid: String, mut staged: watch::Receiver<usize>, need: usize) {
-    while *staged.borrow_and_update() < need {
-        if staged.changed().await.is_err() {
-            return;
-        }
-    }
-    let deadline = Instant::now() + GATE_WAIT;
-    loop {
-        let gate = root.list().await.ok().and_then(|cs| {
-            cs.into_iter().find(|c| {
-                c.annotation(staging::ANN_SANDBOX_UID) == Some(pod_uid.as_str())
-                    && c.annotation(staging::ANN_CONTAINER_NAME) == Some(staging::GATE_CONTAINER)
-            })
-        });
-        match gate {
-            Some(c) if c.status == "running" => {
-                let args = [
-                    &root.base_args()[..],
-                    &["kill".into(), c.id.clone(), "TERM".into()],
-                ]
-                .concat();
-                match root.run(args, None).await {
-                    Ok(_) => tracing::info!(pod_uid, "gate opened"),
-                    Err(e) => tracing::warn!(pod_uid, error = %e, "could not open the gate"),
-                }
-                return;
-            }
-            Some(c) if c.status == "stopped" => return, // already open
-            _ if Instant::now() > deadline => {
-                tracing::warn!(pod_uid, "the target Pod's gate container never appeared");
-                return;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 /// Unpacks a received bundle with [`super::unpack`] (nothing in it is trusted), on this

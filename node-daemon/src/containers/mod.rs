@@ -22,6 +22,7 @@
 //!    target Pod, whose kubelet removes whatever was restored).
 pub mod criu;
 mod dest;
+mod gate;
 mod images;
 mod page_route;
 pub mod pod;
@@ -60,10 +61,10 @@ pub struct ContainersConfig {
     pub advertise_ip: String,
     /// Bundles travel through this node's mutual-TLS transfer endpoint.
     pub transport: Arc<Transport>,
-    /// Cold: release the target Pod's gate before the state arrives when the workload
-    /// holds at most this much memory (its containers' creates then wait for the
-    /// state, which must arrive well within the kubelet's runtime request timeout);
-    /// larger workloads are released once staged.
+    /// Release the target Pod's gate once at most this much is still to arrive before
+    /// the restore (writable layers, plus memory for Cold): its containers' creates
+    /// then wait for the rest, which must arrive well within the kubelet's runtime
+    /// request timeout (`gate.rs`).
     pub early_release_bytes: u64,
     /// crictl and this node's CRI endpoint, to check that the target node holds the
     /// source's images before anything is frozen. None: not checked.

@@ -65,9 +65,13 @@ pub struct Shaping {
     /// Told of each chunk this side writes into a pipe, as it goes: progress for
     /// streams whose length nobody knows beforehand (CRIU's pages).
     pub on_sent: Option<OnSent>,
+    /// Told of each chunk this side takes out of a pipe (`raw` as handed on, `wire` as
+    /// it arrived): what has arrived of a stream whose length nobody announced.
+    pub on_received: Option<OnSent>,
 }
 
-/// A callback for [`Shaping::on_sent`]: the chunk's bytes as read and as written.
+/// A callback for [`Shaping::on_sent`] and [`Shaping::on_received`]: the chunk's bytes
+/// as the local side sees them and as on the wire.
 #[derive(Clone)]
 pub struct OnSent(pub Arc<dyn Fn(Moved) + Send + Sync>);
 
@@ -213,6 +217,12 @@ pub async fn out_of_pipe(
         to.write_all(out).await?;
         to.flush().await?;
         raw += out.len() as u64;
+        if let Some(OnSent(f)) = &shaping.on_received {
+            f(Moved {
+                raw: out.len() as u64,
+                wire: n as u64,
+            });
+        }
     }
 }
 
