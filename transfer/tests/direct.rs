@@ -546,6 +546,21 @@ async fn carried_pipe(
     (client_app, server_app, client, server)
 }
 
+/// A callback for `Shaping::on_sent`/`on_received` that adds up what it is told.
+fn meter() -> (
+    Arc<std::sync::Mutex<ferry_transfer::Moved>>,
+    ferry_transfer::OnSent,
+) {
+    let total = Arc::new(std::sync::Mutex::new(ferry_transfer::Moved::default()));
+    let t = total.clone();
+    let f = ferry_transfer::OnSent(Arc::new(move |m| {
+        let mut c = t.lock().unwrap();
+        c.raw += m.raw;
+        c.wire += m.wire;
+    }));
+    (total, f)
+}
+
 /// Compression on a request/response pipe (CRIU's lazy pages, QEMU's post-copy): a
 /// small request gets through at once, 4 MiB of compressible reply arrives complete
 /// while the pipe stays open (nothing is held back for a better ratio), and far fewer
@@ -559,24 +574,14 @@ async fn carry_compresses_a_pipe_without_holding_bytes_back() {
         zstd_level: Some(3),
         ..Default::default()
     };
-    let counted = Arc::new(std::sync::Mutex::new(ferry_transfer::Moved::default()));
-    let meter = counted.clone();
+    let (counted, on_sent) = meter();
     let server_shaping = ferry_transfer::Shaping {
-        on_sent: Some(ferry_transfer::OnSent(Arc::new(move |m| {
-            let mut c = meter.lock().unwrap();
-            c.raw += m.raw;
-            c.wire += m.wire;
-        }))),
+        on_sent: Some(on_sent),
         ..zstd.clone()
     };
-    let arrived = Arc::new(std::sync::Mutex::new(ferry_transfer::Moved::default()));
-    let meter = arrived.clone();
+    let (arrived, on_received) = meter();
     let client_shaping = ferry_transfer::Shaping {
-        on_received: Some(ferry_transfer::OnSent(Arc::new(move |m| {
-            let mut c = meter.lock().unwrap();
-            c.raw += m.raw;
-            c.wire += m.wire;
-        }))),
+        on_received: Some(on_received),
         ..zstd
     };
     let (mut client, mut server, c, s) =

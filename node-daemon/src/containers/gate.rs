@@ -64,7 +64,7 @@ pub(super) async fn open(
     mut pages: watch::Receiver<u64>,
     opened: Arc<Mutex<Option<u64>>>,
 ) {
-    let pages_at = match release {
+    let mut pages_at = match release {
         Release::Now => 0,
         Release::AfterPages(n) => n,
         Release::WhenStaged => u64::MAX,
@@ -87,23 +87,8 @@ pub(super) async fn open(
             // The counter's sender lives as long as the relays: once they are gone,
             // only staging can open the gate.
             r = pages.changed(), if pages_at != u64::MAX => if r.is_err() {
-                return open_when_staged(root, pod_uid, need, staged, opened).await;
+                pages_at = u64::MAX;
             },
-        }
-    }
-    kill_gate(&root, &pod_uid, &opened).await;
-}
-
-async fn open_when_staged(
-    root: Runc,
-    pod_uid: String,
-    need: usize,
-    mut staged: watch::Receiver<usize>,
-    opened: Arc<Mutex<Option<u64>>>,
-) {
-    while *staged.borrow_and_update() < need {
-        if staged.changed().await.is_err() {
-            return;
         }
     }
     kill_gate(&root, &pod_uid, &opened).await;
