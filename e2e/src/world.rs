@@ -197,12 +197,14 @@ impl World {
             let daemon = start_daemon(
                 &lan_node,
                 &kube,
-                &daemon_bin,
                 &state_dir,
-                &vm_root,
                 ferry,
-                &env.cluster(cluster).kubeconfig,
-                &opts.daemon_args,
+                &DaemonFlags {
+                    bin: &daemon_bin,
+                    vm_root: &vm_root,
+                    kubeconfig: &env.cluster(cluster).kubeconfig,
+                    extra_args: &opts.daemon_args,
+                },
             )?;
             // The daemon announces itself (`--register-node`); the controller finds
             // it only then.
@@ -271,12 +273,14 @@ impl World {
         *d = start_daemon(
             &n.lan,
             &n.kube,
-            &self.daemon_bin,
             &n.state_dir,
-            &self.vm_root,
             n.ferry_runtime,
-            &self.env.cluster(&n.cluster).kubeconfig,
-            &self.daemon_args,
+            &DaemonFlags {
+                bin: &self.daemon_bin,
+                vm_root: &self.vm_root,
+                kubeconfig: &self.env.cluster(&n.cluster).kubeconfig,
+                extra_args: &self.daemon_args,
+            },
         )?;
         Ok(())
     }
@@ -621,16 +625,28 @@ impl World {
     }
 }
 
+/// What every node's daemon of one cluster is started with.
+struct DaemonFlags<'a> {
+    bin: &'a Path,
+    vm_root: &'a Path,
+    kubeconfig: &'a Path,
+    /// `WorldOptions::daemon_args`, after the World's own flags.
+    extra_args: &'a [String],
+}
+
 fn start_daemon(
     lan_node: &ferry_testkit::netns::Node,
     kube: &KubeNode,
-    bin: &Path,
     state_dir: &Path,
-    vm_root: &Path,
     ferry_runtime: bool,
-    kubeconfig: &Path,
-    extra_args: &[String],
+    flags: &DaemonFlags,
 ) -> Result<ChildGuard> {
+    let DaemonFlags {
+        bin,
+        vm_root,
+        kubeconfig,
+        extra_args,
+    } = *flags;
     let tls = ferry_testkit::pki::node_tls_dir(
         &kube.dir().join("ferry-tls"),
         kube.name(),
