@@ -244,10 +244,9 @@ impl Raw {
 
     /// Cold by hand; returns the downtime in ms and its steps.
     pub(super) fn cold(&self, mib: u64, run: usize) -> Result<(f64, serde_json::Value)> {
-        let id = format!("raw-cold-{mib}-{run}");
-        let result = self.cold_inner(&id, mib);
-        self.remove(&id);
-        result
+        self.removing(&format!("raw-cold-{mib}-{run}"), |id| {
+            self.cold_inner(id, mib)
+        })
     }
 
     fn cold_inner(&self, id: &str, mib: u64) -> Result<(f64, serde_json::Value)> {
@@ -281,9 +280,16 @@ impl Raw {
 
     /// Lazy pages by hand; returns (downtime ms, until every page arrived ms, steps).
     pub(super) fn lazy(&self, mib: u64, run: usize) -> Result<(f64, f64, serde_json::Value)> {
-        let id = format!("raw-lazy-{mib}-{run}");
-        let result = self.lazy_inner(&id, mib);
-        self.remove(&id);
+        self.removing(&format!("raw-lazy-{mib}-{run}"), |id| {
+            self.lazy_inner(id, mib)
+        })
+    }
+
+    /// Runs one by-hand move of container `id`, then removes what it left, whether it
+    /// succeeded or not.
+    fn removing<T>(&self, id: &str, run: impl FnOnce(&str) -> Result<T>) -> Result<T> {
+        let result = run(id);
+        self.remove(id);
         result
     }
 
