@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the node stack for real test nodes (see docs/testenv.md) from Go modules:
-#   kubelet          k8s.io/kubernetes (version and replace directives of nodestack/kubelet/go.mod,
-#                    which follows testenv/go.mod)
+#   kubelet, kube-proxy   k8s.io/kubernetes (version and replace directives of
+#                    nodestack/kubelet/go.mod, which follows testenv/go.mod); kube-proxy
+#                    serves the Services of the client-gap measurement (docs/benchmarks.md)
 #   containerd, containerd-shim-runc-v2, ctr   github.com/containerd/containerd/v2
 #   bridge, host-local, loopback               github.com/containernetworking/plugins
 #   crictl                                     sigs.k8s.io/cri-tools
@@ -15,7 +16,7 @@ CONTAINERD_VERSION=v2.4.2
 CNI_PLUGINS_VERSION=v1.10.0
 CRI_TOOLS_VERSION=v1.34.0
 # Bump when the build flags below change (comments may change freely).
-RECIPE=1
+RECIPE=2
 
 cd "$FERRY_ROOT/nodestack/kubelet"
 key=$(cache_key <(echo "$RECIPE $CONTAINERD_VERSION $CNI_PLUGINS_VERSION $CRI_TOOLS_VERSION") go.mod go.sum)
@@ -26,13 +27,13 @@ if [ ! -x "$out/kubelet" ]; then
 
   k8s_version=$(go list -m -f "{{.Version}}" k8s.io/kubernetes)
   minor=$(echo "$k8s_version" | cut -d. -f2)
-  log "building kubelet $k8s_version (a few minutes without a warm Go build cache)"
+  log "building kubelet and kube-proxy $k8s_version (a few minutes without a warm Go build cache)"
   # Same flags and environment as build-testenv.sh, so packages shared with the
   # control plane come from the Go build cache.
   go build -trimpath -o "$tmp/" -ldflags "-s -w \
     -X k8s.io/component-base/version.gitVersion=$k8s_version \
     -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
-    k8s.io/kubernetes/cmd/kubelet
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 
   # The others have no replace directives: `go install module@version` builds them
   # exactly as their own go.mod pins them.
@@ -59,6 +60,8 @@ if [ ! -x "$out/kubelet" ]; then
     -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
     "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
 
+  "$tmp/kube-proxy" --version | grep -qx "Kubernetes $k8s_version" ||
+    { log "kube-proxy reports '$("$tmp/kube-proxy" --version)', not $k8s_version"; exit 1; }
   "$tmp/kubelet" --version | grep -qx "Kubernetes $k8s_version" ||
     { log "kubelet reports '$("$tmp/kubelet" --version)', not $k8s_version"; exit 1; }
   rm -rf "$out" && mv "$tmp" "$out"

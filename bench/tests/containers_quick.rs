@@ -1,8 +1,10 @@
 //! The container benchmark in quick mode: a 64 MiB memhog Pod moved Cold and Live by
 //! ferry's controller between real nodes, beside the same container moved by hand with
 //! runc + CRIU; moved Cold through a MinIO bucket beside the Direct move and a plain
-//! PUT + GET; and Cold as four 16 MiB containers beside the one 64 MiB. Proves every
-//! case runs and yields numbers, and that they plot; asserts nothing about speed.
+//! PUT + GET; Cold as four 16 MiB containers beside the one 64 MiB; and Cold within east
+//! while a client calls it through its Service (kube-proxy), the client's gap beside
+//! the Migration's downtime. Proves every case runs and yields numbers, and that they
+//! plot; asserts nothing about speed.
 #[test]
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
@@ -36,6 +38,16 @@ fn containers_bench_quick_runs() {
             );
         }
     }
+    // The client behind the Service was answered before and after the move, and waited
+    // through the move: no copy answers while the workload is frozen, so its longest
+    // wait is of the order of the downtime (half of it, to leave the clocks' skew out).
+    let gap = ms
+        .iter()
+        .find(|m| m.case == "containers/service-cold-64MiB" && m.metric == "client_gap_ms")
+        .unwrap_or_else(|| panic!("no client gap in {ms:?}"));
+    assert!(gap.ferry.is_finite() && gap.baseline > 0.0, "{gap:?}");
+    assert!(gap.ferry >= gap.baseline / 2.0, "{gap:?}");
+    assert!(gap.details["calls_answered"].as_u64() > Some(0), "{gap:?}");
     // The baseline's own steps add up to its downtime (the clock runs from the
     // checkpoint's start to the restore's return, step after step).
     for case in ["containers/cold-64MiB", "containers/live-64MiB"] {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters};
 use ferry_crds::{Migration, Phase};
 use ferry_testkit::containers::{criu, in_node};
-use ferry_testkit::kube_node::{self, KubeNode, NodeOptions};
+use ferry_testkit::kube_node::{self, KubeNode, KubeProxy, NodeOptions};
 use ferry_testkit::netns::Lan;
 use ferry_testkit::process::ChildGuard;
 use ferry_testkit::testenv::{self, TestEnv};
@@ -56,6 +56,8 @@ pub struct World {
     controllers: Vec<tokio::task::JoinHandle<()>>,
     /// East's eviction webhook, when served (`webhook.rs`).
     pub(crate) webhook: Option<crate::webhook::WebhookServer>,
+    /// Client hosts running kube-proxy ([`World::start_client_host`]).
+    client_hosts: Vec<KubeProxy>,
     _lan: Lan,
 }
 
@@ -248,8 +250,34 @@ impl World {
             poll_interval: opts.poll_interval.unwrap_or(Duration::from_millis(100)),
             controllers: Vec::new(),
             webhook: None,
+            client_hosts: Vec::new(),
             _lan: lan,
         })
+    }
+
+    /// A client host of `cluster` named `label`: a namespace on the LAN running
+    /// kube-proxy for that cluster, where its Services' ClusterIPs answer and every
+    /// pod IP routes. Returns its namespace, to run clients in.
+    pub fn start_client_host(
+        &mut self,
+        cluster: &str,
+        label: &str,
+    ) -> Result<ferry_testkit::netns::Node> {
+        let node = self._lan.add_node(label)?;
+        let pods: Vec<&KubeNode> = self.nodes.iter().map(|n| &n.kube).collect();
+        let as_node = self
+            .nodes
+            .iter()
+            .find(|n| n.cluster == cluster)
+            .with_context(|| format!("no node in cluster {cluster}"))?
+            .name
+            .clone();
+        let dir = self.base.join(label);
+        let info = self.env.cluster(cluster);
+        let proxy = KubeProxy::start(node.clone(), info, &as_node, &pods, &dir)
+            .with_context(|| format!("starting kube-proxy for {cluster} in {label}"))?;
+        self.client_hosts.push(proxy);
+        Ok(node)
     }
 
     /// The LAN's host address: what every node reaches (the apiservers, a MinIO).

@@ -28,8 +28,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod config;
+mod proxy;
 mod teardown;
 
+pub use proxy::KubeProxy;
 pub use teardown::route_pod_networks;
 
 /// What a node runs with; see [`KubeNode::start`].
@@ -117,6 +119,7 @@ pub fn nodestack_bin() -> Result<PathBuf> {
         .unwrap_or_else(|| "/var/cache/ferry/nodestack/bin".into());
     for b in [
         "kubelet",
+        "kube-proxy",
         "containerd",
         "containerd-shim-runc-v2",
         "ctr",

@@ -30,6 +30,7 @@
 //! docs/containers.md).
 mod baseline;
 mod report;
+mod service;
 
 pub use report::step_breakdown;
 
@@ -45,19 +46,28 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The workload: touches MIB MiB of heap (one write per page, so every page is
-/// resident and none is the shared zero page), says so, then idles forever.
+/// resident and none is the shared zero page), says so, then idles forever, or with
+/// `--serve PORT` answers every TCP connection on PORT with one line, `memhog`.
 /// `--devnull` first points its stdio at the container's own /dev/null: runc hands a
 /// standalone container the host stdio it was started with, and CRIU cannot dump files
 /// from outside the container. In a Pod the CRI shim's stdio is ferry's to handle.
 const MEMHOG_C: &str = r#"
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: memhog MIB [--devnull]\n"); return 2; }
-    if (argc > 2 && strcmp(argv[2], "--devnull") == 0) {
+    int devnull = 0, port = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--devnull") == 0) devnull = 1;
+        else if (strcmp(argv[i], "--serve") == 0 && i + 1 < argc) port = atoi(argv[++i]);
+        else argc = 0;
+    }
+    if (argc < 2) { fprintf(stderr, "usage: memhog MIB [--devnull] [--serve PORT]\n"); return 2; }
+    if (devnull) {
         int fd = open("/dev/null", O_RDWR);
         dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
         if (fd > 2) close(fd);
@@ -68,6 +78,18 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i += 4096) p[i] = (char)((i >> 12) | 1);
     printf("memhog: %s MiB resident\n", argv[1]);
     fflush(stdout);
+    if (port) {
+        int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 128)) { perror("listen"); return 1; }
+        for (;;) {
+            int c = accept(s, NULL, NULL);
+            if (c < 0) continue;
+            if (write(c, "memhog\n", 7) < 0) perror("write");
+            close(c);
+        }
+    }
     for (;;) usleep(10000);
 }
 "#;
@@ -154,6 +176,7 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
     )
     .await?;
     world.start_controller();
+    let client_host = world.start_client_host("east", "east-client")?;
     let w = &world;
     let minio = MinioServer::start_on(w.host_ip())?;
     minio.create_bucket(bucket::BUCKET).await?;
@@ -234,6 +257,20 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
             (put, get),
             store.steps.take(),
         ));
+        // Called through its Service while it moves; the run with the shortest gap.
+        let mut best: Option<service::GapRun> = None;
+        for run in 0..runs {
+            let r = service::client_gap(w, &client_host, mib, run).await?;
+            eprintln!(
+                "[bench] ferry Cold {mib} MiB called through its Service run {run}: \
+                 client gap {:.0} ms, downtime {:.0} ms",
+                r.gap_ms, r.downtime_ms
+            );
+            if best.as_ref().is_none_or(|b| r.gap_ms < b.gap_ms) {
+                best = Some(r);
+            }
+        }
+        out.extend(service::measurement(mib, runs, best));
     }
     drop(raw);
     drop(world);
@@ -399,14 +436,20 @@ async fn ferry_run(
     w.apply_migration(&ns, &yaml).await?;
     let m = w.follow(&ns, "m", MIGRATION_TIMEOUT, |_| {}).await?;
     let result = timings(&m).with_context(|| format!("{strategy:?} migration of {mib} MiB"));
-    // Free the memory (a 1 GiB Pod per run) before the next case.
-    w.clean_namespace(&ns).await;
+    cleanup(w, &ns).await;
+    result
+}
+
+/// Frees a run's memory (a 1 GiB Pod per run) before the next case: its namespace's
+/// objects go in both clusters, and the Pods are waited for.
+async fn cleanup(w: &World, ns: &str) {
+    w.clean_namespace(ns).await;
     for cluster in ["east", "west"] {
         let _ = w
             .kubectl(cluster)
             .args([
                 "-n",
-                &ns,
+                ns,
                 "wait",
                 "--for=delete",
                 "pod",
@@ -415,7 +458,6 @@ async fn ferry_run(
             ])
             .output();
     }
-    result
 }
 
 /// downtime_ms, total_ms and `timings.steps` of a Migration that must have Succeeded.

@@ -42,6 +42,23 @@ pub fn option_hint(dump_log: &str) -> Option<&'static str> {
     }
 }
 
+/// The options file of a dump (`CRIU_CONFIG_FILE`; CRIU reads it before the request
+/// runc sends, which does not override these): what runc's `checkpoint` has no flag for.
+pub fn dump_config(lazy: bool) -> String {
+    // A connection a client opened while the pod was frozen waits, handshake done, in
+    // its listener's accept queue: CRIU cannot move it and would fail the whole dump
+    // ("In-flight connection"), so a busy server could never move. Skipped, it is
+    // dropped with the source, as every connection to the source's pod IP is.
+    let mut c = String::from("skip-in-flight\n");
+    if lazy {
+        // CRIU's RPC takes only the port of a lazy page server and listens on every
+        // address; this keeps it on loopback, where the relay reaches it (relay.rs).
+        // The e2e test lists CRIU's sockets to hold this.
+        c.push_str("address 127.0.0.1\n");
+    }
+    c
+}
+
 #[derive(Debug, Clone)]
 pub struct Criu {
     pub binary: PathBuf,
@@ -377,6 +394,12 @@ fn lazy_pipe_check(pipe_max: Option<u64>, cap_sys_resource: bool) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_dump_skips_queued_connections_and_a_lazy_one_serves_on_loopback() {
+        assert_eq!(dump_config(false), "skip-in-flight\n");
+        assert_eq!(dump_config(true), "skip-in-flight\naddress 127.0.0.1\n");
+    }
 
     #[test]
     fn lazy_pipe_needs_cap_or_sysctl() {

@@ -144,7 +144,19 @@ impl Runc {
         criu_log: Option<&Path>,
         limit: Option<Duration>,
     ) -> Result<Vec<u8>, RuntimeError> {
-        tracing::debug!(runc = %self.binary.display(), ?args, "runc");
+        self.exec(args, &[], criu_log, limit).await
+    }
+
+    /// [`Runc::run_within`] with `env` added to runc's environment (which the CRIU it
+    /// starts inherits: `CRIU_CONFIG_FILE` carries the options runc has no flag for).
+    async fn exec(
+        &self,
+        args: Vec<String>,
+        env: &[(&str, &Path)],
+        criu_log: Option<&Path>,
+        limit: Option<Duration>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        tracing::debug!(runc = %self.binary.display(), ?args, ?env, "runc");
         let spawn_err = |e: std::io::Error| {
             RuntimeError::command(
                 &self.binary.display().to_string(),
@@ -156,6 +168,7 @@ impl Runc {
         };
         let child = Command::new(&self.binary)
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -203,6 +216,16 @@ impl Runc {
         criu_log: Option<&Path>,
     ) -> Result<Vec<u8>, RuntimeError> {
         self.run_within(args, criu_log, None).await
+    }
+
+    /// [`Runc::run`] with `env` added to runc's environment (see [`Runc::exec`]).
+    pub async fn run_env(
+        &self,
+        args: Vec<String>,
+        env: &[(&str, &Path)],
+        criu_log: Option<&Path>,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        self.exec(args, env, criu_log, None).await
     }
 
     /// Starts runc without waiting (a lazy-pages checkpoint keeps serving pages after the

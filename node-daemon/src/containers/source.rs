@@ -1,6 +1,6 @@
 //! The source side of a container migration: freeze the pod, dump, send, and end or
 //! resume the frozen copy.
-use super::criu::option_hint;
+use super::criu::{self, option_hint};
 use super::page_route::{self, PageRoute};
 use super::pod::{self, Freezer, PodContainer};
 use super::runc::{CheckpointOpts, kill_group};
@@ -12,7 +12,7 @@ use crate::runtime::*;
 use ferry_transfer::{S3Config, S3Store};
 use futures::future::try_join_all;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -327,8 +327,13 @@ impl ContainerRuntime {
                 .map_err(RuntimeError::io("writing lazy source address"))?;
             (Some(child), relay)
         } else {
+            let conf = dump_options(&work, false)?;
             c.runc
-                .run(args.clone(), Some(&dump_log))
+                .run_env(
+                    args.clone(),
+                    &[("CRIU_CONFIG_FILE", &conf)],
+                    Some(&dump_log),
+                )
                 .await
                 .map_err(|e| with_hint(e, &dump_log))?;
             // The dump ends after the page server acknowledged its last pages, so the
@@ -511,14 +516,8 @@ impl ContainerRuntime {
         dump_log: &Path,
         serving: &Mutex<Vec<u32>>,
     ) -> Result<tokio::process::Child, RuntimeError> {
-        // CRIU's RPC (how runc drives it) takes only the port of a lazy page server and
-        // listens on every address; an options file (read before the RPC request, and
-        // not overridden by it for lazy dumps) keeps it on loopback, where the relay
-        // reaches it (relay.rs). The e2e test lists CRIU's sockets to hold this.
         let work = dump_log.parent().unwrap_or(Path::new("."));
-        let conf = work.join("criu-lazy.conf");
-        std::fs::write(&conf, "address 127.0.0.1\n")
-            .map_err(RuntimeError::io("writing the lazy dump's CRIU options"))?;
+        let conf = dump_options(work, true)?;
         let mut child = c.runc.spawn(args, &[("CRIU_CONFIG_FILE", &conf)])?;
         if let Some(pgid) = child.id() {
             serving.lock().unwrap().push(pgid);
@@ -642,6 +641,14 @@ fn thaw_all(freezers: &[Freezer]) -> Result<(), RuntimeError> {
         }
     }
     first
+}
+
+/// Writes the dump's CRIU options file into its work dir ([`criu::dump_config`]).
+fn dump_options(work: &Path, lazy: bool) -> Result<PathBuf, RuntimeError> {
+    let conf = work.join("criu-dump.conf");
+    std::fs::write(&conf, criu::dump_config(lazy))
+        .map_err(RuntimeError::io("writing the dump's CRIU options"))?;
+    Ok(conf)
 }
 
 /// A failed dump, with the Migration setting that would let it pass when CRIU's log

@@ -1,0 +1,502 @@
+//! What a client sees: a memhog Pod serving TCP behind a Service, called through the
+//! Service's ClusterIP from a client host of east (`World::start_client_host`:
+//! kube-proxy in iptables mode, as on any node) while a Cold Migration moves the Pod
+//! from east-1 to east-2. The target Pod carries the source's labels, so it joins the
+//! Service once its kubelet reports it Ready; the source leaves it when it is deleted.
+//!
+//! The client gap is the longest time between two answered calls, from the Migration's
+//! creation to the end: what the client waited for. Its baseline is the same
+//! Migration's own `downtimeMs` (freeze to restored-and-running); the issue's goal is
+//! a gap of at most that plus 100 ms. Every call is a fresh connection (as a client
+//! behind kube-proxy makes), several calls in flight at once, each given up after
+//! [`CALL_TIMEOUT`]: a call that kube-proxy sends to the frozen source connects (the
+//! kernel still accepts into the frozen listener's queue) and then times out. Those
+//! queued connections are in the source's dump; CRIU is told to skip them
+//! (`criu::dump_config`), or the dump fails.
+//!
+//! Where the gap goes beyond the downtime, from the clocks of one machine: the last
+//! answer before the freeze (the daemons' `freeze` step), the restore's end (the last
+//! `restore/` step) to the target's endpoint turning ready in the Service's
+//! EndpointSlice (watched: the kubelet reporting the Pod Ready, then the EndpointSlice
+//! controller), and from there to the first answer (kube-proxy's rules, one call).
+use super::{SOURCE_NODE, cleanup, timings, wait_resident};
+use crate::Measurement;
+use anyhow::{Context, Result, bail};
+use ferry_e2e::world::World;
+use ferry_testkit::netns;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The node the Pod moves to, in the source's own cluster (the Service is east's).
+const TARGET_NODE: &str = "east-2";
+const PORT: u16 = 8080;
+/// How long one call may take. Short, so that a call kube-proxy sent to the frozen
+/// source does not hide the moment the target answers; the callers overlap.
+const CALL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Callers: each makes one call after another.
+const CALLERS: usize = 4;
+/// How long the callers keep calling after the Migration ended.
+const AFTER: Duration = Duration::from_secs(2);
+
+/// One run of the case.
+pub(super) struct GapRun {
+    pub gap_ms: f64,
+    /// The Migration's own `downtimeMs`.
+    pub downtime_ms: f64,
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The ready addresses behind the Service each time they changed (Unix ms).
+type History = Vec<(f64, BTreeSet<String>)>;
+
+pub(super) async fn client_gap(
+    w: &World,
+    client: &netns::Node,
+    mib: u64,
+    run: usize,
+) -> Result<GapRun> {
+    let ns = format!("service-{mib}-{run}");
+    w.namespace(&ns).await?;
+    let result = measure(w, client, &ns, mib).await;
+    cleanup(w, &ns).await;
+    result
+}
+
+async fn measure(w: &World, client: &netns::Node, ns: &str, mib: u64) -> Result<GapRun> {
+    let mut pod = super::memhog_pod(mib, 1);
+    pod["spec"]["containers"][0]["args"] =
+        serde_json::json!([mib.to_string(), "--serve", PORT.to_string()]);
+    pod["spec"]["containers"][0]["ports"] = serde_json::json!([{"containerPort": PORT}]);
+    let source = w.create_pod(ns, pod).await?;
+    let source_ip = source
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("the source Pod has no IP")?;
+    tokio::task::block_in_place(|| {
+        wait_resident(mib, || w.container_pid(SOURCE_NODE, ns, "memhog", "hog"))
+    })?;
+    let endpoints = Endpoints::watch(Api::namespaced(w.east.clone(), ns));
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "memhog"},
+        "spec": {"selector": {"app": "memhog"}, "ports": [{"port": 80, "targetPort": PORT}]}
+    }))?;
+    let svc = Api::<Service>::namespaced(w.east.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the Service got no ClusterIP")?;
+    let addr: SocketAddr = format!("{ip}:80").parse()?;
+    // kube-proxy writes the Service's rules once its EndpointSlice names the Pod.
+    let callers = Callers::start(client, addr)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while callers.answered() == 0 {
+        if Instant::now() > deadline {
+            let calls = callers.stop()?;
+            let n = |o: Outcome| calls.iter().filter(|c| c.outcome == o).count();
+            bail!(
+                "no call through the Service {addr} was answered in 30 s: {} timed out, \
+                 {} refused",
+                n(Outcome::TimedOut),
+                n(Outcome::Refused)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let yaml = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Migration\nmetadata: {{name: m}}\nspec:\n  \
+         workload: {{pod: memhog}}\n  target: {{node: {TARGET_NODE}}}\n  strategy: Cold\n"
+    );
+    let created = unix_ms();
+    w.apply_migration(ns, &yaml).await?;
+    let m = w.follow(ns, "m", super::MIGRATION_TIMEOUT, |_| {}).await;
+    tokio::time::sleep(AFTER).await;
+    let calls = callers.stop()?;
+    let history = endpoints.stop();
+    let (downtime, _total, steps) = timings(&m?)?;
+    let (last, first) = longest_gap(&calls, created).with_context(|| {
+        format!(
+            "calls through the Service: {} answered, {} before the Migration",
+            calls.iter().filter(|c| c.answered()).count(),
+            calls
+                .iter()
+                .filter(|c| c.answered() && c.end < created)
+                .count()
+        )
+    })?;
+    let mut details = serde_json::Map::new();
+    details.insert("rss_mib".into(), mib.into());
+    details.insert("strategy".into(), "Cold".into());
+    details.insert(
+        "route".into(),
+        format!("{SOURCE_NODE} -> {TARGET_NODE} (same cluster), called through the Service").into(),
+    );
+    details.insert("goal_ms".into(), (downtime + 100.0).into());
+    let after: Vec<&Call> = calls.iter().filter(|c| c.end >= created).collect();
+    for (key, what) in [
+        ("calls_answered", Outcome::Answered),
+        ("calls_timed_out", Outcome::TimedOut),
+        ("calls_refused", Outcome::Refused),
+    ] {
+        let n = after.iter().filter(|c| c.outcome == what).count();
+        details.insert(key.into(), n.into());
+    }
+    let steps = steps.unwrap_or_default();
+    let moments = Moments {
+        freeze: step_edge(&steps, |n| n == "freeze", false),
+        restored: step_edge(&steps, |n| n.starts_with("restore/"), true),
+        target_ready: history
+            .iter()
+            .find(|(_, ready)| ready.iter().any(|a| *a != source_ip))
+            .map(|(t, _)| *t),
+        source_left: history
+            .iter()
+            .find(|(t, ready)| *t > created && !ready.contains(&source_ip))
+            .map(|(t, _)| *t),
+    };
+    details.insert("breakdown".into(), moments.breakdown(last, first));
+    Ok(GapRun {
+        gap_ms: first - last,
+        downtime_ms: downtime,
+        details,
+    })
+}
+
+/// When things happened during one move, in Unix ms (all on this machine's clock).
+struct Moments {
+    /// The daemons froze the source.
+    freeze: Option<f64>,
+    /// The last container's restore returned: the target runs.
+    restored: Option<f64>,
+    /// An address other than the source's turned ready in the Service's EndpointSlice.
+    target_ready: Option<f64>,
+    /// The source's address left the ready ones.
+    source_left: Option<f64>,
+}
+
+impl Moments {
+    /// The client's gap (from the answer at `last` to the one at `first`), cut at
+    /// these moments: each figure in ms, absent where a moment was not seen.
+    fn breakdown(&self, last: f64, first: f64) -> serde_json::Value {
+        let span = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => serde_json::json!(b - a),
+            _ => serde_json::Value::Null,
+        };
+        serde_json::json!({
+            "last_answer_to_freeze_ms": span(Some(last), self.freeze),
+            "freeze_to_restored_ms": span(self.freeze, self.restored),
+            "restored_to_target_endpoint_ready_ms": span(self.restored, self.target_ready),
+            "target_endpoint_ready_to_first_answer_ms": span(self.target_ready, Some(first)),
+            "restored_to_source_endpoint_gone_ms": span(self.restored, self.source_left),
+        })
+    }
+}
+
+/// The start (or with `end`, the latest end) of the steps whose name `pick` accepts.
+fn step_edge(steps: &serde_json::Value, pick: impl Fn(&str) -> bool, end: bool) -> Option<f64> {
+    steps
+        .as_array()?
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(&pick))
+        .filter_map(|s| {
+            let start = s["startMs"].as_f64()?;
+            Some(if end {
+                start + s["durationMs"].as_f64()?
+            } else {
+                start
+            })
+        })
+        .reduce(f64::max)
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// The ready addresses behind the Service, each time they changed (Unix ms), from a
+/// watch of its EndpointSlices.
+struct Endpoints {
+    history: Arc<Mutex<History>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoints {
+    fn watch(api: Api<EndpointSlice>) -> Endpoints {
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let h = history.clone();
+        let task = tokio::spawn(async move {
+            let cfg = watcher::Config::default().labels("kubernetes.io/service-name=memhog");
+            let mut slices: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            let mut events = std::pin::pin!(watcher(api, cfg));
+            while let Some(event) = events.next().await {
+                let (name, ready) = match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        (s.name_any(), ready_addresses(&s))
+                    }
+                    Ok(watcher::Event::Delete(s)) => (s.name_any(), BTreeSet::new()),
+                    _ => continue,
+                };
+                slices.insert(name, ready);
+                let all: BTreeSet<String> = slices.values().flatten().cloned().collect();
+                let mut h = h.lock().unwrap();
+                if h.last().is_none_or(|(_, last)| *last != all) {
+                    h.push((unix_ms(), all));
+                }
+            }
+        });
+        Endpoints { history, task }
+    }
+
+    fn stop(self) -> History {
+        self.task.abort();
+        std::mem::take(&mut *self.history.lock().unwrap())
+    }
+}
+
+/// The addresses of a slice's endpoints that are ready (what kube-proxy routes to).
+fn ready_addresses(s: &EndpointSlice) -> BTreeSet<String> {
+    s.endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect()
+}
+
+/// The case's measurement: the gap beside the same Migration's downtime.
+pub(super) fn measurement(mib: u64, runs: usize, best: Option<GapRun>) -> Option<Measurement> {
+    let GapRun {
+        gap_ms: gap,
+        downtime_ms: downtime,
+        mut details,
+    } = best?;
+    details.insert("runs".into(), runs.into());
+    Some(Measurement {
+        case: format!("containers/service-cold-{mib}MiB"),
+        metric: "client_gap_ms".into(),
+        ferry: gap,
+        baseline: downtime,
+        baseline_name: "its Migration's downtime (freeze to restored)".into(),
+        details,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Outcome {
+    Answered,
+    TimedOut,
+    /// Refused or reset: no endpoint behind the ClusterIP, or none listening.
+    Refused,
+}
+
+#[derive(Debug)]
+struct Call {
+    /// When it returned, in Unix ms.
+    end: f64,
+    outcome: Outcome,
+}
+
+impl Call {
+    fn answered(&self) -> bool {
+        self.outcome == Outcome::Answered
+    }
+}
+
+/// The two answered calls with the longest time between them, the later one after
+/// `from` (Unix ms): when they returned.
+fn longest_gap(calls: &[Call], from: f64) -> Result<(f64, f64)> {
+    let mut ends: Vec<f64> = calls
+        .iter()
+        .filter(|c| c.answered())
+        .map(|c| c.end)
+        .collect();
+    ends.sort_by(f64::total_cmp);
+    if !ends.iter().any(|&e| e < from) {
+        bail!("no call was answered before the Migration");
+    }
+    if ends.last().is_none_or(|&last| last < from) {
+        bail!("no call was answered after the Migration was created");
+    }
+    let gap = |p: &&[f64]| p[1] - p[0];
+    let widest = ends
+        .windows(2)
+        .filter(|p| p[1] >= from)
+        .max_by(|a, b| gap(a).total_cmp(&gap(b)))
+        .expect("an answer before and one after");
+    Ok((widest[0], widest[1]))
+}
+
+/// Threads in the client host's namespace, each calling `addr` until stopped.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Result<Vec<Call>>>>,
+}
+
+impl Callers {
+    fn start(client: &netns::Node, addr: SocketAddr) -> Result<Callers> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..CALLERS {
+            let netns = std::fs::File::open(format!("/run/netns/{}", client.name()))
+                .with_context(|| format!("opening the namespace of {}", client.name()))?;
+            let (stop, answered) = (stop.clone(), answered.clone());
+            threads.push(std::thread::spawn(move || {
+                // This thread only: the rest of the bench stays in the host namespace.
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering the client host's namespace")?;
+                let mut calls = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = call(addr);
+                    if outcome == Outcome::Answered {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls.push(Call {
+                        end: unix_ms(),
+                        outcome,
+                    });
+                    if outcome != Outcome::TimedOut {
+                        // A refused call returns at once; do not spin on it.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                Ok(calls)
+            }));
+        }
+        Ok(Callers {
+            stop,
+            answered,
+            threads,
+        })
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    fn stop(self) -> Result<Vec<Call>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.threads {
+            all.extend(
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a caller panicked"))??,
+            );
+        }
+        Ok(all)
+    }
+}
+
+/// One call: connect, read the one line the workload writes, check it.
+fn call(addr: SocketAddr) -> Outcome {
+    let timed_out = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        )
+    };
+    let started = Instant::now();
+    let mut s = match TcpStream::connect_timeout(&addr, CALL_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) if timed_out(&e) => return Outcome::TimedOut,
+        Err(_) => return Outcome::Refused,
+    };
+    let left = CALL_TIMEOUT.saturating_sub(started.elapsed());
+    if s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .is_err()
+    {
+        return Outcome::Refused;
+    }
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) if got == b"memhog\n" => Outcome::Answered,
+        Ok(_) => Outcome::Refused,
+        Err(e) if timed_out(&e) => Outcome::TimedOut,
+        Err(_) => Outcome::Refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: f64, answered: bool) -> Call {
+        Call {
+            end: ms,
+            outcome: if answered {
+                Outcome::Answered
+            } else {
+                Outcome::TimedOut
+            },
+        }
+    }
+
+    #[test]
+    fn the_gap_is_the_longest_wait_between_answers_after_the_start() {
+        // A long wait before the Migration (ms 0..400) does not count; the one across
+        // it (500..900) does, unanswered calls in between or not.
+        let calls = [
+            at(950.0, true),
+            at(0.0, true),
+            at(400.0, true),
+            at(500.0, true),
+            at(600.0, false),
+            at(900.0, true),
+        ];
+        assert_eq!(longest_gap(&calls, 450.0).unwrap(), (500.0, 900.0));
+    }
+
+    #[test]
+    fn no_answer_on_one_side_of_the_start_is_an_error() {
+        let before = [at(0.0, true), at(900.0, false)];
+        let err = longest_gap(&before, 450.0).unwrap_err();
+        assert!(err.to_string().contains("after"), "{err}");
+        let after = [at(900.0, true)];
+        let err = longest_gap(&after, 450.0).unwrap_err();
+        assert!(err.to_string().contains("before"), "{err}");
+    }
+
+    #[test]
+    fn the_breakdown_cuts_the_gap_at_the_moments_seen() {
+        let m = Moments {
+            freeze: Some(110.0),
+            restored: Some(700.0),
+            target_ready: Some(950.0),
+            source_left: None,
+        };
+        let b = m.breakdown(100.0, 990.0);
+        assert_eq!(b["last_answer_to_freeze_ms"], 10.0);
+        assert_eq!(b["freeze_to_restored_ms"], 590.0);
+        assert_eq!(b["restored_to_target_endpoint_ready_ms"], 250.0);
+        assert_eq!(b["target_endpoint_ready_to_first_answer_ms"], 40.0);
+        assert!(b["restored_to_source_endpoint_gone_ms"].is_null());
+    }
+
+    #[test]
+    fn steps_give_the_freeze_and_the_last_restore() {
+        let steps = serde_json::json!([
+            {"name": "freeze", "startMs": 100, "durationMs": 2},
+            {"name": "restore/a", "startMs": 500, "durationMs": 100},
+            {"name": "restore/b", "startMs": 520, "durationMs": 120},
+        ]);
+        assert_eq!(step_edge(&steps, |n| n == "freeze", false), Some(100.0));
+        assert_eq!(
+            step_edge(&steps, |n| n.starts_with("restore/"), true),
+            Some(640.0)
+        );
+        assert_eq!(step_edge(&steps, |n| n == "nothing", false), None);
+    }
+}
