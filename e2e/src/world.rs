@@ -8,7 +8,7 @@
 //! cannot receive containers (a bad-input case).
 use anyhow::{Context, Result, bail};
 use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters};
-use ferry_crds::{Migration, Phase};
+use ferry_crds::{Migration, MigrationStatus, Phase};
 use ferry_testkit::containers::{criu, in_node};
 use ferry_testkit::kube_node::{self, KubeNode, KubeProxy, NodeOptions};
 use ferry_testkit::netns::Lan;
@@ -866,6 +866,16 @@ pub fn stamped_counter_pod(name: &str, node: &str, containers: &[&str]) -> serde
         /tv_usec/{u=$2} END{printf \"%.0f\", s*1000 + (n ? int(u/1000000) : int(u/1000))}'); \
         echo $i $ms; echo $i $ms >&3; usleep 50000; done";
     pod_running(name, node, containers, script)
+}
+
+/// The status of a Migration that must have Succeeded; otherwise an error with its
+/// failure.
+pub fn succeeded(m: &Migration) -> Result<MigrationStatus> {
+    let status = m.status.clone().context("no status")?;
+    if status.phase != Some(Phase::Succeeded) {
+        bail!("not Succeeded: {:?}", status.failure);
+    }
+    Ok(status)
 }
 
 /// A Pod on `node` whose containers each run `script` in busybox's sh.

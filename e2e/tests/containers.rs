@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, ObjectsState, Phase};
 use ferry_e2e::world::{
     World, WorldOptions, counter_pod, memory_counter_pod, numbers, object_store_transfer, stamped,
-    stamped_counter_pod, wait_for,
+    stamped_counter_pod, succeeded, wait_for,
 };
 use ferry_testkit::gate::GatedProxy;
 use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
@@ -57,12 +57,7 @@ async fn check_moved(
     node: &str,
     containers: &[&str],
 ) -> Result<()> {
-    let status = m.status.clone().context("no status")?;
-    ensure!(
-        status.phase == Some(Phase::Succeeded),
-        "not Succeeded: {:?}",
-        status.failure
-    );
+    let status = succeeded(m)?;
     let pods: Api<Pod> = Api::namespaced(w.client(cluster).clone(), ns);
     let target = pods.get(pod).await?;
     let spec = target.spec.clone().unwrap_or_default();
@@ -583,23 +578,8 @@ const LISTENER_IMAGE: &str = "docker.io/library/listener:ferry";
 
 /// The image of [`LISTEN_C`], built under `dir`.
 fn listener_image(dir: &std::path::Path) -> Result<std::path::PathBuf> {
-    let (src, bin, image) = (
-        dir.join("listen.c"),
-        dir.join("listen"),
-        dir.join("listener.tar"),
-    );
-    std::fs::write(&src, LISTEN_C)?;
-    let out = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .context("running gcc (scripts/install-deps.sh installs gcc and libc6-dev)")?;
-    ensure!(
-        out.status.success(),
-        "gcc -static listen.c: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let bin = ferry_testkit::oci::static_binary(dir, "listen", LISTEN_C)?;
+    let image = dir.join("listener.tar");
     let mut b = ferry_testkit::oci::ImageBuilder::new(LISTENER_IMAGE);
     b.file(&bin, "/listen", 0o755).entrypoint(&["/listen"]);
     b.write(&image)?;
@@ -640,12 +620,7 @@ async fn queued_connection(w: &World) -> Result<()> {
         &migration("m", "listener", "{node: east-2}", "Cold"),
     )
     .await?;
-    let status = m.status.clone().context("no status")?;
-    ensure!(
-        status.phase == Some(Phase::Succeeded),
-        "not Succeeded: {:?}",
-        status.failure
-    );
+    succeeded(&m)?;
     let target = target_pod(&m);
     wait_for(
         Duration::from_secs(30),

@@ -4,8 +4,8 @@
 //! number more than one over or under its replicas, it never creates a Pod of its own,
 //! and the moved Pod counts on. Pods of owners ferry cannot satisfy are refused.
 use anyhow::{Context, Result, ensure};
-use ferry_crds::{Migration, Phase};
-use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, wait_for};
+use ferry_crds::Migration;
+use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, succeeded, wait_for};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
@@ -167,12 +167,7 @@ async fn deployment_pod_moves(w: &World, ns: &str) -> Result<()> {
             eprintln!("[{ns}] m: {:?}", m.status.as_ref().and_then(|s| s.phase));
         })
         .await?;
-    let status = m.status.clone().context("no status")?;
-    ensure!(
-        status.phase == Some(Phase::Succeeded),
-        "not Succeeded: {:?}",
-        status.failure
-    );
+    let status = succeeded(&m)?;
     let target = status
         .target
         .as_ref()

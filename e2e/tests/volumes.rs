@@ -2,8 +2,8 @@
 //! Live within one), kept open by the processes that write them; a Pod on node-local
 //! storage is refused with the volume named, and runs on untouched.
 use anyhow::{Context, Result, ensure};
-use ferry_crds::{Migration, Phase};
-use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, pod_running};
+use ferry_crds::Migration;
+use ferry_e2e::world::{World, WorldOptions, counter_pod, numbers, pod_running, succeeded};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -112,12 +112,7 @@ async fn empty_dirs_move(w: &World, ns: &str, strategy: &str) -> Result<()> {
         ("{node: east-2}", "east", "east-2")
     };
     let m = run(w, ns, &migration("m", "scratchy", target, strategy)).await?;
-    let status = m.status.clone().context("no status")?;
-    ensure!(
-        status.phase == Some(Phase::Succeeded),
-        "not Succeeded: {:?}",
-        status.failure
-    );
+    let status = succeeded(&m)?;
     let pod = status
         .target
         .as_ref()

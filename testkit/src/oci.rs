@@ -352,6 +352,28 @@ fn layer_tar(entries: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
     Ok(tar.into_inner()?)
 }
 
+/// Compiles `c_source` into the static binary `dir/NAME` (`gcc -static -O2`, the
+/// source kept beside it as `NAME.c`): a test workload whose image or bundle needs
+/// nothing else.
+pub fn static_binary(dir: &Path, name: &str, c_source: &str) -> Result<PathBuf> {
+    let src = dir.join(format!("{name}.c"));
+    let bin = dir.join(name);
+    std::fs::write(&src, c_source).with_context(|| format!("writing {}", src.display()))?;
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .context("running gcc (scripts/install-deps.sh installs gcc and libc6-dev)")?;
+    if !out.status.success() {
+        bail!(
+            "gcc -static {name}.c: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(bin)
+}
+
 /// Adds `binary` and every shared library `ldd` lists for it (and the dynamic loader), at the same paths.
 pub fn add_with_libs(b: &mut ImageBuilder, binary: &Path, dest: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -42,7 +42,6 @@ use ferry_crds::{Migration, Phase};
 use ferry_e2e::world::{World, WorldOptions};
 use ferry_testkit::minio::MinioServer;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The workload: touches MIB MiB of heap (one write per page, so every page is
@@ -348,21 +347,7 @@ fn measurements(
 
 /// `memhog`, compiled static so the image and the bundle need nothing else.
 fn build_memhog(dir: &Path) -> Result<PathBuf> {
-    let src = dir.join("memhog.c");
-    let bin = dir.join("memhog");
-    std::fs::write(&src, MEMHOG_C)?;
-    let out = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .context("running gcc (scripts/install-deps.sh installs gcc and libc6-dev)")?;
-    ensure!(
-        out.status.success(),
-        "gcc -static memhog.c: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(bin)
+    ferry_testkit::oci::static_binary(dir, "memhog", MEMHOG_C)
 }
 
 /// The containers of a memhog Pod of `n`: `hog`, then `hog-1`, `hog-2`, ...
