@@ -48,6 +48,24 @@ fn containers_bench_quick_runs() {
     assert!(gap.ferry.is_finite() && gap.baseline > 0.0, "{gap:?}");
     assert!(gap.ferry >= gap.baseline / 2.0, "{gap:?}");
     assert!(gap.details["calls_answered"].as_u64() > Some(0), "{gap:?}");
+    assert_eq!(gap.details["readiness_gate"], true, "{gap:?}");
+    // The calls that timed out with the gate, beside the same move without it.
+    let calls = ms
+        .iter()
+        .find(|m| m.case == "containers/service-cold-64MiB" && m.metric == "calls_timed_out")
+        .unwrap_or_else(|| panic!("no timed-out calls in {ms:?}"));
+    assert_eq!(
+        calls.details["with_gate"]["readiness_gate"], true,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.details["without_gate"]["readiness_gate"], false,
+        "{calls:?}"
+    );
+    assert!(
+        calls.details["without_gate"]["calls_answered"].as_u64() > Some(0),
+        "{calls:?}"
+    );
     // The baseline's own steps add up to its downtime (the clock runs from the
     // checkpoint's start to the restore's return, step after step).
     for case in ["containers/cold-64MiB", "containers/live-64MiB"] {

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod queue;
 pub mod reconcile;
 pub mod server;
+pub mod serving;
 pub mod state;
 pub mod volumes;
 pub mod wake;
@@ -135,10 +136,12 @@ pub async fn run_with_leader_election(
     // The leader also keeps the disruption budgets that guard must-migrate Pods while
     // no controller answers the eviction webhook.
     let guard = drain::guard::run(ctx.client.clone(), settings.watch_namespace.clone());
+    // And gives gated Pods their first `ferry.dev/serving` value (`serving.rs`).
+    let serving = serving::keep(ctx.client.clone(), settings.watch_namespace.clone());
     let controller = run_controller(ctx, settings.watch_namespace.as_deref());
     elector
         .run_as_leader(async move {
-            tokio::join!(controller, guard);
+            tokio::join!(controller, guard, serving);
         })
         .await
 }

@@ -16,6 +16,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use std::time::Duration;
 
+#[path = "containers/clients.rs"]
+mod clients;
+
 /// The e2e world's bucket (in the MinIO on the LAN's host address).
 const BUCKET: &str = "ferry-e2e";
 
@@ -558,94 +561,6 @@ async fn live_within_cluster(w: &World) -> Result<()> {
     Ok(())
 }
 
-/// A static program that listens on 8080 and never accepts: a connection made to it
-/// waits, handshake done, in the accept queue, as one made to a frozen server does.
-const LISTEN_C: &str = r#"
-#include <netinet/in.h>
-#include <stdio.h>
-#include <sys/socket.h>
-#include <unistd.h>
-int main(void) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(8080)};
-    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8)) { perror("listen"); return 1; }
-    printf("listening\n");
-    fflush(stdout);
-    for (;;) pause();
-}
-"#;
-const LISTENER_IMAGE: &str = "docker.io/library/listener:ferry";
-
-/// The image of [`LISTEN_C`], built under `dir`.
-fn listener_image(dir: &std::path::Path) -> Result<std::path::PathBuf> {
-    let bin = ferry_testkit::oci::static_binary(dir, "listen", LISTEN_C)?;
-    let image = dir.join("listener.tar");
-    let mut b = ferry_testkit::oci::ImageBuilder::new(LISTENER_IMAGE);
-    b.file(&bin, "/listen", 0o755).entrypoint(&["/listen"]);
-    b.write(&image)?;
-    Ok(image)
-}
-
-/// A listener with a connection waiting in its accept queue at the freeze, as a client
-/// that connects while a server is frozen leaves it. CRIU cannot move such a
-/// connection and fails the dump unless told to skip it. The Pod moves Cold within
-/// east, once, and its listener takes connections at the new pod IP.
-async fn queued_connection(w: &World) -> Result<()> {
-    let ns = "queued-conn";
-    let pod = serde_json::json!({
-        "metadata": {"name": "listener"},
-        "spec": {"nodeSelector": {"kubernetes.io/hostname": "east-1"},
-                 "terminationGracePeriodSeconds": 2,
-                 "containers": [{"name": "app", "image": LISTENER_IMAGE,
-                                 "imagePullPolicy": "Never"}]}
-    });
-    w.create_pod(ns, pod).await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the listener to listen",
-        || async { Ok(w.logs("east", ns, "listener", "app")?.contains("listening")) },
-    )
-    .await?;
-    let listener = |ip: String| -> Result<std::net::TcpStream> {
-        let addr: std::net::SocketAddr = format!("{ip}:8080").parse()?;
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to the listener at {addr}"))
-    };
-    // Held open through the move: it stays in the source's accept queue.
-    let _queued = listener(pod_ip(w, ns, "listener").await?)?;
-    let m = run(
-        w,
-        ns,
-        "m",
-        &migration("m", "listener", "{node: east-2}", "Cold"),
-    )
-    .await?;
-    succeeded(&m)?;
-    let target = target_pod(&m);
-    wait_for(
-        Duration::from_secs(30),
-        "the source's container to be gone",
-        || async { Ok(w.running_copies(ns, "listener")?.is_empty()) },
-    )
-    .await?;
-    let copies = w.running_copies(ns, &target)?;
-    ensure!(
-        copies == [("east-2".to_string(), "app".to_string())],
-        "running copies: {copies:?}"
-    );
-    listener(pod_ip(w, ns, &target).await?).context("the restored listener")?;
-    Ok(())
-}
-
-async fn pod_ip(w: &World, ns: &str, pod: &str) -> Result<String> {
-    Api::<Pod>::namespaced(w.east.clone(), ns)
-        .get(pod)
-        .await?
-        .status
-        .and_then(|s| s.pod_ip)
-        .with_context(|| format!("{ns}/{pod} has no IP"))
-}
-
 /// A 3-container pod, Cold across clusters and Live within east; each time the cut is
 /// shown: no container ran after the pod froze.
 async fn three_containers(w: &World, ns: &str, strategy: &str) -> Result<()> {
@@ -915,7 +830,7 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         ],
         // Long enough to look at what a failure kept, short enough to see it go.
         failed_object_retention: Some(Duration::from_secs(30)),
-        images: vec![listener_image(dir.path())?],
+        images: vec![clients::listener_image(dir.path())?],
         ..Default::default()
     };
     let mut w = World::start(dir.path(), opts).await?;
@@ -932,6 +847,7 @@ async fn containers_move_between_real_nodes() -> Result<()> {
         "bucket",
         "bucket-lost",
         "queued-conn",
+        "serving",
     ] {
         w.namespace(ns).await?;
     }
@@ -947,12 +863,14 @@ async fn containers_move_between_real_nodes() -> Result<()> {
             corrupted_checkpoint_rolls_back(w).await?;
             failed_through_a_bucket_keeps_its_objects(w, &minio).await
         },
+        clients::gated_rollback(w),
         bad_targets_fail_in_preparing(w),
         compressed_move(w),
         capped_move(w),
         through_a_bucket(w, &minio),
         minio_lost_mid_upload(w),
-        queued_connection(w),
+        clients::queued_connection(w),
+        clients::gated_service(w),
     );
     let named = [
         ("cold across clusters", results.0),
@@ -966,20 +884,28 @@ async fn containers_move_between_real_nodes() -> Result<()> {
             "corrupted checkpoint rolls back (direct; through a bucket, objects kept then removed)",
             results.4,
         ),
-        ("bad targets fail in Preparing", results.5),
-        ("compressed Cold move: fewer bytes on the wire", results.6),
-        ("capped Cold move: no faster than the cap", results.7),
+        (
+            "a gated Pod's move rolls back: Ready again, gate True (Resumed)",
+            results.5,
+        ),
+        ("bad targets fail in Preparing", results.6),
+        ("compressed Cold move: fewer bytes on the wire", results.7),
+        ("capped Cold move: no faster than the cap", results.8),
         (
             "Cold through a bucket, no route between the nodes; wrong credentials",
-            results.8,
-        ),
-        (
-            "MinIO lost mid-upload: rolled back, leftovers collected",
             results.9,
         ),
         (
-            "a queued connection: Cold within a cluster, listening again",
+            "MinIO lost mid-upload: rolled back, leftovers collected",
             results.10,
+        ),
+        (
+            "a queued connection: Cold within a cluster, listening again",
+            results.11,
+        ),
+        (
+            "a gated Pod behind a Service: out of its endpoints while frozen, the target in",
+            results.12,
         ),
     ];
     let mut failed = 0;

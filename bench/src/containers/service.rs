@@ -2,7 +2,10 @@
 //! Service's ClusterIP from a client host of east (`World::start_client_host`:
 //! kube-proxy in iptables mode, as on any node) while a Cold Migration moves the Pod
 //! from east-1 to east-2. The target Pod carries the source's labels, so it joins the
-//! Service once its kubelet reports it Ready; the source leaves it when it is deleted.
+//! Service once its kubelet reports it Ready. The source leaves it at the freeze when
+//! it declares ferry's readiness gate (`ferry.dev/serving`, the controller's
+//! `serving.rs`), else only when it is deleted: each run moves a gated Pod and an
+//! ungated one, and the calls that timed out (sent to the frozen source) are compared.
 //!
 //! The client gap is the longest time between two answered calls, from the Migration's
 //! creation to the end: what the client waited for. Its baseline is the same
@@ -37,6 +40,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// ferry's readiness gate (the controller's `serving::GATE`).
+const GATE: &str = "ferry.dev/serving";
 /// The node the Pod moves to, in the source's own cluster (the Service is east's).
 const TARGET_NODE: &str = "east-2";
 const PORT: u16 = 8080;
@@ -53,30 +58,42 @@ pub(super) struct GapRun {
     pub gap_ms: f64,
     /// The Migration's own `downtimeMs`.
     pub downtime_ms: f64,
-    details: serde_json::Map<String, serde_json::Value>,
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The ready addresses behind the Service each time they changed (Unix ms).
 type History = Vec<(f64, BTreeSet<String>)>;
 
+/// One move called through the Service; `gated`: the Pod declares ferry's readiness
+/// gate (`ferry.dev/serving`), which takes the source out of the endpoints at the freeze.
 pub(super) async fn client_gap(
     w: &World,
     client: &netns::Node,
     mib: u64,
     run: usize,
+    gated: bool,
 ) -> Result<GapRun> {
-    let ns = format!("service-{mib}-{run}");
+    let ns = format!("service-{mib}-{run}{}", if gated { "-gated" } else { "" });
     w.namespace(&ns).await?;
-    let result = measure(w, client, &ns, mib).await;
+    let result = measure(w, client, &ns, mib, gated).await;
     cleanup(w, &ns).await;
     result
 }
 
-async fn measure(w: &World, client: &netns::Node, ns: &str, mib: u64) -> Result<GapRun> {
+async fn measure(
+    w: &World,
+    client: &netns::Node,
+    ns: &str,
+    mib: u64,
+    gated: bool,
+) -> Result<GapRun> {
     let mut pod = super::memhog_pod(mib, 1);
     pod["spec"]["containers"][0]["args"] =
         serde_json::json!([mib.to_string(), "--serve", PORT.to_string()]);
     pod["spec"]["containers"][0]["ports"] = serde_json::json!([{"containerPort": PORT}]);
+    if gated {
+        pod["spec"]["readinessGates"] = serde_json::json!([{"conditionType": GATE}]);
+    }
     let source = w.create_pod(ns, pod).await?;
     let source_ip = source
         .status
@@ -143,6 +160,7 @@ async fn measure(w: &World, client: &netns::Node, ns: &str, mib: u64) -> Result<
         format!("{SOURCE_NODE} -> {TARGET_NODE} (same cluster), called through the Service").into(),
     );
     details.insert("goal_ms".into(), (downtime + 100.0).into());
+    details.insert("readiness_gate".into(), gated.into());
     let after: Vec<&Call> = calls.iter().filter(|c| c.end >= created).collect();
     for (key, what) in [
         ("calls_answered", Outcome::Answered),
@@ -166,6 +184,7 @@ async fn measure(w: &World, client: &netns::Node, ns: &str, mib: u64) -> Result<
             .map(|(t, _)| *t),
     };
     details.insert("breakdown".into(), moments.breakdown(last, first));
+    details.insert("timed_out_by_window".into(), moments.timed_out(&after));
     Ok(GapRun {
         gap_ms: first - last,
         downtime_ms: downtime,
@@ -199,6 +218,31 @@ impl Moments {
             "restored_to_target_endpoint_ready_ms": span(self.restored, self.target_ready),
             "target_endpoint_ready_to_first_answer_ms": span(self.target_ready, Some(first)),
             "restored_to_source_endpoint_gone_ms": span(self.restored, self.source_left),
+            // Negative with the gate: ferry takes the source out just before the freeze.
+            "freeze_to_source_endpoint_gone_ms": span(self.freeze, self.source_left),
+        })
+    }
+}
+
+impl Moments {
+    /// The calls that timed out, by when they started: before the source left the
+    /// ready endpoints, from then until the target's endpoint was ready, and after.
+    fn timed_out(&self, calls: &[&Call]) -> serde_json::Value {
+        let started = |c: &&&Call| c.end - CALL_TIMEOUT.as_secs_f64() * 1000.0;
+        let timed_out: Vec<f64> = calls
+            .iter()
+            .filter(|c| c.outcome == Outcome::TimedOut)
+            .map(|c| started(&c))
+            .collect();
+        let (left, ready) = (
+            self.source_left.unwrap_or(f64::INFINITY),
+            self.target_ready.unwrap_or(f64::INFINITY),
+        );
+        let count = |f: &dyn Fn(f64) -> bool| timed_out.iter().filter(|&&t| f(t)).count();
+        serde_json::json!({
+            "source_in_endpoints": count(&|t| t < left.min(ready)),
+            "neither_ready": count(&|t| t >= left && t < ready),
+            "target_ready": count(&|t| t >= ready),
         })
     }
 }
@@ -275,22 +319,47 @@ fn ready_addresses(s: &EndpointSlice) -> BTreeSet<String> {
         .collect()
 }
 
-/// The case's measurement: the gap beside the same Migration's downtime.
-pub(super) fn measurement(mib: u64, runs: usize, best: Option<GapRun>) -> Option<Measurement> {
+/// The case's measurements: the gap of the best gated run beside its Migration's
+/// downtime, and the calls that timed out (sent to the frozen source) with the gate
+/// beside the same move without it.
+pub(super) fn measurements(
+    mib: u64,
+    runs: usize,
+    gated: Option<GapRun>,
+    ungated: Option<GapRun>,
+) -> Vec<Measurement> {
+    let (Some(gated), Some(ungated)) = (gated, ungated) else {
+        return Vec::new();
+    };
+    let case = format!("containers/service-cold-{mib}MiB");
+    let timed_out = |r: &GapRun| r.details["calls_timed_out"].as_f64().unwrap_or(0.0);
+    let mut details = serde_json::Map::new();
+    details.insert("runs".into(), runs.into());
+    details.insert("with_gate".into(), gated.details.clone().into());
+    details.insert("without_gate".into(), ungated.details.clone().into());
+    let calls = Measurement {
+        case: case.clone(),
+        metric: "calls_timed_out".into(),
+        ferry: timed_out(&gated),
+        baseline: timed_out(&ungated),
+        baseline_name: "the same move of a Pod without ferry's readiness gate".into(),
+        details,
+    };
     let GapRun {
         gap_ms: gap,
         downtime_ms: downtime,
         mut details,
-    } = best?;
+    } = gated;
     details.insert("runs".into(), runs.into());
-    Some(Measurement {
-        case: format!("containers/service-cold-{mib}MiB"),
+    let gap = Measurement {
+        case,
         metric: "client_gap_ms".into(),
         ferry: gap,
         baseline: downtime,
         baseline_name: "its Migration's downtime (freeze to restored)".into(),
         details,
-    })
+    };
+    vec![gap, calls]
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]

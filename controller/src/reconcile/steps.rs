@@ -1,6 +1,7 @@
 //! The daemon steps: the plan both daemons get, starting and following the checkpoint
 //! and the restore, and what a rollback or cancel found at the source.
 use super::*;
+use crate::serving;
 
 impl Reconciler<'_> {
     // ---- the daemon steps ----------------------------------------------------------
@@ -27,6 +28,13 @@ impl Reconciler<'_> {
             cluster: t.cluster.clone(),
             node: t.node.clone(),
         }
+    }
+
+    /// Sets ferry's readiness gate on the source Pod, if it declares it.
+    pub(super) async fn source_serving(&self, why: serving::Why) -> Result<bool, kube::Error> {
+        let s = self.status.source.as_ref().expect("validated");
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &s.namespace);
+        serving::set_named(&pods, &s.pod, why).await
     }
 
     pub(super) async fn target_pods(&self) -> Result<Api<Pod>, Error> {
@@ -160,6 +168,13 @@ impl Reconciler<'_> {
                 Ok(r) => receiver = r,
                 Err(outcome) => return Ok(outcome),
             },
+        }
+        // Out of its Services before it stops answering (`serving.rs`). Only a hint to
+        // the clients: a failure to say so does not hold the move up.
+        if !self.is_vm()
+            && let Err(e) = self.source_serving(serving::Why::Frozen).await
+        {
+            warn!("taking the source Pod out of its Services' endpoints: {e}");
         }
         let op = self
             .ctx

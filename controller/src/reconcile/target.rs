@@ -16,6 +16,7 @@
 use super::*;
 use crate::agent::ContainerImage;
 use crate::owner;
+use crate::serving;
 use ferry_crds::Receiver;
 use k8s_openapi::api::core::v1::PodStatus;
 
@@ -156,7 +157,7 @@ async fn warnings(client: kube::Client, ns: &str, name: &str) -> String {
 }
 
 impl Reconciler<'_> {
-    fn is_vm(&self) -> bool {
+    pub(super) fn is_vm(&self) -> bool {
         self.status.workload_kind == Some(ferry_crds::WorkloadKind::VirtualMachine)
     }
 
@@ -245,7 +246,10 @@ impl Reconciler<'_> {
             tp.uid = created.uid();
         }
         match self.await_target_ready(&pods, &t.pod).await? {
-            Readiness::Ready => {}
+            // A gated target serves as soon as its containers run (`serving.rs`).
+            Readiness::Ready => {
+                serving::set_named(&pods, &t.pod, serving::Why::Target).await?;
+            }
             Readiness::Waiting => {
                 return Ok(Outcome::InProgress {
                     transferring: false,
@@ -556,6 +560,9 @@ impl Reconciler<'_> {
                 Ok(_) | Err(AgentError::UnknownMigration { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            // It runs again: back into its Services (a failure retries the rollback,
+            // whose steps are all idempotent, rather than leave it out of them).
+            self.source_serving(serving::Why::Resumed).await?;
         }
         if target_clear {
             // No copy ran there; the source runs again whether or not the target's
