@@ -878,6 +878,16 @@ pub fn succeeded(m: &Migration) -> Result<MigrationStatus> {
     Ok(status)
 }
 
+/// The status of a Migration that must have been RolledBack; otherwise an error with
+/// its phase and failure.
+pub fn rolled_back(m: &Migration) -> Result<MigrationStatus> {
+    let status = m.status.clone().context("no status")?;
+    if status.phase != Some(Phase::RolledBack) {
+        bail!("not RolledBack: {:?} ({:?})", status.phase, status.failure);
+    }
+    Ok(status)
+}
+
 /// A Pod on `node` whose containers each run `script` in busybox's sh.
 pub fn pod_running(name: &str, node: &str, containers: &[&str], script: &str) -> serde_json::Value {
     let cs: Vec<_> = containers

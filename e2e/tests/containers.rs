@@ -7,8 +7,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use ferry_crds::{Migration, ObjectsState, Phase};
 use ferry_e2e::world::{
-    World, WorldOptions, counter_pod, memory_counter_pod, numbers, object_store_transfer, stamped,
-    stamped_counter_pod, succeeded, wait_for,
+    World, WorldOptions, counter_pod, memory_counter_pod, numbers, object_store_transfer,
+    rolled_back, stamped, stamped_counter_pod, succeeded, wait_for,
 };
 use ferry_testkit::gate::GatedProxy;
 use ferry_testkit::minio::{ACCESS_KEY, MinioServer, SECRET_KEY};
@@ -643,14 +643,7 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
     )
     .await?;
     let m = w.follow(ns, "m", Duration::from_secs(180), |_| {}).await?;
-    let s = m.status.clone().context("status")?;
-    ensure!(
-        s.phase == Some(Phase::RolledBack),
-        "phase {:?} ({:?})",
-        s.phase,
-        s.failure
-    );
-    let f = s.failure.context("failure")?;
+    let f = rolled_back(&m)?.failure.context("failure")?;
     ensure!(f.rolled_back, "not rolled back: {f:?}");
     w.check_runs_once_at_source(ns, "counter").await?;
     eprintln!(

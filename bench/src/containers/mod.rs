@@ -266,12 +266,13 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
                 eprintln!(
                     "[bench] ferry Cold {mib} MiB called through its Service run {run} \
                      (readiness gate: {gate}): client gap {:.0} ms, downtime {:.0} ms, \
-                     {} calls timed out ({}), {} refused; source out of the endpoints {} \
-                     ms after the freeze",
+                     {} calls timed out ({}; ICMP rate-limited: {}), {} refused; source out \
+                     of the endpoints {} ms after the freeze",
                     r.gap_ms,
                     r.downtime_ms,
                     r.details["calls_timed_out"],
                     r.details["timed_out_by_window"],
+                    r.details["icmp_rate_limited"],
                     r.details["calls_refused"],
                     r.details["breakdown"]["freeze_to_source_endpoint_gone_ms"]
                 );

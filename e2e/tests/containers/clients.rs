@@ -3,8 +3,7 @@
 //! a frozen source out of its Service's endpoints and puts the target in.
 use super::{migration, run, target_pod};
 use anyhow::{Context, Result, ensure};
-use ferry_crds::Phase;
-use ferry_e2e::world::{World, counter_pod, succeeded, wait_for};
+use ferry_e2e::world::{World, counter_pod, rolled_back, succeeded, wait_for};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -257,13 +256,7 @@ pub(super) async fn gated_rollback(w: &World) -> Result<()> {
     let m = w
         .follow(ns, "gated", Duration::from_secs(180), |_| {})
         .await?;
-    let s = m.status.clone().context("status")?;
-    ensure!(
-        s.phase == Some(Phase::RolledBack),
-        "phase {:?} ({:?})",
-        s.phase,
-        s.failure
-    );
+    rolled_back(&m)?;
     w.check_runs_once_at_source(ns, "gated").await?;
     ready_by_gate(w, "east", ns, "gated", "Resumed").await
 }
