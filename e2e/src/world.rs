@@ -613,6 +613,23 @@ impl World {
             .unwrap_or(0))
     }
 
+    /// Waits until every one of `containers` of counter pod `ns/pod` in east has
+    /// printed a count. A migration test starts only then: a container whose first line
+    /// is still to come when it is frozen prints 1 first at its target, which a test
+    /// cannot tell from a restart. Running is not enough: the memory counters fill their
+    /// memory before they count, which took over 500 ms on a busy machine.
+    pub async fn counting(&self, ns: &str, pod: &str, containers: &[&str]) -> Result<()> {
+        for c in containers {
+            wait_for(
+                Duration::from_secs(60),
+                &format!("{ns}/{pod}/{c} to count"),
+                || async { Ok(self.last_count("east", ns, pod, c).unwrap_or(0) >= 1) },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// After a move of counter pod `ns/pod` (container `app`) from east-1 to west was
     /// rolled back: the target Pod is gone, the pod runs once, on east-1, and counts on
     /// (thawed, not merely listed as running).

@@ -152,7 +152,7 @@ async fn cold_across_clusters(w: &World) -> Result<()> {
         "[{ns}] pod running on {:?}",
         pod.spec.and_then(|s| s.node_name)
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "counter", &["app"]).await?;
     // As a user would: `kubectl ferry migrate ... --wait` follows it to the end.
     let out = tokio::process::Command::new(ferry_testkit::workspace_bin("kubectl-ferry")?)
         .arg("--kubeconfig")
@@ -246,7 +246,7 @@ struct Shaped {
 async fn shaped_move(w: &World, ns: &str, transfer: &str) -> Result<Shaped> {
     w.create_pod(ns, memory_counter_pod("counter", "east-1", 16))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "counter", &["app"]).await?;
     let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold")
         + &format!("  transfer: {transfer}\n");
     w.apply_migration(ns, &yaml).await?;
@@ -372,7 +372,7 @@ async fn through_a_bucket(w: &World, minio: &MinioServer) -> Result<()> {
         .await?;
     w.create_pod(ns, counter_pod("other", "east-2", &["app"]))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "counter", &["app"]).await?;
     let transfer = |secret: &str| object_store_transfer(&minio.endpoint(), BUCKET, "e2e", secret);
     let yaml = migration("m", "counter", "{cluster: west, node: west-1}", "Cold") + &transfer("s3");
     let m = run(w, ns, "m", &yaml).await?;
@@ -430,12 +430,7 @@ async fn minio_lost_mid_upload(w: &World) -> Result<()> {
     w.create_pod(ns, memory_counter_pod("big", "east-1", 64))
         .await?;
     // The script counts only once its 64 MiB are in memory.
-    wait_for(
-        Duration::from_secs(60),
-        "the pod's memory to fill",
-        || async { Ok(w.last_count("east", ns, "big", "app").unwrap_or(0) >= 1) },
-    )
-    .await?;
+    w.counting(ns, "big", &["app"]).await?;
     let yaml = migration("m", "big", "{cluster: west, node: west-1}", "Cold")
         + &object_store_transfer(&gate.endpoint(), BUCKET, "e2e", "s3");
     let m = w.apply_migration(ns, &yaml).await?;
@@ -516,7 +511,7 @@ async fn live_within_cluster(w: &World) -> Result<()> {
     let ns = "live-within";
     w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "counter", &["app"]).await?;
     let m = run(
         w,
         ns,
@@ -567,7 +562,7 @@ async fn three_containers(w: &World, ns: &str, strategy: &str) -> Result<()> {
     let trio = ["a", "b", "c"];
     w.create_pod(ns, stamped_counter_pod("trio", "east-1", &trio))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "trio", &trio).await?;
     let (target, cluster, node) = if strategy == "Cold" {
         ("{cluster: west, node: west-1}", "west", "west-1")
     } else {
@@ -636,7 +631,7 @@ async fn corrupted_checkpoint_rolls_back(w: &World) -> Result<()> {
     let ns = "rollback";
     w.create_pod(ns, counter_pod("counter", "east-1", &["app"]))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "counter", &["app"]).await?;
     w.apply_migration(
         ns,
         &migration("m", "counter", "{cluster: west, node: west-1}", "Cold"),
@@ -664,7 +659,7 @@ async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServe
     w.create_s3_secret(ns, "s3", ACCESS_KEY, SECRET_KEY).await?;
     w.create_pod(ns, memory_counter_pod("held", "east-1", 4))
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "held", &["app"]).await?;
     let yaml = migration("kept", "held", "{cluster: west, node: west-1}", "Cold")
         + &object_store_transfer(&minio.endpoint(), BUCKET, "e2e", "s3");
     let m = run(w, ns, "kept", &yaml).await?;

@@ -119,6 +119,8 @@ async fn deployment_pod_moves(w: &World, ns: &str) -> Result<()> {
     // Every event from here on, with the ReplicaSet's view after it.
     let record = Arc::new(Mutex::new(Record::default()));
     let rec = record.clone();
+    let (started, listed_rx) = tokio::sync::oneshot::channel();
+    let mut started = Some(started);
     let stream = watcher::watcher(pods.clone(), watcher::Config::default().labels("app=web"));
     let watching = tokio::spawn(async move {
         let mut seen: BTreeMap<String, Pod> = BTreeMap::new();
@@ -141,7 +143,12 @@ async fn deployment_pod_moves(w: &World, ns: &str) -> Result<()> {
                     seen.clear();
                     continue;
                 }
-                Ok(Event::InitDone) => listed = true,
+                Ok(Event::InitDone) => {
+                    listed = true;
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 Err(_) => continue,
             }
             if !listed {
@@ -160,7 +167,11 @@ async fn deployment_pod_moves(w: &World, ns: &str) -> Result<()> {
             r.ready_counts.push(owned_ready);
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, &moving, &["app"]).await?;
+    // The watch records from its first complete list on.
+    tokio::time::timeout(Duration::from_secs(30), listed_rx)
+        .await
+        .context("the Pod watch did not list in 30 s")??;
     w.apply_migration(ns, &migration(&moving)).await?;
     let m: Migration = w
         .follow(ns, "m", Duration::from_secs(180), |m| {
