@@ -27,7 +27,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 /// The readiness gate's condition type.
-pub const GATE: &str = "ferry.dev/serving";
+pub const GATE: &str = ferry_crds::SERVING_CONDITION;
 
 /// Why the condition has its value (its `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

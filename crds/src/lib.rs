@@ -34,6 +34,10 @@ pub const CLAIM_ANNOTATION: &str = "ferry.dev/claimed-by";
 /// Label on a Pod: what draining its node does to it, an [`EvictionStrategy`]
 /// (`LiveMigrate`, `LiveMigrateIfPossible`, `None`; absent: `None`).
 pub const EVICTION_STRATEGY_LABEL: &str = "ferry.dev/eviction-strategy";
+/// The condition type of ferry's readiness gate: a Pod that lists it in
+/// `spec.readinessGates` is Ready only while ferry says it serves (False while a
+/// container move has it frozen; the controller's `serving` module keeps it).
+pub const SERVING_CONDITION: &str = "ferry.dev/serving";
 /// Label on Secrets that hold a kubeconfig of a linked cluster; the value is its name.
 pub const CLUSTER_LABEL: &str = "ferry.dev/cluster";
 

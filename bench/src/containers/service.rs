@@ -40,8 +40,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// ferry's readiness gate (the controller's `serving::GATE`).
-const GATE: &str = "ferry.dev/serving";
+/// ferry's readiness gate.
+const GATE: &str = ferry_crds::SERVING_CONDITION;
 /// The node the Pod moves to, in the source's own cluster (the Service is east's).
 const TARGET_NODE: &str = "east-2";
 const PORT: u16 = 8080;
@@ -236,9 +236,7 @@ impl Moments {
             "freeze_to_source_endpoint_gone_ms": span(self.freeze, self.source_left),
         })
     }
-}
 
-impl Moments {
     /// The calls that timed out, by when they started: before the source left the
     /// ready endpoints, from then until the target's endpoint was ready, and after.
     fn timed_out(&self, calls: &[&Call]) -> serde_json::Value {

@@ -107,7 +107,7 @@ fn gated(mut pod: serde_json::Value) -> serde_json::Value {
     pod
 }
 
-const GATE: &str = ferry_controller::serving::GATE;
+const GATE: &str = ferry_crds::SERVING_CONDITION;
 
 /// A condition's status and reason, if the Pod has it.
 fn condition(pod: &Pod, kind: &str) -> Option<(String, String)> {
