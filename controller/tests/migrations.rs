@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use ferry_controller::agent::scripted::{Call, ScriptedAgent};
 use ferry_crds::{MIGRATION_ANNOTATION, Phase};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
@@ -648,9 +649,31 @@ async fn a_failed_restore_rolls_back_then_retries_by_policy() -> anyhow::Result<
 async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyhow::Result<()> {
     let w = World::new("leader").await?;
     let agent = Arc::new(ScriptedAgent::new(2));
-    let a = w.controller("replica-a", agent.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let b = w.controller("replica-b", agent.clone());
+    // A Lease long enough that slow apiserver answers on a busy machine cannot make
+    // replica-a give up while it leads (it stops after two thirds of the Lease
+    // without a renewal), and b starts only once a holds it.
+    let settings = |identity: &str| {
+        let mut s = w.settings(identity);
+        s.lease_duration = Duration::from_secs(15);
+        s
+    };
+    let a = w.controller_with(settings("replica-a"), agent.clone());
+    let leases: Api<Lease> = Api::namespaced(w.east.clone(), &w.ns);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while leases
+        .get_opt("ferry-controller")
+        .await?
+        .and_then(|l| l.spec?.holder_identity)
+        .as_deref()
+        != Some("replica-a")
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "replica-a did not take the Lease in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = w.controller_with(settings("replica-b"), agent.clone());
     w.pod("web").await?;
     w.pod("api").await?;
     w.migration(&migration_yaml("m1", "web", &w.same_cluster_target()))

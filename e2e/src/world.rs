@@ -6,7 +6,7 @@
 //! Nodes: east-1, east-2, west-1 carry ferry's node pieces (the `ferry` runtime
 //! handler with `ferry-runtime`); west-2 runs a daemon but no ferry runtime, so it
 //! cannot receive containers (a bad-input case).
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ferry_controller::{Settings, agent::grpc::GrpcAgent, clusters::Clusters};
 use ferry_crds::{Migration, MigrationStatus, Phase};
 use ferry_testkit::containers::{criu, in_node};
@@ -509,6 +509,46 @@ impl World {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// After a move: the running containers of the Pods named `pods` (the source's and
+    /// the target's names; one name across clusters) are exactly `containers`, all on
+    /// `node`. The source's frozen containers stay in crictl's running list until its
+    /// kubelet has stopped them, which may be after Succeeded: this waits for that
+    /// (30 s), then checks that nothing else runs.
+    pub async fn runs_only_on(
+        &self,
+        ns: &str,
+        pods: &[&str],
+        node: &str,
+        containers: &[&str],
+    ) -> Result<()> {
+        let mut names: Vec<&str> = pods.to_vec();
+        names.sort();
+        names.dedup();
+        let copies = || -> Result<Vec<(String, String)>> {
+            let mut all = Vec::new();
+            for p in &names {
+                all.extend(self.running_copies(ns, p)?);
+            }
+            Ok(all)
+        };
+        wait_for(
+            Duration::from_secs(30),
+            &format!("only {node} to run {ns}/{pods:?}"),
+            || async { Ok(copies()?.iter().all(|(n, _)| n == node)) },
+        )
+        .await
+        .with_context(|| format!("running copies: {:?}", copies().ok()))?;
+        let mut running: Vec<String> = copies()?.into_iter().map(|(_, c)| c).collect();
+        running.sort();
+        let mut want: Vec<String> = containers.iter().map(|c| c.to_string()).collect();
+        want.sort();
+        ensure!(
+            running == want,
+            "running on {node} of {ns}/{pods:?}: {running:?}, not {want:?}"
+        );
+        Ok(())
     }
 
     /// Running containers of pod `ns/pod` on every node's containerd (`crictl ps`),

@@ -127,20 +127,9 @@ async fn check_moved(
         )
         .await?;
     }
-    // Across clusters the source Pod has the target's name: its frozen containers stay
-    // in crictl's "running" list until its kubelet has stopped them, after Succeeded.
-    wait_for(
-        Duration::from_secs(30),
-        "the source's containers to be gone",
-        || async { Ok(w.running_copies(ns, pod)?.iter().all(|(n, _)| n == node)) },
-    )
-    .await?;
-    let copies = w.running_copies(ns, pod)?;
-    ensure!(
-        copies.len() == containers.len() && copies.iter().all(|(n, _)| n == node),
-        "running copies: {copies:?}"
-    );
-    Ok(())
+    // Across clusters the source Pod has the target's name.
+    w.runs_only_on(ns, &[pod, &source_name], node, containers)
+        .await
 }
 
 async fn cold_across_clusters(w: &World) -> Result<()> {
@@ -669,7 +658,7 @@ async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServe
         "phase {phase:?}: {:?}",
         m.status
     );
-    w.check_runs_once_on(ns, "held", "east-1").await?;
+    // The objects first: the retention (30 s) runs from the rollback on.
     let m = objects_end(w, ns, "kept", ObjectsState::Retained).await?;
     let uid = m.metadata.uid.clone().context("uid")?;
     let keys = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
@@ -692,6 +681,7 @@ async fn failed_through_a_bucket_keeps_its_objects(w: &World, minio: &MinioServe
             bytes.len()
         );
     }
+    w.check_runs_once_on(ns, "held", "east-1").await?;
     objects_end(w, ns, "kept", ObjectsState::Removed).await?;
     let left = ferry_testkit::minio::keys_under(minio, BUCKET, &format!("e2e/{uid}/")).await?;
     ensure!(

@@ -214,7 +214,9 @@ async fn no_target(w: &World, ns: &str) -> Result<()> {
         labelled(counter_pod("homeless", "east-1", &["app"]), "LiveMigrate"),
     )
     .await?;
-    let (ok, out) = drain(w, "20s").await?;
+    // Time for the webhook's Migration to fail with NoTargetNode and for drain's retry
+    // (every 5 s) to print it, on a busy machine.
+    let (ok, out) = drain(w, "30s").await?;
     cordon("uncordon")?;
     ensure!(
         !ok,
@@ -316,7 +318,9 @@ async fn drain_moves_and_evicts(w: &World, ns: &str) -> Result<()> {
     .await?;
     w.create_pod(ns, counter_pod("plain", "east-1", &["app"]))
         .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    w.counting(ns, "mover", &["app"]).await?;
+    w.counting(ns, "mover-b", &["app", "side", "third"]).await?;
+    w.counting(ns, "mover-c", &["app"]).await?;
     let mut before = vec![];
     for name in MOVERS {
         before.push(if name == "guest" {

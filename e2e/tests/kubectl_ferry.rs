@@ -241,7 +241,34 @@ fn kubectl_ferry_migrates_shows_cancels_and_links() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    // It must have shown the running phase before the Migration ends: read what it
+    // prints as it prints it, and end the Migration only once Transferring is there.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let printed = printed.clone();
+        let mut stdout = watch.stdout.take().context("the watch's stdout")?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                printed.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let shown = |what: &str| String::from_utf8_lossy(&printed.lock().unwrap()).contains(what);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shown("Transferring") {
+        if Instant::now() > deadline || watch.try_wait()?.is_some() {
+            let _ = watch.kill();
+            anyhow::bail!(
+                "status --watch did not show Transferring: {}",
+                String::from_utf8_lossy(&printed.lock().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     e.set_status(
         &name,
         serde_json::json!({"phase": "Succeeded",
@@ -257,7 +284,12 @@ fn kubectl_ferry_migrates_shows_cancels_and_links() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = watch.wait_with_output()?;
-    let followed = text(&out);
+    reader.join().expect("the watch's reader");
+    let followed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&printed.lock().unwrap()),
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(out.status.success(), "watch: {followed}");
     ensure!(
         followed.contains("Transferring")

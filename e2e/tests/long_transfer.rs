@@ -329,12 +329,7 @@ async fn moved_intact(w: &World, ns: &str, pod: &str, sum: &str) -> Result<()> {
         moved == sum,
         "the writable layer changed: {sum:?} -> {moved:?}"
     );
-    let copies = w.running_copies(ns, pod)?;
-    ensure!(
-        copies == [("west-1".to_string(), "app".to_string())],
-        "running copies: {copies:?}"
-    );
-    Ok(())
+    w.runs_only_on(ns, &[pod], "west-1", &["app"]).await
 }
 
 async fn source_daemon_killed_mid_transfer(w: &World) -> Result<()> {

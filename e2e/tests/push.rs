@@ -5,7 +5,7 @@
 //! would sit in Checkpointing for an hour, past this test's deadline.
 use anyhow::{Result, ensure};
 use ferry_crds::Phase;
-use ferry_e2e::world::{World, WorldOptions, counter_pod, wait_for};
+use ferry_e2e::world::{World, WorldOptions, counter_pod};
 use std::time::Duration;
 
 /// Far beyond the test: any wait that needs a poll never ends in time.
@@ -52,21 +52,8 @@ async fn moves(w: &World, ns: &str, target: &str, node: &str, strategy: &str) ->
     // One copy: the target Pod's (within a cluster it has another name), none left
     // of the source.
     let target = status.target.map(|t| t.pod).unwrap_or_default();
-    let copies = w.running_copies(ns, &target)?;
-    ensure!(
-        copies == [(node.to_string(), "app".to_string())],
-        "[{ns}] running copies of {target}: {copies:?}"
-    );
-    if target != "counter" {
-        // The source Pod's kubelet stops its frozen container after Succeeded.
-        wait_for(
-            Duration::from_secs(30),
-            "the source's container to be gone",
-            || async { Ok(w.running_copies(ns, "counter")?.is_empty()) },
-        )
-        .await?;
-    }
-    Ok(())
+    w.runs_only_on(ns, &[&target, "counter"], node, &["app"])
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -105,7 +105,7 @@ async fn empty_dirs_move(w: &World, ns: &str, strategy: &str) -> Result<()> {
         "b",
         &["sh", "-c", "echo kept in memory > /mem/note"],
     )?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.counting(ns, "scratchy", &["a", "b"]).await?;
     let (target, cluster, node) = if strategy == "Cold" {
         ("{cluster: west, node: west-1}", "west", "west-1")
     } else {
@@ -156,15 +156,8 @@ async fn empty_dirs_move(w: &World, ns: &str, strategy: &str) -> Result<()> {
             "{c}: its emptyDir log does not continue across the move"
         );
     }
-    let mut all = w.running_copies(ns, "scratchy")?;
-    if pod != "scratchy" {
-        all.extend(w.running_copies(ns, &pod)?);
-    }
-    ensure!(
-        all.len() == 2 && all.iter().all(|(n, _)| n == node),
-        "running copies: {all:?}"
-    );
-    Ok(())
+    w.runs_only_on(ns, &["scratchy", &pod], node, &["a", "b"])
+        .await
 }
 
 /// A counter whose Pod mounts a claim bound to a `local` PersistentVolume on east-1.

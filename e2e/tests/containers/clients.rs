@@ -217,8 +217,19 @@ pub(super) async fn gated_service(w: &World) -> Result<()> {
         || async { Ok(seen.any(|(uid, ready, _)| *uid == source_uid && *ready)) },
     )
     .await?;
-    let m = run(w, ns, "m", &migration("m", "web", "{node: east-2}", "Cold")).await?;
+    // Capped, the freeze lasts seconds (what the listener holds crosses at 1 MiB/s), so
+    // the EndpointSlice controller of a busy machine cannot fold the gate's update into
+    // the deletion's: the window this test looks into is not a race.
+    let yaml =
+        migration("m", "web", "{node: east-2}", "Cold") + "  transfer: {bandwidthLimitMiBps: 1}\n";
+    let m = run(w, ns, "m", &yaml).await?;
     succeeded(&m)?;
+    let downtime = m
+        .status
+        .as_ref()
+        .and_then(|s| s.timings.as_ref()?.downtime_ms)
+        .unwrap_or_default();
+    eprintln!("[{ns}] downtime {downtime} ms");
     let target = target_pod(&m);
     ready_by_gate(w, "east", ns, &target, "MigrationTarget").await?;
     let target_uid = Api::<Pod>::namespaced(w.east.clone(), ns)
