@@ -32,6 +32,10 @@ struct Args {
     /// else 64 and 1024). The other suites ignore it.
     #[arg(long = "container-mib", value_parser = clap::value_parser!(u64).range(1..))]
     container_mib: Vec<u64>,
+    /// Runs of the containers suite's Service case, each a gated and an ungated move
+    /// (default: 1 with --quick, else 2). The other suites ignore it.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    service_runs: Option<u16>,
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -57,7 +61,11 @@ fn main() -> anyhow::Result<()> {
         let result = match suite {
             Suite::Transfer => ferry_bench::transfer::run(args.quick),
             Suite::Vm => ferry_bench::vm::run(args.quick, args.vm_runs.map(usize::from)),
-            Suite::Containers => ferry_bench::containers::run(args.quick, &args.container_mib),
+            Suite::Containers => ferry_bench::containers::run(
+                args.quick,
+                &args.container_mib,
+                args.service_runs.map(usize::from),
+            ),
         };
         match result {
             Ok(ms) => all.extend(ms),

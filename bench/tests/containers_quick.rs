@@ -3,13 +3,14 @@
 //! runc + CRIU; moved Cold through a MinIO bucket beside the Direct move and a plain
 //! PUT + GET; Cold as four 16 MiB containers beside the one 64 MiB; and Cold within east
 //! while a client calls it through its Service (kube-proxy), the client's gap beside
-//! the Migration's downtime. Proves every case runs and yields numbers, and that they
-//! plot; asserts nothing about speed.
+//! the Migration's downtime; then the 64 MiB Cold move through ferry installed with
+//! Helm on clusters of its own, beside the Direct one. Proves every case runs and
+//! yields numbers, and that they plot; asserts nothing about speed.
 #[test]
 fn containers_bench_quick_runs() {
     // FERRY_BENCH_FULL=1 runs the full sizes (use with --release for real numbers).
     let full = std::env::var("FERRY_BENCH_FULL").is_ok_and(|v| v == "1");
-    let ms = ferry_bench::containers::run(!full, &[]).expect(
+    let ms = ferry_bench::containers::run(!full, &[], None).expect(
         "containers bench (needs scripts/install-deps.sh and `cargo build --workspace --bins`)",
     );
     for m in &ms {
@@ -21,6 +22,7 @@ fn containers_bench_quick_runs() {
         "containers/live-64MiB",
         "containers/objectstore-cold-64MiB",
         "containers/cold-4x16MiB",
+        "containers/installed-cold-64MiB",
     ] {
         for metric in ["downtime_ms", "total_ms"] {
             let m = ms

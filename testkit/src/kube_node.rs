@@ -113,6 +113,17 @@ pub struct KubeNode {
 }
 
 /// `$FERRY_NODESTACK_BIN` (else the cache), checked for every binary a node needs.
+/// `FERRY_KUBELET_FEATURE_GATES` (`Name=true,Other=false`): feature gates for every
+/// kubelet this process starts, to measure a kubelet feature (docs/testenv.md). Unset:
+/// none, the kubelet's defaults. Anything else than `Name=true|false` pairs is refused.
+fn feature_gates_from_env() -> Result<std::collections::BTreeMap<String, bool>> {
+    let Ok(spec) = std::env::var("FERRY_KUBELET_FEATURE_GATES") else {
+        return Ok(Default::default());
+    };
+    config::parse_feature_gates(&spec)
+        .with_context(|| format!("FERRY_KUBELET_FEATURE_GATES={spec:?}"))
+}
+
 pub fn nodestack_bin() -> Result<PathBuf> {
     let dir = std::env::var_os("FERRY_NODESTACK_BIN")
         .map(PathBuf::from)
@@ -237,7 +248,13 @@ impl KubeNode {
         );
         write(
             &l.kubelet.join("config.yaml"),
-            &config::kubelet_config(l, &cgroup_root, &client_ca, timeout),
+            &config::kubelet_config(
+                l,
+                &cgroup_root,
+                &client_ca,
+                timeout,
+                &feature_gates_from_env()?,
+            ),
         )?;
         write(
             &dir.join("crictl.yaml"),

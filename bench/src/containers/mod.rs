@@ -29,6 +29,7 @@
 //! case: this kernel lacks the soft-dirty tracking CRIU's pre-dump needs (see
 //! docs/containers.md).
 mod baseline;
+mod installed;
 mod report;
 mod service;
 
@@ -99,19 +100,25 @@ const TARGET_NODE: &str = "west-1";
 /// The longest a Migration of the largest size may take before the bench gives up.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub fn run(quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
+/// Runs the suite: `sizes` in MiB (default by `quick`), `service_runs` runs of the
+/// Service case (default: as many as the other cases).
+pub fn run(quick: bool, sizes: &[u64], service_runs: Option<usize>) -> Result<Vec<Measurement>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()?;
-    rt.block_on(run_async(quick, sizes))
+    rt.block_on(run_async(quick, sizes, service_runs))
 }
 
-async fn run_async(quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
+async fn run_async(
+    quick: bool,
+    sizes: &[u64],
+    service_runs: Option<usize>,
+) -> Result<Vec<Measurement>> {
     let tmp = tempfile::Builder::new()
         .prefix("ferry-bench-containers-")
         .tempdir_in("/tmp")?;
-    let result = bench(tmp.path(), quick, sizes).await;
+    let result = bench(tmp.path(), quick, sizes, service_runs).await;
     if result.is_err() || std::env::var("FERRY_BENCH_KEEP").is_ok_and(|v| v == "1") {
         // The nodes' kubelet/containerd/ferry-node logs and the CRIU logs are in there.
         let how = if result.is_err() { "failed" } else { "done" };
@@ -156,7 +163,12 @@ enum Strategy {
     Live,
 }
 
-async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement>> {
+async fn bench(
+    dir: &Path,
+    quick: bool,
+    sizes: &[u64],
+    service_runs: Option<usize>,
+) -> Result<Vec<Measurement>> {
     let memhog = build_memhog(dir)?;
     let image = dir.join("memhog-image.tar");
     let mut b = ferry_testkit::oci::ImageBuilder::new(MEMHOG_IMAGE);
@@ -169,7 +181,7 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
     let mut world = World::start(
         &dir.join("world"),
         WorldOptions {
-            images: vec![image],
+            images: vec![image.clone()],
             ..Default::default()
         },
     )
@@ -191,6 +203,8 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
     let runs = if quick { 1 } else { 2 };
     let mut out = Vec::new();
     let mut ferry_first = true;
+    // The smallest size's Direct Cold move, for the installed ferry's case.
+    let mut smallest_cold = None;
     for &mib in sizes {
         let mut direct_cold = (f64::NAN, f64::NAN);
         for strategy in [Strategy::Cold, Strategy::Live] {
@@ -222,6 +236,9 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
             }
             if strategy == Strategy::Cold {
                 direct_cold = (ferry.downtime_ms, ferry.total_ms);
+                if smallest_cold.is_none_or(|(m, _)| mib < m) {
+                    smallest_cold = Some((mib, direct_cold));
+                }
             }
             out.extend(measurements(strategy, mib, runs, &ferry, &base));
         }
@@ -260,31 +277,43 @@ async fn bench(dir: &Path, quick: bool, sizes: &[u64]) -> Result<Vec<Measurement
         // Each run moves it twice, with ferry's readiness gate and without.
         let (mut gated, mut ungated): (Option<service::GapRun>, Option<service::GapRun>) =
             (None, None);
-        for run in 0..runs {
+        let service_runs = service_runs.unwrap_or(runs);
+        for run in 0..service_runs {
             for (gate, best) in [(true, &mut gated), (false, &mut ungated)] {
                 let r = service::client_gap(w, &client_host, mib, run, gate).await?;
                 eprintln!(
                     "[bench] ferry Cold {mib} MiB called through its Service run {run} \
                      (readiness gate: {gate}): client gap {:.0} ms, downtime {:.0} ms, \
                      {} calls timed out ({}; ICMP rate-limited: {}), {} refused; source out \
-                     of the endpoints {} ms after the freeze",
+                     of the endpoints {} ms after the freeze, target in {} ms after its \
+                     restore",
                     r.gap_ms,
                     r.downtime_ms,
                     r.details["calls_timed_out"],
                     r.details["timed_out_by_window"],
                     r.details["icmp_rate_limited"],
                     r.details["calls_refused"],
-                    r.details["breakdown"]["freeze_to_source_endpoint_gone_ms"]
+                    r.details["breakdown"]["freeze_to_source_endpoint_gone_ms"],
+                    r.details["breakdown"]["restored_to_target_endpoint_ready_ms"]
                 );
                 if best.as_ref().is_none_or(|b| r.gap_ms < b.gap_ms) {
                     *best = Some(r);
                 }
             }
         }
-        out.extend(service::measurements(mib, runs, gated, ungated));
+        out.extend(service::measurements(mib, service_runs, gated, ungated));
     }
     drop(raw);
+    drop(minio);
+    drop(client_host);
     drop(world);
+    // The same move through ferry as installed, in clusters of its own (the bench's
+    // are gone: one set of nodes at a time on this machine).
+    if let Some((mib, beside)) = smallest_cold {
+        out.extend(tokio::task::block_in_place(|| {
+            installed::measure(dir, &image, mib, beside)
+        })?);
+    }
     Ok(out)
 }
 

@@ -36,7 +36,7 @@ use kube::runtime::watcher;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,8 @@ const CALLERS: usize = 4;
 /// a frozen process. With 2 ms, 4 callers made ~1900 calls a second and ~1 in 25 timed
 /// out that way; at 5 ms they stay under the limit (`icmp_rate_limited` counts any).
 const PAUSE: Duration = Duration::from_millis(5);
-/// How long the callers keep calling after the Migration ended.
+/// How long the callers keep calling once the moved Pod answered after the Migration
+/// ended.
 const AFTER: Duration = Duration::from_secs(2);
 
 /// One run of the case.
@@ -126,7 +127,7 @@ async fn measure(
     let icmp_limited = icmp_rate_limited(client);
     let callers = Callers::start(client, addr)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while callers.answered() == 0 {
+    while !callers.answered_since(0.0) {
         if Instant::now() > deadline {
             let calls = callers.stop()?;
             let n = |o: Outcome| calls.iter().filter(|c| c.outcome == o).count();
@@ -146,6 +147,17 @@ async fn measure(
     let created = unix_ms();
     w.apply_migration(ns, &yaml).await?;
     let m = w.follow(ns, "m", super::MIGRATION_TIMEOUT, |_| {}).await;
+    // The gap ends with the target's first answer, which may come after the Migration
+    // ended (kube-proxy routes to it once its endpoint is ready): call on until then.
+    let ended = unix_ms();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.is_ok() && !callers.answered_since(ended) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if m.is_ok() && !callers.answered_since(ended) {
+        callers.stop()?;
+        bail!("the moved Pod did not answer through the Service {addr} within 60 s");
+    }
     tokio::time::sleep(AFTER).await;
     let calls = callers.stop()?;
     let icmp_limited = match (icmp_limited, icmp_rate_limited(client)) {
@@ -441,19 +453,20 @@ fn longest_gap(calls: &[Call], from: f64) -> Result<(f64, f64)> {
 /// Threads in the client host's namespace, each calling `addr` until stopped.
 struct Callers {
     stop: Arc<AtomicBool>,
-    answered: Arc<std::sync::atomic::AtomicUsize>,
+    /// When the last answered call returned (Unix ms, as f64 bits; 0 before any).
+    last_answer: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<Result<Vec<Call>>>>,
 }
 
 impl Callers {
     fn start(client: &netns::Node, addr: SocketAddr) -> Result<Callers> {
         let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let last_answer = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         for _ in 0..CALLERS {
             let netns = std::fs::File::open(format!("/run/netns/{}", client.name()))
                 .with_context(|| format!("opening the namespace of {}", client.name()))?;
-            let (stop, answered) = (stop.clone(), answered.clone());
+            let (stop, last_answer) = (stop.clone(), last_answer.clone());
             threads.push(std::thread::spawn(move || {
                 // This thread only: the rest of the bench stays in the host namespace.
                 nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -461,13 +474,11 @@ impl Callers {
                 let mut calls = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let outcome = call(addr);
+                    let end = unix_ms();
                     if outcome == Outcome::Answered {
-                        answered.fetch_add(1, Ordering::Relaxed);
+                        last_answer.fetch_max(end.to_bits(), Ordering::Relaxed);
                     }
-                    calls.push(Call {
-                        end: unix_ms(),
-                        outcome,
-                    });
+                    calls.push(Call { end, outcome });
                     if outcome != Outcome::TimedOut {
                         // A refused call returns at once; do not spin on it.
                         std::thread::sleep(PAUSE);
@@ -478,13 +489,15 @@ impl Callers {
         }
         Ok(Callers {
             stop,
-            answered,
+            last_answer,
             threads,
         })
     }
 
-    fn answered(&self) -> usize {
-        self.answered.load(Ordering::Relaxed)
+    /// Whether a call answered after `t` (Unix ms).
+    fn answered_since(&self, t: f64) -> bool {
+        // Positive f64s order as their bits do.
+        f64::from_bits(self.last_answer.load(Ordering::Relaxed)) > t
     }
 
     fn stop(self) -> Result<Vec<Call>> {

@@ -129,8 +129,9 @@ pub(super) fn kubelet_config(
     cgroup_root: &str,
     client_ca: &std::path::Path,
     runtime_request_timeout: std::time::Duration,
+    feature_gates: &std::collections::BTreeMap<String, bool>,
 ) -> String {
-    let conf = serde_json::json!({
+    let mut conf = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         // PID 1 is not systemd; the host is cgroup v1.
@@ -162,5 +163,55 @@ pub(super) fn kubelet_config(
         },
         "serializeImagePulls": false,
     });
+    if !feature_gates.is_empty() {
+        conf["featureGates"] = serde_json::json!(feature_gates);
+    }
     serde_json::to_string_pretty(&conf).expect("JSON")
+}
+
+/// `Name=true,Other=false` as feature gates; an empty list, a missing `=`, a value
+/// other than `true` or `false`, or an empty name is refused.
+pub(super) fn parse_feature_gates(
+    spec: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, bool>> {
+    let mut gates = std::collections::BTreeMap::new();
+    for pair in spec.split(',').map(str::trim) {
+        let Some((name, value)) = pair.split_once('=') else {
+            anyhow::bail!("{pair:?} is not Name=true|false");
+        };
+        let value = match value.trim() {
+            "true" => true,
+            "false" => false,
+            v => anyhow::bail!("{name}: {v:?} is neither true nor false"),
+        };
+        let name = name.trim();
+        anyhow::ensure!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{name:?} is not a feature gate name"
+        );
+        gates.insert(name.to_string(), value);
+    }
+    Ok(gates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_feature_gates;
+
+    #[test]
+    fn feature_gates_are_name_bool_pairs_or_refused() {
+        let g = parse_feature_gates("EventedPLEG=true, Other=false").unwrap();
+        assert_eq!(g.len(), 2);
+        assert!(g["EventedPLEG"]);
+        assert!(!g["Other"]);
+        for bad in [
+            "",
+            "EventedPLEG",
+            "EventedPLEG=yes",
+            "=true",
+            "Evented PLEG=true",
+        ] {
+            assert!(parse_feature_gates(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
