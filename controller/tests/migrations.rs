@@ -659,20 +659,18 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     };
     let a = w.controller_with(settings("replica-a"), agent.clone());
     let leases: Api<Lease> = Api::namespaced(w.east.clone(), &w.ns);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while leases
-        .get_opt("ferry-controller")
-        .await?
-        .and_then(|l| l.spec?.holder_identity)
-        .as_deref()
-        != Some("replica-a")
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "replica-a did not take the Lease in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(30),
+        "replica-a to hold the Lease",
+        || async {
+            let holder = leases
+                .get_opt("ferry-controller")
+                .await?
+                .and_then(|l| l.spec?.holder_identity);
+            Ok(holder.as_deref() == Some("replica-a"))
+        },
+    )
+    .await?;
     let b = w.controller_with(settings("replica-b"), agent.clone());
     w.pod("web").await?;
     w.pod("api").await?;

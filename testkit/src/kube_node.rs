@@ -112,7 +112,6 @@ pub struct KubeNode {
     cgroup: Option<CgroupGuard>,
 }
 
-/// `$FERRY_NODESTACK_BIN` (else the cache), checked for every binary a node needs.
 /// `FERRY_KUBELET_FEATURE_GATES` (`Name=true,Other=false`): feature gates for every
 /// kubelet this process starts, to measure a kubelet feature (docs/testenv.md). Unset:
 /// none, the kubelet's defaults. Anything else than `Name=true|false` pairs is refused.
@@ -124,6 +123,7 @@ fn feature_gates_from_env() -> Result<std::collections::BTreeMap<String, bool>> 
         .with_context(|| format!("FERRY_KUBELET_FEATURE_GATES={spec:?}"))
 }
 
+/// `$FERRY_NODESTACK_BIN` (else the cache), checked for every binary a node needs.
 pub fn nodestack_bin() -> Result<PathBuf> {
     let dir = std::env::var_os("FERRY_NODESTACK_BIN")
         .map(PathBuf::from)

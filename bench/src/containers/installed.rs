@@ -5,7 +5,9 @@
 //! this run's Direct Cold move of the same size through the controller and daemons the
 //! bench starts beside its nodes. The ratio is what running as installed costs: the
 //! Pods' resource limits, the linked cluster's kubeconfig, the DaemonSet's host pieces.
-use super::{MEMHOG_IMAGE, SOURCE_NODE, TARGET_NODE, memhog_pod, timings};
+use super::{
+    Best, MEMHOG_IMAGE, SOURCE_NODE, Strategy, TARGET_NODE, case_details, memhog_pod, timings,
+};
 use crate::Measurement;
 use anyhow::{Context, Result};
 use ferry_crds::Migration;
@@ -65,18 +67,14 @@ pub(super) fn measure(
     eprintln!(
         "[bench] installed ferry Cold {mib} MiB: downtime {downtime:.0} ms, total {total:.0} ms"
     );
-    let mut details = serde_json::Map::new();
-    details.insert("rss_mib".into(), mib.into());
-    details.insert("strategy".into(), "Cold".into());
+    let mut run = Best::new();
+    run.add(downtime, total, steps);
+    let mut details = case_details(mib, Strategy::Cold, 1, &run);
     details.insert(
         "route".into(),
         format!("east/{SOURCE_NODE} -> west/{TARGET_NODE}, helm-installed ferry").into(),
     );
-    details.insert("runs".into(), 1.into());
     details.insert("image".into(), MEMHOG_IMAGE.into());
-    if let Some(steps) = steps {
-        details.insert("ferry_steps".into(), steps);
-    }
     Ok(Measurement::downtime_and_total(
         &format!("containers/installed-cold-{mib}MiB"),
         "ferry Cold of the same size through the controller and daemons started beside \
