@@ -17,7 +17,8 @@
 //!    restores it as the target Pod's container; `restore_in` waits for every
 //!    `restored` marker and measures the downtime (freeze → last container running);
 //! 4. `finalize` at the source, after the controller deleted the source Pod: kill the
-//!    frozen tasks once the kubelet has begun stopping them; `abort`: thaw the source,
+//!    frozen tasks once the kubelet has begun stopping them (its SIGTERM, kept pending
+//!    on the frozen inits by `stop_signal.rs`); `abort`: thaw the source,
 //!    or at the destination tell waiting creates to fail (the controller deletes the
 //!    target Pod, whose kubelet removes whatever was restored).
 pub mod criu;
@@ -30,6 +31,7 @@ pub mod rootfs;
 pub mod runc;
 mod source;
 pub mod staging;
+mod stop_signal;
 mod unpack;
 pub mod volumes;
 pub mod wire;

@@ -5,6 +5,7 @@ use super::page_route::{self, PageRoute};
 use super::pod::{self, Freezer, PodContainer};
 use super::runc::{CheckpointOpts, kill_group};
 use super::staging;
+use super::stop_signal::StopSignalHold;
 use super::wire::{self, BundleHeader};
 use super::{ContainerRuntime, Migration, rootfs, volumes};
 use crate::error::RuntimeError;
@@ -41,6 +42,9 @@ pub struct SourceState {
     handover: Arc<Handover>,
     /// Process groups of post-copy `runc checkpoint`s still serving pages.
     serving: Arc<Mutex<Vec<u32>>>,
+    /// The frozen inits, held so that the kubelet's SIGTERM stays visible to finalize
+    /// (`stop_signal.rs`); released before they are thawed or killed.
+    stop_hold: Option<StopSignalHold>,
 }
 
 /// What a source keeps on disk (`<state>/out/<migration>/source.json`) from before the
@@ -80,6 +84,7 @@ impl SourceState {
                     let id = e.file_name().to_string_lossy().into_owned();
                     tracing::warn!(migration_id = %id, resumable = r.resumable,
                         "recovered a source migration from before a restart: abort resumes it, finalize ends it");
+                    let stop_hold = hold_stop_signals(&id, &r.inits, &r.freezers);
                     found.push((
                         id,
                         SourceState {
@@ -87,6 +92,7 @@ impl SourceState {
                             freezers: r.freezers,
                             handover: Arc::new(Handover::recovered(r.resumable)),
                             serving: Arc::default(),
+                            stop_hold,
                         },
                     ));
                 }
@@ -224,6 +230,7 @@ impl ContainerRuntime {
                 freezers: freezers.clone(),
                 handover: handover.clone(),
                 serving: serving.clone(),
+                stop_hold: None,
             }),
         );
         progress.stage(
@@ -261,6 +268,12 @@ impl ContainerRuntime {
         .await;
         match result {
             Ok(_) => {
+                let hold = hold_stop_signals(&plan.migration_id, &inits, &freezers);
+                if let Some(Migration::Source(s)) =
+                    self.migrations.lock().unwrap().get_mut(&plan.migration_id)
+                {
+                    s.stop_hold = hold;
+                }
                 progress.stage(
                     Stage::Transferring,
                     "state sent; the source stays frozen until finalize or abort",
@@ -544,11 +557,12 @@ impl ContainerRuntime {
     /// The controller deleted the source Pod: end the frozen copy. The tasks get
     /// SIGKILL while still frozen and die as they thaw, running no more of their own
     /// code; first wait (bounded) until the kubelet has begun stopping them (a signal
-    /// pending), so it does not restart a container it still believes should run.
+    /// pending, which `stop_signal.rs` makes visible for an init without a handler),
+    /// so it does not restart a container it still believes should run.
     pub(super) async fn finalize_source(
         &self,
         migration_id: &str,
-        s: SourceState,
+        mut s: SourceState,
     ) -> Result<(), RuntimeError> {
         stop_serving(&s.serving);
         let inits = &s.inits;
@@ -566,6 +580,7 @@ impl ContainerRuntime {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        drop(s.stop_hold.take());
         for f in &s.freezers {
             super::kill_all(&f.pids());
         }
@@ -586,7 +601,7 @@ impl ContainerRuntime {
     pub(super) async fn abort_source(
         &self,
         migration_id: &str,
-        s: SourceState,
+        mut s: SourceState,
     ) -> Result<(), RuntimeError> {
         stop_serving(&s.serving);
         if !s.handover.resumable() {
@@ -600,10 +615,25 @@ impl ContainerRuntime {
                  the source cannot resume"
             )));
         }
+        drop(s.stop_hold.take());
         let r = thaw_all(&s.freezers);
         let _ = std::fs::remove_dir_all(self.mig_dir(migration_id)?);
         r
     }
+}
+
+/// Holds a frozen source's inits (`stop_signal.rs`); nothing when a container is not
+/// frozen (a record from before the freeze: a running task is not to be traced).
+fn hold_stop_signals(id: &str, inits: &[u32], freezers: &[Freezer]) -> Option<StopSignalHold> {
+    if !freezers.iter().all(Freezer::is_frozen) {
+        return None;
+    }
+    let (hold, failed) = StopSignalHold::seize(inits);
+    if !failed.is_empty() {
+        tracing::info!(migration_id = %id, ?failed,
+            "could not hold these frozen inits: finalize waits for their kubelet's SIGKILL");
+    }
+    Some(hold)
 }
 
 /// The consistent cut: one write freezes the whole pod cgroup (no container runs after
