@@ -190,6 +190,11 @@ impl Freezer {
         Ok(())
     }
 
+    /// The cgroup's directory in the freezer hierarchy.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Whether the cgroup still exists.
     pub fn exists(&self) -> bool {
         self.dir.is_dir()
@@ -220,14 +225,27 @@ impl Freezer {
 /// Whether a signal is pending for `pid` (the kubelet began stopping a frozen task:
 /// it stays pending until the task is thawed).
 pub fn signal_pending(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .filter_map(|l| {
-                l.strip_prefix("ShdPnd:")
-                    .or_else(|| l.strip_prefix("SigPnd:"))
-            })
-            .any(|v| u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m != 0))
-    })
+    status_values(pid, &["ShdPnd", "SigPnd"])
+        .iter()
+        .any(|v| u64::from_str_radix(v, 16).is_ok_and(|m| m != 0))
+}
+
+/// Whether `pid` exists and has a tracer (`stop_signal.rs` holds it, or a CRIU does).
+pub fn traced(pid: u32) -> bool {
+    status_values(pid, &["TracerPid"]).iter().any(|v| v != "0")
+}
+
+/// The values of the `/proc/<pid>/status` lines named `keys` (none once it is gone).
+fn status_values(pid: u32, keys: &[&str]) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            keys.contains(&k).then(|| v.trim().to_string())
+        })
+        .collect()
 }
 
 #[cfg(test)]

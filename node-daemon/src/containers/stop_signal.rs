@@ -19,6 +19,7 @@
 //! stops because something else thawed it), so that nothing the kubelet or the
 //! containerd shim waits for ever waits on ferry. A signal the hold kept pending is
 //! then delivered as it would have been: an init without a handler ignores it.
+use super::pod::traced;
 use nix::sys::ptrace;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -57,15 +58,13 @@ impl StopSignalHold {
                 return (StopSignalHold::none(), failed);
             }
         };
-        let failed: Vec<(u32, String)> = seized.recv().unwrap_or_else(|_| {
-            all.iter()
-                .map(|p| (*p, "the holding thread ended".to_string()))
-                .collect()
+        let (held, failed) = seized.recv().unwrap_or_else(|_| {
+            let why = "the holding thread ended".to_string();
+            (
+                Vec::new(),
+                all.into_iter().map(|p| (p, why.clone())).collect(),
+            )
         });
-        let held = all
-            .into_iter()
-            .filter(|p| !failed.iter().any(|(f, _)| f == p))
-            .collect();
         (
             StopSignalHold {
                 release: Some(release),
@@ -107,27 +106,21 @@ impl Drop for StopSignalHold {
 /// How long a release waits for the kernel to detach (it takes microseconds).
 const RELEASE_WAIT: Duration = Duration::from_secs(1);
 
-/// Whether `pid` exists and has a tracer.
-fn traced(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .filter_map(|l| l.strip_prefix("TracerPid:"))
-            .any(|v| v.trim() != "0")
-    })
-}
+/// What the holding thread reports: the pids it holds, and those it could not seize
+/// with why.
+type Seized = (Vec<u32>, Vec<(u32, String)>);
 
 /// The holding thread: seize, report, then keep the tracees until released or until one
 /// of them changes state; returning detaches them all.
-fn hold(pids: Vec<u32>, report: mpsc::Sender<Vec<(u32, String)>>, released: mpsc::Receiver<()>) {
+fn hold(pids: Vec<u32>, report: mpsc::Sender<Seized>, released: mpsc::Receiver<()>) {
     let (mut held, mut failed) = (Vec::new(), Vec::new());
     for p in pids {
-        let pid = Pid::from_raw(p as i32);
-        match ptrace::seize(pid, ptrace::Options::empty()) {
-            Ok(()) => held.push(pid),
+        match ptrace::seize(Pid::from_raw(p as i32), ptrace::Options::empty()) {
+            Ok(()) => held.push(p),
             Err(e) => failed.push((p, e.desc().to_string())),
         }
     }
-    let _ = report.send(failed);
+    let _ = report.send((held.clone(), failed));
     if held.is_empty() {
         return;
     }
@@ -140,10 +133,10 @@ fn hold(pids: Vec<u32>, report: mpsc::Sender<Vec<(u32, String)>>, released: mpsc
         // A tracee that died or stopped is the kernel's to hand on (to its parent, or
         // to its signal's delivery) once we detach: waiting on it here reports it to
         // its real parent as well, it does not reap it.
-        if held
-            .iter()
-            .any(|p| !matches!(waitpid(*p, Some(flags)), Ok(WaitStatus::StillAlive)))
-        {
+        if held.iter().any(|p| {
+            let status = waitpid(Pid::from_raw(*p as i32), Some(flags));
+            !matches!(status, Ok(WaitStatus::StillAlive))
+        }) {
             return;
         }
     }
@@ -152,6 +145,7 @@ fn hold(pids: Vec<u32>, report: mpsc::Sender<Vec<(u32, String)>>, released: mpsc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::containers::alive;
     use crate::containers::pod::{Freezer, signal_pending};
     use std::process::{Child, Command};
 
@@ -179,7 +173,7 @@ mod tests {
             .expect("the namespace's init");
             let cgroup = format!("ferry-test-{name}-{}", std::process::id());
             let freezer = Freezer::for_cgroup(&cgroup);
-            let dir = freezer_dir(&cgroup);
+            let dir = freezer.dir().to_path_buf();
             std::fs::create_dir_all(&dir).expect("a freezer cgroup");
             std::fs::write(dir.join("cgroup.procs"), init.to_string()).expect("into it");
             freezer
@@ -216,19 +210,6 @@ mod tests {
                 std::fs::remove_dir(&self.dir).ok()
             });
         }
-    }
-
-    fn freezer_dir(cgroup: &str) -> std::path::PathBuf {
-        let v1 = std::path::Path::new("/sys/fs/cgroup/freezer");
-        if v1.is_dir() {
-            v1.join(cgroup)
-        } else {
-            std::path::Path::new("/sys/fs/cgroup").join(cgroup)
-        }
-    }
-
-    fn alive(pid: u32) -> bool {
-        super::super::alive(pid)
     }
 
     fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
