@@ -21,16 +21,18 @@
 //! Needs the test guest (`scripts/build-test-guest.sh`) and release binaries of
 //! ferry-node and ferry-launcher next to ferry-bench.
 use crate::Measurement;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ferry_node::vm::INCOMING_READY;
 use ferry_node::vm::qemu::{MigrationTuning, QemuBackend};
 use ferry_proto::node::v1 as pb;
+use ferry_proto::node::v1::node_agent_client::NodeAgentClient;
 use ferry_testkit::containers::Daemon;
 use ferry_testkit::guest::{Guest, VmPod, launcher_command, wait_count_above};
 use ferry_testkit::netns::{Lan, Node};
 use ferry_testkit::process::ChildGuard;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 const BANDWIDTH: u64 = 10 << 30;
 
@@ -265,27 +267,20 @@ async fn ferry_migration(
         target: Some(pod(&dst_pod)),
     })
     .await?;
-    let mut cp = None;
-    let mut rs = None;
-    while cp.is_none() || rs.is_none() {
-        for (client, slot) in [(&mut ca, &mut cp), (&mut cb, &mut rs)] {
-            if slot.is_none() {
-                let op = client.get_operation(mig.clone()).await?.into_inner();
-                match pb::OperationState::try_from(op.state) {
-                    Ok(pb::OperationState::Running) => {}
-                    Ok(pb::OperationState::Succeeded) => *slot = Some(op),
-                    _ => bail!("migration {id} failed: {op:?}"),
-                }
-            }
-        }
+    // Followed as the controller follows them (WatchProgress), not polled: a poll here
+    // would add its own interval to ferry's total.
+    let (cp, rs) = tokio::time::timeout(Duration::from_secs(300), async {
+        tokio::try_join!(settled(&mut ca, &mig), settled(&mut cb, &mig))
+    })
+    .await
+    .with_context(|| format!("migration {id} timed out"))??;
+    for op in [&cp, &rs] {
         ensure!(
-            t0.elapsed() < Duration::from_secs(300),
-            "migration {id} timed out"
+            op.state == pb::OperationState::Succeeded as i32,
+            "migration {id} failed: {op:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let cp = cp.expect("set");
     ca.finalize(mig.clone()).await?;
     cb.finalize(mig.clone()).await?;
     // The pods' kubelets end both copies (the daemons leave them running, as they must:
@@ -297,6 +292,20 @@ async fn ferry_migration(
         total_ms,
         bytes: cp.bytes_done as f64,
     })
+}
+
+/// An operation's last state: WatchProgress sends the current state, then every change,
+/// and ends after the first state that is not Running.
+async fn settled(
+    client: &mut NodeAgentClient<Channel>,
+    mig: &pb::MigrationRef,
+) -> Result<pb::Operation> {
+    let mut stream = client.watch_progress(mig.clone()).await?.into_inner();
+    let mut last = None;
+    while let Some(op) = stream.message().await? {
+        last = Some(op);
+    }
+    last.with_context(|| format!("the watch of {} ended empty", mig.migration_id))
 }
 
 #[cfg(test)]

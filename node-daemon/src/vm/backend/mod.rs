@@ -15,9 +15,10 @@
 //!    `migrate-incoming unix:<dir>/in.sock`, report [`INCOMING_READY`], and splice the
 //!    pipe from the source into it once it arrives; `restore_in` waits until the guest
 //!    runs here.
-//! 2. source (`source.rs`; `checkpoint_out`): point QEMU's `migrate` at `<dir>/out.sock`,
-//!    where this daemon listens, and splice that connection (`relay.rs`) into a
-//!    ferry-transfer pipe `<id>/ram` to the destination; follow `query-migrate` into the progress stream until QEMU
+//! 2. source (`source.rs`; `checkpoint_out`): open the ferry-transfer pipe `<id>/ram`
+//!    to the destination while QEMU is configured, point QEMU's `migrate` at
+//!    `<dir>/out.sock`, where this daemon listens, and splice that connection into the
+//!    pipe (`relay.rs`); follow `query-migrate` into the progress stream until QEMU
 //!    reports completed. The guest is then paused ("postmigrate") but still resumable
 //!    until `finalize`.
 //! 3. `finalize`: the source checks its guest is paused and forgets the migration; the

@@ -45,12 +45,28 @@ impl VmRuntime {
         );
         let ep = transport::peer(&plan.receive_endpoint, &plan.token)?;
 
-        // QEMU migrates into a socket in its pod's directory, which this daemon forwards.
-        let q = QemuBackend::connect(&qmp, QMP_WAIT)
-            .await
-            .map_err(qemu_err)?;
+        // The pipe's TCP and TLS handshakes and its Hello run while QEMU is configured,
+        // not after QEMU connected: by then a Cold guest is stopped, and a live one's
+        // stream waits on them. The destination keeps an early pipe until it accepts it.
+        let dial = async {
+            self.transport
+                .sender
+                .connect_pipe(&ep, &ram_pipe(&plan.migration_id), &Default::default())
+                .await
+                .map_err(|e| RuntimeError::Transfer(e.to_string()))
+        };
         let tuning = self.tuning_for(plan.strategy, &plan.shaping);
-        q.configure(&tuning).await.map_err(qemu_err)?;
+        let configured = async {
+            let q = QemuBackend::connect(&qmp, QMP_WAIT)
+                .await
+                .map_err(qemu_err)?;
+            q.configure(&tuning).await.map_err(qemu_err)?;
+            Ok(q)
+        };
+        // Nothing to undo if either fails: the guest still runs untouched. A pipe that
+        // did connect is closed, which ends the destination's incoming migration.
+        let (pipe, q) = tokio::try_join!(dial, configured)?;
+        // QEMU migrates into a socket in its pod's directory, which this daemon forwards.
         let sock = OwnedSocket(sock);
         let _ = std::fs::remove_file(&sock.0);
         let listener = UnixListener::bind(&sock.0)
@@ -73,12 +89,6 @@ impl VmRuntime {
             // One connection (no multifd): the socket has served its purpose.
             drop(listener);
             drop(sock);
-            let pipe = self
-                .transport
-                .sender
-                .connect_pipe(&ep, &ram_pipe(&plan.migration_id), &Default::default())
-                .await
-                .map_err(|e| RuntimeError::Transfer(e.to_string()))?;
             Ok::<_, RuntimeError>(splice(conn, pipe, &plan.shaping))
         };
         let relay = match forward.await {
